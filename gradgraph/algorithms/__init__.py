@@ -1,0 +1,1 @@
+"""Semiring dynamic programs over a captured :class:`~gradgraph.graph.GradGraph`."""

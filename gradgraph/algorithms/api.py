@@ -1,0 +1,22 @@
+"""User-facing queries, each a thin front end over one semiring pass (:mod:`.dp`)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .dp import backward
+from .semirings import REAL
+
+__all__ = ["gradient"]
+
+
+def gradient(g):
+    """d(sink)/d(source) by the real semiring; see :meth:`GradGraph.gradient`."""
+    B = backward(g, REAL)
+    out = {}
+    for name, i in g.sources.items():
+        node = g.nodes[i]
+        vals = np.zeros(node.numel) if B[i] is None else B[i].real()[0]
+        out[name] = torch.from_numpy(np.ascontiguousarray(vals).reshape(node.shape)).to(
+            getattr(torch, node.dtype.replace("torch.", "")))
+    return out

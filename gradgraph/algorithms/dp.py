@@ -1,0 +1,110 @@
+"""The one generic dynamic program (the paper's Algorithm 2) and its forward twin.
+
+``backward``: reverse topological order, ``B[sink] = 1``, ``B[u] (+)= w(u->v) (x) B[v]``.
+``forward`` (inside pass): topological order from the sources, ``D[v] (+)= w(u->v) (x) D[u]``.
+
+Each tensor's values are held as :class:`Scaled` (mantissa array, log scale): the array is
+renormalised to a largest finite magnitude of 1 after each tensor is complete, so path weights far
+below float64's range (1e-400 and beyond) remain exact up to rounding. Ties and zero-weight edges are
+handled by the kernels (zero weights are not edges).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["Scaled", "backward", "forward"]
+
+
+class Scaled:
+    """values = arr * exp(log_scale), arr of shape (C, n)."""
+
+    __slots__ = ("arr", "log_scale")
+
+    def __init__(self, arr, log_scale=0.0):
+        self.arr, self.log_scale = arr, float(log_scale)
+
+    def normalize(self):
+        a = np.abs(self.arr)
+        a = a[np.isfinite(a)]
+        m = float(a.max()) if a.size else 0.0
+        if m > 0 and m != 1.0:
+            self.arr = self.arr / m
+            self.log_scale += math.log(m)
+        return self
+
+    def real(self):
+        """The plain float64 values (may under/overflow)."""
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+            return self.arr * math.exp(self.log_scale) if self.log_scale < 700 else self.arr * np.exp(self.log_scale)
+
+    def log_abs(self):
+        """log|values| per entry (-inf where 0)."""
+        with np.errstate(divide="ignore"):
+            return np.log(np.abs(self.arr)) + self.log_scale
+
+
+def _accumulate(sr, acc, arr, log_scale):
+    if acc is None:
+        return Scaled(arr, log_scale)
+    L = max(acc.log_scale, log_scale)
+    a = acc.arr * math.exp(acc.log_scale - L) if acc.log_scale != L else acc.arr
+    b = arr * math.exp(log_scale - L) if log_scale != L else arr
+    return Scaled(sr.plus(a, b), L)
+
+
+def backward(g, sr, seed=None, stop_at_sources=True):
+    """Run Algorithm 2 over graph ``g`` in semiring ``sr``.
+
+    Parameters
+    ----------
+    seed : Scaled, optional
+        The sink's value (default 1-bar).
+
+    Returns
+    -------
+    list[Scaled | None]
+        B[u] for every tensor node (None where no path from the sink arrives).
+    """
+    B = [None] * len(g.nodes)
+    B[g.sink] = seed if seed is not None else Scaled(sr.one(g.nodes[g.sink].numel))
+    source_nodes = set(g.sources.values())
+    for v in range(len(g.nodes) - 1, -1, -1):
+        bv = B[v]
+        if bv is None:
+            continue
+        bv.normalize()
+        if stop_at_sources and v in source_nodes:
+            continue
+        for k in g.in_edges[v]:
+            e = g.edges[k]
+            y = sr.times(e.jac, bv.arr, True, g.nodes[v].is_view)
+            B[e.src] = _accumulate(sr, B[e.src], y, bv.log_scale)
+    return B
+
+
+def forward(g, sr, seeds=None):
+    """Inside pass: values from the sources (seed 1-bar each) up to the sink.
+
+    Returns
+    -------
+    list[Scaled | None]
+        D[v] = (+) over source-to-v path suffixes of their weight.
+    """
+    D = [None] * len(g.nodes)
+    for name, i in g.sources.items():
+        D[i] = seeds[name] if seeds is not None else Scaled(sr.one(g.nodes[i].numel))
+    for v in range(len(g.nodes)):
+        if D[v] is not None:
+            D[v].normalize()
+        for k in g.in_edges[v]:
+            e = g.edges[k]
+            du = D[e.src]
+            if du is None:
+                continue
+            y = sr.times(e.jac, du.arr, False, g.nodes[v].is_view)
+            D[v] = _accumulate(sr, D[v], y, du.log_scale)
+        if D[v] is not None:
+            D[v].normalize()
+    return D

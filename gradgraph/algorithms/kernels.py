@@ -1,0 +1,281 @@
+"""numba kernels: one per (structured Jacobian kind x semiring family).
+
+Every kernel applies a local Jacobian to a whole tensor of semiring values, in either direction:
+``transpose=True`` is the backward (vector-Jacobian) direction used by Algorithm 2,
+``transpose=False`` the forward direction used by inside passes (flow).
+
+Two families cover every semiring of :mod:`gradgraph.algorithms.semirings`:
+
+* sum kernels, (+, x) over a transformed weight ``f(w)`` with ``f`` one of
+  ``w`` (real), ``|w|`` (magnitude) and ``-|w| log|w|`` (the entropy semiring's cross term);
+* max kernels, (max, x): unsigned on ``|w|`` with 0 as "no path", or signed, carrying the pair
+  (max, min) per element with -inf / +inf as "no path" (multiplying by a negative weight swaps them).
+
+Values are float64 mantissas; the engine keeps a per-tensor scale, so kernels never see
+under- or overflowing numbers.
+"""
+import numpy as np
+from numba import njit
+
+SIGNED, ABS, XLOGX = 0, 1, 2
+
+
+@njit(cache=True, inline="always")
+def tw(w, t):
+    """The transformed weight f(w)."""
+    if t == 0:
+        return w
+    a = abs(w)
+    if t == 1:
+        return a
+    if a == 0.0:
+        return 0.0
+    return -a * np.log(a)
+
+
+def transform(w, t):
+    """Vectorised :func:`tw` for numpy arrays (float64)."""
+    w = np.asarray(w, dtype=np.float64)
+    if t == SIGNED:
+        return w
+    a = np.abs(w)
+    if t == ABS:
+        return a
+    out = np.zeros_like(a)
+    nz = a > 0
+    out[nz] = -a[nz] * np.log(a[nz])
+    return out
+
+
+# ----------------------------------------------------------------------------- sparse (COO)
+@njit(cache=True)
+def coo_sum(x, src, dst, w, t, y):
+    """y[c, dst[e]] += f(w[e]) * x[c, src[e]]."""
+    C = x.shape[0]
+    for e in range(src.shape[0]):
+        f = tw(w[e], t)
+        if f == 0.0:
+            continue
+        s = src[e]
+        d = dst[e]
+        for c in range(C):
+            y[c, d] += f * x[c, s]
+
+
+@njit(cache=True)
+def coo_max(x, src, dst, w, y):
+    """y[dst[e]] = max(y[dst[e]], |w[e]| * x[src[e]])  (0 = no path)."""
+    for e in range(src.shape[0]):
+        v = abs(w[e]) * x[src[e]]
+        if v > y[dst[e]]:
+            y[dst[e]] = v
+
+
+@njit(cache=True)
+def coo_maxmin(xmax, xmin, src, dst, w, ymax, ymin):
+    """Signed (max, x) and (min, x) at once; a negative weight swaps max and min."""
+    for e in range(src.shape[0]):
+        we = w[e]
+        s = src[e]
+        d = dst[e]
+        if xmax[s] == -np.inf:
+            continue
+        if we > 0:
+            a = we * xmax[s]
+            b = we * xmin[s]
+        elif we < 0:
+            a = we * xmin[s]
+            b = we * xmax[s]
+        else:
+            continue
+        if a > ymax[d]:
+            ymax[d] = a
+        if b < ymin[d]:
+            ymin[d] = b
+
+
+# ----------------------------------------------------------------------------- contraction
+@njit(cache=True)
+def mm_max(A, P, Y):
+    """Y[b, i, :] = max_t |P[b, t, :]| * A[b, i, t]   (k-i-j order; P rows contiguous)."""
+    B, I, T = A.shape
+    J = P.shape[2]
+    for b in range(B):
+        for i in range(I):
+            for t in range(T):
+                a = A[b, i, t]
+                if a == 0.0:
+                    continue
+                for j in range(J):
+                    v = abs(P[b, t, j]) * a
+                    if v > Y[b, i, j]:
+                        Y[b, i, j] = v
+
+
+@njit(cache=True)
+def mm_maxmin(Amax, Amin, P, Ymax, Ymin):
+    """Signed (max, x)/(min, x) semiring matmul Y = A (x) P."""
+    B, I, T = Amax.shape
+    J = P.shape[2]
+    for b in range(B):
+        for i in range(I):
+            for t in range(T):
+                amax = Amax[b, i, t]
+                if amax == -np.inf:
+                    continue
+                amin = Amin[b, i, t]
+                for j in range(J):
+                    w = P[b, t, j]
+                    if w > 0:
+                        hi = w * amax
+                        lo = w * amin
+                    elif w < 0:
+                        hi = w * amin
+                        lo = w * amax
+                    else:
+                        continue
+                    if hi > Ymax[b, i, j]:
+                        Ymax[b, i, j] = hi
+                    if lo < Ymin[b, i, j]:
+                        Ymin[b, i, j] = lo
+
+
+# ----------------------------------------------------------------------------- convolution
+@njit(cache=True)
+def conv_max(src_max, src_min, W, stride, pad, dil, groups, transpose, signed, dst_max, dst_min):
+    """(max, x) through a 2-d convolution wrt its input.
+
+    Arrays are (N, C, H, W). With ``transpose`` the source is the output gradient (N, Co, OH, OW)
+    and the destination the input (N, Ci, H, W); otherwise the reverse.
+    """
+    Co, Cig, KH, KW = W.shape
+    if transpose:
+        N, _, OH, OW = src_max.shape
+        _, Ci, H, Wd = dst_max.shape
+    else:
+        N, Ci, H, Wd = src_max.shape
+        _, _, OH, OW = dst_max.shape
+    cog = Co // groups
+    for n in range(N):
+        for co in range(Co):
+            g = co // cog
+            for oh in range(OH):
+                for ow in range(OW):
+                    for cl in range(Cig):
+                        ci = g * Cig + cl
+                        for kh in range(KH):
+                            ih = oh * stride[0] - pad[0] + kh * dil[0]
+                            if ih < 0 or ih >= H:
+                                continue
+                            for kw in range(KW):
+                                iw = ow * stride[1] - pad[1] + kw * dil[1]
+                                if iw < 0 or iw >= Wd:
+                                    continue
+                                w = W[co, cl, kh, kw]
+                                if w == 0.0:
+                                    continue
+                                if transpose:
+                                    smax = src_max[n, co, oh, ow]
+                                    smin = src_min[n, co, oh, ow]
+                                else:
+                                    smax = src_max[n, ci, ih, iw]
+                                    smin = src_min[n, ci, ih, iw]
+                                if signed:
+                                    if smax == -np.inf:
+                                        continue
+                                    if w > 0:
+                                        hi = w * smax
+                                        lo = w * smin
+                                    else:
+                                        hi = w * smin
+                                        lo = w * smax
+                                else:
+                                    hi = abs(w) * smax
+                                    lo = hi
+                                if transpose:
+                                    if hi > dst_max[n, ci, ih, iw]:
+                                        dst_max[n, ci, ih, iw] = hi
+                                    if signed and lo < dst_min[n, ci, ih, iw]:
+                                        dst_min[n, ci, ih, iw] = lo
+                                else:
+                                    if hi > dst_max[n, co, oh, ow]:
+                                        dst_max[n, co, oh, ow] = hi
+                                    if signed and lo < dst_min[n, co, oh, ow]:
+                                        dst_min[n, co, oh, ow] = lo
+
+
+# ----------------------------------------------------------------------------- row blocks
+SOFTMAX, LOG_SOFTMAX, LAYER_NORM = 0, 1, 2
+
+
+@njit(cache=True, inline="always")
+def rb_entry(kind, A, rs, gam, r, i, j, d):
+    """d y_i / d x_j inside row r of a row-block Jacobian."""
+    delta = 1.0 if i == j else 0.0
+    if kind == 0:
+        return A[r, i] * (delta - A[r, j])
+    if kind == 1:
+        return delta - A[r, j]
+    return gam[i] * rs[r] * (delta - 1.0 / d - A[r, i] * A[r, j] / d)
+
+
+@njit(cache=True)
+def rowblock_sum(kind, A, rs, gam, inner, x, t, transpose, y):
+    """y = f(J) x  (or f(J)^T x) over every row block, entries computed on the fly: O(rows d^2)."""
+    R, d = A.shape
+    C = x.shape[0]
+    for r in range(R):
+        o = r // inner
+        tt = r % inner
+        for i in range(d):
+            for j in range(d):
+                f = tw(rb_entry(kind, A, rs, gam, r, i, j, d), t)
+                if f == 0.0:
+                    continue
+                fi = (o * d + i) * inner + tt
+                fj = (o * d + j) * inner + tt
+                if transpose:
+                    for c in range(C):
+                        y[c, fj] += f * x[c, fi]
+                else:
+                    for c in range(C):
+                        y[c, fi] += f * x[c, fj]
+
+
+@njit(cache=True)
+def rowblock_max(kind, A, rs, gam, inner, xmax, xmin, transpose, signed, ymax, ymin):
+    """(max, x) through every row block (signed pair or unsigned on |J|)."""
+    R, d = A.shape
+    for r in range(R):
+        o = r // inner
+        tt = r % inner
+        for i in range(d):
+            for j in range(d):
+                w = rb_entry(kind, A, rs, gam, r, i, j, d)
+                if w == 0.0:
+                    continue
+                fi = (o * d + i) * inner + tt
+                fj = (o * d + j) * inner + tt
+                if transpose:
+                    s, q = fi, fj
+                else:
+                    s, q = fj, fi
+                if signed:
+                    smax = xmax[s]
+                    if smax == -np.inf:
+                        continue
+                    smin = xmin[s]
+                    if w > 0:
+                        hi = w * smax
+                        lo = w * smin
+                    else:
+                        hi = w * smin
+                        lo = w * smax
+                    if hi > ymax[q]:
+                        ymax[q] = hi
+                    if lo < ymin[q]:
+                        ymin[q] = lo
+                else:
+                    v = abs(w) * xmax[s]
+                    if v > ymax[q]:
+                        ymax[q] = v

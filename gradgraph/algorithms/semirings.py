@@ -1,0 +1,157 @@
+"""Semirings as data. Each one says how a tensor's values look, how two are combined (plus),
+and how an edge's Jacobian carries them (times); the engine in :mod:`.dp` is written once.
+
+Values are float64 arrays of shape (C, numel) -- C channels per scalar node -- kept relative to a
+per-tensor scale by the engine (see :class:`.dp.Scaled`), so weights of 1e-400 stay finite.
+
+=============  ============================================  ==========================================
+name           algebra                                       channels
+=============  ============================================  ==========================================
+real           (R, +, x, 0, 1)                               the gradient
+magnitude      (R>=0, +, x, 0, 1) on |w|                     Z = sum of |g(p)|
+entropy        expectation semiring <p, r> on <|w|, -|w|log|w|>  (p, r); H = log Z + R/Z
+max_abs        (R>=0, max, x, 0, 1) on |w|                   largest |g(p)|
+max_signed     (R u {+-inf}, max, x) with the min alongside  (max, min); a negative w swaps them
+length         polynomial semiring on |w|, x^1 per non-view hop  channel l = mass of paths of length l
+=============  ============================================  ==========================================
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .kernels import ABS, SIGNED, XLOGX
+
+__all__ = ["Semiring", "REAL", "MAGNITUDE", "ENTROPY", "MAX_ABS", "MAX_SIGNED", "LENGTH", "SEMIRINGS"]
+
+
+class Semiring:
+    """A semiring over per-element channel arrays.
+
+    Parameters
+    ----------
+    name : str
+    channels : int
+        C, the number of float64 values per scalar node (None: variable, grows along paths).
+    family : {"sum", "max"}
+        Which kernel family applies an edge.
+    """
+
+    def __init__(self, name, channels, family, doc=""):
+        self.name, self.channels, self.family, self.__doc__ = name, channels, family, doc
+
+    def one(self, n):
+        """1-bar for n elements (the sink's seed, the sources' seed of inside passes)."""
+        raise NotImplementedError
+
+    def zero(self, n):
+        raise NotImplementedError
+
+    def plus(self, a, b):
+        """a (+) b elementwise on (C, n) arrays (already at a common scale)."""
+        raise NotImplementedError
+
+    def times(self, jac, x, transpose, is_view=False):
+        """Carry the values x of one end of an edge to the other end through the Jacobian."""
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"Semiring({self.name})"
+
+
+class _Sum(Semiring):
+    def __init__(self, name, t, doc):
+        super().__init__(name, 1, "sum", doc)
+        self.t = t
+
+    def one(self, n):
+        return np.ones((1, n))
+
+    def zero(self, n):
+        return np.zeros((1, n))
+
+    def plus(self, a, b):
+        return a + b
+
+    def times(self, jac, x, transpose, is_view=False):
+        return jac.apply_sum(x, self.t, transpose)
+
+
+class _Entropy(Semiring):
+    def one(self, n):
+        return np.stack([np.ones(n), np.zeros(n)])
+
+    def zero(self, n):
+        return np.zeros((2, n))
+
+    def plus(self, a, b):
+        return a + b
+
+    def times(self, jac, x, transpose, is_view=False):
+        # <|w|, -|w|log|w|> (x) <p, r> = <|w| p, |w| r - |w|log|w| p>
+        y = jac.apply_sum(x, ABS, transpose)
+        y[1] += jac.apply_sum(x[:1], XLOGX, transpose)[0]
+        return y
+
+
+class _MaxAbs(Semiring):
+    def one(self, n):
+        return np.ones((1, n))
+
+    def zero(self, n):
+        return np.zeros((1, n))
+
+    def plus(self, a, b):
+        return np.maximum(a, b)
+
+    def times(self, jac, x, transpose, is_view=False):
+        y, _ = jac.apply_max(np.ascontiguousarray(x[0]), None, False, transpose)
+        return y[None]
+
+
+class _MaxSigned(Semiring):
+    def one(self, n):
+        return np.ones((2, n))
+
+    def zero(self, n):
+        return np.stack([np.full(n, -np.inf), np.full(n, np.inf)])
+
+    def plus(self, a, b):
+        return np.stack([np.maximum(a[0], b[0]), np.minimum(a[1], b[1])])
+
+    def times(self, jac, x, transpose, is_view=False):
+        hi, lo = jac.apply_max(np.ascontiguousarray(x[0]), np.ascontiguousarray(x[1]), True, transpose)
+        return np.stack([hi, lo])
+
+
+class _Length(Semiring):
+    def one(self, n):
+        return np.ones((1, n))
+
+    def zero(self, n):
+        return np.zeros((1, n))
+
+    def plus(self, a, b):
+        if a.shape[0] < b.shape[0]:
+            a, b = b, a
+        out = a.copy()
+        out[:b.shape[0]] += b
+        return out
+
+    def times(self, jac, x, transpose, is_view=False):
+        y = jac.apply_sum(x, ABS, transpose)
+        if is_view:
+            return y
+        return np.concatenate([np.zeros((1, y.shape[1])), y])
+
+
+REAL = _Sum("real", SIGNED, "(R, +, x, 0, 1): the gradient.")
+MAGNITUDE = _Sum("magnitude", ABS, "(R>=0, +, x, 0, 1) on |w|: total |gradient| flow Z.")
+ENTROPY = _Entropy("entropy", 2, "sum",
+                   "Expectation semiring <p, r> (Eisner 2002) on <|w|, -|w| log|w|>.")
+MAX_ABS = _MaxAbs("max_abs", 1, "max", "(R>=0, max, x, 0, 1) on |w|: the largest |g(p)|.")
+MAX_SIGNED = _MaxSigned("max_signed", 2, "max",
+                        "(R u {-inf}, max, x, -inf, 1) with its min twin: most positive g(p).")
+LENGTH = _Length("length", None, "sum",
+                 "Polynomial semiring: channel l holds the |g| mass of paths with l non-view hops.")
+
+SEMIRINGS = {s.name: s for s in (REAL, MAGNITUDE, ENTROPY, MAX_ABS, MAX_SIGNED, LENGTH)}

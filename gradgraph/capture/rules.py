@@ -1,0 +1,333 @@
+"""Jacobian rules for core ATen ops, one per ``OpOverload`` (find an op by its ATen name here).
+
+Generic rules cover whole families exactly:
+
+* pointwise ops (ATen ``pointwise`` tag, plus a few ops pointwise in their first argument): the
+  derivative of each output element by forward-mode AD with a tangent of ones -- each output
+  element depends on one element of each (broadcast) input, so this is the Jacobian's diagonal;
+* data movement (views, slicing, cat, gather, padding, ...): the op itself is run on the flat
+  indices ``1..n`` of the input, so the output says which input element each output element copies.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..jacobians import ConvJacobian, MatmulJacobian, RowBlockJacobian, SparseJacobian
+from .registry import RuleContext, dense_jacobian, register_generic, register_rule
+
+aten = torch.ops.aten
+
+
+def _np(t):
+    return t.detach().cpu().contiguous().numpy()
+
+
+def _broadcast_cols(in_shape, out_shape):
+    """Flat input index of the element each output element reads under broadcasting."""
+    idx = torch.arange(math.prod(in_shape), dtype=torch.int64).reshape(in_shape)
+    return _np(torch.broadcast_to(idx, out_shape).reshape(-1))
+
+
+def _substitute(args, key, value):
+    args = list(args)
+    if isinstance(key, int):
+        args[key] = value
+    else:
+        lst = list(args[key[0]])
+        lst[key[1]] = value
+        args[key[0]] = lst
+    return args
+
+
+def _elementwise(out, x, deriv):
+    """Output element i depends on the broadcast element of x with derivative deriv[i]."""
+    d = torch.broadcast_to(torch.as_tensor(deriv, dtype=out.dtype), out.shape)
+    return SparseJacobian(out.shape, x.shape, None, _broadcast_cols(tuple(x.shape), tuple(out.shape)),
+                          _np(d.reshape(-1)))
+
+
+# ----------------------------------------------------------------------------- pointwise
+_POINTWISE_IN_FIRST_ARG = {"_native_batch_norm_legit_no_training", "native_batch_norm"}
+
+
+def _is_pointwise(op):
+    return torch.Tag.pointwise in op.tags
+
+
+@register_generic(_is_pointwise)
+def pointwise(ctx):
+    """Elementwise (with broadcasting): derivative per output element by jvp with ones."""
+    jacs = {}
+    for key in ctx.wants:
+        x = ctx.arg(key)
+
+        def f(t, key=key):
+            return ctx.call(*_substitute(ctx.args, key, t), **ctx.kwargs)
+
+        _, d = torch.func.jvp(f, (x.detach(),), (torch.ones_like(x),))
+        jacs[key] = _elementwise(ctx.out, x, d)
+    return jacs
+
+
+@register_generic(lambda op: op._opname in _POINTWISE_IN_FIRST_ARG)
+def pointwise_in_first_arg(ctx):
+    """Ops elementwise in their first argument only (batch norm in eval mode)."""
+    jacs = {key: dense_jacobian(ctx, key) for key in ctx.wants if key != 0}
+    if 0 in ctx.wants:
+        jacs[0] = pointwise(RuleContext(ctx.op, ctx.args, ctx.kwargs, ctx.out, ctx.output_index, {0}))[0]
+    return jacs
+
+
+# ----------------------------------------------------------------------------- data movement
+DATA_MOVEMENT = {
+    "view", "_unsafe_view", "reshape", "permute", "expand", "slice", "select", "transpose", "t",
+    "unsqueeze", "squeeze", "clone", "alias", "cat", "stack", "index", "gather", "index_select",
+    "constant_pad_nd", "repeat", "flip", "roll", "split", "split_with_sizes", "unbind", "narrow",
+    "diagonal", "as_strided", "unfold", "lift_fresh_copy", "detach", "expand_copy", "view_copy",
+    "permute_copy", "unsqueeze_copy", "squeeze_copy", "slice_copy", "select_copy", "t_copy",
+    "transpose_copy", "alias_copy", "pixel_shuffle", "pixel_unshuffle", "movedim", "flatten",
+    "unflatten", "contiguous", "tile",
+}
+
+
+@register_generic(lambda op: op._opname in DATA_MOVEMENT)
+def data_movement(ctx):
+    """Weight-1 index map: run the op on the input's flat indices 1..n (0 marks 'no input')."""
+    jacs = {}
+    for key in ctx.wants:
+        x = ctx.arg(key)
+        args = list(ctx.args)
+        # every other floating tensor argument becomes zeros, so only this input's indices show
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor) and a.dtype.is_floating_point:
+                args[i] = torch.zeros(a.shape, dtype=torch.int64)
+            elif isinstance(a, (list, tuple)) and a and all(isinstance(t, torch.Tensor) for t in a):
+                args[i] = [torch.zeros(t.shape, dtype=torch.int64) if t.dtype.is_floating_point else t
+                           for t in a]
+        idx = torch.arange(1, x.numel() + 1, dtype=torch.int64).reshape(x.shape)
+        args = _substitute(args, key, idx)
+        if ctx.op._opname == "constant_pad_nd" and len(args) > 2:
+            args[2] = 0
+        o = ctx.call(*args, **ctx.kwargs)
+        cols = _np(o.reshape(-1)) - 1
+        rows = np.nonzero(cols >= 0)[0]
+        jacs[key] = SparseJacobian(ctx.out.shape, x.shape, rows, cols[rows], None)
+    return jacs
+
+
+@register_rule(aten._to_copy.default)
+def to_copy(ctx):
+    """A dtype / device copy: identity."""
+    return {0: SparseJacobian(ctx.out.shape, ctx.args[0].shape)}
+
+
+# ----------------------------------------------------------------------------- reductions
+def _reduce_rows(x, dims, keepdim_shape):
+    """For each input element, the flat index of the output element it is reduced into."""
+    n_out = math.prod(keepdim_shape)
+    o = torch.arange(n_out, dtype=torch.int64).reshape(keepdim_shape)
+    return _np(torch.broadcast_to(o, x.shape).reshape(-1))
+
+
+def _keepdim_shape(x, dims):
+    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+        dims = list(range(x.dim()))
+    if isinstance(dims, int):
+        dims = [dims]
+    dims = {d % max(x.dim(), 1) for d in dims}
+    return tuple(1 if i in dims else s for i, s in enumerate(x.shape)), dims
+
+
+def _reduction_args(ctx):
+    name = ctx.op._overloadname
+    x = ctx.args[0]
+    if name == "default":
+        return x, None
+    dims = ctx.args[1] if len(ctx.args) > 1 else ctx.kwargs.get("dim")
+    return x, dims
+
+
+@register_rule(aten.sum.dim_IntList)
+@register_rule(aten.sum.default)
+@register_rule(aten.mean.dim)
+@register_rule(aten.mean.default)
+def sum_mean(ctx):
+    x, dims = _reduction_args(ctx)
+    ks, dims_set = _keepdim_shape(x, dims)
+    rows = _reduce_rows(x, dims, ks)
+    vals = None
+    if ctx.op._opname == "mean":
+        count = math.prod(x.shape[d] for d in dims_set) if x.dim() else 1
+        vals = np.full(x.numel(), 1.0 / count)
+    return {0: SparseJacobian(ctx.out.shape, x.shape, rows, None, vals)}
+
+
+@register_rule(aten.amax.default)
+@register_rule(aten.amin.default)
+def amax(ctx):
+    """Like autograd: the derivative is shared equally among the elements attaining the max."""
+    x = ctx.args[0]
+    dims = ctx.args[1] if len(ctx.args) > 1 else ctx.kwargs.get("dim", [])
+    ks, dims_set = _keepdim_shape(x, dims)
+    rows = _reduce_rows(x, dims, ks)
+    hit = (x == ctx.out.reshape(ks)).to(x.dtype)
+    count = hit.sum(dim=sorted(dims_set), keepdim=True) if x.dim() else hit
+    vals = _np((hit / count).reshape(-1))
+    return {0: SparseJacobian(ctx.out.shape, x.shape, rows, None, vals)}
+
+
+@register_rule(aten.max.dim)
+@register_rule(aten.min.dim)
+def max_dim(ctx):
+    """(values, indices) = max(x, dim): each value comes from the element at its index."""
+    x, dim = ctx.args[0], ctx.args[1] % ctx.args[0].dim()
+    keepdim = ctx.args[2] if len(ctx.args) > 2 else False
+    _, ind = ctx.op(*ctx.args, **ctx.kwargs)
+    if not keepdim:
+        ind = ind.unsqueeze(dim)
+    idx = torch.arange(x.numel(), dtype=torch.int64).reshape(x.shape)
+    cols = torch.gather(idx, dim, ind)
+    return {0: SparseJacobian(ctx.out.shape, x.shape, None, _np(cols.reshape(-1)), None)}
+
+
+# ----------------------------------------------------------------------------- contractions
+@register_rule(aten.mm.default)
+@register_rule(aten.bmm.default)
+def mm(ctx):
+    a, b = ctx.args[0], ctx.args[1]
+    return {0: MatmulJacobian(ctx.out.shape, a.shape, b.detach().numpy(), "left"),
+            1: MatmulJacobian(ctx.out.shape, b.shape, a.detach().numpy(), "right")}
+
+
+def _scaled(t, s):
+    return t.detach().numpy() if s == 1 else _np(t * s)
+
+
+@register_rule(aten.addmm.default)
+@register_rule(aten.baddbmm.default)
+def addmm(ctx):
+    bias, a, b = ctx.args[:3]
+    beta = ctx.kwargs.get("beta", 1)
+    alpha = ctx.kwargs.get("alpha", 1)
+    jacs = {}
+    if 0 in ctx.wants:
+        jacs[0] = _elementwise(ctx.out, bias, torch.tensor(float(beta)))
+    if 1 in ctx.wants:
+        jacs[1] = MatmulJacobian(ctx.out.shape, a.shape, _scaled(b, alpha), "left")
+    if 2 in ctx.wants:
+        jacs[2] = MatmulJacobian(ctx.out.shape, b.shape, _scaled(a, alpha), "right")
+    return jacs
+
+
+@register_rule(aten.convolution.default)
+def convolution(ctx):
+    x, w, bias, stride, padding, dilation, transposed, output_padding, groups = ctx.args[:9]
+    jacs = {}
+    for key in ctx.wants:
+        if key == 0 and not transposed and w.dim() in (3, 4):
+            jacs[0] = ConvJacobian(ctx.out.shape, x.shape, w.detach().numpy(), stride, padding,
+                                   dilation, groups)
+        elif key == 2:
+            shape = (1, bias.shape[0]) + (1,) * (ctx.out.dim() - 2)
+            cols = _broadcast_cols(shape, tuple(ctx.out.shape))
+            jacs[2] = SparseJacobian(ctx.out.shape, bias.shape, None, cols, None)
+        else:
+            jacs[key] = dense_jacobian(ctx, key)
+    return jacs
+
+
+@register_rule(aten.avg_pool2d.default)
+def avg_pool2d(ctx):
+    """Average pooling as a depthwise convolution with constant weights, when it is one."""
+    x = ctx.args[0]
+    kernel = list(ctx.args[1])
+    kernel = kernel * 2 if len(kernel) == 1 else kernel
+    stride = list(ctx.args[2]) if len(ctx.args) > 2 and ctx.args[2] else kernel
+    stride = stride * 2 if len(stride) == 1 else stride
+    padding = list(ctx.args[3]) if len(ctx.args) > 3 else [0, 0]
+    padding = padding * 2 if len(padding) == 1 else padding
+    ceil_mode = ctx.args[4] if len(ctx.args) > 4 else False
+    count_include_pad = ctx.args[5] if len(ctx.args) > 5 else True
+    divisor = ctx.args[6] if len(ctx.args) > 6 else None
+    if x.dim() != 4 or ceil_mode or (any(padding) and not count_include_pad):
+        return {0: dense_jacobian(ctx, 0)}
+    C = x.shape[1]
+    w = np.full((C, 1) + tuple(kernel), 1.0 / (divisor or kernel[0] * kernel[1]), dtype=_np(x).dtype)
+    return {0: ConvJacobian(ctx.out.shape, x.shape, w, stride, padding, [1, 1], C)}
+
+
+@register_rule(aten._adaptive_avg_pool2d.default)
+def adaptive_avg_pool2d(ctx):
+    x = ctx.args[0]
+    H, W = x.shape[-2:]
+    oh, ow = ctx.out.shape[-2:]
+    if x.dim() == 4 and H % oh == 0 and W % ow == 0:
+        k = [H // oh, W // ow]
+        w = np.full((x.shape[1], 1) + tuple(k), 1.0 / (k[0] * k[1]), dtype=_np(x).dtype)
+        return {0: ConvJacobian(ctx.out.shape, x.shape, w, k, [0, 0], [1, 1], x.shape[1])}
+    return {0: dense_jacobian(ctx, 0)}
+
+
+@register_rule(aten.max_pool2d_with_indices.default)
+def max_pool2d(ctx):
+    """Each pooled value comes from the input element at its recorded index (within its plane)."""
+    x = ctx.args[0]
+    _, ind = ctx.op(*ctx.args, **ctx.kwargs)
+    plane = x.shape[-2] * x.shape[-1]
+    n_planes = x.numel() // plane
+    offsets = (torch.arange(n_planes, dtype=torch.int64) * plane).reshape(ind.shape[:-2] + (1, 1))
+    return {0: SparseJacobian(ctx.out.shape, x.shape, None, _np((ind + offsets).reshape(-1)), None)}
+
+
+# ----------------------------------------------------------------------------- row blocks
+def _rows_layout(shape, dim):
+    dim = dim % len(shape)
+    outer = math.prod(shape[:dim])
+    return outer, shape[dim], math.prod(shape[dim + 1:])
+
+
+def _row_factor(t, outer, d, inner):
+    return _np(t.double().reshape(outer, d, inner).transpose(1, 2).reshape(outer * inner, d))
+
+
+@register_rule(aten._softmax.default)
+@register_rule(aten.softmax.int)
+def softmax(ctx):
+    x, dim = ctx.args[0], ctx.args[1]
+    if x.dim() == 0:
+        return {0: SparseJacobian(ctx.out.shape, x.shape, vals=np.zeros(1))}
+    o, d, i = _rows_layout(tuple(x.shape), dim)
+    return {0: RowBlockJacobian(ctx.out.shape, "softmax", o, d, i, _row_factor(ctx.out, o, d, i))}
+
+
+@register_rule(aten._log_softmax.default)
+@register_rule(aten.log_softmax.int)
+def log_softmax(ctx):
+    x, dim = ctx.args[0], ctx.args[1]
+    o, d, i = _rows_layout(tuple(x.shape), dim)
+    return {0: RowBlockJacobian(ctx.out.shape, "log_softmax", o, d, i,
+                                _row_factor(ctx.out.double().exp(), o, d, i))}
+
+
+@register_rule(aten.native_layer_norm.default)
+def layer_norm(ctx):
+    x, normalized_shape, weight, bias = ctx.args[:4]
+    eps = ctx.args[4] if len(ctx.args) > 4 else 1e-5
+    d = math.prod(normalized_shape)
+    outer = x.numel() // d
+    xd = x.detach().double().reshape(outer, d)
+    mean = xd.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(((xd - mean) ** 2).mean(-1, keepdim=True) + eps)
+    xhat = (xd - mean) * rstd
+    jacs = {}
+    if 0 in ctx.wants:
+        jacs[0] = RowBlockJacobian(ctx.out.shape, "layer_norm", outer, d, 1, _np(xhat), _np(rstd.reshape(-1)),
+                                   None if weight is None else _np(weight.double().reshape(-1)))
+    if 2 in ctx.wants:
+        jacs[2] = _elementwise(ctx.out, weight, xhat.reshape(x.shape).to(x.dtype))
+    if 3 in ctx.wants:
+        jacs[3] = _elementwise(ctx.out, bias, torch.ones(()))
+    return jacs

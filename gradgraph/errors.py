@@ -1,0 +1,23 @@
+"""Exceptions raised by gradgraph. Every user error derives from :class:`GradGraphError`."""
+
+__all__ = ["GradGraphError", "CaptureError", "UnsupportedOpError", "GraphFormatError", "QueryError"]
+
+
+class GradGraphError(Exception):
+    """Base class of every error gradgraph raises on bad input."""
+
+
+class CaptureError(GradGraphError):
+    """The model, its inputs, ``output`` or ``sources`` cannot be captured as asked."""
+
+
+class UnsupportedOpError(CaptureError):
+    """An op on a source-to-sink path has no Jacobian rule and is too large for the dense fallback."""
+
+
+class GraphFormatError(GradGraphError):
+    """A file is not a readable gradgraph graph (truncated, corrupt, wrong kind or newer version)."""
+
+
+class QueryError(GradGraphError):
+    """A query on a captured graph has invalid arguments (unknown source, k < 1, ...)."""

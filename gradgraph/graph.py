@@ -1,0 +1,146 @@
+"""The gradient graph: tensor nodes, structured Jacobian edges, sources and one scalar sink.
+
+Nodes are tensors (each stands for its scalar elements); an edge ``src -> dst`` holds the local
+Jacobian d(dst)/d(src) of the op that computed ``dst``. The scalar gradient graph of the paper is
+implied: scalar node (tensor, element), scalar edge = non-zero Jacobian entry.
+Queries (gradient, top paths, entropy, flow, ...) are thin front ends over the semiring engine in
+:mod:`gradgraph.algorithms`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import QueryError
+from .jacobians import Jacobian
+
+__all__ = ["Node", "Edge", "GradGraph", "VIEW_OPS"]
+
+#: Pure data movement: weight-1 edges, transparent in reported paths unless ``include_views``.
+VIEW_OPS = frozenset({
+    "view", "_unsafe_view", "reshape", "permute", "expand", "slice", "select", "clone",
+    "contiguous", "transpose", "t", "unsqueeze", "squeeze", "alias", "detach", "lift_fresh_copy",
+    "_to_copy", "flatten", "unflatten", "as_strided", "expand_copy", "view_copy", "permute_copy",
+    "unsqueeze_copy", "squeeze_copy", "slice_copy", "select_copy", "t_copy", "transpose_copy",
+    "alias_copy", "getitem",
+})
+
+
+@dataclass
+class Node:
+    """One tensor of the captured computation."""
+
+    name: str                 # unique; the fx node name (or the source name for sources)
+    op: str                   # ATen op ("aten.addmm.default"), or "input" / "source"
+    shape: tuple
+    dtype: str
+    module: str = ""          # innermost module path, e.g. "bert.encoder.layer.3.attention.self.key"
+    module_type: str = ""     # its class, e.g. "torch.nn.modules.linear.Linear"
+    source_line: str = ""     # "file.py:123: code" of the user's code that made it
+    value: np.ndarray | None = field(default=None, repr=False)
+    role: str = "op"          # "source", "op" or "sink"
+
+    @property
+    def numel(self):
+        return int(math.prod(self.shape))
+
+    @property
+    def op_name(self):
+        """Short op name: "aten.addmm.default" -> "addmm"."""
+        parts = self.op.split(".")
+        return parts[1] if len(parts) >= 2 and parts[0] == "aten" else parts[0]
+
+    @property
+    def is_view(self):
+        return self.op_name in VIEW_OPS
+
+
+@dataclass
+class Edge:
+    """d(dst)/d(src) for one tensor argument of the op that computed ``dst``."""
+
+    src: int
+    dst: int
+    jac: Jacobian
+    arg: int = 0              # position of the argument in the op's call
+
+
+class GradGraph:
+    """A captured gradient graph. Build one with :func:`gradgraph.capture` or :func:`gradgraph.load`.
+
+    Attributes
+    ----------
+    nodes : list[Node]
+        Tensor nodes in topological (forward execution) order; the sink is last.
+    edges : list[Edge]
+    sources : dict[str, int]
+        Source name -> node index. Paths end at source elements.
+    sink : int
+        Index of the scalar node being explained.
+    granularity : str
+        ``"function"`` or ``"primitive"`` (see ``docs/capture.md``).
+    meta : dict
+        Free-form provenance (model class, torch version, input shapes, ...).
+    """
+
+    def __init__(self, nodes, edges, sources, sink, granularity, meta=None):
+        self.nodes = list(nodes)
+        self.edges = list(edges)
+        self.sources = dict(sources)
+        self.sink = int(sink)
+        self.granularity = granularity
+        self.meta = dict(meta or {})
+        self.in_edges = [[] for _ in self.nodes]     # edges into node v (from its op's inputs)
+        self.out_edges = [[] for _ in self.nodes]    # edges leaving node u (to its consumers)
+        for k, e in enumerate(self.edges):
+            self.in_edges[e.dst].append(k)
+            self.out_edges[e.src].append(k)
+        self._index = {n.name: i for i, n in enumerate(self.nodes)}
+        self._cache = {}
+
+    # ------------------------------------------------------------------ lookup
+    def node_index(self, name):
+        """Index of the node called ``name`` (a node name or a source name)."""
+        if name in self.sources:
+            return self.sources[name]
+        if name in self._index:
+            return self._index[name]
+        raise QueryError(f"unknown node {name!r}; sources are {sorted(self.sources)}")
+
+    def source_index(self, name):
+        if name not in self.sources:
+            raise QueryError(f"unknown source {name!r}; valid sources: {sorted(self.sources)}")
+        return self.sources[name]
+
+    @property
+    def sink_node(self):
+        return self.nodes[self.sink]
+
+    @property
+    def sink_value(self):
+        return float(np.asarray(self.nodes[self.sink].value).reshape(-1)[0])
+
+    def __repr__(self):
+        return (f"GradGraph({len(self.nodes)} tensors, {len(self.edges)} Jacobians, "
+                f"{sum(n.numel for n in self.nodes)} scalars, sources={list(self.sources)}, "
+                f"sink={self.sink_node.name!r}, granularity={self.granularity!r})")
+
+    # ------------------------------------------------------------------ queries
+    def gradient(self):
+        """d(sink)/d(source) for every source, by the real (+, x) semiring.
+
+        Returns
+        -------
+        dict[str, torch.Tensor]
+            Source name -> gradient shaped and typed like the source. Equals
+            ``torch.autograd.grad(sink, source)``.
+        """
+        from .algorithms.api import gradient
+        return gradient(self)
+
+    def save(self, path, *, overwrite=False):
+        """Write the graph to one safetensors file (see ``docs/file-format.md``)."""
+        from .export.fileformat import save
+        return save(self, path, overwrite=overwrite)

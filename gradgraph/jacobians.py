@@ -1,0 +1,485 @@
+"""Structured local Jacobians: the edge weights of the gradient graph, never expanded to scalars.
+
+A :class:`Jacobian` is d(out)/d(in) of one op for one tensor argument. Its scalar edges are the
+non-zero entries ``J[i, j]`` (output element ``i`` <- input element ``j``, flat C-order indices);
+zero entries are not edges. Every kind offers the same small interface, which is all the semiring
+engine and the exporters use:
+
+``apply_sum(x, t, transpose)``
+    (+, x) product with transformed weights ``f(w)`` (``t``: 0 ``w``, 1 ``|w|``, 2 ``-|w|log|w|``)
+    on a batch ``x`` of shape (C, n). ``transpose=True`` is backward (out -> in).
+``apply_max(xmax, xmin, signed, transpose)``
+    (max, x) product: unsigned on ``|w|`` (0 = no path) or signed on ``w`` with the (max, min) pair.
+``out_edges(j)``
+    the edges leaving input element ``j``: (output indices, weights) -- used by path recovery.
+``to_dense()``
+    the (out_numel, in_numel) matrix, for tests and small graphs.
+``state()`` / ``from_state()``
+    JSON-able parameters and named arrays, for the file format.
+
+Kinds: :class:`SparseJacobian` (elementwise, broadcast, index maps, reductions, dense fallback),
+:class:`MatmulJacobian` (mm / bmm / addmm contractions, referencing the other operand),
+:class:`ConvJacobian` (convolution wrt its input, referencing the weight) and
+:class:`RowBlockJacobian` (softmax, log-softmax, layer norm, stored as their factors).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .algorithms import kernels as K
+
+__all__ = ["Jacobian", "SparseJacobian", "MatmulJacobian", "ConvJacobian", "RowBlockJacobian",
+           "JACOBIAN_KINDS"]
+
+
+def _numel(shape):
+    return int(math.prod(shape))
+
+
+def _empty_max(n, signed):
+    if signed:
+        return np.full(n, -np.inf), np.full(n, np.inf)
+    return np.zeros(n), None
+
+
+class Jacobian:
+    """Base class; see the module docstring for the interface."""
+
+    kind = "abstract"
+
+    def __init__(self, out_shape, in_shape):
+        self.out_shape = tuple(int(s) for s in out_shape)
+        self.in_shape = tuple(int(s) for s in in_shape)
+
+    @property
+    def out_numel(self):
+        return _numel(self.out_shape)
+
+    @property
+    def in_numel(self):
+        return _numel(self.in_shape)
+
+    def _dims(self, transpose):
+        return (self.out_numel, self.in_numel) if transpose else (self.in_numel, self.out_numel)
+
+    def to_dense(self):
+        D = np.zeros((self.out_numel, self.in_numel))
+        for j in range(self.in_numel):
+            idx, w = self.out_edges(j)
+            D[idx, j] += w
+        return D
+
+    def nnz(self):
+        """Number of scalar edges (non-zero entries)."""
+        return int(sum(len(self.out_edges(j)[0]) for j in range(self.in_numel)))
+
+    def __repr__(self):
+        return f"{type(self).__name__}(out={self.out_shape}, in={self.in_shape})"
+
+
+# ============================================================================ sparse
+class SparseJacobian(Jacobian):
+    """Entries ``J[rows[e], cols[e]] = vals[e]``; ``rows``/``cols`` None mean ``arange(nnz)``,
+    ``vals`` None means all ones. Elementwise ops are ``rows=None`` with a broadcast ``cols``;
+    reductions are ``cols=None`` with ``rows`` mapping each input to its output."""
+
+    kind = "sparse"
+
+    def __init__(self, out_shape, in_shape, rows=None, cols=None, vals=None):
+        super().__init__(out_shape, in_shape)
+        n = None
+        for a in (rows, cols, vals):
+            if a is not None:
+                n = len(a)
+                break
+        if n is None:
+            if self.out_numel != self.in_numel:
+                raise ValueError("identity SparseJacobian needs equal sizes")
+            n = self.out_numel
+        idx_t = np.int32 if max(self.out_numel, self.in_numel) < 2**31 - 1 else np.int64
+        rows = None if rows is None else np.ascontiguousarray(rows, dtype=idx_t)
+        cols = None if cols is None else np.ascontiguousarray(cols, dtype=idx_t)
+        if vals is not None:
+            vals = np.ascontiguousarray(vals)
+            keep = vals != 0
+            if not keep.all():
+                rows = (np.arange(n, dtype=idx_t) if rows is None else rows)[keep]
+                cols = (np.arange(n, dtype=idx_t) if cols is None else cols)[keep]
+                vals = vals[keep]
+                n = len(vals)
+        self.rows, self.cols, self.vals, self.n = rows, cols, vals, n
+        self._csc = None
+
+    def _r(self):
+        return np.arange(self.n, dtype=np.int64) if self.rows is None else self.rows
+
+    def _c(self):
+        return np.arange(self.n, dtype=np.int64) if self.cols is None else self.cols
+
+    def _v(self):
+        return np.ones(self.n) if self.vals is None else self.vals
+
+    def nnz(self):
+        return self.n
+
+    def apply_sum(self, x, t, transpose):
+        x = np.ascontiguousarray(x, dtype=np.float64)
+        y = np.zeros((x.shape[0], self._dims(transpose)[1]))
+        src, dst = (self._r(), self._c()) if transpose else (self._c(), self._r())
+        K.coo_sum(x, src, dst, self._v(), t, y)
+        return y
+
+    def apply_max(self, xmax, xmin, signed, transpose):
+        ymax, ymin = _empty_max(self._dims(transpose)[1], signed)
+        src, dst = (self._r(), self._c()) if transpose else (self._c(), self._r())
+        if signed:
+            K.coo_maxmin(xmax, xmin, src, dst, self._v(), ymax, ymin)
+        else:
+            K.coo_max(xmax, src, dst, self._v(), ymax)
+        return ymax, ymin
+
+    def out_edges(self, j):
+        if self._csc is None:
+            c = self._c()
+            order = np.argsort(c, kind="stable")
+            starts = np.searchsorted(c[order], np.arange(self.in_numel + 1))
+            self._csc = (order, starts)
+        order, starts = self._csc
+        e = order[starts[j]:starts[j + 1]]
+        return self._r()[e].astype(np.int64), self._v()[e].astype(np.float64)
+
+    def to_dense(self):
+        D = np.zeros((self.out_numel, self.in_numel))
+        np.add.at(D, (self._r(), self._c()), self._v())
+        return D
+
+    def state(self):
+        arrays = {k: v for k, v in (("rows", self.rows), ("cols", self.cols), ("vals", self.vals))
+                  if v is not None}
+        return {"n": self.n}, arrays
+
+    @classmethod
+    def from_state(cls, out_shape, in_shape, params, arrays):
+        j = cls(out_shape, in_shape, arrays.get("rows"), arrays.get("cols"), arrays.get("vals"))
+        if j.n != params["n"]:
+            raise ValueError("entry count does not match")
+        return j
+
+
+# ============================================================================ contraction
+class MatmulJacobian(Jacobian):
+    """out = L @ R (2-d ``mm`` or batched 3-d ``bmm``) wrt L (``wrt="left"``) or R.
+
+    ``other`` is the other operand, stored by reference (a weight is stored once however many
+    edges use it). Internally everything is put in the canonical form ``out' = X' @ M`` with the
+    input X' of shape (B, I, T): for ``wrt="right"`` that is the transposed product.
+    """
+
+    kind = "matmul"
+
+    def __init__(self, out_shape, in_shape, other, wrt):
+        super().__init__(out_shape, in_shape)
+        if wrt not in ("left", "right"):
+            raise ValueError("wrt must be 'left' or 'right'")
+        self.other, self.wrt = other, wrt
+        o3 = other.reshape((1,) + other.shape) if other.ndim == 2 else other
+        self._M = o3 if wrt == "left" else np.swapaxes(o3, 1, 2)   # (B, T, J')
+        self._cache = {}
+
+    def _P(self, which):
+        """Contiguous M (forward) or M^T (backward), cached: weights of a linear layer are
+        already contiguous as M^T, so this costs nothing there."""
+        if which not in self._cache:
+            M = self._M
+            self._cache[which] = np.ascontiguousarray(M if which == "M" else np.swapaxes(M, 1, 2))
+        return self._cache[which]
+
+    def _canon(self, x, shape, C):
+        """View a (C, numel) batch of an in/out tensor in canonical (C, B, rows, cols) layout."""
+        s3 = shape if len(shape) == 3 else (1,) + tuple(shape)
+        v = x.reshape((C,) + tuple(s3))
+        return v if self.wrt == "left" else np.swapaxes(v, 2, 3)
+
+    def _uncanon(self, v, C):
+        if self.wrt == "right":
+            v = np.swapaxes(v, 2, 3)
+        return np.ascontiguousarray(v).reshape(C, -1)
+
+    def apply_sum(self, x, t, transpose):
+        C = x.shape[0]
+        M = self._M
+        Mt = K.transform(M, t) if M.dtype == np.float64 else _transform_like(M, t)
+        if transpose:
+            g = self._canon(x, self.out_shape, C).astype(Mt.dtype, copy=False)
+            y = np.matmul(g, np.swapaxes(Mt, 1, 2))
+        else:
+            xi = self._canon(x, self.in_shape, C).astype(Mt.dtype, copy=False)
+            y = np.matmul(xi, Mt)
+        return self._uncanon(y.astype(np.float64, copy=False), C)
+
+    def apply_max(self, xmax, xmin, signed, transpose):
+        shape_src = self.out_shape if transpose else self.in_shape
+        P = self._P("MT" if transpose else "M")
+        A = np.ascontiguousarray(self._canon(xmax, shape_src, 1)[0])
+        B_, I_ = A.shape[0], A.shape[1]
+        ncol = P.shape[2]
+        if signed:
+            Amin = np.ascontiguousarray(self._canon(xmin, shape_src, 1)[0])
+            Ymax = np.full((B_, I_, ncol), -np.inf)
+            Ymin = np.full((B_, I_, ncol), np.inf)
+            K.mm_maxmin(A, Amin, P, Ymax, Ymin)
+            return self._uncanon(Ymax[None], 1)[0], self._uncanon(Ymin[None], 1)[0]
+        Y = np.zeros((B_, I_, ncol))
+        K.mm_max(A, P, Y)
+        return self._uncanon(Y[None], 1)[0], None
+
+    def out_edges(self, j):
+        s_in = self.in_shape if len(self.in_shape) == 3 else (1,) + self.in_shape
+        s_out = self.out_shape if len(self.out_shape) == 3 else (1,) + self.out_shape
+        b, r, c = np.unravel_index(j, s_in)
+        if self.wrt == "left":          # in (b, i, k) -> out (b, i, :) with weights R[b, k, :]
+            w = self._M[b, c, :]
+            idx = np.ravel_multi_index((np.full(s_out[2], b), np.full(s_out[2], r),
+                                        np.arange(s_out[2])), s_out)
+        else:                            # in (b, k, j) -> out (b, :, j) with weights L[b, :, k]
+            w = self._M[b, r, :]
+            idx = np.ravel_multi_index((np.full(s_out[1], b), np.arange(s_out[1]),
+                                        np.full(s_out[1], c)), s_out)
+        w = np.asarray(w, dtype=np.float64)
+        nz = w != 0
+        return idx[nz].astype(np.int64), w[nz]
+
+    def state(self):
+        return {"wrt": self.wrt}, {"other": self.other}
+
+    @classmethod
+    def from_state(cls, out_shape, in_shape, params, arrays):
+        return cls(out_shape, in_shape, arrays["other"], params["wrt"])
+
+
+def _transform_like(M, t):
+    """f(M) in M's own dtype (float32 weights stay float32: no float64 copy of a big matrix)."""
+    if t == K.SIGNED:
+        return M
+    a = np.abs(M)
+    if t == K.ABS:
+        return a
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = -a * np.log(a)
+    r[a == 0] = 0
+    return r
+
+
+# ============================================================================ convolution
+class ConvJacobian(Jacobian):
+    """N-d convolution (1-d or 2-d) wrt its input, referencing the weight.
+
+    The edge (n, ci, ih, iw) -> (n, co, oh, ow) has weight ``W[co, ci mod Cin/groups, kh, kw]``
+    when ``ih = oh*stride - pad + kh*dilation`` (and likewise for w).
+    """
+
+    kind = "conv"
+
+    def __init__(self, out_shape, in_shape, weight, stride, padding, dilation, groups):
+        super().__init__(out_shape, in_shape)
+        self.weight = weight
+        self.spatial = weight.ndim - 2
+        if self.spatial not in (1, 2) or len(self.in_shape) != self.spatial + 2:
+            raise ValueError("ConvJacobian supports batched 1-d and 2-d convolutions")
+        self.stride, self.padding, self.dilation = (tuple(int(v) for v in a) for a in (stride, padding, dilation))
+        self.groups = int(groups)
+        lift = (lambda t: (1,) + tuple(t)) if self.spatial == 1 else tuple
+        lift0 = (lambda t: (0,) + tuple(t)) if self.spatial == 1 else tuple
+        self._W = weight.reshape(weight.shape[:2] + (1,) + weight.shape[2:]) if self.spatial == 1 else weight
+        self._in4 = self.in_shape[:2] + lift(self.in_shape[2:]) if self.spatial == 1 else self.in_shape
+        self._out4 = self.out_shape[:2] + lift(self.out_shape[2:]) if self.spatial == 1 else self.out_shape
+        self._s, self._p, self._d = lift(self.stride), lift0(self.padding), lift(self.dilation)
+
+    def apply_sum(self, x, t, transpose):
+        C = x.shape[0]
+        Wt = torch.from_numpy(np.ascontiguousarray(K.transform(self._W, t)))
+        src_shape = self._out4 if transpose else self._in4
+        xs = torch.from_numpy(np.ascontiguousarray(x)).reshape((C * src_shape[0],) + src_shape[1:])
+        if transpose:
+            size = (C * self._in4[0],) + self._in4[1:]
+            y = torch.nn.grad.conv2d_input(size, Wt, xs, self._s, self._p, self._d, self.groups)
+        else:
+            y = torch.nn.functional.conv2d(xs, Wt, None, self._s, self._p, self._d, self.groups)
+        return y.reshape(C, -1).numpy()
+
+    def apply_max(self, xmax, xmin, signed, transpose):
+        src_shape, dst_shape = (self._out4, self._in4) if transpose else (self._in4, self._out4)
+        n = _numel(dst_shape)
+        ymax, ymin = _empty_max(n, signed)
+        smax = xmax.reshape(src_shape)
+        smin = (xmin if signed else xmax).reshape(src_shape)
+        dmin = ymin if signed else np.zeros(1)
+        K.conv_max(smax, smin, np.ascontiguousarray(self._W), np.array(self._s), np.array(self._p),
+                   np.array(self._d), self.groups, transpose, signed, ymax.reshape(dst_shape),
+                   dmin.reshape(dst_shape) if signed else np.zeros((1, 1, 1, 1)))
+        return ymax, ymin
+
+    def out_edges(self, j):
+        N, Ci, H, Wd = self._in4
+        _, Co, OH, OW = self._out4
+        Co_, Cig, KH, KW = self._W.shape
+        n, ci, ih, iw = np.unravel_index(j, self._in4)
+        g = ci // Cig
+        cl = ci % Cig
+        cog = Co // self.groups
+        idx, ws = [], []
+        for kh in range(KH):
+            num_h = ih + self._p[0] - kh * self._d[0]
+            if num_h % self._s[0]:
+                continue
+            oh = num_h // self._s[0]
+            if not 0 <= oh < OH:
+                continue
+            for kw in range(KW):
+                num_w = iw + self._p[1] - kw * self._d[1]
+                if num_w % self._s[1]:
+                    continue
+                ow = num_w // self._s[1]
+                if not 0 <= ow < OW:
+                    continue
+                for co in range(g * cog, (g + 1) * cog):
+                    w = float(self._W[co, cl, kh, kw])
+                    if w != 0.0:
+                        idx.append(np.ravel_multi_index((n, co, oh, ow), self._out4))
+                        ws.append(w)
+        order = np.argsort(idx, kind="stable")
+        return np.asarray(idx, dtype=np.int64)[order], np.asarray(ws, dtype=np.float64)[order]
+
+    def state(self):
+        return ({"stride": list(self.stride), "padding": list(self.padding),
+                 "dilation": list(self.dilation), "groups": self.groups}, {"weight": self.weight})
+
+    @classmethod
+    def from_state(cls, out_shape, in_shape, params, arrays):
+        return cls(out_shape, in_shape, arrays["weight"], params["stride"], params["padding"],
+                   params["dilation"], params["groups"])
+
+
+# ============================================================================ row blocks
+class RowBlockJacobian(Jacobian):
+    """Block-diagonal Jacobians of row-wise functions, stored as their factors.
+
+    The tensor is viewed as (outer, d, inner); each (outer, inner) pair is a row of length d.
+
+    * ``softmax``:      J = diag(p) - p p^T                         (factor: p)
+    * ``log_softmax``:  J = I - 1 p^T                               (factor: p = exp(y))
+    * ``layer_norm``:   J = diag(g) s (I - 1/d - xhat xhat^T / d)   (factors: xhat, s = 1/sigma, g = gamma)
+    """
+
+    kind = "rowblock"
+    FUNCTIONS = ("softmax", "log_softmax", "layer_norm")
+
+    def __init__(self, shape, function, outer, d, inner, A, rstd=None, gamma=None):
+        super().__init__(shape, shape)
+        if function not in self.FUNCTIONS:
+            raise ValueError(f"unknown row-block function {function!r}")
+        self.function, self.outer, self.d, self.inner = function, int(outer), int(d), int(inner)
+        R = self.outer * self.inner
+        self.A = np.ascontiguousarray(A, dtype=np.float64).reshape(R, self.d)
+        self.rstd = np.ones(R) if rstd is None else np.ascontiguousarray(rstd, dtype=np.float64).reshape(R)
+        self.gamma = np.ones(self.d) if gamma is None else np.ascontiguousarray(gamma, dtype=np.float64).reshape(self.d)
+        self._code = self.FUNCTIONS.index(function)
+
+    def _rows(self, x, C):
+        """(C, numel) -> (C, R, d) rows, and back."""
+        return x.reshape(C, self.outer, self.d, self.inner).transpose(0, 1, 3, 2).reshape(C, -1, self.d)
+
+    def _unrows(self, v, C):
+        return np.ascontiguousarray(v.reshape(C, self.outer, self.inner, self.d).transpose(0, 1, 3, 2)).reshape(C, -1)
+
+    def apply_sum(self, x, t, transpose):
+        x = np.ascontiguousarray(x, dtype=np.float64)
+        C = x.shape[0]
+        f = self.function
+        if f == "layer_norm" and t != K.SIGNED:
+            y = np.zeros_like(x)
+            K.rowblock_sum(self._code, self.A, self.rstd, self.gamma, self.inner, x, t, transpose, y)
+            return y
+        p = self.A[None]
+        v = self._rows(x, C)
+        if f == "softmax":      # symmetric: transpose does not matter
+            if t == K.SIGNED:
+                y = p * v - p * (p * v).sum(-1, keepdims=True)
+            elif t == K.ABS:
+                y = (p - 2 * p * p) * v + p * (p * v).sum(-1, keepdims=True)
+            else:
+                L = _safe_log(p)
+                pL = p * L
+                full = -pL * (p * v).sum(-1, keepdims=True) - p * (pL * v).sum(-1, keepdims=True)
+                diag_true = K.transform(p - p * p, K.XLOGX)
+                y = full + (diag_true + 2 * p * p * L) * v
+        elif f == "log_softmax":   # J[i, j] = delta_ij - p_j
+            if t == K.SIGNED:
+                off, diag = -p, 1 - p
+            elif t == K.ABS:
+                off, diag = p, 1 - p
+            else:
+                off, diag = K.transform(p, K.XLOGX), K.transform(1 - p, K.XLOGX)
+            # J = 1 off^T + diag(diag - off)
+            if transpose:
+                y = off * v.sum(-1, keepdims=True) + (diag - off) * v
+            else:
+                y = (off * v).sum(-1, keepdims=True) + (diag - off) * v
+        else:                      # layer norm, signed
+            s = self.rstd[None, :, None]
+            g = self.gamma[None, None, :]
+            xh = p
+            if transpose:
+                u = g * v
+                y = s * (u - u.mean(-1, keepdims=True) - xh * (u * xh).mean(-1, keepdims=True))
+            else:
+                y = g * s * (v - v.mean(-1, keepdims=True) - xh * (xh * v).mean(-1, keepdims=True))
+        return self._unrows(y, C)
+
+    def apply_max(self, xmax, xmin, signed, transpose):
+        ymax, ymin = _empty_max(self.out_numel, signed)
+        K.rowblock_max(self._code, self.A, self.rstd, self.gamma, self.inner,
+                       np.ascontiguousarray(xmax, dtype=np.float64),
+                       np.ascontiguousarray(xmin if signed else xmax, dtype=np.float64),
+                       transpose, signed, ymax, ymin if signed else np.zeros(1))
+        return ymax, ymin
+
+    def out_edges(self, j):
+        o, jj, tt = np.unravel_index(j, (self.outer, self.d, self.inner))
+        r = o * self.inner + tt
+        i = np.arange(self.d)
+        delta = (i == jj).astype(np.float64)
+        A = self.A[r]
+        if self.function == "softmax":
+            w = A * (delta - A[jj])
+        elif self.function == "log_softmax":
+            w = delta - A[jj]
+        else:
+            w = self.gamma * self.rstd[r] * (delta - 1.0 / self.d - A * A[jj] / self.d)
+        idx = (o * self.d + i) * self.inner + tt
+        nz = w != 0
+        return idx[nz].astype(np.int64), w[nz]
+
+    def state(self):
+        arrays = {"A": self.A}
+        if self.function == "layer_norm":
+            arrays.update(rstd=self.rstd, gamma=self.gamma)
+        return {"function": self.function, "outer": self.outer, "d": self.d, "inner": self.inner}, arrays
+
+    @classmethod
+    def from_state(cls, out_shape, in_shape, params, arrays):
+        return cls(out_shape, params["function"], params["outer"], params["d"], params["inner"],
+                   arrays["A"], arrays.get("rstd"), arrays.get("gamma"))
+
+
+def _safe_log(p):
+    out = np.zeros_like(p)
+    nz = p > 0
+    out[nz] = np.log(p[nz])
+    return out
+
+
+JACOBIAN_KINDS = {c.kind: c for c in (SparseJacobian, MatmulJacobian, ConvJacobian, RowBlockJacobian)}
