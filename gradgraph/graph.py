@@ -41,6 +41,7 @@ class Node:
     source_line: str = ""     # "file.py:123: code" of the user's code that made it
     value: np.ndarray | None = field(default=None, repr=False)
     role: str = "op"          # "source", "op" or "sink"
+    fx_name: str = ""         # the node's name in the exported ATen fx graph
 
     @property
     def numel(self):
@@ -139,6 +140,64 @@ class GradGraph:
         """
         from .algorithms.api import gradient
         return gradient(self)
+
+    def top_paths(self, k=1, order="signed", *, source=None, include_views=False, progress=None):
+        """The k highest-weighted sink-to-source paths, best first (see ``docs/semirings.md``).
+
+        Parameters
+        ----------
+        k : int
+            How many paths (>= 1).
+        order : {"signed", "magnitude"}
+            ``"signed"``: the paper's (max, x): most positive product first.
+            ``"magnitude"``: largest |product| first.
+        source : str or (str, index-or-indices), optional
+            Only paths ending in this source, or in these elements of it (an element group is
+            aggregated, paper Eq. 3).
+        include_views : bool
+            Report pure data-movement hops too.
+
+        Returns
+        -------
+        list[Path]
+        """
+        from .algorithms.paths import top_paths
+        return top_paths(self, k=k, order=order, source=source, include_views=include_views,
+                         progress=progress)
+
+    def entropy(self, per_source=False, *, groups=None):
+        """Entropy (nats) of the path distribution p(path) = |g(path)| / Z (paper Eq. 6-7).
+
+        ``per_source=True``: one entropy per source element (over the paths ending there), as
+        ``{source name: array shaped like the source}``; ``groups`` aggregates elements first.
+        """
+        from .algorithms.entropy import entropy
+        return entropy(self, per_source=per_source, groups=groups)
+
+    def flow(self, by="element"):
+        """Total |path weight| through each scalar node (inside-outside).
+
+        ``by="element"``: {node name: array shaped like the node}; ``"node"``: {node name: float};
+        ``"module"``: {module path: float} (a path counts once per element it visits).
+        """
+        from .algorithms.flow import flow
+        return flow(self, by=by)
+
+    def path_lengths(self):
+        """|gradient| mass of the paths by length (non-view hops): array, index = length."""
+        from .algorithms.flow import path_lengths
+        return path_lengths(self)
+
+    def branches(self, node, *, order="signed", groups=None):
+        """At tensor ``node``, which consumer (op and module) carries the best path through each
+        element or element group, and the best value through every consumer (paper Fig. 2, 4)."""
+        from .algorithms.paths import branches
+        return branches(self, node, order=order, groups=groups)
+
+    def to_networkx(self, level="tensor"):
+        """A networkx view: ``level="tensor"`` (nodes = tensors) or ``"scalar"`` (small graphs)."""
+        from .export.nx import to_networkx
+        return to_networkx(self, level=level)
 
     def save(self, path, *, overwrite=False):
         """Write the graph to one safetensors file (see ``docs/file-format.md``)."""

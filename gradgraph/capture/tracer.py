@@ -357,7 +357,7 @@ class Capturer:
             gnodes.append(Node(name=name, op=op, shape=tuple(v.shape), dtype=str(v.dtype).replace("torch.", ""),
                                module=module, module_type=mtype,
                                source_line=_user_line(n.meta.get("stack_trace")),
-                               value=_np_value(v), role=role))
+                               value=_np_value(v), role=role, fx_name=n.name))
 
         edges = []
         todo = [n for n in order if n not in source_of]
