@@ -1,0 +1,630 @@
+"""Highest-weighted gradient paths: top path, k best paths (signed or magnitude order), and the
+branch a best path takes at a node.
+
+Algebra
+-------
+A path runs from the sink down to a source element; its weight g(p) is the product of its edge
+weights. Two orders are offered:
+
+* ``order="signed"`` -- the paper's (max, x) on signed weights (Eq. 5): the most positive g(p)
+  first. The value pass runs :data:`~.semirings.MAX_SIGNED`, which keeps per scalar node the pair
+  (max, min) of sink-to-node prefix products (a negative weight swaps them).
+* ``order="magnitude"`` -- (max, x) on |w| (:data:`~.semirings.MAX_ABS`): the largest |g(p)| first.
+
+Both are answered by one mechanism: a backward max pass gives, per scalar node u, the best prefix
+value; the paths themselves are enumerated lazily (Jimenez & Marzal 1999 recursive enumeration,
+Huang & Chiang 2005 "Algorithm 3") over per-(scalar node, polarity) lists that are created only for
+the nodes the enumerated paths touch. No back-pointers are stored: a node's candidates are
+recomputed locally from ``jac.out_edges(j)`` when its list is first needed. All comparisons are made
+on (sign, log|.|) keys, so path weights far below float64's range (1e-400) are ordered correctly.
+See ``docs/paths.md``.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+import numbers
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import QueryError
+from .dp import Scaled, backward, forward
+from .semirings import MAX_ABS, MAX_SIGNED
+
+__all__ = ["Hop", "Path", "Branches", "top_paths", "branches", "ORDERS"]
+
+ORDERS = ("signed", "magnitude")
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One scalar node on a path: element ``index`` (a tuple, C order) of tensor node ``node``."""
+
+    node: str              # node name (source name for the last hop)
+    index: tuple           # element index within the tensor
+    op: str                # ATen op that computed the tensor ("input"/"source" for sources)
+    module: str            # innermost module path ("" or "<output>" outside the model)
+    node_id: int = -1      # position of the tensor node in GradGraph.nodes
+    flat_index: int = -1   # flat (C-order) element index
+
+
+@dataclass
+class Path:
+    """A sink-to-source path of the scalar gradient graph.
+
+    ``weight`` is the product of the local derivatives along the path (0.0 only if it underflows
+    float64: ``log_abs_weight`` and ``sign`` are always exact). ``hops`` runs from the sink to the
+    source; transparent view hops are omitted unless the query asked for ``include_views=True``.
+    """
+
+    weight: float
+    log_abs_weight: float
+    sign: int
+    source: tuple          # (source name, element index tuple)
+    hops: list = field(default_factory=list)
+    edge_weights: list = field(default_factory=list)   # local derivative of each hop pair (all hops, views included)
+    length: int = 0        # number of non-view hops (edges into non-view nodes)
+
+    def __repr__(self):
+        return (f"Path(weight={self.weight:.6g}, source={self.source}, "
+                f"hops={len(self.hops)}, length={self.length})")
+
+
+# ============================================================================ argument checks
+def _check_order(order):
+    if order not in ORDERS:
+        raise QueryError(f"order must be one of {ORDERS}, got {order!r}")
+    return order == "signed"
+
+
+def _check_k(k):
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise QueryError(f"k must be an integer >= 1, got {k!r}")
+    return int(k)
+
+
+def _element_mask(node, index, what):
+    """Boolean flat mask of the elements of ``node`` selected by ``index``.
+
+    ``index`` follows numpy indexing of an array shaped like the node (a full index tuple is one
+    element; an int or slice on a multi-dimensional node selects along axis 0; a boolean array shaped
+    like the node is a mask), except that a list of tuples names individual elements.
+    """
+    mask = np.zeros(node.shape, dtype=bool)
+    try:
+        if isinstance(index, list) and index and all(isinstance(i, tuple) for i in index):
+            for i in index:
+                if len(i) != len(node.shape):
+                    raise IndexError(f"element index {i} has {len(i)} entries, expected {len(node.shape)}")
+                mask[i] = True
+        else:
+            if isinstance(index, np.ndarray) and index.dtype == bool and index.shape != mask.shape:
+                raise IndexError(f"mask shape {index.shape} != {mask.shape}")
+            mask[index] = True
+    except (IndexError, TypeError, ValueError) as exc:
+        raise QueryError(f"bad {what} index {index!r} for {node.name!r} of shape {node.shape}: {exc}") from None
+    if not mask.any():
+        raise QueryError(f"{what} index {index!r} selects no element of {node.name!r}")
+    return mask.reshape(-1)
+
+
+def _source_masks(g, source):
+    """{source node index: flat boolean mask} of the source elements paths may end at."""
+    if source is None:
+        return {i: None for i in g.sources.values()}
+    if isinstance(source, str):
+        return {g.source_index(source): None}
+    if isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], str):
+        s = g.source_index(source[0])
+        return {s: _element_mask(g.nodes[s], source[1], "source")}
+    raise QueryError(f"source must be a source name or (name, index), got {source!r}; "
+                     f"valid sources: {sorted(g.sources)}")
+
+
+# ============================================================================ value pass
+class _Values:
+    """The backward max pass, read as per-element (sign, log|.|) scores of one polarity.
+
+    Polarity 0 scores a node by its best (max) prefix; polarity 1 by minus its min prefix, so that
+    for both polarities "larger score is better" and a child's score is carried by |w|.
+    """
+
+    def __init__(self, g, signed):
+        self.signed = signed
+        self.B = backward(g, MAX_SIGNED if signed else MAX_ABS)
+
+    def scores(self, t, idx, p):
+        """(valid, sign, log|score|) of elements ``idx`` of tensor ``t`` for polarity ``p``."""
+        b = self.B[t]
+        if b is None:
+            z = np.zeros(len(idx), dtype=bool)
+            return z, np.zeros(len(idx)), np.zeros(len(idx))
+        if self.signed:
+            x = b.arr[0][idx] if p == 0 else -b.arr[1][idx]
+            valid = x > -np.inf
+        else:
+            x = b.arr[0][idx]
+            valid = x > 0
+        # a mantissa that underflowed inside its tensor is a real but tiny path: order it last
+        sgn = np.where(x < 0, -1.0, 1.0)
+        with np.errstate(divide="ignore"):
+            la = np.log(np.abs(x)) + b.log_scale
+        return valid, sgn, la
+
+
+# ============================================================================ lazy k-best
+_ROOT = (-1, 0, 0)
+
+
+class _List:
+    """The lazily extended k-best list of one (scalar node, polarity).
+
+    ``D`` holds the derivations found so far, best first, each a tuple
+    ``(key1, key2, child_t, child_i, edge, child_rank, child_p, sign, log_abs, w)``:
+    the first six fields order it (key = (-sign, -sign*log|score|), then the tie-break on the next
+    hop); the child is a derivation of list ``(child_t, child_i, child_p)``.
+    Candidates whose child is that list's first derivation sit in sorted numpy arrays (``c``,
+    read with the cursor ``pos``); successors (child rank >= 1) go through the heap ``heap``.
+    """
+
+    __slots__ = ("c", "pos", "heap", "D", "pending", "done")
+
+    def __init__(self, cand=None, D=None):
+        self.c = cand
+        self.pos = 0
+        self.heap = []
+        self.D = D if D is not None else []
+        self.pending = None
+        self.done = D is not None
+
+    def head(self):
+        if self.c is None or self.pos >= len(self.c[0]):
+            return None
+        s, la, t, i, k, p, w = (a[self.pos] for a in self.c)
+        return (-float(s), -float(s) * float(la), int(t), int(i), int(k), 0, int(p), float(s),
+                float(la), float(w))
+
+
+def _sorted_candidates(sgn, la, t, i, k, p, w):
+    """Candidate arrays sorted best first: by key, then next-hop node, flat index, edge."""
+    key1, key2 = -sgn, -sgn * la
+    order = np.lexsort((k, i, t, key2, key1))
+    return tuple(np.asarray(a)[order] for a in (sgn, la, t, i, k, p, w))
+
+
+class _Enumerator:
+    """Recursive enumeration of sink-to-source paths in decreasing score.
+
+    Lists are keyed by (tensor index, flat index, polarity); the virtual root (tensor -1) merges the
+    allowed source elements. A derivation of (u, p) through edge u -> v of weight w has score
+    |w| * score(child) with child list (v, p * sign(w)) (signed order) or (v, p) (magnitude order).
+    """
+
+    def __init__(self, g, signed, masks):
+        self.g, self.signed = g, signed
+        self.values = _Values(g, signed)
+        self.sources = set(g.sources.values())
+        self.lists = {}
+        sink_sign = 1.0
+        self.lists[(g.sink, 0, 0)] = _List(D=[(-sink_sign, -0.0, -1, -1, -1, 0, 0, sink_sign, 0.0, 1.0)])
+        if signed:
+            self.lists[(g.sink, 0, 1)] = _List(D=[(1.0, 0.0, -1, -1, -1, 0, 1, -1.0, 0.0, 1.0)])
+        self.lists[_ROOT] = _List(self._root_candidates(masks))
+
+    # ---------------------------------------------------------------- candidates
+    def _root_candidates(self, masks):
+        parts = []
+        for s, mask in sorted(masks.items()):
+            idx = np.arange(self.g.nodes[s].numel) if mask is None else np.flatnonzero(mask)
+            valid, sgn, la = self.values.scores(s, idx, 0)
+            idx = idx[valid]
+            n = len(idx)
+            parts.append((sgn[valid], la[valid], np.full(n, s), idx, np.full(n, -1), np.zeros(n, int),
+                          np.ones(n)))
+        return _sorted_candidates(*(np.concatenate(c) for c in zip(*parts)))
+
+    def _candidates(self, t, i, p):
+        """All first-derivation candidates of (t, i, p): one per scalar edge leaving element i."""
+        g = self.g
+        parts = []
+        for k in g.out_edges[t]:
+            e = g.edges[k]
+            v = e.dst
+            if self.values.B[v] is None or v in self.sources:
+                continue
+            o, w = e.jac.out_edges(i)
+            if len(o) == 0:
+                continue
+            cp = np.where(w > 0, p, 1 - p) if self.signed else np.zeros(len(o), int)
+            if self.signed:
+                valid0, s0, l0 = self.values.scores(v, o, 0)
+                valid1, s1, l1 = self.values.scores(v, o, 1)
+                first = cp == 0
+                valid = np.where(first, valid0, valid1)
+                sgn, la = np.where(first, s0, s1), np.where(first, l0, l1)
+            else:
+                valid, sgn, la = self.values.scores(v, o, 0)
+            if not valid.any():
+                continue
+            o, w, cp, sgn, la = o[valid], w[valid], cp[valid], sgn[valid], la[valid]
+            parts.append((sgn, la + np.log(np.abs(w)), np.full(len(o), v), o, np.full(len(o), k), cp, w))
+        if not parts:
+            return None
+        return _sorted_candidates(*(np.concatenate(c) for c in zip(*parts)))
+
+    def _list(self, key):
+        L = self.lists.get(key)
+        if L is None:
+            L = self.lists[key] = _List(self._candidates(*key))
+        return L
+
+    # ---------------------------------------------------------------- enumeration
+    def get(self, key, r):
+        """Derivation ``r`` of list ``key`` (None if it has fewer), extending lists as needed.
+
+        Iterative (an explicit stack) because paths through deep networks are thousands of hops long.
+        """
+        stack = [(key, r)]
+        while stack:
+            nkey, nr = stack[-1]
+            L = self._list(nkey)
+            if len(L.D) > nr or L.done:
+                stack.pop()
+                continue
+            if L.pending is not None:
+                # before the next derivation, the last one's successor (child rank + 1) must be known
+                ckey, crank, w = L.pending
+                C = self._list(ckey)
+                if len(C.D) <= crank + 1 and not C.done:
+                    stack.append((ckey, crank + 1))
+                    continue
+                if len(C.D) > crank + 1:
+                    d = C.D[crank + 1]
+                    s, la = d[7], d[8] + math.log(abs(w))
+                    last = L.D[-1]
+                    heapq.heappush(L.heap, (-s, -s * la, last[2], last[3], last[4], crank + 1, last[6],
+                                            s, la, last[9]))
+                L.pending = None
+            h0 = L.head()
+            if h0 is None and not L.heap:
+                L.done = True
+                continue
+            if h0 is not None and (not L.heap or h0 < L.heap[0]):
+                best = h0
+                L.pos += 1
+            else:
+                best = heapq.heappop(L.heap)
+            L.D.append(best)
+            L.pending = ((best[2], best[3], best[6]), best[5], best[9])
+        L = self.lists[key]
+        return L.D[r] if len(L.D) > r else None
+
+    def path(self, r):
+        """The r-th enumerated path as (hops source -> sink [(t, i)], edges [(edge, w)])."""
+        d = self.get(_ROOT, r)
+        hops, edges = [], []
+        key, rank = (d[2], d[3], d[6]), d[5]
+        while True:
+            hops.append(key[:2])
+            d = self.get(key, rank)
+            if d[2] < 0:            # the sink's empty derivation
+                return hops, edges
+            edges.append((d[4], d[9]))
+            key, rank = (d[2], d[3], d[6]), d[5]
+
+
+# ============================================================================ results
+def _exact_product(ws):
+    """sign, mantissa, binary exponent of prod(ws), multiplied sink to source without underflow."""
+    sign, m, e = 1, 1.0, 0
+    for w in ws:
+        if w < 0:
+            sign = -sign
+        fm, fe = math.frexp(abs(w))
+        m, de = math.frexp(m * fm)
+        e += fe + de
+    return sign, m, e
+
+
+def _make_path(g, hops, edges, include_views):
+    """Path from hops (source -> sink) and their edges; weights recomputed as an exact product."""
+    hops, ws = hops[::-1], [w for _, w in edges][::-1]
+    sign, m, e = _exact_product(ws)
+    weight = sign * math.ldexp(m, e)
+    log_abs = math.log(m) + e * math.log(2.0)
+    nodes = g.nodes
+    length = sum(1 for t, _ in hops[:-1] if not nodes[t].is_view)
+    out = []
+    last = len(hops) - 1
+    for n, (t, i) in enumerate(hops):
+        node = nodes[t]
+        if node.is_view and not include_views and 0 < n < last:
+            continue
+        idx = tuple(int(x) for x in np.unravel_index(i, node.shape)) if node.shape else ()
+        out.append(Hop(node.name, idx, node.op, node.module, t, int(i)))
+    src = out[-1]
+    return Path(weight, log_abs, sign, (src.node, src.index), out, ws, length), (sign, m, e)
+
+
+def _order_key(signed, sign, m, e):
+    """Ascending sort key of an exact weight: best first (signed: most positive; else largest |.|)."""
+    if signed and sign < 0:
+        return (1, e, m)
+    return (0, -e, -m)
+
+
+def top_paths(g, k=1, order="signed", source=None, include_views=False, progress=None):
+    """The k highest-weighted sink-to-source paths of ``g``, best first.
+
+    Parameters
+    ----------
+    g : GradGraph
+    k : int
+        Number of paths, >= 1. If the graph has fewer paths, all are returned.
+    order : {"signed", "magnitude"}
+        ``"signed"``: (max, x) on signed weights (paper Eq. 5), most positive g(p) first (negative
+        paths follow once the positive ones are exhausted). ``"magnitude"``: largest |g(p)| first.
+    source : str or (str, index), optional
+        Only paths ending at this source, or at the selected elements of it: ``index`` is a full
+        element index tuple, any numpy index of an array shaped like the source (an int selects along
+        axis 0), a boolean mask shaped like the source, or a list of element tuples. A group of
+        elements acts as one aggregated node (paper Eq. 3); its paths are still listed one by one.
+    include_views : bool
+        Also report hops into pure data-movement nodes (they carry weight 1 and are omitted by default).
+    progress : bool, optional
+        Show a tqdm progress bar (default: for k >= 100, and only on a terminal).
+
+    Returns
+    -------
+    list[Path]
+        Best first. Paths of exactly equal weight are ordered by their hop sequence read from the
+        source towards the sink, as (node index, flat index, edge index) triples, smallest first.
+
+    Examples
+    --------
+    >>> import torch, gradgraph as gg
+    >>> m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+    >>> g = gg.capture(m, (torch.randn(2, 3, dtype=torch.double),), output=lambda y: y.sum())
+    >>> best = g.top_paths(k=3, order="magnitude")
+    >>> len(best), best[0].source[0]
+    (3, 'input')
+    """
+    k = _check_k(k)
+    signed = _check_order(order)
+    masks = _source_masks(g, source)
+    en = _Enumerator(g, signed, masks)
+
+    bar = None
+    if progress or (progress is None and k >= 100):
+        from tqdm.auto import tqdm
+        bar = tqdm(total=k, desc="top paths", unit="path", disable=None if progress is None else False)
+    found = []
+    try:
+        # enumerate in the pass's order; keep going while the next path is within rounding of the
+        # k-th, so that exact ties are resolved below on exactly recomputed weights
+        r = 0
+        while True:
+            d = en.get(_ROOT, r)
+            if d is None:
+                break
+            if len(found) >= k:
+                kth = found[k - 1][0]
+                tol = 1e-9 * (1.0 + abs(kth[8]))
+                if d[7] != kth[7] or abs(d[8] - kth[8]) > tol:
+                    break
+            found.append((d, en.path(r)))
+            r += 1
+            if bar is not None and len(found) <= k:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    results = []
+    for _, (hops, edges) in found:
+        path, (s, m, e) = _make_path(g, hops, edges, include_views)
+        tie = tuple((t, i, kk) for (t, i), kk in zip(hops, [-1] + [kk for kk, _ in edges]))
+        results.append((_order_key(signed, s, m, e), tie, path))
+    results.sort(key=lambda x: (x[0], x[1]))
+    return [p for _, _, p in results[:k]]
+
+
+# ============================================================================ branches
+@dataclass
+class Branches:
+    """The best path value through each element (or group) of one tensor, per consumer branch.
+
+    Attributes
+    ----------
+    node : str
+        The tensor node asked about.
+    order : str
+        ``"signed"`` (most positive g(p)) or ``"magnitude"`` (largest |g(p)|).
+    labels : list[str]
+        One per branch: ``"op @ module"`` of the consumer (e.g.
+        ``"addmm @ bert.encoder.layer.0.attention.self.query"`` or
+        ``"add @ bert.encoder.layer.0.attention.output"`` for the residual).
+    consumers : list[list[str]]
+        The consumer node names grouped into each branch.
+    log_abs : ndarray, shape (G, nb)
+        log |best path value| through element/group g and branch b (-inf: no such path).
+    sign : ndarray, shape (G, nb)
+        Sign of that value (0: no such path).
+    best : ndarray, shape (G,)
+        Index of the branch carrying the best path through each element/group (-1: none).
+    group_of : ndarray
+        Group id of every element, shaped like the node (``G`` = number of groups).
+    """
+
+    node: str
+    order: str
+    labels: list
+    consumers: list
+    log_abs: np.ndarray
+    sign: np.ndarray
+    best: np.ndarray
+    group_of: np.ndarray
+
+    @property
+    def values(self):
+        """sign * exp(log_abs) as float64 (underflows to 0 for very small values)."""
+        with np.errstate(under="ignore", over="ignore"):
+            return self.sign * np.exp(self.log_abs)
+
+    def best_labels(self):
+        """Label of the best branch per element/group (None where no path passes)."""
+        return [self.labels[b] if b >= 0 else None for b in self.best]
+
+
+def _branch_label(g, v):
+    """(op, module) naming consumer v; a view consumer is named by the op it feeds when that is
+    unambiguous, so ``view -> addmm`` inside a linear layer reads as the linear layer."""
+    node = g.nodes[v]
+    seen = v
+    while g.nodes[seen].is_view and len(g.out_edges[seen]) == 1:
+        seen = g.edges[g.out_edges[seen][0]].dst
+    if g.nodes[seen].is_view:
+        seen = v
+    return g.nodes[seen].op_name, node.module or g.nodes[seen].module
+
+
+def _signed_pairs(scaled, signed):
+    """(hi, lo) as (sign, log|.|) arrays from a Scaled max-pass value (lo None if unsigned)."""
+    def split(x):
+        with np.errstate(divide="ignore"):
+            return np.sign(x), np.log(np.abs(x)) + scaled.log_scale
+    hi = split(scaled.arr[0])
+    lo = split(scaled.arr[1]) if signed else None
+    return hi, lo
+
+
+def branches(g, node, order="signed", groups=None):
+    """Which consumer branch of tensor ``node`` carries the best path through each element.
+
+    For element j of ``node`` and consumer branch b (consumer tensors grouped by op and module), the
+    best path through j via b has value ``max over edges j->o in b of [prefix(o) * w] (x) suffix(j)``,
+    where prefix is the backward max pass (sink -> o) and suffix the forward max pass
+    (j -> sources). In signed order the (max, min) pairs of both passes are combined (a negative
+    times a negative can be the most positive). A group's value is the max over its elements.
+
+    Parameters
+    ----------
+    node : str
+        A tensor node name (or source name).
+    order : {"signed", "magnitude"}
+    groups : None, int or array
+        None: one row per element (flat C order). An int ``axis``: one row per index along that axis
+        (e.g. ``groups=1`` on a (batch, tokens, hidden) tensor gives one row per token). An integer
+        array shaped like the node: the group id of every element (ids 0..G-1).
+
+    Returns
+    -------
+    Branches
+    """
+    signed = _check_order(order)
+    t = g.node_index(node)
+    nd = g.nodes[t]
+    sr = MAX_SIGNED if signed else MAX_ABS
+    n = nd.numel
+    if groups is None:
+        group_of = np.arange(n).reshape(nd.shape)
+    elif isinstance(groups, numbers.Integral) and not isinstance(groups, bool):
+        ax = int(groups)
+        if not -len(nd.shape) <= ax < len(nd.shape):
+            raise QueryError(f"groups axis {ax} out of range for {nd.name!r} of shape {nd.shape}")
+        shape1 = [1] * len(nd.shape)
+        shape1[ax] = nd.shape[ax]
+        group_of = np.broadcast_to(np.arange(nd.shape[ax]).reshape(shape1), nd.shape)
+    else:
+        group_of = np.asarray(groups)
+        if group_of.shape != tuple(nd.shape) or not np.issubdtype(group_of.dtype, np.integer) \
+                or (group_of.size and group_of.min() < 0):
+            raise QueryError(f"groups must be None, an axis, or non-negative integer ids shaped "
+                             f"{nd.shape}; got {getattr(groups, 'shape', groups)!r}")
+    gflat = np.ascontiguousarray(group_of).reshape(-1)
+    G = int(gflat.max()) + 1 if n else 0
+
+    B = backward(g, sr)
+    D = forward(g, sr)
+    sources = set(g.sources.values())
+    # branches: consumers with a value from the sink, grouped by (op, module)
+    labels, consumers, members = [], [], []
+    for k in g.out_edges[t]:
+        v = g.edges[k].dst
+        if B[v] is None or v in sources:
+            continue
+        lab = _branch_label(g, v)
+        if lab not in labels:
+            labels.append(lab)
+            consumers.append([])
+            members.append([])
+        b = labels.index(lab)
+        if g.nodes[v].name not in consumers[b]:
+            consumers[b].append(g.nodes[v].name)
+        members[b].append(k)
+
+    nb = len(labels)
+    log_abs = np.full((G, nb), -np.inf)
+    sign = np.zeros((G, nb), dtype=np.int8)
+    if D[t] is not None and nb:
+        (fs_hi, fl_hi), lo = _signed_pairs(D[t], signed)
+        for b, ks in enumerate(members):
+            # prefix through branch b: (+)-combine w (x) B[o] over the branch's Jacobians
+            acc = None
+            for k in ks:
+                e = g.edges[k]
+                bv = B[e.dst]
+                y = Scaled(sr.times(e.jac, bv.arr, True, g.nodes[e.dst].is_view), bv.log_scale)
+                if acc is None:
+                    acc = y
+                else:
+                    L = max(acc.log_scale, y.log_scale)
+                    acc = Scaled(sr.plus(acc.arr * math.exp(acc.log_scale - L),
+                                         y.arr * math.exp(y.log_scale - L)), L)
+            (ps_hi, pl_hi), plo = _signed_pairs(acc, signed)
+            combos = [((ps_hi, pl_hi), (fs_hi, fl_hi))]
+            if signed:
+                combos += [((ps_hi, pl_hi), lo), (plo, (fs_hi, fl_hi)), (plo, lo)]
+            best_s = np.zeros(n)
+            best_l = np.full(n, -np.inf)
+            for (a_s, a_l), (c_s, c_l) in combos:
+                s = a_s * c_s
+                ok = s != 0
+                la = np.where(ok, a_l + c_l, -np.inf)
+                better = ok & _greater(s, la, best_s, best_l, signed)
+                best_s = np.where(better, s, best_s)
+                best_l = np.where(better, la, best_l)
+            # group max: sort key per element, take the best element of each group
+            for gi in range(G):
+                sel = np.flatnonzero(gflat == gi)
+                if not len(sel):
+                    continue
+                j = _argbest(best_s[sel], best_l[sel], signed)
+                if best_s[sel][j] != 0:
+                    sign[gi, b] = int(best_s[sel][j])
+                    log_abs[gi, b] = best_l[sel][j]
+    best = np.full(G, -1)
+    for gi in range(G):
+        if (sign[gi] != 0).any():
+            best[gi] = _argbest(sign[gi].astype(float), log_abs[gi], signed)
+    return Branches(nd.name, order, [f"{op} @ {mod}" for op, mod in labels], consumers, log_abs,
+                    sign, best, np.asarray(group_of))
+
+
+def _greater(s1, l1, s2, l2, signed):
+    """(s1, l1) > (s2, l2) elementwise as signed (or magnitude) values; sign 0 = no value."""
+    if not signed:
+        return (s2 == 0) | (l1 > l2)
+    v1 = np.where(s1 > 0, 1, np.where(s1 < 0, -1, -2))
+    v2 = np.where(s2 > 0, 1, np.where(s2 < 0, -1, -2))
+    return (v1 > v2) | ((v1 == v2) & (((v1 == 1) & (l1 > l2)) | ((v1 == -1) & (l1 < l2))))
+
+
+def _argbest(s, la, signed):
+    """Index of the best (signed or magnitude) value, lowest index among exact ties; -1 if none."""
+    if not signed:
+        key = np.where(s != 0, la, -np.inf)
+        return int(np.argmax(key)) if (s != 0).any() else -1
+    order = np.lexsort((np.arange(len(s)), np.where(s > 0, -la, la), np.where(s > 0, 0, np.where(s < 0, 1, 2))))
+    return int(order[0]) if s[order[0]] != 0 else -1
