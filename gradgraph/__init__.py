@@ -6,12 +6,13 @@
 """
 from .capture import Capturer, capture, register_rule
 from .errors import CaptureError, GradGraphError, GraphFormatError, QueryError, UnsupportedOpError
+from .export.dot import render, to_dot
 from .graph import GradGraph
 
 __version__ = "0.1.0"
 
 __all__ = ["capture", "Capturer", "register_rule", "load", "GradGraph", "GradGraphError",
-           "CaptureError", "UnsupportedOpError", "GraphFormatError", "QueryError", "__version__"]
+           "CaptureError", "UnsupportedOpError", "GraphFormatError", "QueryError", "to_dot", "render", "__version__"]
 
 
 def load(path):
