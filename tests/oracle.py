@@ -40,7 +40,8 @@ from torch.utils import _pytree as pytree
 from gradgraph.capture.tracer import _decomposition_table, _Explained, _module_of
 from gradgraph.graph import VIEW_OPS
 
-__all__ = ["ScalarOracle", "OraclePath", "logsumexp"]
+__all__ = ["ScalarOracle", "OraclePath", "logsumexp", "captured_case", "autograd_gradient",
+           "tiny_mlp", "tiny_residual_ln", "tiny_attention", "CASES", "case_strategy", "get_case"]
 
 
 def logsumexp(a):
@@ -449,3 +450,28 @@ def captured_case(builder, **params):
         _CASES[key] = (g, ScalarOracle(model, args, kwargs, out, source_fx_names=srcs),
                        (model, args, kwargs, out))
     return _CASES[key]
+
+
+#: Small configurations shared by the property tests (a finite space, so the cache is reused
+#: across test files): (builder, parameters).
+CASES = [
+    (tiny_mlp, dict(seed=1)),
+    (tiny_mlp, dict(seed=2, widths=(2, 3, 3, 2), batch=2, act="relu")),
+    (tiny_mlp, dict(seed=3, widths=(3, 4, 2), act="gelu")),
+    (tiny_residual_ln, dict(seed=1)),
+    (tiny_residual_ln, dict(seed=4, d=2, rows=2)),
+    (tiny_attention, dict(seed=1)),
+    (tiny_attention, dict(seed=5, tokens=2, vocab=3)),
+]
+
+
+def case_strategy():
+    """A hypothesis strategy over indices into :data:`CASES` (pass them to :func:`get_case`)."""
+    from hypothesis import strategies as st
+
+    return st.sampled_from(range(len(CASES)))
+
+
+def get_case(i):
+    """``captured_case`` of ``CASES[i]``: (graph, oracle, (model, args, kwargs, output))."""
+    return captured_case(CASES[i][0], **CASES[i][1])

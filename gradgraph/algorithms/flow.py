@@ -1,0 +1,149 @@
+"""Gradient flow through nodes (inside-outside) and the distribution of path lengths.
+
+Flow
+    For a scalar node u, flow(u) = O(u) * I(u), where the *outside* value O(u) = sum over sink -> u
+    path prefixes of |g| is a backward pass and the *inside* value I(u) = sum over u -> source
+    suffixes of |g| is a forward pass, both in the MAGNITUDE semiring (R>=0, +, x, 0, 1) on |w|.
+    Since the graph is a DAG a path visits u at most once, so flow(u) is the total |g(path)| of the
+    paths through u. flow(sink) = Z = sum over all paths of |g|; at a source element, flow is the
+    mass of the paths ending there.
+    A tensor's flow is the sum over its elements, a module's the sum over the tensors computed
+    inside it (its module path equals the module or lies below it): a path counts once per element
+    it visits, so a module's flow can exceed Z (a path through three of its tensors counts three
+    times).
+
+Path lengths
+    The LENGTH semiring carries a polynomial in x: an edge u -> v multiplies by |w| x, or by |w|
+    alone when v (the consumer, computed by the op) is pure data movement (``Node.is_view``). At the
+    sources, the coefficient of x^l is m[l] = sum of |g| over paths with l non-view hops; sum(m) = Z.
+
+Numerics: both passes keep per-tensor scales, so the products are exact up to rounding, but values
+returned as plain float64 underflow to 0 below ~1e-308; ``log=True`` returns natural logs instead
+(-inf where there is no path), which are exact at any depth.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..errors import QueryError
+from .dp import backward, forward
+from .semirings import LENGTH, MAGNITUDE
+
+__all__ = ["flow", "path_lengths", "total_flow", "FLOW_LEVELS"]
+
+FLOW_LEVELS = ("element", "node", "module")
+
+
+def _finish(mantissa, log_scale, log):
+    """mantissa * e^log_scale as float64, or its natural log."""
+    m = np.asarray(mantissa, dtype=np.float64)
+    if log:
+        with np.errstate(divide="ignore"):
+            return np.log(m) + log_scale
+    with np.errstate(over="ignore", under="ignore"):
+        return m * np.exp(log_scale)
+
+
+def _sum_scaled(items):
+    """Sum of values given as (mantissa sum, log scale) pairs: (mantissa, log scale)."""
+    items = [(float(m), s) for m, s in items if m > 0]
+    if not items:
+        return 0.0, 0.0
+    top = max(s for _, s in items)
+    return sum(m * math.exp(s - top) for m, s in items), top
+
+
+def _element_flow(g):
+    """[(mantissa array or None, log scale)] per tensor node."""
+    B = backward(g, MAGNITUDE)
+    D = forward(g, MAGNITUDE)
+    out = []
+    for b, d in zip(B, D):
+        if b is None or d is None:
+            out.append((None, 0.0))
+        else:
+            out.append((b.arr[0] * d.arr[0], b.log_scale + d.log_scale))
+    return out
+
+
+def flow(g, by="element", log=False):
+    """Total |gradient| through each scalar node, tensor or module (see the module docstring).
+
+    Parameters
+    ----------
+    g : GradGraph
+    by : {"element", "node", "module"}
+        ``"element"``: ``{node name: float64 array shaped like the node}``; ``"node"``:
+        ``{node name: float}`` (sum over the elements); ``"module"``: ``{module path: float}``,
+        the sum over every node whose module path is the module or lies inside it (a path counts
+        once per element it visits). Nodes outside any submodule are reported under ``""`` (ops
+        of the model's top-level ``forward``) or ``"<output>"`` (the ``output`` callable); ``""``
+        is not an ancestor of other modules.
+    log : bool
+        Return natural logs (exact for path weights beyond float64's range).
+
+    Returns
+    -------
+    dict
+
+    Examples
+    --------
+    >>> import torch, gradgraph as gg
+    >>> m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+    >>> g = gg.capture(m, (torch.randn(2, 3, dtype=torch.double),), output=lambda y: y.sum())
+    >>> f = g.flow(by="module")
+    >>> sorted(f)
+    ['', '0', '1', '2']
+    """
+    if by not in FLOW_LEVELS:
+        raise QueryError(f"by must be one of {', '.join(repr(v) for v in FLOW_LEVELS)}; got {by!r}")
+    per = _element_flow(g)
+    if by == "element":
+        return {n.name: _finish(np.zeros(n.numel) if m is None else m, s, log).reshape(n.shape)
+                for n, (m, s) in zip(g.nodes, per)}
+    sums = [(0.0 if m is None else float(m.sum()), s) for m, s in per]
+    if by == "node":
+        return {n.name: float(_finish(*_sum_scaled([ms]), log)) for n, ms in zip(g.nodes, sums)}
+    groups = {}
+    for n, ms in zip(g.nodes, sums):
+        for key in _module_keys(n.module):
+            groups.setdefault(key, []).append(ms)
+    return {key: float(_finish(*_sum_scaled(items), log)) for key, items in groups.items()}
+
+
+def _module_keys(module):
+    """The module and every ancestor: "a.b.c" -> ["a", "a.b", "a.b.c"]; "" -> [""]."""
+    if not module or module.startswith("<"):
+        return [module]
+    parts = module.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def total_flow(g, log=False):
+    """Z = sum over all sink-to-source paths of |g(path)| (the MAGNITUDE semiring), or log Z."""
+    B = backward(g, MAGNITUDE)
+    items = [(float(B[i].arr[0].sum()), B[i].log_scale) for i in g.sources.values() if B[i] is not None]
+    return float(_finish(*_sum_scaled(items), log))
+
+
+def path_lengths(g, log=False):
+    """Path-weight mass by length: ``m[l]`` = sum of |g(path)| over paths with ``l`` non-view hops.
+
+    A hop counts when its consumer node (the tensor computed by the op) is not pure data movement
+    (see ``docs/semirings.md``). ``m.sum() == total_flow(g)``.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64, index = length (``log=True``: natural logs, -inf where no path has that length).
+    """
+    B = backward(g, LENGTH)
+    per_source = [(B[i].arr, B[i].log_scale) for i in g.sources.values() if B[i] is not None]
+    n = max((a.shape[0] for a, _ in per_source), default=1)
+    out = []
+    for l in range(n):
+        m, s = _sum_scaled([(a[l].sum(), ls) for a, ls in per_source if l < a.shape[0]])
+        out.append(float(_finish(m, s, log)))
+    return np.array(out)
