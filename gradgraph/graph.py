@@ -174,19 +174,20 @@ class GradGraph:
         from .algorithms.entropy import entropy
         return entropy(self, per_source=per_source, groups=groups)
 
-    def flow(self, by="element"):
+    def flow(self, by="element", *, log=False):
         """Total |path weight| through each scalar node (inside-outside).
 
         ``by="element"``: {node name: array shaped like the node}; ``"node"``: {node name: float};
         ``"module"``: {module path: float} (a path counts once per element it visits).
+        ``log=True``: natural logs (exact where float64 values would underflow).
         """
         from .algorithms.flow import flow
-        return flow(self, by=by)
+        return flow(self, by=by, log=log)
 
-    def path_lengths(self):
+    def path_lengths(self, *, log=False):
         """|gradient| mass of the paths by length (non-view hops): array, index = length."""
         from .algorithms.flow import path_lengths
-        return path_lengths(self)
+        return path_lengths(self, log=log)
 
     def branches(self, node, *, order="signed", groups=None):
         """At tensor ``node``, which consumer (op and module) carries the best path through each
