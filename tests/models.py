@@ -127,7 +127,8 @@ def gpt2_lm(mask=False, dtype=torch.float64, seed=0):
     """GPT2LMHeadModel, 2 layers, hidden 16, eager attention; kwargs input_ids (+ attention_mask)."""
     from transformers import GPT2Config, GPT2LMHeadModel
     g = _gen(seed)
-    cfg = GPT2Config(vocab_size=_VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=16, bos_token_id=0, eos_token_id=0,
+    cfg = GPT2Config(vocab_size=_VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=16,
+                     bos_token_id=0, eos_token_id=0,
                      attn_implementation="eager")
     model = GPT2LMHeadModel(cfg).to(dtype).eval()
     ids, attn = _ids_and_mask(g, mask)

@@ -252,11 +252,41 @@ def avg_pool2d(ctx):
     ceil_mode = ctx.args[4] if len(ctx.args) > 4 else False
     count_include_pad = ctx.args[5] if len(ctx.args) > 5 else True
     divisor = ctx.args[6] if len(ctx.args) > 6 else None
-    if x.dim() != 4 or ceil_mode or (any(padding) and not count_include_pad):
-        return {0: dense_jacobian(ctx, 0)}
+    if x.dim() not in (3, 4) or ceil_mode or (any(padding) and not count_include_pad):
+        return {0: _pool_windows(ctx, kernel, stride, padding)}
     C = x.shape[1]
     w = np.full((C, 1) + tuple(kernel), 1.0 / (divisor or kernel[0] * kernel[1]), dtype=_np(x).dtype)
     return {0: ConvJacobian(ctx.out.shape, x.shape, w, stride, padding, [1, 1], C)}
+
+
+def _pool_windows(ctx, kernel, stride, padding):
+    """A linear pooling op whose output o averages the real (non-padding) input elements of its
+    window with one weight w_o: the window's elements come from unfolding the flat indices 1..HW
+    (0 = padding), and w_o = op(ones)[o] / (number of real elements in window o)."""
+    x = ctx.args[0]
+    H, W = x.shape[-2:]
+    oh, ow = ctx.out.shape[-2:]
+    planes = x.numel() // (H * W)
+    idx = torch.arange(1, H * W + 1, dtype=torch.float64).reshape(1, 1, H, W)
+    # ceil_mode may add windows that overhang the bottom / right: pad enough zeros for them
+    extra_h = max(0, (oh - 1) * stride[0] + kernel[0] - (H + 2 * padding[0]))
+    extra_w = max(0, (ow - 1) * stride[1] + kernel[1] - (W + 2 * padding[1]))
+    idx = torch.nn.functional.pad(idx, (padding[1], padding[1] + extra_w, padding[0], padding[0] + extra_h))
+    win = torch.nn.functional.unfold(idx, kernel, stride=stride)[0].long()       # (k*k, L)
+    n_h = (idx.shape[-2] - kernel[0]) // stride[0] + 1
+    n_w = (idx.shape[-1] - kernel[1]) // stride[1] + 1
+    win = win.reshape(-1, n_h, n_w)[:, :oh, :ow].reshape(win.shape[0], oh * ow)
+    count = (win > 0).sum(0).to(torch.float64)
+    w_o = ctx.call(torch.ones_like(x, dtype=torch.float64), *ctx.args[1:], **ctx.kwargs)
+    w_o = w_o.reshape(planes, oh * ow) / count
+    k_idx, o_idx = torch.nonzero(win > 0, as_tuple=True)
+    cols_plane = win[k_idx, o_idx] - 1
+    offs = torch.arange(planes, dtype=torch.int64)[:, None]
+    rows = offs * (oh * ow) + o_idx[None, :]
+    cols = offs * (H * W) + cols_plane[None, :]
+    vals = w_o[:, o_idx]
+    return SparseJacobian(ctx.out.shape, x.shape, _np(rows.reshape(-1)), _np(cols.reshape(-1)),
+                          _np(vals.reshape(-1)))
 
 
 @register_rule(aten._adaptive_avg_pool2d.default)
@@ -331,3 +361,43 @@ def layer_norm(ctx):
     if 3 in ctx.wants:
         jacs[3] = _elementwise(ctx.out, bias, torch.ones(()))
     return jacs
+
+
+# ----------------------------------------------------------------------------- variance
+def _var_args(ctx):
+    x = ctx.args[0]
+    dims = ctx.args[1] if len(ctx.args) > 1 else ctx.kwargs.get("dim")
+    correction = ctx.kwargs.get("correction")
+    return x, dims, 1 if correction is None else correction
+
+
+@register_rule(aten.var_mean.correction)
+@register_rule(aten.var.correction)
+def var_mean(ctx):
+    """var = sum((x - mean)^2) / (N - c), mean = sum(x) / N over the reduced dims, so
+    d var / d x_j = 2 (x_j - mean) / (N - c) (the mean's own dependence cancels: sum(x - mean) = 0)
+    and d mean / d x_j = 1 / N. ``var_mean`` returns (var, mean): ``ctx.output_index`` picks one."""
+    x, dims, correction = _var_args(ctx)
+    ks, dims_set = _keepdim_shape(x, dims)
+    rows = _reduce_rows(x, dims, ks)
+    n = math.prod(x.shape[d] for d in dims_set) if x.dim() else 1
+    if ctx.op is aten.var_mean.correction and ctx.output_index == 1:
+        vals = np.full(x.numel(), 1.0 / n)
+    else:
+        xd = x.detach().double()
+        mean = xd.mean(dim=sorted(dims_set), keepdim=True) if x.dim() else xd
+        vals = _np((2.0 * (xd - mean) / (n - correction)).reshape(-1))
+    return {0: SparseJacobian(ctx.out.shape, x.shape, rows, None, vals)}
+
+
+# ----------------------------------------------------------------------------- constants
+_CONSTANT_LIKE = {"full_like", "zeros_like", "ones_like", "empty_like", "rand_like", "randn_like",
+                  "randint_like", "new_zeros", "new_ones", "new_full", "new_empty"}
+
+
+@register_generic(lambda op: op._opname in _CONSTANT_LIKE)
+def constant_like(ctx):
+    """Outputs that take only the shape / dtype of their input: no scalar edges at all."""
+    none = np.zeros(0, dtype=np.int64)
+    return {key: SparseJacobian(ctx.out.shape, ctx.arg(key).shape, none, none, np.zeros(0))
+            for key in ctx.wants}

@@ -74,20 +74,55 @@ def _signature(args, kwargs):
     return (str(spec), tuple(sig))
 
 
+def _frozen(v):
+    """A hashable stand-in for a value an ``output`` callable reads, equal iff the value is.
+
+    Tensors and arrays are keyed by content (a closure over token ids must not reuse the program
+    traced for other ids: the traced program has the old ids baked in); containers recursively."""
+    if isinstance(v, torch.Tensor):
+        t = v.detach().cpu().contiguous()
+        return ("tensor", str(t.dtype), tuple(t.shape), t.numpy().tobytes() if t.dtype != torch.bfloat16
+                else t.float().numpy().tobytes())
+    if isinstance(v, np.ndarray):
+        return ("ndarray", str(v.dtype), v.shape, np.ascontiguousarray(v).tobytes())
+    if isinstance(v, (list, tuple)):
+        return (type(v).__name__,) + tuple(_frozen(a) for a in v)
+    if isinstance(v, dict):
+        return ("dict",) + tuple((k, _frozen(a)) for k, a in v.items())
+    if isinstance(v, (set, frozenset)):
+        return ("set", frozenset(_frozen(a) for a in v))
+    hash(v)   # TypeError for other unhashable values: the caller falls back to identity
+    return v
+
+
 def _callable_key(fn):
-    """A hashable key for an ``output`` callable: its code plus the values it closes over."""
+    """A hashable key for an ``output`` callable: its code plus every value it reads from outside
+    (closure cells, defaults, and the module globals its code names -- a lambda written in a
+    loop at module level reads the loop variable as a global). Callables without code are keyed
+    by identity; the :class:`Capturer` keeps them alive, so the identity is never reused."""
     if fn is None:
         return None
     code = getattr(fn, "__code__", None)
     if code is None:
         return ("id", id(fn))
     try:
-        cells = tuple(c.cell_contents for c in (fn.__closure__ or ()))
-        key = ("code", code, cells, fn.__defaults__)
+        cells = tuple(_frozen(c.cell_contents) for c in (fn.__closure__ or ()))
+        glob = getattr(fn, "__globals__", {})
+        names = tuple((n, _frozen(glob[n])) for n in _global_names(code) if n in glob)
+        key = ("code", code, cells, names, _frozen(fn.__defaults__), _frozen(fn.__kwdefaults__))
         hash(key)
         return key
     except (TypeError, ValueError):
         return ("id", id(fn))
+
+
+def _global_names(code):
+    """Names ``code`` (and code nested in it) may load as globals."""
+    names = set(code.co_names)
+    for c in code.co_consts:
+        if isinstance(c, type(code)):
+            names |= _global_names(c)
+    return sorted(names)
 
 
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<fn>\S+)\n\s*(?P<code>[^\n]*)')
