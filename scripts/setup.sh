@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Set up everything gradgraph needs on a fresh machine: a .venv with torch (CPU build), the package
+# with its test and experiment extras, and Graphviz (for rendered diagrams). Safe to run again:
+# it only reinstalls when pyproject.toml changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "gradgraph setup: creating .venv"
+  "$PYTHON" -m venv .venv
+fi
+PY=.venv/bin/python
+
+stamp=.venv/.gradgraph-setup
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "gradgraph setup: installing Python packages (first run takes a few minutes)"
+  # torch first, pinned: a bare 'torch' requirement could pull a multi-GB CUDA build
+  if ! "$PY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
+    "$PY" -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
+  fi
+  "$PY" -m pip install --quiet --disable-pip-version-check -e ".[test,experiments]"
+  echo "$want" > "$stamp"
+fi
+
+if ! command -v dot >/dev/null 2>&1; then
+  echo "gradgraph setup: installing Graphviz"
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo"
+  if command -v apt-get >/dev/null 2>&1; then
+    ($SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq graphviz >/dev/null) \
+      || echo "gradgraph setup: could not install Graphviz; diagrams will be written as .dot only" >&2
+  elif command -v brew >/dev/null 2>&1; then
+    brew install graphviz || true
+  else
+    echo "gradgraph setup: please install Graphviz (https://graphviz.org); .dot output works without it" >&2
+  fi
+fi
