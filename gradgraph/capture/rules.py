@@ -2,11 +2,15 @@
 
 Generic rules cover whole families exactly:
 
-* pointwise ops (ATen ``pointwise`` tag, plus a few ops pointwise in their first argument): the
-  derivative of each output element by forward-mode AD with a tangent of ones -- each output
-  element depends on one element of each (broadcast) input, so this is the Jacobian's diagonal;
+* pointwise ops (ATen ``pointwise`` tag): the derivative of each output element by forward-mode
+  AD with a tangent of ones -- each output element depends on one element of each (broadcast)
+  input, so this is the Jacobian's diagonal;
 * data movement (views, slicing, cat, gather, padding, ...): the op itself is run on the flat
-  indices ``1..n`` of the input, so the output says which input element each output element copies.
+  indices ``1..n`` of the input, so the output says which input element each output element copies;
+* constant-like ops (``full_like``, ``zeros_like``, ...): the output takes only the input's shape,
+  so the Jacobian has no entries.
+
+No rule loops over elements in Python: every Jacobian is built by whole-tensor operations.
 """
 from __future__ import annotations
 
@@ -50,9 +54,6 @@ def _elementwise(out, x, deriv):
 
 
 # ----------------------------------------------------------------------------- pointwise
-_POINTWISE_IN_FIRST_ARG = {"_native_batch_norm_legit_no_training", "native_batch_norm"}
-
-
 def _is_pointwise(op):
     return torch.Tag.pointwise in op.tags
 
@@ -72,12 +73,37 @@ def pointwise(ctx):
     return jacs
 
 
-@register_generic(lambda op: op._opname in _POINTWISE_IN_FIRST_ARG)
-def pointwise_in_first_arg(ctx):
-    """Ops elementwise in their first argument only (batch norm in eval mode)."""
-    jacs = {key: dense_jacobian(ctx, key) for key in ctx.wants if key != 0}
-    if 0 in ctx.wants:
-        jacs[0] = pointwise(RuleContext(ctx.op, ctx.args, ctx.kwargs, ctx.out, ctx.output_index, {0}))[0]
+def _zero(out, x):
+    """A Jacobian with no scalar edges: ``out`` does not depend on the values of ``x``."""
+    none = np.zeros(0, dtype=np.int64)
+    return SparseJacobian(out.shape, x.shape, none, none, np.zeros(0))
+
+
+@register_rule(aten._native_batch_norm_legit_no_training.default)
+def batch_norm_eval(ctx):
+    """Eval-mode batch norm, y = (x - m) r w + b with r = (v + eps)^(-1/2) per channel (dim 1):
+    dy/dx = r w, dy/dw = (x - m) r, dy/db = 1, dy/dm = -r w, dy/dv = -(x - m) w r^3 / 2; each
+    output element depends on one element of each argument. The saved statistics (outputs 1, 2)
+    are empty in eval mode."""
+    x, w, b, m, v = ctx.args[:5]
+    eps = ctx.args[6] if len(ctx.args) > 6 else ctx.kwargs.get("eps", 1e-5)
+    if ctx.output_index:
+        return {key: _zero(ctx.out, ctx.arg(key)) for key in ctx.wants}
+    C = x.shape[1] if x.dim() > 1 else 1
+    shape = (1, C) + (1,) * (x.dim() - 2)
+    per_channel = {a: t.detach().double().reshape(shape) for a, t in ((1, w), (2, b), (3, m), (4, v))
+                   if t is not None}
+    xd = x.detach().double()
+    r = torch.rsqrt(per_channel[4] + eps)
+    wt = per_channel.get(1, torch.ones(shape, dtype=torch.float64))
+    deriv = {0: r * wt, 1: (xd - per_channel[3]) * r, 2: torch.ones(()), 3: -r * wt,
+             4: -0.5 * (xd - per_channel[3]) * wt * r ** 3}
+    channel_cols = _broadcast_cols(shape, tuple(x.shape))
+    jacs = {}
+    for key in ctx.wants:
+        d = torch.broadcast_to(deriv[key], x.shape).to(ctx.out.dtype)
+        cols = None if key == 0 else channel_cols
+        jacs[key] = SparseJacobian(ctx.out.shape, ctx.arg(key).shape, None, cols, _np(d.reshape(-1)))
     return jacs
 
 
@@ -291,6 +317,8 @@ def _pool_windows(ctx, kernel, stride, padding):
 
 @register_rule(aten._adaptive_avg_pool2d.default)
 def adaptive_avg_pool2d(ctx):
+    """Output (i, j) averages rows floor(i H / oh) .. ceil((i + 1) H / oh) - 1 (columns alike);
+    a depthwise convolution when the sizes divide, else explicit windows of varying size."""
     x = ctx.args[0]
     H, W = x.shape[-2:]
     oh, ow = ctx.out.shape[-2:]
@@ -298,7 +326,25 @@ def adaptive_avg_pool2d(ctx):
         k = [H // oh, W // ow]
         w = np.full((x.shape[1], 1) + tuple(k), 1.0 / (k[0] * k[1]), dtype=_np(x).dtype)
         return {0: ConvJacobian(ctx.out.shape, x.shape, w, k, [0, 0], [1, 1], x.shape[1])}
-    return {0: dense_jacobian(ctx, 0)}
+
+    def windows(n_in, n_out):
+        i = torch.arange(n_out)
+        start, end = (i * n_in) // n_out, ((i + 1) * n_in + n_out - 1) // n_out
+        off = torch.arange(int((end - start).max()))
+        return start[:, None] + off, start[:, None] + off < end[:, None], (end - start).double()
+
+    hi, hv, hn = windows(H, oh)
+    wi, wv, wn = windows(W, ow)
+    # (oh, ow, kh, kw) grid of window members
+    valid = hv[:, None, :, None] & wv[None, :, None, :]
+    col = hi[:, None, :, None] * W + wi[None, :, None, :]
+    row = (torch.arange(oh)[:, None] * ow + torch.arange(ow))[:, :, None, None]
+    val = 1.0 / (hn[:, None] * wn[None, :])[:, :, None, None]
+    row, col, val = (torch.broadcast_to(t, valid.shape)[valid] for t in (row, col, val))
+    planes = x.numel() // (H * W)
+    p = torch.arange(planes)[:, None]
+    return {0: SparseJacobian(ctx.out.shape, x.shape, _np((p * oh * ow + row).reshape(-1)),
+                              _np((p * H * W + col).reshape(-1)), _np(val.repeat(planes)))}
 
 
 @register_rule(aten.max_pool2d_with_indices.default)
@@ -352,6 +398,15 @@ def layer_norm(ctx):
     mean = xd.mean(-1, keepdim=True)
     rstd = torch.rsqrt(((xd - mean) ** 2).mean(-1, keepdim=True) + eps)
     xhat = (xd - mean) * rstd
+    if ctx.output_index in (1, 2):
+        # the saved statistics: d mean / d x_j = 1 / d, d rstd / d x_j = -rstd^3 (x_j - mean) / d
+        rows = np.repeat(np.arange(outer), d)
+        vals = np.full(x.numel(), 1.0 / d) if ctx.output_index == 1 else \
+            _np((-rstd ** 3 * (xd - mean) / d).reshape(-1))
+        jacs = {key: _zero(ctx.out, ctx.arg(key)) for key in ctx.wants if key != 0}
+        if 0 in ctx.wants:
+            jacs[0] = SparseJacobian(ctx.out.shape, x.shape, rows, None, vals)
+        return jacs
     jacs = {}
     if 0 in ctx.wants:
         jacs[0] = RowBlockJacobian(ctx.out.shape, "layer_norm", outer, d, 1, _np(xhat), _np(rstd.reshape(-1)),
@@ -398,6 +453,4 @@ _CONSTANT_LIKE = {"full_like", "zeros_like", "ones_like", "empty_like", "rand_li
 @register_generic(lambda op: op._opname in _CONSTANT_LIKE)
 def constant_like(ctx):
     """Outputs that take only the shape / dtype of their input: no scalar edges at all."""
-    none = np.zeros(0, dtype=np.int64)
-    return {key: SparseJacobian(ctx.out.shape, ctx.arg(key).shape, none, none, np.zeros(0))
-            for key in ctx.wants}
+    return {key: _zero(ctx.out, ctx.arg(key)) for key in ctx.wants}
