@@ -4,9 +4,9 @@ Layout (see ``docs/file-format.md``):
 
 * the **arrays** -- node values and every Jacobian's arrays -- are the safetensors tensors. An array
   used by several nodes or edges (a weight matrix, an activation that is also the other operand of
-  a matrix product) is stored once: arrays are deduplicated by memory identity, and a view whose
-  last two axes are transposed (``W.T`` of a linear layer) is stored as its contiguous base plus a
-  transpose flag, never as a copy;
+  a matrix product) is stored once: arrays are deduplicated by memory identity, and a view that
+  permutes the axes of a contiguous block (``W.T`` of a linear layer, the head split of attention)
+  is stored as that block plus the axis order, never as a copy;
 * the **structure** -- nodes (every field but the value), edges (Jacobian kind, parameters, array
   references, argument position), sources, sink, granularity and meta -- is JSON in the
   safetensors metadata, under the keys ``format`` (``"gradgraph"``), ``version`` and ``graph``.
@@ -37,6 +37,10 @@ VERSION = 1
 _NODE_FIELDS = [f.name for f in dataclasses.fields(Node) if f.name != "value"]
 
 
+#: Integer arrays at least this long that are arithmetic progressions are stored as (start, step).
+_MIN_ARANGE = 16
+
+
 class GraphFileExistsError(GradGraphError, FileExistsError):
     """``save`` was asked to write over an existing file without ``overwrite=True``."""
 
@@ -45,10 +49,14 @@ class GraphFileExistsError(GradGraphError, FileExistsError):
 class _ArrayTable:
     """Collects the arrays to write, each distinct block of memory once.
 
-    A reference to an array is ``{"a": name, "shape": [...], "T": bool}``: the stored contiguous
-    array reshaped to ``shape`` -- with its last two axes swapped first when ``T`` -- is the value.
+    A reference to an array is ``{"a": name, "shape": [...], "axes": [...]}``: with ``axes`` absent,
+    the stored contiguous array reshaped to ``shape`` is the value; otherwise the value is the view
+    ``v`` of ``shape`` whose ``v.transpose(axes)`` is the stored array (reshaped), i.e. ``axes``
+    lists the value's axes from the largest stride to the smallest (``[1, 0]`` for ``W.T``).
+    A 1-d integer arithmetic progression (the index map of a reshape or slice) is stored as no
+    array at all: ``{"arange": [start, step], "dtype": "<i4", "shape": [n]}``.
     Two arrays are the same block when they start at the same address and cover the same number
-    of bytes with the same dtype, both C-contiguous (after undoing a transpose of the last two axes).
+    of bytes with the same dtype, both C-contiguous after ordering their axes by stride.
     """
 
     def __init__(self):
@@ -63,20 +71,27 @@ class _ArrayTable:
                                  f"bool, integer and floating-point arrays can be saved")
         self._alive.append(arr)
         shape = list(arr.shape)
-        transposed = False
+        if arr.ndim == 1 and arr.dtype.kind in "iu" and len(arr) >= _MIN_ARANGE:
+            step = int(arr[1]) - int(arr[0])
+            if (np.diff(arr) == step).all():    # index maps of views and slices: no data needed
+                return {"arange": [int(arr[0]), step], "dtype": arr.dtype.str, "shape": shape}
+        ref = {"shape": shape}
         base = arr
         if not arr.flags.c_contiguous:
-            if arr.ndim >= 2 and np.swapaxes(arr, -1, -2).flags.c_contiguous:
-                base, transposed = np.swapaxes(arr, -1, -2), True
+            axes = sorted(range(arr.ndim), key=lambda a: -arr.strides[a])
+            if arr.transpose(axes).flags.c_contiguous:
+                base = arr.transpose(axes)
+                ref["axes"] = axes
             else:
-                base = np.ascontiguousarray(arr)    # a general strided view: stored as a copy
+                base = np.ascontiguousarray(arr)    # broadcast, flipped or strided: stored as a copy
         key = (base.__array_interface__["data"][0], base.nbytes, base.dtype.str)
         stored = self._by_memory.get(key) if base.nbytes else None
         if stored is None:
             stored = name
             self.arrays[name] = base
             self._by_memory[key] = name
-        return {"a": stored, "shape": shape, "T": transposed}
+        ref["a"] = stored
+        return ref
 
 
 def _json_default(obj):
@@ -181,6 +196,9 @@ def _read(path):
     return metadata or {}, arrays
 
 
+_INDEX_DTYPES = {np.dtype(t).str for t in (np.int32, np.int64, np.uint32, np.uint64)}
+
+
 def _check(cond, path, msg):
     if not cond:
         raise _fail(path, msg)
@@ -195,17 +213,23 @@ def _shape(x):
 
 
 def _resolve(ref, arrays, path, where):
-    """The array a reference names, reshaped (and transposed) as the reference says."""
-    _check(isinstance(ref, dict) and isinstance(ref.get("a"), str) and _shape(ref.get("shape"))
-           and isinstance(ref.get("T", False), bool), path, f"{where}: malformed array reference {ref!r}")
-    name, shape, transposed = ref["a"], tuple(ref["shape"]), ref.get("T", False)
+    """The array a reference names, reshaped (and its axes permuted) as the reference says."""
+    if isinstance(ref, dict) and "arange" in ref:
+        r, dt, shape = ref["arange"], ref.get("dtype"), ref.get("shape")
+        _check(isinstance(r, list) and len(r) == 2 and all(_is_int(v) for v in r) and _shape(shape)
+               and len(shape) == 1 and dt in _INDEX_DTYPES, path, f"{where}: malformed arange {ref!r}")
+        return r[0] + r[1] * np.arange(shape[0], dtype=np.dtype(dt))
+    _check(isinstance(ref, dict) and isinstance(ref.get("a"), str) and _shape(ref.get("shape")),
+           path, f"{where}: malformed array reference {ref!r}")
+    name, shape, axes = ref["a"], tuple(ref["shape"]), ref.get("axes")
+    _check(axes is None or (isinstance(axes, list) and sorted(axes) == list(range(len(shape)))), path,
+           f"{where}: axes {axes!r} is not a permutation of the {len(shape)} axes")
     _check(name in arrays, path, f"{where}: array {name!r} is missing from the file")
     a = arrays[name]
     _check(a.size == math.prod(shape), path,
            f"{where}: array {name!r} has {a.size} elements but shape {list(shape)} needs {math.prod(shape)}")
-    if transposed:
-        _check(len(shape) >= 2, path, f"{where}: a transposed array needs at least 2 dimensions")
-        return np.swapaxes(a.reshape(shape[:-2] + (shape[-1], shape[-2])), -1, -2)
+    if axes is not None:
+        return a.reshape([shape[k] for k in axes]).transpose(np.argsort(axes))
     return a.reshape(shape)
 
 

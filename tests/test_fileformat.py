@@ -1,0 +1,379 @@
+"""The safetensors file format: exact round trips, weights stored once, every defect reported.
+
+Oracles: ``torch.autograd.grad`` (a loaded graph's gradient), the captured graph itself (fields and
+Jacobians must survive bit for bit), and the raw safetensors reader (what the file really holds).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from numpy.lib.array_utils import byte_bounds
+from safetensors.numpy import save_file
+
+import gradgraph as gg
+from gradgraph.errors import GradGraphError, GraphFormatError
+from gradgraph.export.fileformat import GraphFileExistsError
+
+sys.path.insert(0, os.path.dirname(__file__))
+from models import ZOO, autograd_gradient  # noqa: E402
+
+ROUND_TRIP = ["mlp_tanh", "cnn", "bert_mlm_mask"]
+
+
+@pytest.fixture(scope="module")
+def captured():
+    """name -> (graph, model, args, kwargs, output) for the round-trip models, captured once."""
+    out = {}
+    for name in ROUND_TRIP:
+        model, args, kwargs, fn = ZOO[name]()
+        out[name] = (gg.capture(model, args, kwargs, output=fn), model, args, kwargs, fn)
+    return out
+
+
+@pytest.fixture(scope="module")
+def saved(captured, tmp_path_factory):
+    """name -> path of the saved round-trip graph."""
+    d = tmp_path_factory.mktemp("graphs")
+    paths = {}
+    for name, (g, *_) in captured.items():
+        paths[name] = str(d / f"{name}.safetensors")
+        g.save(paths[name])
+    return paths
+
+
+def _raw(path):
+    with safe_open(path, framework="np") as f:
+        return dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _rewrite(src, dst, metadata=None, arrays=None, edit_doc=None):
+    """Copy a saved graph with its metadata / arrays / JSON description altered."""
+    meta, arrs = _raw(src)
+    if edit_doc is not None:
+        doc = json.loads(meta["graph"])
+        edit_doc(doc)
+        meta["graph"] = json.dumps(doc)
+    if metadata is not None:
+        meta.update(metadata)
+    if arrays is not None:
+        arrs = arrays(arrs)
+    save_file(arrs, dst, metadata=meta)
+    return dst
+
+
+# ============================================================================ round trip
+@pytest.mark.parametrize("name", ROUND_TRIP)
+def test_gradient_identical_after_load(name, captured, saved):
+    g, model, args, kwargs, fn = captured[name]
+    h = gg.load(saved[name])
+    before, after = g.gradient(), h.gradient()
+    assert before.keys() == after.keys()
+    for s in before:
+        assert torch.equal(before[s], after[s]), s
+        assert after[s].dtype == before[s].dtype
+    oracle = autograd_gradient(model, args, kwargs, fn)
+    for s, v in oracle.items():
+        torch.testing.assert_close(after[s].to(v.dtype), v, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ROUND_TRIP)
+def test_every_field_round_trips(name, captured, saved):
+    g = captured[name][0]
+    h = gg.load(saved[name])
+    assert (h.sink, h.sources, h.granularity) == (g.sink, g.sources, g.granularity)
+    assert h.meta == json.loads(json.dumps(g.meta))
+    assert len(h.nodes) == len(g.nodes)
+    for a, b in zip(g.nodes, h.nodes):
+        for f in ("name", "op", "shape", "dtype", "module", "module_type", "source_line", "role", "fx_name"):
+            assert getattr(a, f) == getattr(b, f), (a.name, f)
+        assert b.value.dtype == a.value.dtype and b.value.shape == a.value.shape
+        assert np.array_equal(a.value, b.value, equal_nan=True), a.name
+    assert [(e.src, e.dst, e.arg, e.jac.kind) for e in g.edges] == \
+        [(e.src, e.dst, e.arg, e.jac.kind) for e in h.edges]
+
+
+def test_loaded_jacobians_work_like_the_captured_ones(captured, saved):
+    """Every loaded Jacobian (sparse, matmul, conv, row block) gives the same products as the captured
+    one, in both directions, for the sum and max interfaces."""
+    rng = np.random.default_rng(0)
+    kinds = set()
+    for name in ("cnn", "bert_mlm_mask"):
+        g, h = captured[name][0], gg.load(saved[name])
+        for e, f in zip(g.edges, h.edges):
+            kinds.add(e.jac.kind)
+            for transpose in (False, True):
+                n = e.jac.out_numel if transpose else e.jac.in_numel
+                x = rng.standard_normal((2, n))
+                for t in (0, 1, 2):
+                    assert np.array_equal(e.jac.apply_sum(x, t, transpose), f.jac.apply_sum(x, t, transpose))
+                xmax, xmin = np.abs(x[0]), -np.abs(x[1])
+                for signed in (False, True):
+                    a = e.jac.apply_max(xmax, xmin if signed else None, signed, transpose)
+                    b = f.jac.apply_max(xmax, xmin if signed else None, signed, transpose)
+                    assert all(np.array_equal(u, v) for u, v in zip(a, b) if u is not None)
+    assert kinds == {"sparse", "matmul", "conv", "rowblock"}
+
+
+def test_small_jacobians_materialise_identically(captured, saved):
+    g, h = captured["cnn"][0], gg.load(saved["cnn"])
+    for e, f in zip(g.edges, h.edges):
+        assert np.array_equal(e.jac.to_dense(), f.jac.to_dense())
+
+
+def test_load_needs_neither_the_model_nor_pickle(saved):
+    """A fresh interpreter loads the file with pickle disabled and answers with no model code
+    imported."""
+    code = (
+        "import pickle, sys\n"
+        "import gradgraph as gg\n"
+        "def refuse(*a, **k):\n"
+        "    raise AssertionError('pickle used')\n"
+        "saved = pickle.load, pickle.loads, pickle.Unpickler\n"
+        "pickle.load = pickle.loads = pickle.Unpickler = refuse\n"
+        f"g = gg.load({saved['bert_mlm_mask']!r})\n"
+        "pickle.load, pickle.loads, pickle.Unpickler = saved   # numba's kernel cache uses pickle\n"
+        "grad = g.gradient()['bert.embeddings.word_embeddings']\n"
+        "assert 'transformers' not in sys.modules\n"
+        "print(float(grad.abs().sum()))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    h = gg.load(saved["bert_mlm_mask"])
+    expected = float(h.gradient()["bert.embeddings.word_embeddings"].abs().sum())
+    assert float(r.stdout.strip()) == expected
+
+
+# ============================================================================ stored once
+class _SharedWeight(torch.nn.Module):
+    """One square Linear applied twice: its weight is the operand of two contractions."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.lin(torch.tanh(self.lin(x)))
+
+
+def test_weight_used_twice_is_stored_once(tmp_path):
+    torch.manual_seed(0)
+    model = _SharedWeight().double().eval()
+    x = torch.randn(3, 8, dtype=torch.double)
+    g = gg.capture(model, (x,), output=lambda y: y[0, 1] - y[2, 5])
+    W = model.lin.weight.detach().numpy()
+    users = [e for e in g.edges if e.jac.kind == "matmul" and e.jac.other.shape == W.T.shape
+             and np.array_equal(e.jac.other, W.T)]
+    assert len(users) == 2          # the premise: two edges reference the weight
+    path = str(tmp_path / "g.safetensors")
+    g.save(path)
+    _, arrays = _raw(path)
+    as_stored = [k for k, a in arrays.items() if a.shape == W.shape and np.array_equal(a, W)]
+    transposed = [k for k, a in arrays.items() if a.shape == W.T.shape and np.array_equal(a, W.T)]
+    # stored once, as the contiguous weight (the transposed view W.T is a flag, not a copy)
+    assert len(as_stored) == 1 and not transposed
+    h = gg.load(path)
+    assert torch.equal(h.gradient()["x"], g.gradient()["x"])
+    torch.testing.assert_close(h.gradient()["x"],
+                               autograd_gradient(model, (x,), {}, lambda y: y[0, 1] - y[2, 5])["x"])
+
+
+def test_bert_weights_and_shared_activations_stored_once(captured, saved):
+    g, model = captured["bert_mlm_mask"][:2]
+    _, arrays = _raw(saved["bert_mlm_mask"])
+    weights = [p.detach().numpy() for p in model.parameters() if p.dim() == 2]
+    for W in weights:
+        copies = sum(1 for a in arrays.values()
+                     if (a.shape == W.shape and np.array_equal(a, W)) or
+                     (a.shape == W.T.shape and np.array_equal(a, W.T)))
+        assert copies <= 1
+    # views of one block of memory (reshapes, the attention head split, transposes, matmul
+    # operands that are node values) add no array: no more floating arrays are written than there
+    # are distinct memory extents among the floating arrays the graph holds
+    held = [n.value for n in g.nodes] + [a for e in g.edges for a in e.jac.state()[1].values()]
+    extents = {byte_bounds(a) for a in held if a.dtype.kind == "f" and a.size}
+    written = [a for a in arrays.values() if a.dtype.kind == "f"]
+    assert len(written) <= len(extents) < len([a for a in held if a.dtype.kind == "f"])
+
+
+# ============================================================================ corrupt files
+def _assert_format_error(path, *words):
+    with pytest.raises(GraphFormatError) as info:
+        gg.load(path)
+    msg = str(info.value).lower()
+    for w in words:
+        assert w.lower() in msg, msg
+    return msg
+
+
+def test_truncated_file(saved, tmp_path):
+    data = open(saved["mlp_tanh"], "rb").read()
+    header = int.from_bytes(data[:8], "little")
+    cuts = [1, 7, 8, 8 + header // 2, 8 + header, 8 + header + 1, (len(data) + 8 + header) // 2, len(data) - 1]
+    for cut in cuts:
+        p = tmp_path / f"cut{cut}.safetensors"
+        p.write_bytes(data[:cut])
+        _assert_format_error(str(p))
+
+
+def test_empty_file(tmp_path):
+    p = tmp_path / "empty.safetensors"
+    p.write_bytes(b"")
+    _assert_format_error(str(p), "not a valid safetensors file")
+
+
+def test_random_bytes(tmp_path):
+    rng = np.random.default_rng(1)
+    for k, n in enumerate((5, 100, 10_000)):
+        p = tmp_path / f"rand{k}.safetensors"
+        p.write_bytes(rng.integers(0, 256, n, dtype=np.uint8).tobytes())
+        _assert_format_error(str(p))
+    # a plausible header length followed by garbage
+    p = tmp_path / "garbage_header.safetensors"
+    p.write_bytes((40).to_bytes(8, "little") + b"{" + bytes(rng.integers(0, 256, 60, dtype=np.uint8)))
+    _assert_format_error(str(p))
+
+
+def test_missing_file(tmp_path):
+    _assert_format_error(str(tmp_path / "nope.safetensors"), "no such file")
+
+
+def test_safetensors_file_that_is_not_a_graph(tmp_path):
+    p = str(tmp_path / "weights.safetensors")
+    save_file({"w": np.ones((2, 3), np.float32)}, p)
+    _assert_format_error(p, "not a gradgraph graph")
+    save_file({"w": np.ones((2, 3), np.float32)}, p, metadata={"format": "pt"})
+    _assert_format_error(p, "not a gradgraph graph", "'pt'")
+
+
+def test_newer_version(saved, tmp_path):
+    p = _rewrite(saved["mlp_tanh"], str(tmp_path / "v2.safetensors"), metadata={"version": "2"})
+    _assert_format_error(p, "newer gradgraph", "version 2", "upgrade")
+    p = _rewrite(saved["mlp_tanh"], str(tmp_path / "vx.safetensors"), metadata={"version": "one"})
+    _assert_format_error(p, "version")
+
+
+def test_tampered_json(saved, tmp_path):
+    p = _rewrite(saved["mlp_tanh"], str(tmp_path / "bad.safetensors"), metadata={"graph": '{"nodes": [1, 2'})
+    _assert_format_error(p, "not valid json")
+    p = _rewrite(saved["mlp_tanh"], str(tmp_path / "nojson.safetensors"), metadata={"graph": "[]"})
+    _assert_format_error(p, "not a json object")
+    p = _rewrite(saved["mlp_tanh"], str(tmp_path / "nonodes.safetensors"),
+                 edit_doc=lambda d: d.pop("nodes"))
+    _assert_format_error(p, "'nodes'")
+    p = _rewrite(saved["mlp_tanh"], str(tmp_path / "kind.safetensors"),
+                 edit_doc=lambda d: d["edges"][0].update(kind="pickle"))
+    _assert_format_error(p, "unknown jacobian kind")
+    p = _rewrite(saved["mlp_tanh"], str(tmp_path / "params.safetensors"),
+                 edit_doc=lambda d: [e["params"].clear() for e in d["edges"]])
+    _assert_format_error(p, "edge")
+    meta, arrays = _raw(saved["mlp_tanh"])
+    meta.pop("graph")
+    p = str(tmp_path / "nograph.safetensors")
+    save_file(arrays, p, metadata=meta)
+    _assert_format_error(p, "missing")
+
+
+def test_missing_array(saved, tmp_path):
+    meta, arrays = _raw(saved["cnn"])
+    for name in list(arrays)[:3] + list(arrays)[-3:]:
+        p = str(tmp_path / "missing.safetensors")
+        save_file({k: v for k, v in arrays.items() if k != name}, p, metadata=meta)
+        _assert_format_error(p, "missing", name)
+
+
+def test_shape_mismatch(saved, tmp_path):
+    p = _rewrite(saved["mlp_tanh"], str(tmp_path / "shape.safetensors"),
+                 edit_doc=lambda d: d["nodes"][1].update(shape=[7, 7]))
+    _assert_format_error(p, "node 1")
+
+    def grow(arrs):   # an operand array with the wrong number of elements
+        k = next(k for k, a in arrs.items() if k.endswith(".other"))
+        arrs[k] = np.zeros(arrs[k].size + 1, arrs[k].dtype)
+        return arrs
+    p = _rewrite(saved["mlp_tanh"], str(tmp_path / "size.safetensors"), arrays=grow)
+    _assert_format_error(p, "elements")
+
+
+def test_out_of_range_indices(saved, tmp_path):
+    src = saved["cnn"]
+    n = len(json.loads(_raw(src)[0]["graph"])["nodes"])
+    for edit, words in [
+        (lambda d: d["edges"][0].update(src=n + 5), ("out of range",)),
+        (lambda d: d["edges"][0].update(dst=-1), ("out of range",)),
+        (lambda d: d.update(sink=n), ("sink", "out of range")),
+        (lambda d: d["sources"].update(extra=10**9), ("source", "out of range")),
+        (lambda d: d["edges"][-1].update(src=d["edges"][-1]["dst"]), ("topological",)),
+    ]:
+        p = _rewrite(src, str(tmp_path / "idx.safetensors"), edit_doc=edit)
+        _assert_format_error(p, *words)
+
+    # an index array pointing past the end of its tensor (would read out of bounds)
+    meta, arrays = _raw(src)
+    doc = json.loads(meta["graph"])
+    k, name = next((k, r["a"]) for k, e in enumerate(doc["edges"])
+                   for a, r in e["arrays"].items() if a == "cols" and "a" in r)
+    arrays[name] = arrays[name].copy()
+    arrays[name][0] = 10**6
+    p = str(tmp_path / "cols.safetensors")
+    save_file(arrays, p, metadata=meta)
+    _assert_format_error(p, f"edge {k}", "out of range")
+
+
+# ============================================================================ writing
+def test_refuses_to_overwrite(captured, tmp_path):
+    g, h = captured["mlp_tanh"][0], captured["cnn"][0]
+    p = str(tmp_path / "g.safetensors")
+    g.save(p)
+    before = open(p, "rb").read()
+    with pytest.raises(GraphFileExistsError, match="overwrite=True") as info:
+        h.save(p)
+    assert isinstance(info.value, GradGraphError) and isinstance(info.value, FileExistsError)
+    assert open(p, "rb").read() == before
+    h.save(p, overwrite=True)
+    assert gg.load(p).nodes[0].shape == h.nodes[0].shape != g.nodes[0].shape
+    assert sorted(os.listdir(tmp_path)) == ["g.safetensors"]
+
+
+def test_failed_save_leaves_nothing(captured, tmp_path, monkeypatch):
+    import safetensors.numpy
+
+    def broken(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(safetensors.numpy, "save_file", broken)
+    g = captured["mlp_tanh"][0]
+    p = tmp_path / "g.safetensors"
+    with pytest.raises(GradGraphError, match="No space left"):
+        g.save(str(p))
+    assert os.listdir(tmp_path) == []
+    # overwriting: the old file survives a failed save intact
+    monkeypatch.undo()
+    g.save(str(p))
+    before = p.read_bytes()
+    monkeypatch.setattr(safetensors.numpy, "save_file", broken)
+    with pytest.raises(GradGraphError):
+        g.save(str(p), overwrite=True)
+    assert p.read_bytes() == before and os.listdir(tmp_path) == ["g.safetensors"]
+
+
+def test_unserialisable_meta_is_a_clear_error(captured, tmp_path):
+    g = captured["mlp_tanh"][0]
+    g.meta["note"] = object()
+    try:
+        with pytest.raises(GradGraphError, match="JSON"):
+            g.save(str(tmp_path / "g.safetensors"))
+    finally:
+        del g.meta["note"]
+    assert os.listdir(tmp_path) == []
+
+
+def test_save_into_missing_directory(captured, tmp_path):
+    with pytest.raises(GradGraphError, match="cannot write"):
+        captured["mlp_tanh"][0].save(str(tmp_path / "no" / "such" / "dir.safetensors"))
