@@ -102,6 +102,9 @@ class ScalarOracle:
         Default: the floating-point user inputs.
     max_paths : int
         Enumeration refuses graphs with more paths (a guard for test run time).
+    exported : torch.export.ExportedProgram, optional
+        The decomposed export of ``_Explained(model, output)`` at this granularity, when one is
+        at hand (a deep model's export takes tens of seconds; it is torch's, not gradgraph's math).
 
     Attributes
     ----------
@@ -114,14 +117,17 @@ class ScalarOracle:
     """
 
     def __init__(self, model, args, kwargs=None, output=None, granularity="function",
-                 source_fx_names=None, max_paths=200_000):
+                 source_fx_names=None, max_paths=200_000, exported=None):
         kwargs = dict(kwargs or {})
         args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
         self.max_paths = max_paths
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ep = torch.export.export(_Explained(model, output), args, kwargs, strict=False)
-            ep = ep.run_decompositions(_decomposition_table(granularity))
+        if exported is not None:
+            ep = exported
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ep = torch.export.export(_Explained(model, output), args, kwargs, strict=False)
+                ep = ep.run_decompositions(_decomposition_table(granularity))
         gm = ep.graph_module
         flat = ep._graph_module_flat_inputs(args, kwargs)
         interp = torch.fx.Interpreter(gm, garbage_collect_values=False)
