@@ -1,0 +1,215 @@
+"""Every Jacobian kind's semiring products and edge lists against numpy on the dense matrix.
+
+Each instance comes with an independent dense matrix D (out_numel, in_numel): ``torch.func.jacrev``
+of the op it stands for, or the matrix it was built from. Then, with f(D) = D, |D| or -|D| log|D|
+(0 where D is 0):
+
+* ``apply_sum(x, t, transpose=False) == x @ f(D).T`` and ``apply_sum(x, t, True) == x @ f(D)``
+  for a batch of C = 3 rows;
+* unsigned ``apply_max``: ``max_j |D[i, j]| x[j]`` (0 when there is no edge);
+* signed ``apply_max``: max and min over the edges of ``D[i, j] * xmax[j]`` and ``D[i, j] * xmin[j]``,
+  skipping inputs with no path (xmax = -inf); -inf / +inf when there is none;
+* ``out_edges(j)``: exactly the non-zero entries of column j.
+"""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gradgraph.capture.registry import RuleContext, get_rule
+from gradgraph.jacobians import ConvJacobian, MatmulJacobian, RowBlockJacobian, SparseJacobian
+
+aten = torch.ops.aten
+RNG = np.random.default_rng(0)
+
+
+def t(*shape, zeros=0.0):
+    a = RNG.standard_normal(shape)
+    a[RNG.random(shape) < zeros] = 0.0
+    return torch.from_numpy(a)
+
+
+def jac_of(f, x, out_numel):
+    return torch.func.jacrev(f)(x).reshape(out_numel, x.numel()).numpy()
+
+
+# ------------------------------------------------------------------------- instances
+def sparse_random():
+    D = t(5, 7, zeros=0.5).numpy()
+    r, c = np.meshgrid(np.arange(5), np.arange(7), indexing="ij")
+    # every position listed, zeros included: zero entries must not become edges
+    return SparseJacobian((5,), (7,), r.reshape(-1), c.reshape(-1), D.reshape(-1)), D
+
+
+def from_rule(op, args, key=0, **kwargs):
+    def make():
+        out = op(*args, **kwargs)
+        ctx = RuleContext(op, args, kwargs, out, None, {key})
+        jac = get_rule(op)(ctx)[key]
+
+        def f(x):
+            a = list(args)
+            a[key] = x
+            return op(*a, **kwargs)
+        return jac, jac_of(f, args[key], out.numel())
+    return make
+
+
+def matmul(shape_l, shape_r, wrt):
+    def make():
+        L, R = t(*shape_l, zeros=0.3), t(*shape_r, zeros=0.3)
+        if wrt == "left":
+            return MatmulJacobian(tuple((L @ R).shape), L.shape, R.numpy(), "left"), \
+                jac_of(lambda x: x @ R, L, (L @ R).numel())
+        return MatmulJacobian(tuple((L @ R).shape), R.shape, L.numpy(), "right"), \
+            jac_of(lambda x: L @ x, R, (L @ R).numel())
+    return make
+
+
+def conv(x_shape, w_shape, stride, padding, dilation, groups):
+    def make():
+        x, w = t(*x_shape), t(*w_shape, zeros=0.3)
+        fn = F.conv2d if len(x_shape) == 4 else F.conv1d
+        out = fn(x, w, None, stride, padding, dilation, groups)
+        jac = ConvJacobian(out.shape, x.shape, w.numpy(), stride, padding, dilation, groups)
+        return jac, jac_of(lambda v: fn(v, w, None, stride, padding, dilation, groups), x, out.numel())
+    return make
+
+
+def rowblock(function, shape, dim):
+    def make():
+        x = t(*shape)
+        x.view(-1)[1] = -1000.0      # a probability that is exactly 0: zero entries in its row
+        d = shape[dim]
+        outer, inner = int(np.prod(shape[:dim])), int(np.prod(shape[dim + 1:]))
+
+        def rows(v):
+            return v.reshape(outer, d, inner).transpose(1, 2).reshape(-1, d).numpy()
+        if function == "softmax":
+            p = torch.softmax(x, dim)
+            jac = RowBlockJacobian(x.shape, "softmax", outer, d, inner, rows(p))
+            return jac, jac_of(lambda v: torch.softmax(v, dim), x, x.numel())
+        p = torch.softmax(x, dim)
+        jac = RowBlockJacobian(x.shape, "log_softmax", outer, d, inner, rows(p))
+        return jac, jac_of(lambda v: torch.log_softmax(v, dim), x, x.numel())
+    return make
+
+
+def layer_norm():
+    x = t(4, 5)
+    gamma = t(5)
+    gamma[2] = 0.0               # a zero gain: a row of zero entries
+    eps = 1e-5
+    mean = x.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(((x - mean) ** 2).mean(-1, keepdim=True) + eps)
+    jac = RowBlockJacobian(x.shape, "layer_norm", 4, 5, 1, ((x - mean) * rstd).numpy(),
+                           rstd.reshape(-1).numpy(), gamma.numpy())
+    return jac, jac_of(lambda v: F.layer_norm(v, (5,), gamma, None, eps), x, x.numel())
+
+
+INSTANCES = {
+    "sparse-random": sparse_random,
+    "sparse-broadcast-mul": from_rule(aten.mul.Tensor, (t(3), t(2, 3, zeros=0.3)), key=0),
+    "sparse-sum-keepdim": from_rule(aten.sum.dim_IntList, (t(2, 3, 4), [1], True)),
+    "sparse-index-repeat": from_rule(aten.index.Tensor, (t(4, 3), [torch.tensor([2, 0, 2])])),
+    "sparse-amax-ties": from_rule(aten.amax.default,
+                                  (torch.tensor([[1.0, 3.0, 3.0], [0.5, -1.0, 0.0]], dtype=torch.float64), [1])),
+    "matmul-left-2d": matmul((3, 4), (4, 5), "left"),
+    "matmul-right-2d": matmul((3, 4), (4, 5), "right"),
+    "matmul-left-3d": matmul((2, 3, 4), (2, 4, 2), "left"),
+    "matmul-right-3d": matmul((2, 3, 4), (2, 4, 2), "right"),
+    "conv2d-strided-grouped-dilated": conv((2, 4, 6, 7), (6, 2, 3, 2), (2, 1), (1, 2), (1, 2), 2),
+    "conv2d-plain": conv((1, 2, 5, 5), (3, 2, 3, 3), (1, 1), (0, 0), (1, 1), 1),
+    "conv1d": conv((2, 3, 9), (4, 3, 3), (2,), (1,), (2,), 1),
+    "softmax-last": rowblock("softmax", (3, 5), 1),
+    "softmax-middle": rowblock("softmax", (2, 4, 3), 1),
+    "log-softmax-first": rowblock("log_softmax", (4, 3), 0),
+    "layer-norm": layer_norm,
+}
+
+
+@pytest.fixture(params=list(INSTANCES), scope="module")
+def instance(request):
+    jac, D = INSTANCES[request.param]()
+    assert D.shape == (jac.out_numel, jac.in_numel)
+    return jac, D
+
+
+def f_of(D, t):
+    if t == 0:
+        return D
+    a = np.abs(D)
+    if t == 1:
+        return a
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(a > 0, -a * np.log(np.where(a > 0, a, 1.0)), 0.0)
+
+
+def test_instance_is_not_trivial(instance):
+    jac, D = instance
+    assert np.abs(D).max() > 0
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("t", [0, 1, 2])
+def test_apply_sum(instance, t, transpose):
+    jac, D = instance
+    FD = f_of(D, t)
+    n_src = D.shape[0] if transpose else D.shape[1]
+    x = RNG.standard_normal((3, n_src))
+    expected = x @ FD if transpose else x @ FD.T
+    np.testing.assert_allclose(jac.apply_sum(x, t, transpose), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_apply_max_unsigned(instance, transpose):
+    jac, D = instance
+    A = np.abs(D.T if transpose else D)          # (dst, src)
+    x = np.abs(RNG.standard_normal(A.shape[1]))
+    x[0] = 0.0                                   # a source element with no path
+    expected = (A * x[None, :]).max(1, initial=0.0)
+    ymax, ymin = jac.apply_max(x, None, False, transpose)
+    assert ymin is None
+    np.testing.assert_allclose(ymax, expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_apply_max_signed(instance, transpose):
+    jac, D = instance
+    W = D.T if transpose else D                  # (dst, src)
+    a, b = RNG.standard_normal((2, W.shape[1]))
+    xmax, xmin = np.maximum(a, b), np.minimum(a, b)
+    xmax[0], xmin[0] = -np.inf, np.inf           # no path reaches this element
+    finite = np.isfinite(xmax)
+    valid = (W != 0) & finite[None, :]
+    hi_src = np.where(finite, xmax, 0.0)[None, :]
+    lo_src = np.where(finite, xmin, 0.0)[None, :]
+    c1, c2 = W * hi_src, W * lo_src
+    exp_max = np.where(valid, np.maximum(c1, c2), -np.inf).max(1)
+    exp_min = np.where(valid, np.minimum(c1, c2), np.inf).min(1)
+    ymax, ymin = jac.apply_max(xmax.copy(), xmin.copy(), True, transpose)
+    np.testing.assert_allclose(ymax, exp_max, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(ymin, exp_min, rtol=1e-12, atol=0)
+
+
+def test_out_edges_are_the_nonzero_entries(instance):
+    jac, D = instance
+    n_edges = 0
+    for j in range(D.shape[1]):
+        idx, w = jac.out_edges(j)
+        order = np.argsort(idx)
+        idx, w = np.asarray(idx)[order], np.asarray(w)[order]
+        # entries jacrev gives as ~1e-17 rounding noise are zero in exact arithmetic
+        expected_idx = np.nonzero(np.abs(D[:, j]) > 1e-14)[0]
+        assert np.all(w != 0), "a zero entry was reported as an edge"
+        np.testing.assert_array_equal(idx[np.abs(w) > 1e-14], expected_idx)
+        np.testing.assert_allclose(w, D[idx, j], rtol=1e-10, atol=1e-13)
+        assert len(np.unique(idx)) == len(idx)
+        n_edges += len(idx)
+    assert n_edges > 0
+    np.testing.assert_allclose(jac.to_dense(), D, rtol=1e-10, atol=1e-13)
+
+
+def test_zero_entries_are_not_edges():
+    jac, D = sparse_random()
+    assert jac.nnz() == np.count_nonzero(D) < D.size
