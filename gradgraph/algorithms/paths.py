@@ -327,22 +327,36 @@ def _exact_product(ws):
     return sign, m, e
 
 
+def _view_flags(g):
+    flags = g._cache.get("paths.views")
+    if flags is None or len(flags) != len(g.nodes):
+        flags = g._cache["paths.views"] = [n.is_view for n in g.nodes]
+    return flags
+
+
+def _unravel(i, shape):
+    out = []
+    for s in reversed(shape):
+        out.append(int(i % s))
+        i //= s
+    return tuple(reversed(out))
+
+
 def _make_path(g, hops, edges, include_views):
     """Path from hops (source -> sink) and their edges; weights recomputed as an exact product."""
     hops, ws = hops[::-1], [w for _, w in edges][::-1]
     sign, m, e = _exact_product(ws)
     weight = sign * math.ldexp(m, e)
     log_abs = math.log(m) + e * math.log(2.0)
-    nodes = g.nodes
-    length = sum(1 for t, _ in hops[:-1] if not nodes[t].is_view)
+    nodes, views = g.nodes, _view_flags(g)
+    length = sum(1 for t, _ in hops[:-1] if not views[t])
     out = []
     last = len(hops) - 1
     for n, (t, i) in enumerate(hops):
-        node = nodes[t]
-        if node.is_view and not include_views and 0 < n < last:
+        if views[t] and not include_views and 0 < n < last:
             continue
-        idx = tuple(int(x) for x in np.unravel_index(i, node.shape)) if node.shape else ()
-        out.append(Hop(node.name, idx, node.op, node.module, t, int(i)))
+        node = nodes[t]
+        out.append(Hop(node.name, _unravel(i, node.shape), node.op, node.module, t, int(i)))
     src = out[-1]
     return Path(weight, log_abs, sign, (src.node, src.index), out, ws, length), (sign, m, e)
 
@@ -492,8 +506,9 @@ def _branch_label(g, v):
 def _signed_pairs(scaled, signed):
     """(hi, lo) as (sign, log|.|) arrays from a Scaled max-pass value (lo None if unsigned)."""
     def split(x):
-        with np.errstate(divide="ignore"):
-            return np.sign(x), np.log(np.abs(x)) + scaled.log_scale
+        ok = np.isfinite(x) & (x != 0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(ok, np.sign(x), 0.0), np.where(ok, np.log(np.abs(x)) + scaled.log_scale, -np.inf)
     hi = split(scaled.arr[0])
     lo = split(scaled.arr[1]) if signed else None
     return hi, lo
