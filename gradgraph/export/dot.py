@@ -36,7 +36,7 @@ import pydot
 
 from ..errors import GradGraphError, QueryError
 
-__all__ = ["to_dot", "render", "GraphvizNotFoundError", "IMAGE_FORMATS", "PATH_COLORS"]
+__all__ = ["to_dot", "render", "check_output", "GraphvizNotFoundError", "IMAGE_FORMATS", "PATH_COLORS"]
 
 #: Output formats of :func:`render`; all but ``"dot"`` need the Graphviz ``dot`` program.
 IMAGE_FORMATS = ("svg", "png", "pdf", "dot")
@@ -312,6 +312,27 @@ def _html(text):
     return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+def check_output(out_path, format=None, *, overwrite=False):
+    """The output format for ``out_path`` (from ``format`` or the suffix), after checking that it
+    can be written: a known format, no existing file unless ``overwrite``, Graphviz for images.
+    :func:`render` calls it first; callers may call it before any costly work."""
+    out_path = os.fspath(out_path)
+    fmt = (format or os.path.splitext(out_path)[1].lstrip(".")).lower()
+    if fmt == "gv":
+        fmt = "dot"
+    if fmt not in IMAGE_FORMATS:
+        raise QueryError(f"unknown image format {fmt or '(no suffix)'!r} for {out_path!r}; "
+                         f"use one of: {', '.join('.' + f for f in IMAGE_FORMATS)}")
+    if os.path.exists(out_path) and not overwrite:
+        raise QueryError(f"{out_path} exists; pass overwrite=True (command line: --overwrite) to replace it")
+    if fmt != "dot" and shutil.which("dot") is None:
+        raise GraphvizNotFoundError(
+            f"rendering .{fmt} needs the Graphviz 'dot' program, which is not on PATH; install it "
+            f"(apt-get install graphviz, brew install graphviz, conda install graphviz) or write "
+            f".dot output instead, which needs no Graphviz")
+    return fmt
+
+
 def render(g, paths, out_path, format=None, *, overwrite=False, **kw):
     """Draw ``paths`` with :func:`to_dot` and write the diagram to ``out_path``.
 
@@ -337,19 +358,7 @@ def render(g, paths, out_path, format=None, *, overwrite=False, **kw):
         An image was asked for but the Graphviz ``dot`` program is not installed.
     """
     out_path = os.fspath(out_path)
-    fmt = (format or os.path.splitext(out_path)[1].lstrip(".")).lower()
-    if fmt == "gv":
-        fmt = "dot"
-    if fmt not in IMAGE_FORMATS:
-        raise QueryError(f"unknown image format {fmt or '(no suffix)'!r} for {out_path!r}; "
-                         f"use one of: {', '.join('.' + f for f in IMAGE_FORMATS)}")
-    if os.path.exists(out_path) and not overwrite:
-        raise QueryError(f"{out_path} exists; pass overwrite=True (command line: --overwrite) to replace it")
-    if fmt != "dot" and shutil.which("dot") is None:
-        raise GraphvizNotFoundError(
-            f"rendering .{fmt} needs the Graphviz 'dot' program, which is not on PATH; install it "
-            f"(apt-get install graphviz, brew install graphviz, conda install graphviz) or write "
-            f".dot output instead, which needs no Graphviz")
+    fmt = check_output(out_path, format, overwrite=overwrite)
     dot = to_dot(g, paths, **kw)
     if fmt == "dot":
         data = dot.to_string().encode()

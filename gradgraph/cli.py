@@ -1,0 +1,480 @@
+"""The ``gradgraph`` command line: capture a model once, then query the saved graph offline.
+
+::
+
+    gradgraph capture examples/tiny_bert.py:build --out bert.safetensors
+    gradgraph info bert.safetensors
+    gradgraph paths bert.safetensors --k 10 --json
+    gradgraph entropy bert.safetensors --per-source
+    gradgraph flow bert.safetensors --by module --top 20
+    gradgraph render bert.safetensors --k 5 --collapse module -o top.svg
+
+Every query reads only the saved file: no model code, no ``torch.export``. ``--json`` output
+follows the schemas in ``docs/cli.md``. User errors print one line, ``gradgraph: error: ...``,
+to stderr and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import os
+import sys
+
+from .errors import GradGraphError
+
+__all__ = ["main", "load_spec"]
+
+EXIT_USAGE = 2
+
+
+class UsageError(GradGraphError):
+    """Bad command-line input that no library call reports (a bad spec, an existing file, ...)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors, like every other user error of the command line."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# ============================================================================ helpers
+def _finite(x):
+    """A JSON-safe float: non-finite values (no path, underflow to -inf log) become null."""
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _emit(obj, as_json, text):
+    if as_json:
+        json.dump(obj, sys.stdout, indent=2, sort_keys=False)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(text() + "\n")
+
+
+def _load(path):
+    from .export.fileformat import load
+    return load(path)
+
+
+def _check_new_file(path, overwrite, what="--out"):
+    if os.path.exists(path) and not overwrite:
+        raise UsageError(f"{path} exists; pass --overwrite to replace it")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"cannot write {what} {path}: directory {parent} does not exist")
+
+
+def load_spec(spec):
+    """Call a spec function and check what it returns.
+
+    ``spec`` is ``path/to/file.py:function`` or ``package.module:function``; the function takes
+    no arguments and returns ``(model, args, kwargs, output_fn)`` with ``args`` a tuple (or list),
+    ``kwargs`` a dict or None, and ``output_fn`` a callable (model output -> scalar tensor) or
+    None when the model's output already is a scalar.
+    """
+    target, sep, func = spec.rpartition(":")
+    if not sep or not target or not func:
+        raise UsageError(f"bad spec {spec!r}: use path/to/file.py:function or package.module:function")
+    is_file = target.endswith(".py") or os.sep in target or "/" in target
+    try:
+        if is_file:
+            if not os.path.isfile(target):
+                raise UsageError(f"bad spec {spec!r}: file {target} does not exist")
+            name = "_gradgraph_spec_" + os.path.splitext(os.path.basename(target))[0]
+            mspec = importlib.util.spec_from_file_location(name, target)
+            module = importlib.util.module_from_spec(mspec)
+            sys.modules[name] = module       # dataclasses and pickling look modules up by name
+            mspec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except GradGraphError:
+        raise
+    except ModuleNotFoundError as exc:
+        raise UsageError(f"bad spec {spec!r}: cannot import {target}: {exc}") from exc
+    except Exception as exc:
+        raise UsageError(f"bad spec {spec!r}: importing {target} failed: {type(exc).__name__}: {exc}") from exc
+    fn = getattr(module, func, None)
+    if not callable(fn):
+        raise UsageError(f"bad spec {spec!r}: {target} has no function {func!r}")
+    try:
+        built = fn()
+    except Exception as exc:
+        raise UsageError(f"bad spec {spec!r}: {func}() failed: {type(exc).__name__}: {exc}") from exc
+    import torch
+    shape = "(model, args, kwargs, output_fn)"
+    if not isinstance(built, (tuple, list)) or len(built) != 4:
+        raise UsageError(f"bad spec {spec!r}: {func}() must return {shape}, got {type(built).__name__}"
+                         + (f" of length {len(built)}" if isinstance(built, (tuple, list)) else ""))
+    model, args, kwargs, output = built
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"bad spec {spec!r}: the model returned by {func}() must be a torch.nn.Module, "
+                         f"got {type(model).__name__}")
+    if isinstance(args, torch.Tensor):
+        args = (args,)
+    if not isinstance(args, (tuple, list)):
+        raise UsageError(f"bad spec {spec!r}: args must be a tuple, got {type(args).__name__}")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise UsageError(f"bad spec {spec!r}: kwargs must be a dict or None, got {type(kwargs).__name__}")
+    if output is not None and not callable(output):
+        raise UsageError(f"bad spec {spec!r}: output_fn must be callable or None, got {type(output).__name__}")
+    return model, tuple(args), dict(kwargs or {}), output
+
+
+def _shape(node):
+    return [int(s) for s in node.shape]
+
+
+def _sink_json(g):
+    n = g.sink_node
+    return {"name": n.name, "op": n.op, "module": n.module, "value": _finite(g.sink_value)}
+
+
+def _path_json(rank, p):
+    return {
+        "rank": rank,
+        "weight": _finite(p.weight),
+        "log_abs_weight": _finite(p.log_abs_weight),
+        "sign": int(p.sign),
+        "length": int(p.length),
+        "source": {"name": p.source[0], "index": [int(i) for i in p.source[1]]},
+        "hops": [{"node": h.node, "index": [int(i) for i in h.index], "op": h.op, "module": h.module}
+                 for h in p.hops],
+    }
+
+
+def _table(rows, headers):
+    cols = list(zip(*([headers] + rows))) if rows else [[h] for h in headers]
+    widths = [max(len(str(c)) for c in col) for col in cols]
+    fmt = "  ".join(f"{{:{'>' if i else '<'}{w}}}" for i, w in enumerate(widths))
+    out = [fmt.format(*headers), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*map(str, r)) for r in rows]
+    return "\n".join(out)
+
+
+def _route_part(module):
+    """A module path cut after its first numbered component (``bert.encoder.layer.3``), else
+    after two (``cls.predictions``): the level a route through a deep model is read at."""
+    if not module or module.startswith("<"):
+        return ""
+    parts = module.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:i + 1])
+    return ".".join(parts[:2])
+
+
+def _weight_text(w, log_abs, sign):
+    if w != 0.0 or log_abs is None:
+        return f"{w:.6g}"
+    return f"{'-' if sign < 0 else ''}1e{log_abs / math.log(10):.2f}"   # underflowed float64
+
+
+# ============================================================================ commands
+def cmd_capture(a):
+    _check_new_file(a.out, a.overwrite)
+    model, args, kwargs, output = load_spec(a.spec)
+    from .capture import capture
+    tty = sys.stderr.isatty()
+    if tty:
+        print("gradgraph: tracing the model with torch.export ...", file=sys.stderr, flush=True)
+    # progress=None: the capture's own bar appears on a terminal for large graphs, never in pipes
+    g = capture(model, args, kwargs, output=output, sources=a.sources or None,
+                granularity=a.granularity, progress=True if a.progress else None)
+    g.save(a.out, overwrite=a.overwrite)
+    size = os.path.getsize(a.out)
+    print(f"wrote {a.out} ({size / 1e6:.2f} MB): {len(g.nodes)} tensors, "
+          f"{sum(n.numel for n in g.nodes)} scalars, {len(g.edges)} Jacobians; sources "
+          f"{', '.join(f'{k} {_shape(g.nodes[i])}' for k, i in g.sources.items())}; "
+          f"sink {g.sink_node.name} = {g.sink_value:.6g}")
+    return 0
+
+
+def _format_version(path):
+    from safetensors import safe_open
+    with safe_open(path, framework="numpy") as f:
+        return int((f.metadata() or {}).get("version", 0))
+
+
+def cmd_info(a):
+    g = _load(a.file)
+    ops = {}
+    for n in g.nodes:
+        if n.role != "source":
+            ops[n.op_name] = ops.get(n.op_name, 0) + 1
+    ops = dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0])))
+    info = {
+        "file": a.file,
+        "file_size": os.path.getsize(a.file),
+        "format_version": _format_version(a.file),
+        "granularity": g.granularity,
+        "tensors": len(g.nodes),
+        "scalars": int(sum(n.numel for n in g.nodes)),
+        "jacobians": len(g.edges),
+        "ops": ops,
+        "sources": [{"name": k, "shape": _shape(g.nodes[i]), "dtype": g.nodes[i].dtype,
+                     "module": g.nodes[i].module} for k, i in g.sources.items()],
+        "sink": _sink_json(g),
+        "meta": g.meta,
+    }
+
+    def text():
+        lines = [f"file         {a.file} ({info['file_size'] / 1e6:.2f} MB, format version {info['format_version']})",
+                 f"granularity  {g.granularity}",
+                 f"tensors      {info['tensors']}",
+                 f"scalars      {info['scalars']}",
+                 f"jacobians    {info['jacobians']}",
+                 f"sink         {g.sink_node.name} = {g.sink_value:.6g}"
+                 + (f"  [{g.sink_node.module}]" if g.sink_node.module else "")]
+        for s in info["sources"]:
+            lines.append(f"source       {s['name']} {s['shape']} {s['dtype']}")
+        if "model" in g.meta:
+            lines.append(f"model        {g.meta['model']}")
+        lines.append("ops          " + ", ".join(f"{k} {v}" for k, v in ops.items()))
+        return "\n".join(lines)
+
+    _emit(info, a.json, text)
+    return 0
+
+
+def cmd_paths(a):
+    g = _load(a.file)
+    if a.source is not None:
+        g.source_index(a.source)
+    paths = g.top_paths(k=a.k, order=a.order, source=a.source, include_views=a.include_views)
+    out = {"file": a.file, "k": a.k, "order": a.order, "source": a.source,
+           "include_views": a.include_views, "sink": _sink_json(g),
+           "paths": [_path_json(r + 1, p) for r, p in enumerate(paths)]}
+
+    def text():
+        rows = []
+        for r, p in enumerate(paths):
+            route = []
+            for h in p.hops[1:-1]:
+                m = _route_part(h.module)
+                if m and (not route or route[-1] != m):
+                    route.append(m)
+            rows.append([r + 1, _weight_text(p.weight, _finite(p.log_abs_weight), p.sign), p.length,
+                         f"{p.source[0]}{list(p.source[1])}", " <- ".join(route)])
+        head = f"top {len(paths)} paths ({a.order}) of {g.sink_node.name} = {g.sink_value:.6g}"
+        return head + "\n" + _table(rows, ["rank", "weight", "length", "source", "route (sink -> source)"])
+
+    _emit(out, a.json, text)
+    return 0
+
+
+def cmd_entropy(a):
+    import numpy as np
+    g = _load(a.file)
+    H = float(g.entropy())
+    out = {"file": a.file, "entropy": _finite(H), "unit": "nats"}
+    per = None
+    if a.per_source:
+        per = g.entropy(per_source=True)
+        out["per_source"] = {k: {"shape": list(np.shape(v)),
+                                 "values": [_finite(x) for x in np.asarray(v, dtype=float).reshape(-1)]}
+                             for k, v in per.items()}
+
+    def text():
+        lines = [f"entropy of the path distribution: {H:.6g} nats"]
+        for k, v in (per or {}).items():
+            v = np.asarray(v, dtype=float)
+            fin = v[np.isfinite(v)]
+            lines.append(f"{k} {list(v.shape)}: min {fin.min():.4g}, mean {fin.mean():.4g}, max {fin.max():.4g}"
+                         if fin.size else f"{k} {list(v.shape)}: no paths")
+            if v.ndim >= 2:        # one row per position (token), averaged over the last axis
+                rows = v.reshape(-1, v.shape[-1])
+                lines += [f"  [{i}] mean {np.nanmean(np.where(np.isfinite(r), r, np.nan)):.4g}"
+                          for i, r in enumerate(rows[:64])]
+        return "\n".join(lines)
+
+    _emit(out, a.json, text)
+    return 0
+
+
+def cmd_flow(a):
+    import numpy as np
+    g = _load(a.file)
+    if a.top < 1:
+        raise UsageError(f"--top must be >= 1, got {a.top}")
+    f = g.flow(by=a.by)
+    if a.by == "element":
+        items = []
+        for name, arr in f.items():
+            arr = np.asarray(arr, dtype=float)
+            flat = arr.reshape(-1)
+            best = np.argsort(-flat, kind="stable")[:a.top]
+            items += [{"node": name, "index": [int(i) for i in np.unravel_index(j, arr.shape)],
+                       "flow": float(flat[j])} for j in best]
+        count = int(sum(np.size(v) for v in f.values()))
+        items.sort(key=lambda d: -d["flow"])   # stable: node order, then element order breaks ties
+    else:
+        key = "node" if a.by == "node" else "module"
+        items = [{key: k, "flow": float(v)} for k, v in f.items()]
+        count = len(items)
+        items.sort(key=lambda d: -d["flow"])
+    items = items[:a.top]
+    out = {"file": a.file, "by": a.by, "count": count, "top": [dict(rank=r + 1, **d) for r, d in enumerate(items)]}
+
+    def text():
+        if a.by == "element":
+            rows = [[r + 1, f"{d['node']}{d['index']}", f"{d['flow']:.6g}"] for r, d in enumerate(items)]
+            head = ["rank", "element", "flow"]
+        else:
+            k = "node" if a.by == "node" else "module"
+            rows = [[r + 1, d[k] or "<top level>", f"{d['flow']:.6g}"] for r, d in enumerate(items)]
+            head = ["rank", k, "flow"]
+        return f"gradient flow by {a.by} (top {len(items)} of {count})\n" + _table(rows, head)
+
+    _emit(out, a.json, text)
+    return 0
+
+
+def cmd_render(a):
+    from .export.dot import check_output, render
+    _check_new_file(a.out, a.overwrite)
+    fmt = check_output(a.out, None, overwrite=a.overwrite)
+    g = _load(a.file)
+    if a.source is not None:
+        g.source_index(a.source)
+    # the diagram hides view hops itself; asking for them keeps every local derivative at hand
+    paths = g.top_paths(k=a.k, order=a.order, source=a.source, include_views=True)
+    render(g, paths, a.out, fmt, overwrite=a.overwrite, collapse=a.collapse,
+           include_views=a.include_views, max_nodes=a.max_nodes)
+    print(f"wrote {a.out}: top {len(paths)} paths, collapse={a.collapse}")
+    return 0
+
+
+# ============================================================================ parser
+_EPILOG = {
+    "capture": """examples:
+  gradgraph capture examples/tiny_bert.py:build --out bert.safetensors
+  gradgraph capture mypkg.models:build --out g.safetensors --granularity primitive
+  gradgraph capture spec.py:build --out g.safetensors --sources bert.embeddings.word_embeddings --overwrite
+
+SPEC names a function taking no arguments that returns (model, args, kwargs, output_fn):
+output_fn maps the model's output to the scalar to explain (None if it already is one).""",
+    "info": """examples:
+  gradgraph info bert.safetensors
+  gradgraph info bert.safetensors --json""",
+    "paths": """examples:
+  gradgraph paths bert.safetensors --k 10
+  gradgraph paths bert.safetensors --k 5 --order magnitude --source bert.embeddings.word_embeddings --json""",
+    "entropy": """examples:
+  gradgraph entropy bert.safetensors
+  gradgraph entropy bert.safetensors --per-source --json""",
+    "flow": """examples:
+  gradgraph flow bert.safetensors --by module --top 20
+  gradgraph flow bert.safetensors --by element --top 5 --json""",
+    "render": """examples:
+  gradgraph render bert.safetensors --k 5 -o top.svg
+  gradgraph render bert.safetensors --k 3 --collapse none -o top.png
+  gradgraph render bert.safetensors --k 5 -o top.dot        # needs no Graphviz
+
+.svg, .png and .pdf need the Graphviz 'dot' program (apt-get install graphviz / brew install graphviz).""",
+}
+
+
+def build_parser():
+    p = _Parser(prog="gradgraph", formatter_class=argparse.RawDescriptionHelpFormatter,
+                description="Gradient-path interpretability: capture a model's gradient graph once, "
+                            "then query the saved file (top paths, entropy, flow, diagrams) without the model.",
+                epilog="run 'gradgraph COMMAND --help' for the options and examples of each command; "
+                       "JSON schemas: docs/cli.md")
+    p.add_argument("--version", action="version", version=f"gradgraph {_version()}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    def cmd(name, help_):
+        return sub.add_parser(name, help=help_, description=help_, epilog=_EPILOG[name],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    c = cmd("capture", "capture the gradient graph of a model built by a spec function and save it")
+    c.add_argument("spec", metavar="SPEC", help="path/to/file.py:function or package.module:function")
+    c.add_argument("--out", "-o", required=True, metavar="FILE", help="graph file to write (.safetensors)")
+    c.add_argument("--granularity", choices=["function", "primitive"], default="function",
+                   help="ATen ops with softmax/layer norm/GELU whole (function, default) or fully "
+                        "decomposed as in the paper's implementation (primitive)")
+    c.add_argument("--sources", nargs="+", metavar="NAME",
+                   help="source names: input names, module paths or fx node names "
+                        "(default: floating inputs, or the embedding lookups of integer inputs)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    c.add_argument("--progress", action="store_true",
+                   help="always show the progress bar (default: on a terminal, for large graphs)")
+    c.set_defaults(func=cmd_capture)
+
+    c = cmd("info", "summarise a saved graph")
+    c.add_argument("file", metavar="FILE")
+    c.add_argument("--json", action="store_true", help="machine-readable output (docs/cli.md)")
+    c.set_defaults(func=cmd_info)
+
+    c = cmd("paths", "the k highest-weighted gradient paths")
+    c.add_argument("file", metavar="FILE")
+    c.add_argument("--k", "-k", type=int, default=10, help="number of paths (default 10)")
+    c.add_argument("--order", choices=["signed", "magnitude"], default="signed",
+                   help="most positive weight first (signed, the paper's) or largest |weight| first")
+    c.add_argument("--source", metavar="NAME", help="only paths ending in this source")
+    c.add_argument("--include-views", action="store_true", help="list pure data-movement hops too")
+    c.add_argument("--json", action="store_true", help="machine-readable output (docs/cli.md)")
+    c.set_defaults(func=cmd_paths)
+
+    c = cmd("entropy", "entropy (nats) of the distribution over gradient paths")
+    c.add_argument("file", metavar="FILE")
+    c.add_argument("--per-source", action="store_true", help="also one entropy per source element")
+    c.add_argument("--json", action="store_true", help="machine-readable output (docs/cli.md)")
+    c.set_defaults(func=cmd_entropy)
+
+    c = cmd("flow", "gradient flow (total |path weight|) through nodes, modules or elements")
+    c.add_argument("file", metavar="FILE")
+    c.add_argument("--by", choices=["node", "module", "element"], default="module")
+    c.add_argument("--top", type=int, default=20, help="how many of the largest to list (default 20)")
+    c.add_argument("--json", action="store_true", help="machine-readable output (docs/cli.md)")
+    c.set_defaults(func=cmd_flow)
+
+    c = cmd("render", "draw the top paths as a Graphviz diagram (svg, png, pdf or dot)")
+    c.add_argument("file", metavar="FILE")
+    c.add_argument("--out", "-o", required=True, metavar="OUT", help="out.svg, out.png, out.pdf or out.dot")
+    c.add_argument("--k", "-k", type=int, default=5, help="number of paths (default 5)")
+    c.add_argument("--order", choices=["signed", "magnitude"], default="signed")
+    c.add_argument("--source", metavar="NAME", help="only paths ending in this source")
+    c.add_argument("--collapse", choices=["module", "op", "none"], default="module",
+                   help="one box per module run (default), per tensor, or per scalar element")
+    c.add_argument("--include-views", action="store_true", help="draw pure data-movement hops too")
+    c.add_argument("--max-nodes", type=int, default=200, help="cap on boxes (default 200)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    c.set_defaults(func=cmd_render)
+    return p
+
+
+def _version():
+    from . import __version__
+    return __version__
+
+
+def main(argv=None):
+    """Run the command line; returns the exit status (0 ok, 2 user error)."""
+    try:
+        a = build_parser().parse_args(argv)
+        return a.func(a)
+    except GradGraphError as exc:
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"gradgraph: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:   # an unwritable output path and the like
+        print(f"gradgraph: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("gradgraph: interrupted", file=sys.stderr)
+        return 130
+
+
+def _entry():
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    _entry()
