@@ -230,11 +230,18 @@ class MatmulJacobian(Jacobian):
             Amin = np.ascontiguousarray(self._canon(xmin, shape_src, 1)[0])
             Ymax = np.full((B_, I_, ncol), -np.inf)
             Ymin = np.full((B_, I_, ncol), np.inf)
-            K.mm_maxmin(A, Amin, P, Ymax, Ymin)
+            (K.mm_maxmin_dense if self._dense(P) else K.mm_maxmin)(A, Amin, P, Ymax, Ymin)
             return self._uncanon(Ymax[None], 1)[0], self._uncanon(Ymin[None], 1)[0]
         Y = np.zeros((B_, I_, ncol))
-        K.mm_max(A, P, Y)
+        (K.mm_max_dense if self._dense(P) else K.mm_max)(A, P, Y)
         return self._uncanon(Y[None], 1)[0], None
+
+    def _dense(self, P):
+        """True if P has no zero entry (the branch-free max kernels treat every entry as an edge)."""
+        key = ("dense", id(P))
+        if key not in self._cache:
+            self._cache[key] = bool(np.all(P != 0))
+        return self._cache[key]
 
     def out_edges(self, j):
         s_in = self.in_shape if len(self.in_shape) == 3 else (1,) + self.in_shape
@@ -441,6 +448,10 @@ class RowBlockJacobian(Jacobian):
 
     def apply_max(self, xmax, xmin, signed, transpose):
         ymax, ymin = _empty_max(self.out_numel, signed)
+        if self.function == "layer_norm" and self.inner == 1 and signed and transpose:
+            K.layer_norm_maxmin_t(self.A, self.rstd, self.gamma, np.ascontiguousarray(xmax, dtype=np.float64),
+                                  np.ascontiguousarray(xmin, dtype=np.float64), ymax, ymin)
+            return ymax, ymin
         K.rowblock_max(self._code, self.A, self.rstd, self.gamma, self.inner,
                        np.ascontiguousarray(xmax, dtype=np.float64),
                        np.ascontiguousarray(xmin if signed else xmax, dtype=np.float64),

@@ -244,14 +244,13 @@ def deep_narrow_graph(depth, width, scale, seed):
 
 
 def log_space_k_best(layers, k):
-    """Independent reference: per-layer dense Jacobians diag(tanh'(z)) W from torch.func.jacrev,
+    """Independent reference: per-layer dense Jacobians diag(tanh'(z)) W from torch.autograd,
     then eager k-lists of (sign, log|.|) sink prefixes per unit -- the k most positive and the k most
     negative kept separately for the signed order. Returns {order: [(sign, log_abs, source unit)]}."""
-    jacs = []
-    for W, z in layers:
-        Wt = torch.from_numpy(W)
-        x_prev = torch.linalg.solve(Wt, torch.from_numpy(z))        # the layer's input
-        jacs.append(torch.func.jacrev(lambda t, Wt=Wt: torch.tanh(Wt @ t))(x_prev).numpy())
+    Ws = torch.from_numpy(np.stack([W for W, _ in layers]))
+    xs = torch.linalg.solve(Ws, torch.from_numpy(np.stack([z for _, z in layers])))   # layer inputs
+    J = torch.autograd.functional.jacobian(lambda t: torch.tanh(torch.einsum("lij,lj->li", Ws, t)), xs).numpy()
+    jacs = [J[layer, :, layer, :] for layer in range(len(layers))]          # (out, in) per layer
     width = layers[0][0].shape[0]
 
     def run(key):

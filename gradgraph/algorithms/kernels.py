@@ -279,3 +279,97 @@ def rowblock_max(kind, A, rs, gam, inner, xmax, xmin, transpose, signed, ymax, y
                     v = abs(w) * xmax[s]
                     if v > ymax[q]:
                         ymax[q] = v
+
+
+# ----------------------------------------------------------------------------- max kernels, fast paths
+# Branch-free variants for the hot spots of max passes over transformers. They treat every weight as
+# an edge, so callers use them only when the weights have no exact zeros. fastmath is limited to
+# flags that keep +-inf (the "no path" markers) meaningful.
+_FM = {"nsz", "reassoc", "contract", "arcp"}
+
+
+@njit(cache=True, fastmath=_FM)
+def mm_maxmin_dense(Amax, Amin, P, Ymax, Ymin):
+    """:func:`mm_maxmin` for a P without zeros, t-outer so each row of P is read once per batch."""
+    B, I, T = Amax.shape
+    J = P.shape[2]
+    for b in range(B):
+        for t in range(T):
+            p = P[b, t]
+            for i in range(I):
+                amax = Amax[b, i, t]
+                if amax == -np.inf:
+                    continue
+                amin = Amin[b, i, t]
+                ymx = Ymax[b, i]
+                ymn = Ymin[b, i]
+                for j in range(J):
+                    u = p[j] * amax
+                    v = p[j] * amin
+                    ymx[j] = max(ymx[j], max(u, v))
+                    ymn[j] = min(ymn[j], min(u, v))
+
+
+@njit(cache=True, fastmath=_FM)
+def mm_max_dense(A, P, Y):
+    """:func:`mm_max` for a P without zeros, t-outer."""
+    B, I, T = A.shape
+    J = P.shape[2]
+    for b in range(B):
+        for t in range(T):
+            p = P[b, t]
+            for i in range(I):
+                a = A[b, i, t]
+                if a == 0.0:
+                    continue
+                y = Y[b, i]
+                for j in range(J):
+                    y[j] = max(y[j], abs(p[j]) * a)
+
+
+@njit(cache=True, fastmath=_FM)
+def layer_norm_maxmin_t(xh, rs, gam, xmax, xmin, ymax, ymin):
+    """Signed backward (max, x) through layer-norm rows laid out contiguously (inner == 1).
+
+    Off the diagonal w_ij = a_i (1 + xh_i xh_j) with a_i = -gamma_i s / d, so each candidate
+    w_ij x_i is the line P_i + Q_i xh_j evaluated at xh_j; the diagonal adds gamma_j s x_j.
+    Rows i with no path (xmax = -inf) or gamma_i = 0 (no edges) are dropped first.
+    """
+    R, d = xh.shape
+    P = np.empty((2, d))
+    Q = np.empty((2, d))
+    G = np.empty((2, d))
+    idx = np.empty(d, np.int64)
+    for r in range(R):
+        base = r * d
+        n = 0
+        for i in range(d):
+            xm = xmax[base + i]
+            if xm == -np.inf or gam[i] == 0.0:
+                continue
+            a = -gam[i] * rs[r] / d
+            xn = xmin[base + i]
+            P[0, n] = a * xm
+            Q[0, n] = a * xh[r, i] * xm
+            G[0, n] = gam[i] * rs[r] * xm
+            P[1, n] = a * xn
+            Q[1, n] = a * xh[r, i] * xn
+            G[1, n] = gam[i] * rs[r] * xn
+            idx[n] = i
+            n += 1
+        if n == 0:
+            continue
+        for j in range(d):
+            z = xh[r, j]
+            hi = -np.inf
+            lo = np.inf
+            for m in range(n):
+                u = P[0, m] + Q[0, m] * z
+                v = P[1, m] + Q[1, m] * z
+                if idx[m] == j:
+                    u += G[0, m]
+                    v += G[1, m]
+                hi = max(hi, max(u, v))
+                lo = min(lo, min(u, v))
+            ymax[base + j] = hi
+            ymin[base + j] = lo
