@@ -11,7 +11,7 @@ Reported, all measured in this run:
 * the saved file's size against the bytes the graph references (distinct weight blocks plus node
   values), and save / load times.
 
-Run: ``.venv/bin/python benchmarks/capture.py [--repeats N] [--profile]``.
+Run: ``.venv/bin/python benchmarks/capture.py [--repeats N] [--threads T] [--profile]``.
 """
 from __future__ import annotations
 
@@ -66,7 +66,12 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3, help="repeated captures to take the median of")
     ap.add_argument("--seq-len", type=int, default=32)
     ap.add_argument("--profile", action="store_true", help="cProfile one repeated capture")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for torch and capture alike (default: torch's own choice); "
+                         "1 gives stable figures on a machine shared with other work")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model = bert_mlm()
     inputs = [bert_inputs(args.seq_len, seed=s) for s in range(args.repeats + 2)]
@@ -109,7 +114,7 @@ def main(argv=None):
     size_ratio = size / (weights + values)
     ok = lambda good: "ok" if good else "MISSED"   # noqa: E731
     print(f"gradgraph capture benchmark, {datetime.date.today()}")
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}; load average {os.getloadavg()[0]:.1f} at the end")
     print(f"model: BertForMaskedLM 6 layers, hidden 512, 8 heads, vocab 30522; {args.seq_len} tokens; "
           f"graph: {len(g2.nodes)} tensors, {len(g2.edges)} Jacobians")
     print()

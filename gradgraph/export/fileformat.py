@@ -75,7 +75,7 @@ class _ArrayTable:
             step = int(arr[1]) - int(arr[0])
             if (np.diff(arr) == step).all():    # index maps of views and slices: no data needed
                 return {"arange": [int(arr[0]), step], "dtype": arr.dtype.str, "shape": shape}
-        ref = {"shape": shape}
+        ref = {"a": None, "shape": shape}
         base = arr
         if not arr.flags.c_contiguous:
             axes = sorted(range(arr.ndim), key=lambda a: -arr.strides[a])
