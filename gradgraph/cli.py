@@ -464,6 +464,9 @@ def main(argv=None):
         msg = " ".join(str(exc).split()) or type(exc).__name__
         print(f"gradgraph: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:   # `gradgraph ... | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as exc:   # an unwritable output path and the like
         print(f"gradgraph: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return EXIT_USAGE
