@@ -10,12 +10,13 @@ float64 unless ``dtype`` says otherwise.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
 
 __all__ = ["mlp", "cnn", "residual_mlp_ln", "bert_mlm", "gpt2_lm", "distilbert_mlm",
-           "transformer_encoder_layer", "attention_block", "ZOO", "HF_ZOO", "autograd_gradient"]
+           "transformer_encoder_layer", "attention_block", "ZOO", "HF_ZOO", "zoo_model", "autograd_gradient"]
 
 
 def _gen(seed):
@@ -207,6 +208,17 @@ ZOO = {
     "distilbert_mlm_mask": lambda **kw: distilbert_mlm(True, **kw),
 }
 HF_ZOO = [k for k in ZOO if k.startswith(("bert", "gpt2", "distilbert"))]
+
+
+def zoo_model(name, dtype=torch.float64):
+    """``ZOO[name](dtype=dtype)``, built once per test session: later ``gg.capture`` calls on the
+    same model object (and output function) reuse its traced program instead of exporting again."""
+    return _built(name, dtype)
+
+
+@functools.cache
+def _built(name, dtype):
+    return ZOO[name](dtype=dtype)
 
 
 # ---------------------------------------------------------------------------- the oracle

@@ -1,13 +1,11 @@
 """``g.gradient()`` equals ``torch.autograd.grad`` on every model of the zoo, in both granularities."""
-import functools
-
 import pytest
 import torch
 
 import gradgraph as gg
 from gradgraph.capture import registry, rules, tracer
 
-from models import HF_ZOO, ZOO, autograd_gradient
+from models import HF_ZOO, ZOO, autograd_gradient, zoo_model
 
 TOL = {torch.float64: dict(rtol=1e-7, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5)}
 
@@ -26,14 +24,8 @@ def no_dense_fallback(monkeypatch):
     assert not used, f"ops fell to the dense fallback: {sorted(set(used))}"
 
 
-@functools.cache
-def build(name, dtype=torch.float64):
-    """One model object per (name, dtype): later captures of it reuse the traced program."""
-    return ZOO[name](dtype=dtype)
-
-
 def _check(name, granularity, dtype):
-    model, args, kwargs, out = build(name, dtype)
+    model, args, kwargs, out = zoo_model(name, dtype)
     g = gg.capture(model, args, kwargs, output=out, granularity=granularity)
     assert g.granularity == granularity
     got = g.gradient()
@@ -64,7 +56,7 @@ def test_gradient_matches_autograd_float32(name, no_dense_fallback):
 
 
 def test_function_granularity_keeps_softmax_and_layer_norm_whole():
-    model, args, kwargs, out = build("bert_mlm_mask")
+    model, args, kwargs, out = zoo_model("bert_mlm_mask")
     ops = {gran: {n.op for n in gg.capture(model, args, kwargs, output=out, granularity=gran).nodes}
            for gran in ("function", "primitive")}
     assert {"aten._softmax.default", "aten.native_layer_norm.default", "aten.gelu.default"} <= ops["function"]

@@ -472,9 +472,11 @@ class Capturer:
         return tqdm(total=total, desc="gradgraph capture", unit="op", leave=False)
 
     def _where(self, n, msg):
+        """``msg`` on one line, followed by the op, fx node, module path and user source line."""
         p, _ = self._producer(n)
         module, _ = _module_of(p)
         line = _user_line(p.meta.get("stack_trace"))
+        msg = " ".join(str(msg).split())
         return f"{msg} [op {self._op_name(n)}, node {n.name}, module {module or '<top>'}" + \
                (f", at {line}]" if line else "]")
 
