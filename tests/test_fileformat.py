@@ -185,7 +185,9 @@ def test_weight_used_twice_is_stored_once(tmp_path):
 
 def test_bert_weights_and_shared_activations_stored_once(captured, saved):
     g, model = captured["bert_mlm_mask"][:2]
-    _, arrays = _raw(saved["bert_mlm_mask"])
+    meta, arrays = _raw(saved["bert_mlm_mask"])
+    # the premise: this file exercises permuted-view and arange references
+    assert '"axes": [' in meta["graph"] and '"arange": [' in meta["graph"]
     weights = [p.detach().numpy() for p in model.parameters() if p.dim() == 2]
     for W in weights:
         copies = sum(1 for a in arrays.values()
@@ -272,6 +274,15 @@ def test_tampered_json(saved, tmp_path):
     p = _rewrite(saved["mlp_tanh"], str(tmp_path / "params.safetensors"),
                  edit_doc=lambda d: [e["params"].clear() for e in d["edges"]])
     _assert_format_error(p, "edge")
+    p = _rewrite(saved["mlp_tanh"], str(tmp_path / "axes.safetensors"),
+                 edit_doc=lambda d: d["edges"][0]["arrays"]["other"].update(axes=[0, 0]))
+    _assert_format_error(p, "edge 0.other", "not a permutation")
+    p = _rewrite(saved["mlp_tanh"], str(tmp_path / "ref.safetensors"),
+                 edit_doc=lambda d: d["nodes"][0].update(value="node0.value"))
+    _assert_format_error(p, "node 0", "malformed array reference")
+    p = _rewrite(saved["mlp_tanh"], str(tmp_path / "arange.safetensors"), edit_doc=lambda d: d["edges"][1][
+        "arrays"].update(cols={"arange": [0, 1], "dtype": "<i4", "shape": [10**12]}))
+    _assert_format_error(p, "edge 1.cols", "arange")
     meta, arrays = _raw(saved["mlp_tanh"])
     meta.pop("graph")
     p = str(tmp_path / "nograph.safetensors")

@@ -212,12 +212,15 @@ def _shape(x):
     return isinstance(x, list) and all(_is_int(s) and s >= 0 for s in x)
 
 
-def _resolve(ref, arrays, path, where):
-    """The array a reference names, reshaped (and its axes permuted) as the reference says."""
+def _resolve(ref, arrays, path, where, max_arange=0):
+    """The array a reference names, reshaped (and its axes permuted) as the reference says.
+    An arange reference may have at most ``max_arange`` elements (it allocates on load)."""
     if isinstance(ref, dict) and "arange" in ref:
         r, dt, shape = ref["arange"], ref.get("dtype"), ref.get("shape")
         _check(isinstance(r, list) and len(r) == 2 and all(_is_int(v) for v in r) and _shape(shape)
                and len(shape) == 1 and dt in _INDEX_DTYPES, path, f"{where}: malformed arange {ref!r}")
+        _check(shape[0] <= max_arange, path, f"{where}: arange of {shape[0]} entries is longer than "
+                                             f"its Jacobian has entries ({max_arange})")
         return r[0] + r[1] * np.arange(shape[0], dtype=np.dtype(dt))
     _check(isinstance(ref, dict) and isinstance(ref.get("a"), str) and _shape(ref.get("shape")),
            path, f"{where}: malformed array reference {ref!r}")
@@ -335,7 +338,8 @@ def _build(doc, arrays, path):
         params, refs = d.get("params"), d.get("arrays")
         _check(isinstance(params, dict) and isinstance(refs, dict) and _is_int(d.get("arg", 0)), path,
                f"{where}: malformed params, arrays or arg")
-        arrs = {name: _resolve(ref, arrays, path, f"{where}.{name}") for name, ref in refs.items()}
+        dense = math.prod(out_shape) * math.prod(in_shape)
+        arrs = {name: _resolve(ref, arrays, path, f"{where}.{name}", dense) for name, ref in refs.items()}
         _check_jacobian(kind, tuple(out_shape), tuple(in_shape), params, arrs, path, where)
         try:
             jac = JACOBIAN_KINDS[kind].from_state(tuple(out_shape), tuple(in_shape), params, arrs)
