@@ -141,7 +141,7 @@ def _scalar_label(h):
         lines.append(n.module)
     lines.append(f"{list(n.shape)} {list(h.index)}")
     if n.role == "sink":
-        lines.insert(0, "sink")
+        lines.insert(0, "sink" if n.value is None else f"sink = {float(np.asarray(n.value).reshape(-1)[0]):.4g}")
     return lines
 
 
@@ -289,7 +289,8 @@ def to_dot(g, paths, collapse="module", include_views=False, max_nodes=200, titl
                 for w in per_rank[r]:
                     if _fmt(w) not in vals:
                         vals.append(_fmt(w))
-            attrs["label"] = " / ".join(vals[:3]) + (" ..." if len(vals) > 3 else "")
+            # leading spaces keep the text clear of wide multi-colour edges
+            attrs["label"] = "  " + " / ".join(vals[:3]) + (" ..." if len(vals) > 3 else "")
         else:
             attrs.update(style="dashed", color="#999999")
         dot.add_edge(pydot.Edge(ids[a], ids[b], **attrs))
