@@ -5,10 +5,14 @@ A rule is a function ``rule(ctx) -> {key: Jacobian}`` where ``ctx`` is a :class:
 element ``k`` of a tensor-list argument (``cat``). Rules need only return Jacobians for the keys in
 ``ctx.wants`` (the arguments that lie on a source-to-sink path).
 
-Lookup order for an op: a rule registered for the op itself (:func:`register_rule`), then a
-generic rule by the op's nature (pointwise ops by their ATen ``pointwise`` tag, data movement ops,
-...), then the dense fallback: ``torch.func.jacrev`` of the op when d(out)/d(in) has at most
-:data:`DENSE_FALLBACK_MAX_ENTRIES` entries, else :class:`~gradgraph.errors.UnsupportedOpError`.
+Lookup order for an op (:func:`get_rule`):
+
+1. a rule registered for the op itself (:func:`register_rule`; a user's rule replaces the library's);
+2. a generic rule by the op's nature, in registration order: pointwise ops by their ATen
+   ``pointwise`` tag, data movement ops, constant-like ops (see :mod:`gradgraph.capture.rules`);
+3. the dense fallback (:func:`dense_jacobian`): ``torch.func.jacrev`` of the op when d(out)/d(in)
+   has at most :data:`DENSE_FALLBACK_MAX_ENTRIES` entries, else
+   :class:`~gradgraph.errors.UnsupportedOpError` naming the op, module path and source line.
 """
 from __future__ import annotations
 
@@ -20,8 +24,8 @@ import torch
 from ..errors import UnsupportedOpError
 from ..jacobians import SparseJacobian
 
-__all__ = ["RuleContext", "register_rule", "get_rule", "registered_ops", "DENSE_FALLBACK_MAX_ENTRIES",
-           "dense_jacobian"]
+__all__ = ["RuleContext", "register_rule", "get_rule", "registered_ops", "generic_rules",
+           "DENSE_FALLBACK_MAX_ENTRIES", "dense_jacobian"]
 
 #: Largest dense Jacobian (out_numel * in_numel entries) the jacrev fallback will build.
 DENSE_FALLBACK_MAX_ENTRIES = 4_000_000
@@ -32,7 +36,22 @@ _GENERIC: list = []       # (predicate(op) -> bool, rule), consulted in order
 
 @dataclass
 class RuleContext:
-    """What a rule sees about one call: ``op(*args, **kwargs) -> out``."""
+    """What a rule sees about one call: ``op(*args, **kwargs) -> out``.
+
+    Attributes
+    ----------
+    op : torch._ops.OpOverload
+        The ATen op, e.g. ``torch.ops.aten.addmm.default``.
+    args, kwargs
+        The call's argument values, tensors as recorded in the forward pass.
+    out : torch.Tensor
+        The output this rule explains (one element of a tuple output, see ``output_index``).
+    output_index : int or None
+        For ops returning several tensors (``var_mean``, ``native_layer_norm``): which one ``out`` is.
+    wants : set
+        Keys of the arguments that lie on a source-to-sink path: ``i`` for argument ``i``, ``(i, k)``
+        for element ``k`` of a tensor-list argument. A rule needs only return these.
+    """
 
     op: object                      # the torch._ops.OpOverload
     args: tuple                     # argument values (tensors as torch tensors)
@@ -56,13 +75,26 @@ def register_rule(op, fn=None):
     Usable as a decorator: ``@register_rule(torch.ops.aten.foo.default)``. A user rule replaces
     the library's rule for that op.
 
+    Parameters
+    ----------
+    op : torch._ops.OpOverload
+        The ATen op, e.g. ``torch.ops.aten.neg.default`` or a custom ``torch.library`` op.
+    fn : callable, optional
+        ``fn(ctx: RuleContext) -> {key: Jacobian}`` with one Jacobian d(ctx.out)/d(argument key)
+        for each key in ``ctx.wants``. Omitted: return a decorator.
+
+    Returns
+    -------
+    callable
+        ``fn`` (or the decorator).
+
     Examples
     --------
-    >>> import torch, gradgraph as gg
+    >>> import numpy as np, torch, gradgraph as gg
     >>> from gradgraph.jacobians import SparseJacobian
     >>> @gg.register_rule(torch.ops.aten.neg.default)
     ... def neg_rule(ctx):
-    ...     x = ctx.args[0]
+    ...     x = ctx.args[0]     # d(-x_i)/dx_i = -1: one entry per element, on the diagonal
     ...     return {0: SparseJacobian(ctx.out.shape, x.shape, vals=-np.ones(x.numel()))}
     """
     if not isinstance(op, torch._ops.OpOverload):
@@ -82,7 +114,18 @@ def register_generic(predicate):
 
 
 def get_rule(op):
-    """The rule for ``op``, or None when only the dense fallback is left."""
+    """The rule for ``op`` by the lookup order of this module, or None when only the dense
+    fallback is left.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from gradgraph.capture.registry import get_rule
+    >>> get_rule(torch.ops.aten.tanh.default).__name__          # by the pointwise tag
+    'pointwise'
+    >>> get_rule(torch.ops.aten.cumsum.default) is None
+    True
+    """
     if op in _RULES:
         return _RULES[op]
     for pred, fn in _GENERIC:
@@ -92,16 +135,22 @@ def get_rule(op):
 
 
 def registered_ops():
-    """Every op with a rule of its own (generic rules are listed by :func:`generic_rules`)."""
+    """Every op with a rule of its own (generic rules are listed by :func:`generic_rules`).
+
+    ``tests/test_rules.py`` checks each of them against ``torch.func.jacrev``."""
     return list(_RULES)
 
 
 def generic_rules():
+    """The generic rules as (predicate(op) -> bool, rule) pairs, in lookup order."""
     return list(_GENERIC)
 
 
 def dense_jacobian(ctx, key, max_entries=None):
-    """d(out)/d(arg key) by ``torch.func.jacrev`` of the op, as a sparse Jacobian of its non-zeros."""
+    """d(out)/d(arg key) by ``torch.func.jacrev`` of the op, as a sparse Jacobian of its non-zeros.
+
+    Raises :class:`~gradgraph.errors.UnsupportedOpError` when the dense matrix would have more than
+    ``max_entries`` (default :data:`DENSE_FALLBACK_MAX_ENTRIES`) entries."""
     x = ctx.arg(key)
     n_entries = ctx.out.numel() * x.numel()
     cap = DENSE_FALLBACK_MAX_ENTRIES if max_entries is None else max_entries
