@@ -334,3 +334,16 @@ def test_output_closing_over_a_mutated_tensor_does_not_reuse_a_stale_export():
         idx[0] = v
         g = gg.capture(model, args, output=out)
         close(g.gradient()["embed"], autograd_gradient(model, args, {}, out)["embed"])
+
+
+def test_switching_to_eval_mode_re_exports():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 1)).double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    out = lambda y: y.sum()   # noqa: E731
+    cap = gg.Capturer(model, out)
+    cap.capture((x,))                       # training mode: dropout is traced in
+    model.eval()
+    g = cap.capture((x,))
+    assert cap.n_exports == 2
+    close(g.gradient()["input"], autograd_gradient(model, (x,), {}, out)["input"])

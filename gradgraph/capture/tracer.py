@@ -212,7 +212,8 @@ class Capturer:
 
     # ------------------------------------------------------------------ export
     def _program(self, args, kwargs):
-        key = _signature(args, kwargs)
+        # train / eval mode is traced into the program (dropout, batch norm): part of the key
+        key = (_signature(args, kwargs), tuple(m.training for m in self.model.modules()))
         ep = self._programs.get(key)
         if ep is None:
             t0 = time.perf_counter()
@@ -235,7 +236,39 @@ class Capturer:
 
     # ------------------------------------------------------------------ capture
     def capture(self, args, kwargs=None):
-        """Capture the gradient graph of the model at these inputs. Returns a :class:`GradGraph`."""
+        """Capture the gradient graph of the model at these inputs.
+
+        Exports the model only for an input signature (tensor shapes and dtypes, other argument
+        values, train / eval mode) not seen before; :attr:`n_exports` counts the exports.
+
+        Parameters
+        ----------
+        args : tuple
+            Positional inputs of ``model``.
+        kwargs : dict, optional
+            Keyword inputs of ``model``.
+
+        Returns
+        -------
+        GradGraph
+
+        Raises
+        ------
+        CaptureError
+            The model cannot be exported, the output is not one floating-point scalar, or a
+            source name is unknown.
+        UnsupportedOpError
+            An op has no rule and is too large for the dense fallback.
+
+        Examples
+        --------
+        >>> import torch, gradgraph as gg
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Tanh())
+        >>> cap = gg.Capturer(model, lambda y: y[0, 1])
+        >>> graphs = [cap.capture((torch.randn(1, 3),)) for _ in range(3)]
+        >>> cap.n_exports
+        1
+        """
         if not isinstance(args, (tuple, list)):
             args = (args,)
         kwargs = dict(kwargs or {})
@@ -500,7 +533,7 @@ def capture(model, args, kwargs=None, *, output=None, sources=None, granularity=
     >>> import torch, gradgraph as gg
     >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
     >>> g = gg.capture(model, (torch.randn(1, 3),), output=lambda y: y[0, 0])
-    >>> g.gradient()["x"].shape
+    >>> g.gradient()["input"].shape   # named by the forward parameter of Sequential
     torch.Size([1, 3])
     """
     key = (_callable_key(output), None if sources is None else tuple([sources] if isinstance(sources, str) else sources),
