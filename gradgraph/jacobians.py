@@ -211,13 +211,23 @@ class MatmulJacobian(Jacobian):
     def apply_sum(self, x, t, transpose):
         C = x.shape[0]
         M = self._M
-        Mt = K.transform(M, t) if M.dtype == np.float64 else _transform_like(M, t)
-        if transpose:
-            g = self._canon(x, self.out_shape, C).astype(Mt.dtype, copy=False)
-            y = np.matmul(g, np.swapaxes(Mt, 1, 2))
+        a = self._canon(x, self.out_shape if transpose else self.in_shape, C)   # (C, B, I, K), contract K
+        P = np.swapaxes(M, 1, 2) if transpose else M                           # (B, K, N)
+        # A backward pass from one logit reaches a vocabulary-sized product through a handful of
+        # non-zero entries: contract only the non-zero rows and columns (and transform only the
+        # weights they meet), so the cost follows the support rather than the full shape.
+        nz = a != 0
+        cols = nz.any(axis=(0, 1, 2))
+        rows = nz.any(axis=(0, 1, 3)) if a.shape[1] == 1 else np.ones(a.shape[2], dtype=bool)
+        if cols.mean() > 0.5 and rows.mean() > 0.5:
+            Pt = K.transform(P, t) if P.dtype == np.float64 else _transform_like(P, t)
+            y = np.matmul(a.astype(Pt.dtype, copy=False), Pt)
         else:
-            xi = self._canon(x, self.in_shape, C).astype(Mt.dtype, copy=False)
-            y = np.matmul(xi, Mt)
+            ci, ri = np.flatnonzero(cols), np.flatnonzero(rows)
+            Ps = P[:, ci, :]
+            Pt = K.transform(Ps, t) if Ps.dtype == np.float64 else _transform_like(Ps, t)
+            y = np.zeros(a.shape[:3] + (P.shape[2],), dtype=Pt.dtype)
+            y[:, :, ri] = np.matmul(a[:, :, ri][..., ci].astype(Pt.dtype, copy=False), Pt)
         return self._uncanon(y.astype(np.float64, copy=False), C)
 
     def apply_max(self, xmax, xmin, signed, transpose):
@@ -408,7 +418,10 @@ class RowBlockJacobian(Jacobian):
         f = self.function
         if f == "layer_norm" and t != K.SIGNED:
             y = np.zeros_like(x)
-            K.rowblock_sum(self._code, self.A, self.rstd, self.gamma, self.inner, x, t, transpose, y)
+            if self.inner == 1:
+                K.layer_norm_sum(self.A, self.rstd, self.gamma, x, t, transpose, y)
+            else:
+                K.rowblock_sum(self._code, self.A, self.rstd, self.gamma, self.inner, x, t, transpose, y)
             return y
         p = self.A[None]
         v = self._rows(x, C)

@@ -373,3 +373,48 @@ def layer_norm_maxmin_t(xh, rs, gam, xmax, xmin, ymax, ymin):
                 lo = min(lo, min(u, v))
             ymax[base + j] = hi
             ymin[base + j] = lo
+
+
+@njit(cache=True)
+def layer_norm_sum(A, rs, gam, x, t, transpose, y):
+    """y += f(J) x (or f(J)^T x) for layer-norm rows laid out contiguously (inner == 1), with
+    J_ij = g_i s (delta_ij - 1/d - xh_i xh_j / d) computed on the fly.
+
+    Rows whose input entries are all zero are skipped (a backward pass from one logit reaches the
+    last layer norms through one row); the innermost loop runs over contiguous elements, and the
+    diagonal is added as a correction so that loop has no branch.
+    """
+    R, d = A.shape
+    C = x.shape[0]
+    inv_d = 1.0 / d
+    for r in range(R):
+        base = r * d
+        live = False
+        for c in range(C):
+            for k in range(d):
+                if x[c, base + k] != 0.0:
+                    live = True
+                    break
+            if live:
+                break
+        if not live:
+            continue
+        s = rs[r]
+        for i in range(d):
+            a_i = gam[i] * s
+            b_i = A[r, i] * inv_d
+            w_off = a_i * (-inv_d - b_i * A[r, i])
+            diag = tw(w_off + a_i, t) - tw(w_off, t)
+            for c in range(C):
+                if transpose:      # y_j += f(J_ij) x_i
+                    xi = x[c, base + i]
+                    if xi == 0.0:
+                        continue
+                    for j in range(d):
+                        y[c, base + j] += tw(a_i * (-inv_d - b_i * A[r, j]), t) * xi
+                    y[c, base + i] += diag * xi
+                else:              # y_i += f(J_ij) x_j
+                    acc = 0.0
+                    for j in range(d):
+                        acc += tw(a_i * (-inv_d - b_i * A[r, j]), t) * x[c, base + j]
+                    y[c, base + i] += acc + diag * x[c, base + i]

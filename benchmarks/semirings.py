@@ -1,0 +1,200 @@
+"""Semiring query benchmark: each query on one captured graph, against torch's own backward.
+
+Model: random-init BertForMaskedLM (6 layers, hidden 512, 8 heads, eager attention; see
+``common.BERT_CONFIG``), one 32-token input, sink = a logit difference at the [MASK] position.
+The graph is captured once; then every query is timed on it (median of ``--repeats`` runs after
+one warm-up run that also loads numba's compiled kernels):
+
+* torch backward alone (``torch.autograd.grad`` of the sink wrt the word-embedding output, the
+  forward run untimed beforehand) -- the yardstick; also torch forward + backward;
+* gradient (REAL), entropy (ENTROPY), flow (MAGNITUDE backward + forward), the MAX_SIGNED
+  backward pass, ``top_paths(k=1)`` (signed, with path recovery), ``top_paths(k=10)``.
+
+Peak memory: each measurement runs in a fresh subprocess that builds its state (model + input,
+or the graph loaded from a file), runs the operation once to warm up, resets the kernel's peak-RSS
+counter (``/proc/self/clear_refs``), runs it again and reports VmHWM - VmRSS(before): the extra
+resident memory the operation needed. torch's figure is forward + backward.
+
+Run: ``.venv/bin/python benchmarks/semirings.py [--repeats N] [--no-memory] [--profile QUERY]``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (bert_inputs, bert_mlm, fmt_bytes, fmt_seconds, logit_diff, machine,  # noqa: E402
+                    median_time, print_table)
+
+import gradgraph as gg  # noqa: E402
+from gradgraph.algorithms.dp import backward  # noqa: E402
+from gradgraph.algorithms.semirings import MAX_SIGNED  # noqa: E402
+
+#: query -> (target ratio to torch backward, or None)
+TARGETS = {"gradient": None, "entropy": 3.0, "flow": None, "max_signed pass": 3.0,
+           "top_paths(k=1)": 3.0, "top_paths(k=10)": 10.0}
+TARGET_MEMORY = 3.0
+
+
+def queries(g):
+    return {
+        "gradient": lambda: g.gradient(),
+        "entropy": lambda: g.entropy(),
+        "flow": lambda: g.flow(by="node"),
+        "max_signed pass": lambda: backward(g, MAX_SIGNED),
+        "top_paths(k=1)": lambda: g.top_paths(k=1, order="signed"),
+        "top_paths(k=10)": lambda: g.top_paths(k=10, order="signed"),
+    }
+
+
+def torch_backward(model, kwargs):
+    """A closure running forward (untimed by the caller if it wishes) and returning a backward."""
+    emb = model.get_input_embeddings()
+
+    def forward():
+        holder = {}
+
+        def hook(mod, inp, out):
+            out.requires_grad_(True)
+            holder["e"] = out
+            return out
+        h = emb.register_forward_hook(hook)
+        try:
+            y = logit_diff(model(**kwargs))
+        finally:
+            h.remove()
+        return lambda: torch.autograd.grad(y, holder["e"])
+    return forward
+
+
+def torch_backward_time(model, kwargs, repeats):
+    forward = torch_backward(model, kwargs)
+    times = []
+    for i in range(repeats + 2):
+        bwd = forward()
+        t0 = time.perf_counter()
+        bwd()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+# ---------------------------------------------------------------------------- memory (child side)
+def _status(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _peak_extra(fn):
+    fn()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status("VmRSS")
+    fn()
+    return _status("VmHWM") - before
+
+
+def child(what, graph_file, seq_len):
+    torch.set_num_threads(torch.get_num_threads())
+    if what == "torch":
+        model = bert_mlm()
+        kwargs = bert_inputs(seq_len)
+        forward = torch_backward(model, kwargs)
+        extra = _peak_extra(lambda: forward()())
+    else:
+        g = gg.load(graph_file)
+        extra = _peak_extra(queries(g)[what])
+    print(json.dumps({"extra": extra}))
+
+
+def measure_memory(what, graph_file, seq_len):
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", what, "--graph", graph_file,
+                          "--seq-len", str(seq_len)], capture_output=True, text=True)
+    if out.returncode != 0:
+        return None, out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"
+    return json.loads(out.stdout.strip().splitlines()[-1])["extra"], ""
+
+
+# ---------------------------------------------------------------------------- main
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seq-len", type=int, default=32)
+    ap.add_argument("--no-memory", action="store_true", help="skip the subprocess memory measurements")
+    ap.add_argument("--profile", metavar="QUERY", help="cProfile one run of this query and print the top")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--graph", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        return child(args.child, args.graph, args.seq_len)
+
+    model = bert_mlm()
+    kwargs = bert_inputs(args.seq_len)
+    t_bwd = torch_backward_time(model, kwargs, max(args.repeats, 5))
+    fwd = torch_backward(model, kwargs)
+    t_fwd_bwd = median_time(lambda: fwd()(), repeats=max(args.repeats, 5), warmup=1)
+
+    t0 = time.perf_counter()
+    g = gg.capture(model, (), kwargs, output=logit_diff)
+    t_capture = time.perf_counter() - t0
+
+    qs = queries(g)
+    if args.profile:
+        import cProfile
+        import pstats
+        qs[args.profile]()
+        cProfile.runctx("qs[args.profile]()", globals(), locals(), "/tmp/semirings.prof")
+        pstats.Stats("/tmp/semirings.prof").sort_stats("cumulative").print_stats(30)
+        return
+
+    times = {}
+    for name, fn in qs.items():
+        try:
+            times[name] = median_time(fn, repeats=args.repeats, warmup=1)
+        except NotImplementedError:
+            times[name] = None
+
+    mem = {}
+    if not args.no_memory:
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "bert.safetensors")
+            g.save(path)
+            mem["torch"] = measure_memory("torch", path, args.seq_len)
+            for name in qs:
+                mem[name] = measure_memory(name, path, args.seq_len)
+
+    print(f"# Semiring queries -- {datetime.date.today()} -- {machine()}")
+    print(f"graph: {g}")
+    print(f"capture (first, incl. torch.export): {fmt_seconds(t_capture)}")
+    print(f"torch backward: {fmt_seconds(t_bwd)}   torch forward + backward: {fmt_seconds(t_fwd_bwd)}")
+    t_mem = mem.get("torch", (None, ""))[0]
+    if t_mem is not None:
+        print(f"torch forward + backward extra peak memory: {fmt_bytes(t_mem)}")
+    rows = []
+    for name in qs:
+        t = times[name]
+        target = TARGETS[name]
+        ratio = None if t is None else t / t_bwd
+        m, err = mem.get(name, (None, ""))
+        mratio = None if (m is None or not t_mem) else m / t_mem
+        rows.append((name, "n/a" if t is None else fmt_seconds(t), "n/a" if ratio is None else f"{ratio:.1f}x",
+                     "-" if target is None else f"<= {target:g}x" + ("" if ratio is None else
+                                                                     (" ok" if ratio <= target else " MISSED")),
+                     "n/a" if m is None else fmt_bytes(m),
+                     "n/a" if mratio is None else f"{mratio:.2f}x" + (" ok" if mratio <= TARGET_MEMORY else " MISSED")))
+    print_table(rows, headers=("query", "time", "/ torch bwd", "target", "extra peak mem", "/ torch fwd+bwd mem"))
+
+
+if __name__ == "__main__":
+    main()
