@@ -128,6 +128,8 @@ def data_movement(ctx):
         args = list(ctx.args)
         # every other floating tensor argument becomes zeros, so only this input's indices show
         for i, a in enumerate(args):
+            if i == key:
+                continue        # replaced by the indices below
             if isinstance(a, torch.Tensor) and a.dtype.is_floating_point:
                 args[i] = torch.zeros(a.shape, dtype=torch.int64)
             elif isinstance(a, (list, tuple)) and a and all(isinstance(t, torch.Tensor) for t in a):
