@@ -388,3 +388,14 @@ def test_unserialisable_meta_is_a_clear_error(captured, tmp_path):
 def test_save_into_missing_directory(captured, tmp_path):
     with pytest.raises(GradGraphError, match="cannot write"):
         captured["mlp_tanh"][0].save(str(tmp_path / "no" / "such" / "dir.safetensors"))
+
+
+@pytest.mark.parametrize("name", ["cnn", "bert_mlm_mask"])
+def test_every_query_answers_the_same_after_load(name, captured, saved):
+    g, h = captured[name][0], gg.load(saved[name])
+    for order in ("signed", "magnitude"):
+        assert h.top_paths(k=3, order=order) == g.top_paths(k=3, order=order)
+    assert h.entropy() == g.entropy()
+    assert h.flow(by="node") == g.flow(by="node")
+    assert h.flow(by="module") == g.flow(by="module")
+    assert np.array_equal(h.path_lengths(), g.path_lengths())
