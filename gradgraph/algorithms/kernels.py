@@ -290,12 +290,19 @@ _FM = {"nsz", "reassoc", "contract", "arcp"}
 
 @njit(cache=True, fastmath=_FM)
 def mm_maxmin_dense(Amax, Amin, P, Ymax, Ymin):
-    """:func:`mm_maxmin` for a P without zeros, t-outer so each row of P is read once per batch."""
+    """:func:`mm_maxmin` for a P without zeros, t-outer so each row of P is read once per batch.
+
+    With p+ = max(p, 0) and p- = min(p, 0), ``p+ * amax + p- * amin`` is exactly the larger of
+    p * amax and p * amin (one term is an exact zero), which vectorises where a branch does not.
+    """
     B, I, T = Amax.shape
     J = P.shape[2]
+    Pp = np.maximum(P, 0.0)
+    Pn = np.minimum(P, 0.0)
     for b in range(B):
         for t in range(T):
-            p = P[b, t]
+            pp = Pp[b, t]
+            pn = Pn[b, t]
             for i in range(I):
                 amax = Amax[b, i, t]
                 if amax == -np.inf:
@@ -304,10 +311,8 @@ def mm_maxmin_dense(Amax, Amin, P, Ymax, Ymin):
                 ymx = Ymax[b, i]
                 ymn = Ymin[b, i]
                 for j in range(J):
-                    u = p[j] * amax
-                    v = p[j] * amin
-                    ymx[j] = max(ymx[j], max(u, v))
-                    ymn[j] = min(ymn[j], min(u, v))
+                    ymx[j] = np.maximum(ymx[j], pp[j] * amax + pn[j] * amin)
+                    ymn[j] = np.minimum(ymn[j], pp[j] * amin + pn[j] * amax)
 
 
 @njit(cache=True, fastmath=_FM)
@@ -315,16 +320,17 @@ def mm_max_dense(A, P, Y):
     """:func:`mm_max` for a P without zeros, t-outer."""
     B, I, T = A.shape
     J = P.shape[2]
+    Pa = np.abs(P)
     for b in range(B):
         for t in range(T):
-            p = P[b, t]
+            pa = Pa[b, t]
             for i in range(I):
                 a = A[b, i, t]
                 if a == 0.0:
                     continue
                 y = Y[b, i]
                 for j in range(J):
-                    y[j] = max(y[j], abs(p[j]) * a)
+                    y[j] = np.maximum(y[j], pa[j] * a)
 
 
 @njit(cache=True, fastmath=_FM)
