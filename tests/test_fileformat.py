@@ -399,3 +399,12 @@ def test_every_query_answers_the_same_after_load(name, captured, saved):
     assert h.flow(by="node") == g.flow(by="node")
     assert h.flow(by="module") == g.flow(by="module")
     assert np.array_equal(h.path_lengths(), g.path_lengths())
+
+
+def test_saved_file_has_ordinary_permissions(captured, tmp_path):
+    """The temporary file's private mode must not survive the rename."""
+    p = tmp_path / "g.safetensors"
+    captured["mlp_tanh"][0].save(str(p))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(p).st_mode & 0o777 == 0o666 & ~umask

@@ -166,6 +166,9 @@ def save(g, path, *, overwrite=False):
     os.close(fd)
     try:
         save_file(table.arrays, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)     # mkstemp's private 0600 would outlive the rename
         os.replace(tmp, path)
     except BaseException as exc:
         if os.path.exists(tmp):
