@@ -456,7 +456,7 @@ class Branches:
     order : str
         ``"signed"`` (most positive g(p)) or ``"magnitude"`` (largest |g(p)|).
     labels : list[str]
-        One per branch: ``"op @ module"`` of the consumer (e.g.
+        One per branch: ``"op @ module"`` of the consumer, found by looking through views (e.g.
         ``"addmm @ bert.encoder.layer.0.attention.self.query"`` or
         ``"add @ bert.encoder.layer.0.attention.output"`` for the residual).
     consumers : list[list[str]]
@@ -464,9 +464,10 @@ class Branches:
     log_abs : ndarray, shape (G, nb)
         log |best path value| through element/group g and branch b (-inf: no such path).
     sign : ndarray, shape (G, nb)
-        Sign of that value (0: no such path).
+        Sign of that value (0: no such path; always +1 in magnitude order).
     best : ndarray, shape (G,)
-        Index of the branch carrying the best path through each element/group (-1: none).
+        Index of the branch carrying the best path through each element/group (-1: none; exact
+        ties go to the lower branch index).
     group_of : ndarray
         Group id of every element, shaped like the node (``G`` = number of groups).
     """
@@ -491,16 +492,22 @@ class Branches:
         return [self.labels[b] if b >= 0 else None for b in self.best]
 
 
-def _branch_label(g, v):
-    """(op, module) naming consumer v; a view consumer is named by the op it feeds when that is
-    unambiguous, so ``view -> addmm`` inside a linear layer reads as the linear layer."""
-    node = g.nodes[v]
-    seen = v
-    while g.nodes[seen].is_view and len(g.out_edges[seen]) == 1:
-        seen = g.edges[g.out_edges[seen][0]].dst
-    if g.nodes[seen].is_view:
-        seen = v
-    return g.nodes[seen].op_name, node.module or g.nodes[seen].module
+def _branch_chains(g, t, B, sources):
+    """The consumer edges of tensor t, looking through views: a list of edge chains
+    ``[k_view, ..., k_last]`` from t to a non-view consumer (or to a view with no consumer, such as a
+    view sink), so that ``dropout(clone) -> view -> addmm`` counts as the linear layer's branch."""
+    chains, stack = [], [[k] for k in reversed(g.out_edges[t])]
+    while stack:
+        chain = stack.pop()
+        v = g.edges[chain[-1]].dst
+        if B[v] is None or v in sources:
+            continue
+        nxt = [k for k in g.out_edges[v] if B[g.edges[k].dst] is not None]
+        if g.nodes[v].is_view and nxt and v != g.sink:
+            stack.extend(chain + [k] for k in reversed(nxt))
+        else:
+            chains.append(chain)
+    return chains
 
 
 def _signed_pairs(scaled, signed):
@@ -517,7 +524,8 @@ def _signed_pairs(scaled, signed):
 def branches(g, node, order="signed", groups=None):
     """Which consumer branch of tensor ``node`` carries the best path through each element.
 
-    For element j of ``node`` and consumer branch b (consumer tensors grouped by op and module), the
+    For element j of ``node`` and consumer branch b (the non-view consumers reached from ``node``,
+    through views if need be, grouped by op and module), the
     best path through j via b has value ``max over edges j->o in b of [prefix(o) * w] (x) suffix(j)``,
     where prefix is the backward max pass (sink -> o) and suffix the forward max pass
     (j -> sources). In signed order the (max, min) pairs of both passes are combined (a negative
@@ -563,13 +571,11 @@ def branches(g, node, order="signed", groups=None):
     B = backward(g, sr)
     D = forward(g, sr)
     sources = set(g.sources.values())
-    # branches: consumers with a value from the sink, grouped by (op, module)
+    # branches: the (non-view) consumers reached from t, grouped by (op, module)
     labels, consumers, members = [], [], []
-    for k in g.out_edges[t]:
-        v = g.edges[k].dst
-        if B[v] is None or v in sources:
-            continue
-        lab = _branch_label(g, v)
+    for chain in _branch_chains(g, t, B, sources):
+        v = g.edges[chain[-1]].dst
+        lab = (g.nodes[v].op_name, g.nodes[v].module)
         if lab not in labels:
             labels.append(lab)
             consumers.append([])
@@ -577,20 +583,23 @@ def branches(g, node, order="signed", groups=None):
         b = labels.index(lab)
         if g.nodes[v].name not in consumers[b]:
             consumers[b].append(g.nodes[v].name)
-        members[b].append(k)
+        members[b].append(chain)
 
     nb = len(labels)
     log_abs = np.full((G, nb), -np.inf)
     sign = np.zeros((G, nb), dtype=np.int8)
     if D[t] is not None and nb:
         (fs_hi, fl_hi), lo = _signed_pairs(D[t], signed)
-        for b, ks in enumerate(members):
-            # prefix through branch b: (+)-combine w (x) B[o] over the branch's Jacobians
+        for b, chains in enumerate(members):
+            # prefix through branch b: (+)-combine, over its chains, w (x) B[o] carried back to t
             acc = None
-            for k in ks:
-                e = g.edges[k]
+            for chain in chains:
+                e = g.edges[chain[-1]]
                 bv = B[e.dst]
                 y = Scaled(sr.times(e.jac, bv.arr, True, g.nodes[e.dst].is_view), bv.log_scale)
+                for k in reversed(chain[:-1]):
+                    ev = g.edges[k]
+                    y = Scaled(sr.times(ev.jac, y.arr, True, True), y.log_scale)
                 if acc is None:
                     acc = y
                 else:
@@ -610,19 +619,19 @@ def branches(g, node, order="signed", groups=None):
                 better = ok & _greater(s, la, best_s, best_l, signed)
                 best_s = np.where(better, s, best_s)
                 best_l = np.where(better, la, best_l)
-            # group max: sort key per element, take the best element of each group
-            for gi in range(G):
-                sel = np.flatnonzero(gflat == gi)
-                if not len(sel):
-                    continue
-                j = _argbest(best_s[sel], best_l[sel], signed)
-                if best_s[sel][j] != 0:
-                    sign[gi, b] = int(best_s[sel][j])
-                    log_abs[gi, b] = best_l[sel][j]
+            # group max: order elements by (group, value best first), keep each group's first
+            order = np.lexsort((np.arange(n),) + _rank_keys(best_s, best_l, signed) + (gflat,))
+            grp, first = np.unique(gflat[order], return_index=True)
+            pick = order[first]
+            sign[grp, b] = best_s[pick].astype(np.int8)
+            log_abs[grp, b] = np.where(best_s[pick] != 0, best_l[pick], -np.inf)
     best = np.full(G, -1)
-    for gi in range(G):
-        if (sign[gi] != 0).any():
-            best[gi] = _argbest(sign[gi].astype(float), log_abs[gi], signed)
+    bs, bl = np.zeros(G), np.full(G, -np.inf)
+    for b in range(nb):            # strict improvement only: ties keep the lower branch index
+        better = (sign[:, b] != 0) & _greater(sign[:, b].astype(float), log_abs[:, b], bs, bl, signed)
+        best = np.where(better, b, best)
+        bs = np.where(better, sign[:, b], bs)
+        bl = np.where(better, log_abs[:, b], bl)
     return Branches(nd.name, order, [f"{op} @ {mod}" for op, mod in labels], consumers, log_abs,
                     sign, best, np.asarray(group_of))
 
@@ -636,10 +645,9 @@ def _greater(s1, l1, s2, l2, signed):
     return (v1 > v2) | ((v1 == v2) & (((v1 == 1) & (l1 > l2)) | ((v1 == -1) & (l1 < l2))))
 
 
-def _argbest(s, la, signed):
-    """Index of the best (signed or magnitude) value, lowest index among exact ties; -1 if none."""
+def _rank_keys(s, la, signed):
+    """lexsort keys (least significant first) putting the best (signed or magnitude) value first."""
     if not signed:
-        key = np.where(s != 0, la, -np.inf)
-        return int(np.argmax(key)) if (s != 0).any() else -1
-    order = np.lexsort((np.arange(len(s)), np.where(s > 0, -la, la), np.where(s > 0, 0, np.where(s < 0, 1, 2))))
-    return int(order[0]) if s[order[0]] != 0 else -1
+        return (np.where(s != 0, -la, np.inf),)
+    cls = np.where(s > 0, 0, np.where(s < 0, 1, 2))
+    return (np.where(s > 0, -la, np.where(s < 0, la, np.inf)), cls)
