@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import gradgraph as gg
-from gradgraph.capture import registry, tracer
+from gradgraph.capture import registry
 from gradgraph.errors import CaptureError, UnsupportedOpError
 from gradgraph.jacobians import SparseJacobian
 

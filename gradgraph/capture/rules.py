@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..jacobians import ConvJacobian, MatmulJacobian, RowBlockJacobian, SparseJacobian
-from .registry import RuleContext, dense_jacobian, register_generic, register_rule
+from .registry import dense_jacobian, register_generic, register_rule
 
 aten = torch.ops.aten
 
