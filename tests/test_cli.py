@@ -365,6 +365,8 @@ def test_capture_from_module_spec(capsys, tmp_path, monkeypatch):
     x.requires_grad_(True)
     (want,) = torch.autograd.grad(fn(m(x)), x)
     torch.testing.assert_close(g.gradient()["input"], want)
-    rc, _, err = cli(capsys, "capture", "mlp_spec:build", "--out", out, "--overwrite", "--sources", "0")
-    assert rc == 0, err
+    rc, _, err = cli(capsys, "capture", "mlp_spec:build", "--out", out, "--overwrite", "--sources", "0",
+                     "--progress")
+    assert rc == 0
+    assert "gradgraph capture" in err                       # the tqdm bar, forced on
     assert list(gg.load(out).sources) == ["0"]

@@ -185,7 +185,7 @@ def to_dot(g, paths, collapse="module", include_views=False, max_nodes=200, titl
         raise QueryError("no paths to draw; pass e.g. g.top_paths(k=5)")
     max_nodes = max(int(max_nodes), 3)
 
-    boxes = {}          # key -> {"hops": [...], "paths": set, "inner": {rank: product}}
+    boxes = {}          # key -> {"hops": [...], "ranks": [...], "inner": {rank: product inside the box}}
     edges = {}          # (key_src, key_dst) -> {rank: [weights]}
     notes = []
     drawn = 0
