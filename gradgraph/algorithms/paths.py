@@ -206,8 +206,8 @@ class _Enumerator:
         self.values = _Values(g, signed)
         self.sources = set(g.sources.values())
         self.lists = {}
-        sink_sign = 1.0
-        self.lists[(g.sink, 0, 0)] = _List(D=[(-sink_sign, -0.0, -1, -1, -1, 0, 0, sink_sign, 0.0, 1.0)])
+        # the sink's only prefix is the empty one, value 1: score +1 for "+", -1 for "-"
+        self.lists[(g.sink, 0, 0)] = _List(D=[(-1.0, -0.0, -1, -1, -1, 0, 0, 1.0, 0.0, 1.0)])
         if signed:
             self.lists[(g.sink, 0, 1)] = _List(D=[(1.0, 0.0, -1, -1, -1, 0, 1, -1.0, 0.0, 1.0)])
         self.lists[_ROOT] = _List(self._root_candidates(masks))
