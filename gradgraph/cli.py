@@ -169,9 +169,8 @@ def _route_part(module):
 
 
 def _weight_text(w, log_abs, sign):
-    if w != 0.0 or log_abs is None:
-        return f"{w:.6g}"
-    return f"{'-' if sign < 0 else ''}1e{log_abs / math.log(10):.2f}"   # underflowed float64
+    from .export.dot import format_weight
+    return format_weight(w, log_abs, sign, digits=6)
 
 
 # ============================================================================ commands

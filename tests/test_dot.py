@@ -263,3 +263,15 @@ def test_render_unknown_format(setup, tmp_path):
     g, paths = setup
     with pytest.raises(gg.QueryError, match="unknown image format 'jpg'"):
         render(g, paths, tmp_path / "top.jpg")
+
+
+def test_underflowed_weight_in_legend(setup):
+    """A path weight below float64's range is printed from its exact log (oracle: decimal)."""
+    from decimal import Decimal
+    g, paths = setup
+    p = paths[0]
+    tiny = Path(0.0, -1000.0, -1, p.source, p.hops, p.edge_weights, p.length)
+    d, nodes = parse(to_dot(g, [tiny, paths[1]], collapse="none"))
+    want = "-" + format(Decimal(-1000).exp(), ".4g")
+    assert want == "-5.076e-435"
+    assert want in unq(nodes["legend"].get_label())

@@ -36,7 +36,7 @@ import pydot
 
 from ..errors import GradGraphError, QueryError
 
-__all__ = ["to_dot", "render", "check_output", "GraphvizNotFoundError", "IMAGE_FORMATS", "PATH_COLORS"]
+__all__ = ["to_dot", "render", "check_output", "format_weight", "GraphvizNotFoundError", "IMAGE_FORMATS", "PATH_COLORS"]
 
 #: Output formats of :func:`render`; all but ``"dot"`` need the Graphviz ``dot`` program.
 IMAGE_FORMATS = ("svg", "png", "pdf", "dot")
@@ -61,11 +61,22 @@ def _fmt(w):
     return f"{w:.3g}"
 
 
+def format_weight(weight, log_abs_weight, sign, digits=4):
+    """A path weight as text, also when it under- or overflows float64: then it is written from
+    its exact ``log |w|`` and sign, e.g. ``-5.076e-435``."""
+    if (weight != 0.0 and math.isfinite(weight)) or log_abs_weight is None \
+            or not math.isfinite(log_abs_weight):
+        return f"{weight:.{digits}g}"
+    e10 = log_abs_weight / math.log(10)
+    exp = math.floor(e10)
+    mant = 10 ** (e10 - exp)
+    if round(mant, digits - 1) >= 10:      # 9.99995 -> 10.00: carry into the exponent
+        mant, exp = mant / 10, exp + 1
+    return f"{'-' if sign < 0 else ''}{mant:.{digits}g}e{exp:+04d}"
+
+
 def _path_weight_text(p):
-    if p.weight != 0.0 or not math.isfinite(p.log_abs_weight):
-        return f"{p.weight:.4g}"
-    # the product underflowed float64: print sign * 10^(log10 |w|) exactly
-    return f"{'-' if p.sign < 0 else ''}1e{p.log_abs_weight / math.log(10):.1f}"
+    return format_weight(p.weight, p.log_abs_weight, p.sign)
 
 
 class _Hop:
