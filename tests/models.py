@@ -15,7 +15,7 @@ import inspect
 
 import torch
 
-__all__ = ["mlp", "cnn", "residual_mlp_ln", "bert_mlm", "gpt2_lm", "distilbert_mlm",
+__all__ = ["mlp", "cnn", "cnn_norms", "residual_mlp_ln", "bert_mlm", "gpt2_lm", "distilbert_mlm",
            "transformer_encoder_layer", "attention_block", "ZOO", "HF_ZOO", "zoo_model", "autograd_gradient"]
 
 
@@ -62,6 +62,36 @@ def cnn(dtype=torch.float64, seed=0):
     model.eval()
     x = torch.randn(2, 2, 6, 6, generator=g, dtype=dtype)
     return model, (x,), {}, lambda y: y[0, 0] - y[1, 2]
+
+
+class _CNNNorms(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 4, 3, padding=1)
+        self.gn = torch.nn.GroupNorm(2, 4)
+        self.up = torch.nn.Upsample(scale_factor=2, mode="bilinear")
+        self.inorm = torch.nn.InstanceNorm2d(4, affine=True)
+        self.near = torch.nn.Upsample(scale_factor=2, mode="nearest")
+        self.pool = torch.nn.AdaptiveMaxPool2d(3)
+        self.head = torch.nn.Linear(36, 3)
+
+    def forward(self, image):
+        h = self.up(torch.nn.functional.silu(self.gn(self.conv(image))))
+        h = self.pool(self.near(self.inorm(h)))
+        return self.head(h.flatten(1))
+
+
+def cnn_norms(dtype=torch.float64, seed=0):
+    """conv -> GroupNorm -> SiLU -> bilinear upsampling -> InstanceNorm -> nearest upsampling ->
+    adaptive max pool -> linear; input (2, 2, 4, 4); sink y[0, 1] - y[1, 0]."""
+    g = _gen(seed)
+    model = _CNNNorms().to(dtype).eval()
+    with torch.no_grad():
+        for m in (model.gn, model.inorm):
+            m.weight.copy_(torch.randn(4, generator=g, dtype=dtype))
+            m.bias.copy_(torch.randn(4, generator=g, dtype=dtype))
+    x = torch.randn(2, 2, 4, 4, generator=g, dtype=dtype)
+    return model, (x,), {}, lambda y: y[0, 1] - y[1, 0]
 
 
 class _ResidualMLP(torch.nn.Module):
@@ -197,6 +227,7 @@ ZOO = {
     "mlp_tanh": lambda **kw: mlp("tanh", **kw),
     "mlp_relu": lambda **kw: mlp("relu", **kw),
     "cnn": cnn,
+    "cnn_norms": cnn_norms,
     "residual_mlp_ln": residual_mlp_ln,
     "transformer_encoder_layer": transformer_encoder_layer,
     "attention_block": attention_block,

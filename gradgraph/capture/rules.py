@@ -115,7 +115,7 @@ DATA_MOVEMENT = {
     "diagonal", "as_strided", "unfold", "lift_fresh_copy", "detach", "expand_copy", "view_copy",
     "permute_copy", "unsqueeze_copy", "squeeze_copy", "slice_copy", "select_copy", "t_copy",
     "transpose_copy", "alias_copy", "pixel_shuffle", "pixel_unshuffle", "movedim", "flatten",
-    "unflatten", "contiguous", "tile",
+    "unflatten", "contiguous", "tile", "_unsafe_index",
 }
 
 
@@ -218,6 +218,17 @@ def max_dim(ctx):
         ind = ind.unsqueeze(dim)
     idx = torch.arange(x.numel(), dtype=torch.int64).reshape(x.shape)
     cols = torch.gather(idx, dim, ind)
+    return {0: SparseJacobian(ctx.out.shape, x.shape, None, _np(cols.reshape(-1)), None)}
+
+
+@register_rule(aten.topk.default)
+def topk(ctx):
+    """(values, indices) = topk(x, k, dim): value i comes from the element at indices[i]."""
+    x = ctx.args[0]
+    dim = (ctx.args[2] if len(ctx.args) > 2 else ctx.kwargs.get("dim", -1)) % max(x.dim(), 1)
+    _, ind = ctx.op(*ctx.args, **ctx.kwargs)
+    idx = torch.arange(x.numel(), dtype=torch.int64).reshape(x.shape)
+    cols = torch.gather(idx, dim, ind) if x.dim() else idx.reshape(ind.shape)
     return {0: SparseJacobian(ctx.out.shape, x.shape, None, _np(cols.reshape(-1)), None)}
 
 
@@ -350,6 +361,7 @@ def adaptive_avg_pool2d(ctx):
 
 
 @register_rule(aten.max_pool2d_with_indices.default)
+@register_rule(aten.adaptive_max_pool2d.default)
 def max_pool2d(ctx):
     """Each pooled value comes from the input element at its recorded index (within its plane)."""
     x = ctx.args[0]

@@ -34,6 +34,14 @@ aten = torch.ops.aten
 #: Ops kept whole at ``granularity="function"`` (each has an exact structured rule).
 FUNCTION_OPS = (aten._softmax.default, aten._log_softmax.default, aten.native_layer_norm.default,
                 aten.gelu.default)
+#: Core ATen ops decomposed at both granularities, into ops with exact structured rules: group and
+#: instance norm (their per-group gains do not fit one row-block Jacobian), upsampling (index maps
+#: and weighted sums) and vector norms.
+DECOMPOSED_OPS = (aten.native_group_norm.default, aten._native_batch_norm_legit.no_stats,
+                  aten._native_batch_norm_legit.default, aten.native_batch_norm.default,
+                  aten.upsample_nearest2d.vec, aten.upsample_nearest2d.default,
+                  aten.upsample_bilinear2d.vec, aten.upsample_bilinear2d.default,
+                  aten.linalg_vector_norm.default)
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,12 +61,13 @@ class _Explained(torch.nn.Module):
 
 
 def _decomposition_table(granularity):
+    from torch._decomp import get_decompositions
     table = torch.export.default_decompositions()
+    table.update(get_decompositions(list(DECOMPOSED_OPS)))
     if granularity == "function":
         for op in FUNCTION_OPS:
             table.pop(op, None)
     else:
-        from torch._decomp import get_decompositions
         table.update(get_decompositions(list(FUNCTION_OPS)))
     return table
 
