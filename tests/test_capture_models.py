@@ -1,6 +1,8 @@
 """``g.gradient()`` equals ``torch.autograd.grad`` on every model of the zoo, in both granularities."""
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import gradgraph as gg
 from gradgraph.capture import registry, rules, tracer
@@ -62,3 +64,29 @@ def test_function_granularity_keeps_softmax_and_layer_norm_whole():
     assert {"aten._softmax.default", "aten.native_layer_norm.default", "aten.gelu.default"} <= ops["function"]
     assert not {"aten._softmax.default", "aten.native_layer_norm.default"} & ops["primitive"]
     assert "aten.exp.default" in ops["primitive"]
+
+
+# random widths, activations (incl. softmax over the batch and layer norm) and granularities
+ACTS = {"tanh": torch.nn.Tanh, "relu": torch.nn.ReLU, "gelu": torch.nn.GELU, "sigmoid": torch.nn.Sigmoid,
+        "silu": torch.nn.SiLU, "softmax": lambda: torch.nn.Softmax(dim=0), "layer_norm": None}
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(widths=st.lists(st.integers(1, 5), min_size=2, max_size=4),
+       acts=st.lists(st.sampled_from(sorted(ACTS)), min_size=3, max_size=3),
+       batch=st.integers(1, 3), seed=st.integers(0, 2**16), granularity=st.sampled_from(["function", "primitive"]))
+def test_random_mlps_match_autograd(widths, acts, batch, seed, granularity):
+    torch.manual_seed(seed)
+    layers = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(torch.nn.Linear(a, b))
+        act = acts[i % len(acts)]
+        layers.append(torch.nn.LayerNorm(b) if act == "layer_norm" else ACTS[act]())
+    model = torch.nn.Sequential(*layers).double().eval()
+    x = torch.randn(batch, widths[0], dtype=torch.float64)
+
+    def out(y):
+        return (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)).sum()
+    g = gg.capture(model, (x,), output=out, granularity=granularity)
+    torch.testing.assert_close(g.gradient()["input"], autograd_gradient(model, (x,), {}, out)["input"],
+                               rtol=1e-7, atol=1e-10)
