@@ -54,22 +54,27 @@ def _accumulate(sr, acc, arr, log_scale):
     return Scaled(sr.plus(a, b), L)
 
 
-def backward(g, sr, seed=None, stop_at_sources=True):
+def backward(g, sr, seed=None, stop_at_sources=True, keep=None):
     """Run Algorithm 2 over graph ``g`` in semiring ``sr``.
 
     Parameters
     ----------
     seed : Scaled, optional
         The sink's value (default 1-bar).
+    keep : collection of int, optional
+        Node indices whose values to return; the others are dropped as soon as they have been
+        propagated, so memory follows the frontier of the pass rather than the whole graph.
+        Default: keep every node.
 
     Returns
     -------
     list[Scaled | None]
-        B[u] for every tensor node (None where no path from the sink arrives).
+        B[u] for every tensor node (None where no path from the sink arrives, or not kept).
     """
     B = [None] * len(g.nodes)
     B[g.sink] = seed if seed is not None else Scaled(sr.one(g.nodes[g.sink].numel))
     source_nodes = set(g.sources.values())
+    keep = None if keep is None else set(keep)
     for v in range(len(g.nodes) - 1, -1, -1):
         bv = B[v]
         if bv is None:
@@ -81,11 +86,22 @@ def backward(g, sr, seed=None, stop_at_sources=True):
             e = g.edges[k]
             y = sr.times(e.jac, bv.arr, True, g.nodes[v].is_view)
             B[e.src] = _accumulate(sr, B[e.src], y, bv.log_scale)
+        if keep is not None and v not in keep:
+            B[v] = None
     return B
 
 
-def forward(g, sr, seeds=None):
+def forward(g, sr, seeds=None, keep=None, visit=None):
     """Inside pass: values from the sources (seed 1-bar each) up to the sink.
+
+    Parameters
+    ----------
+    keep : collection of int, optional
+        Node indices whose values to return; the others are dropped once their last consumer has
+        been computed. Default: keep every node.
+    visit : callable, optional
+        ``visit(v, D[v])`` is called once per node as soon as its value is complete (in
+        topological order), e.g. to reduce it on the fly when it is not kept.
 
     Returns
     -------
@@ -95,6 +111,11 @@ def forward(g, sr, seeds=None):
     D = [None] * len(g.nodes)
     for name, i in g.sources.items():
         D[i] = seeds[name] if seeds is not None else Scaled(sr.one(g.nodes[i].numel))
+    keep = None if keep is None else set(keep)
+    last_use = {}
+    if keep is not None:
+        for e in g.edges:
+            last_use[e.src] = max(last_use.get(e.src, -1), e.dst)
     for v in range(len(g.nodes)):
         if D[v] is not None:
             D[v].normalize()
@@ -107,4 +128,13 @@ def forward(g, sr, seeds=None):
             D[v] = _accumulate(sr, D[v], y, du.log_scale)
         if D[v] is not None:
             D[v].normalize()
+            if visit is not None:
+                visit(v, D[v])
+        if keep is not None:
+            for k in g.in_edges[v]:
+                u = g.edges[k].src
+                if last_use.get(u) == v and u not in keep:
+                    D[u] = None
+            if v not in last_use and v not in keep:
+                D[v] = None
     return D

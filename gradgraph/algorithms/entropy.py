@@ -25,7 +25,7 @@ __all__ = ["entropy"]
 
 def _pairs(g):
     """{source name: (Z mantissas (n,), R mantissas (n,), log scale)} from one ENTROPY pass."""
-    B = backward(g, ENTROPY)
+    B = backward(g, ENTROPY, keep=g.sources.values())
     out = {}
     for name, i in g.sources.items():
         n = g.nodes[i].numel

@@ -55,16 +55,18 @@ def _sum_scaled(items):
     return sum(m * math.exp(s - top) for m, s in items), top
 
 
-def _element_flow(g):
-    """[(mantissa array or None, log scale)] per tensor node."""
+def _element_flow(g, reduce):
+    """[reduce(mantissa array or None, log scale)] per tensor node: the outside pass is kept, the
+    inside pass is consumed node by node (each outside value is released once multiplied)."""
     B = backward(g, MAGNITUDE)
-    D = forward(g, MAGNITUDE)
-    out = []
-    for b, d in zip(B, D):
-        if b is None or d is None:
-            out.append((None, 0.0))
-        else:
-            out.append((b.arr[0] * d.arr[0], b.log_scale + d.log_scale))
+    out = [reduce(None, 0.0)] * len(g.nodes)
+
+    def visit(v, d):
+        b = B[v]
+        if b is not None:
+            out[v] = reduce(b.arr[0] * d.arr[0], b.log_scale + d.log_scale)
+            B[v] = None
+    forward(g, MAGNITUDE, keep=(), visit=visit)
     return out
 
 
@@ -99,11 +101,11 @@ def flow(g, by="element", log=False):
     """
     if by not in FLOW_LEVELS:
         raise QueryError(f"by must be one of {', '.join(repr(v) for v in FLOW_LEVELS)}; got {by!r}")
-    per = _element_flow(g)
     if by == "element":
+        per = _element_flow(g, lambda m, s: (m, s))
         return {n.name: _finish(np.zeros(n.numel) if m is None else m, s, log).reshape(n.shape)
                 for n, (m, s) in zip(g.nodes, per)}
-    sums = [(0.0 if m is None else float(m.sum()), s) for m, s in per]
+    sums = _element_flow(g, lambda m, s: (0.0 if m is None else float(m.sum()), s))
     if by == "node":
         return {n.name: float(_finish(*_sum_scaled([ms]), log)) for n, ms in zip(g.nodes, sums)}
     groups = {}
@@ -123,7 +125,7 @@ def _module_keys(module):
 
 def total_flow(g, log=False):
     """Z = sum over all sink-to-source paths of |g(path)| (the MAGNITUDE semiring), or log Z."""
-    B = backward(g, MAGNITUDE)
+    B = backward(g, MAGNITUDE, keep=g.sources.values())
     items = [(float(B[i].arr[0].sum()), B[i].log_scale) for i in g.sources.values() if B[i] is not None]
     return float(_finish(*_sum_scaled(items), log))
 
@@ -139,7 +141,7 @@ def path_lengths(g, log=False):
     numpy.ndarray
         float64, index = length (``log=True``: natural logs, -inf where no path has that length).
     """
-    B = backward(g, LENGTH)
+    B = backward(g, LENGTH, keep=g.sources.values())
     per_source = [(B[i].arr, B[i].log_scale) for i in g.sources.values() if B[i] is not None]
     n = max((a.shape[0] for a, _ in per_source), default=1)
     out = []
