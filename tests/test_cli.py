@@ -43,18 +43,30 @@ QUERY_RUNNER = textwrap.dedent("""
 """)
 
 
+def _session_dir(tmp_path_factory):
+    """A directory shared by all pytest-xdist workers of this session (one capture for all)."""
+    base = tmp_path_factory.getbasetemp()
+    d = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "cli_shared"
+    d.mkdir(exist_ok=True)
+    return d
+
+
 @pytest.fixture(scope="module")
 def captured(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cli")
+    from filelock import FileLock
+    d = _session_dir(tmp_path_factory)
     f = d / "bert.safetensors"
-    r = run("capture", SPEC, "--out", f)
-    assert r.returncode == 0, r.stderr
-    assert "wrote" in r.stdout and f.exists()
+    with FileLock(str(d / "capture.lock")):
+        if not f.exists():
+            r = run("capture", SPEC, "--out", f)
+            assert r.returncode == 0, r.stderr
+            assert "wrote" in r.stdout and f.exists()
     return d, f
 
 
 @pytest.fixture(scope="module")
 def queries(captured):
+    from filelock import FileLock
     d, f = captured
     argvs = [
         ["info", str(f), "--json"],
@@ -70,10 +82,14 @@ def queries(captured):
         ["info", str(f)], ["paths", str(f), "--k", "2"], ["entropy", str(f)],
         ["flow", str(f), "--by", "module"],
     ]
-    r = subprocess.run([sys.executable, "-c", QUERY_RUNNER, json.dumps(argvs)], capture_output=True,
-                       text=True, cwd=ROOT, timeout=600)
-    assert r.returncode == 0, r.stderr
-    report = json.loads(r.stdout)
+    done = d / "queries.json"
+    with FileLock(str(d / "queries.lock")):
+        if not done.exists():
+            r = subprocess.run([sys.executable, "-c", QUERY_RUNNER, json.dumps(argvs)], capture_output=True,
+                               text=True, cwd=ROOT, timeout=600)
+            assert r.returncode == 0, r.stderr
+            done.write_text(r.stdout)
+    report = json.loads(done.read_text())
     for argv, res in zip(argvs, report["results"]):
         assert res["rc"] == 0, (argv, res["err"])
     return d, f, gg.load(f), report
