@@ -3,6 +3,8 @@
     .venv/bin/python experiments/first_token_repeated_once.py [--epochs 42] [--out gradgraph/data/ftro_bert.safetensors]
 
 10,000 balanced examples split 0.7 / 0.1 / 0.2; batch 32, Adam lr 1e-3, dropout 0.2 (the paper's code).
+The bundled weights were trained with `--epochs 80` (OMP_NUM_THREADS=1): validation accuracy reached
+100 % at epoch 54 (the paper: 42 epochs), test accuracy 99.7 %.
 Training stops early once validation accuracy reaches 100 %.
 """
 import argparse

@@ -45,6 +45,12 @@ def _hop_summary(path):
     return " -> ".join(names)
 
 
+def _branch_name(label):
+    """"addmm @ bert.encoder.layer.0.attention.self.key" -> "key"; the residual add -> "skip"."""
+    op, _, module = label.partition(" @ ")
+    return "skip" if op == "add" else module.rsplit(".", 1)[-1]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m gradgraph.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,13 +92,23 @@ def main(argv=None):
               f"{p.length} hops: {_hop_summary(p)}")
 
     H = g.entropy()
-    per = g.entropy(per_source=True)[WORD_EMB]
-    print(f"\nentropy of the path distribution: {H:.3f} nats")
-    if np.ndim(per) == 3:
-        # per embedding unit; summarise per token by its largest-entropy unit
-        per = np.asarray(per)[0].max(-1)
-    print("  per source element (max over units of each token): "
-          + " ".join(f"{float(v):.2f}" for v in np.asarray(per).reshape(LENGTH, -1).max(-1)))
+    src_shape = g.nodes[g.sources[WORD_EMB]].shape            # (1, LENGTH, hidden)
+    tokens = np.broadcast_to(np.arange(LENGTH)[None, :, None], src_shape)
+    per_token = g.entropy(groups={WORD_EMB: tokens})[WORD_EMB]
+    print(f"\nentropy of the path distribution: {H:.3f} nats; per token (its hidden units "
+          f"aggregated, paper Eq. 3):\n  " + " ".join(f"{v:.2f}" for v in per_token))
+
+    attn_in = [n.name for n in g.nodes if n.module == "bert.embeddings.LayerNorm"][-1]
+    br = g.branches(attn_in, groups=1)
+    names = [_branch_name(lab) for lab in br.labels]
+    print("\nbest path through each token at the attention input (the output of bert.embeddings.LayerNorm),"
+          "\nper branch (paper Fig. 2), and the branch that carries the best one:")
+    for tok in range(LENGTH):
+        b = br.best[tok]
+        values = "  ".join(f"{nm}=" + (f"{np.exp(br.log_abs[tok, j]) * br.sign[tok, j]:+.2e}"
+                                        if br.sign[tok, j] else "no path")
+                           for j, nm in enumerate(names))
+        print(f"  token {tok} (id {a.tokens[tok]:2d}): {names[b] if b >= 0 else '-':6s} {values}")
 
     graph_file = os.path.join(a.out, "graph.safetensors")
     g.save(graph_file, overwrite=True)
@@ -100,7 +116,7 @@ def main(argv=None):
           f"query it without the model: gradgraph paths {graph_file} --k 5")
 
     image = os.path.join(a.out, "top_paths.svg" if shutil.which("dot") else "top_paths.dot")
-    gg.render(g, paths, image, collapse="module")
+    gg.render(g, paths, image, collapse="module", overwrite=True)
     print(f"diagram of the top paths: {image}")
     return 0
 
