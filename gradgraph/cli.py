@@ -22,6 +22,7 @@ import json
 import math
 import os
 import sys
+import warnings
 
 from .errors import GradGraphError
 
@@ -342,8 +343,12 @@ def cmd_render(a):
         g.source_index(a.source)
     # the diagram hides view hops itself; asking for them keeps every local derivative at hand
     paths = g.top_paths(k=a.k, order=a.order, source=a.source, include_views=True)
-    render(g, paths, a.out, fmt, overwrite=a.overwrite, collapse=a.collapse,
-           include_views=a.include_views, max_nodes=a.max_nodes)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        render(g, paths, a.out, fmt, overwrite=a.overwrite, collapse=a.collapse,
+               include_views=a.include_views, max_nodes=a.max_nodes)
+    for w in caught:     # e.g. the node cap: one plain line each, not a Python warning
+        print(f"gradgraph: note: {' '.join(str(w.message).split())}", file=sys.stderr)
     print(f"wrote {a.out}: top {len(paths)} paths, collapse={a.collapse}")
     return 0
 

@@ -386,3 +386,13 @@ def test_capture_from_module_spec(capsys, tmp_path, monkeypatch):
     assert rc == 0
     assert "gradgraph capture" in err                       # the tqdm bar, forced on
     assert list(gg.load(out).sources) == ["0"]
+
+
+def test_render_node_cap_is_a_plain_note(capsys, captured, tmp_path):
+    _, f = captured
+    rc, out, err = cli(capsys, "render", f, "--k", "4", "--collapse", "none", "--max-nodes", "6",
+                       "-o", tmp_path / "cap.dot")
+    assert rc == 0 and "wrote" in out
+    assert err.startswith("gradgraph: note: ") and "max_nodes=6" in err and "Warning" not in err
+    (dot,) = pydot.graph_from_dot_file(str(tmp_path / "cap.dot"))
+    assert dot.get_node("note")
