@@ -9,7 +9,6 @@ oracle for the semiring engine on small models.
 """
 from __future__ import annotations
 
-import networkx as nx
 import numpy as np
 
 from ..errors import QueryError
@@ -21,6 +20,7 @@ SCALAR_EDGE_CAP = 200_000
 
 
 def _tensor_view(g):
+    import networkx as nx    # imported on use: it costs every command-line start ~0.4 s otherwise
     G = nx.MultiDiGraph(sink=g.sink, sources=dict(g.sources), granularity=g.granularity)
     for i, n in enumerate(g.nodes):
         G.add_node(i, name=n.name, op=n.op, shape=tuple(n.shape), dtype=n.dtype, module=n.module,
@@ -65,6 +65,7 @@ def _scalar_view(g, cap):
             f"the scalar gradient graph has more than {cap:,} edges, too many for a networkx view; "
             f"use level='tensor', or the semiring queries (top_paths, entropy, flow), which never "
             f"expand Jacobians")
+    import networkx as nx
     G = nx.MultiDiGraph(sink=(g.sink, 0), sources=dict(g.sources), granularity=g.granularity)
     for i, n in enumerate(g.nodes):
         vals = None if n.value is None else np.asarray(n.value).reshape(-1)
