@@ -15,7 +15,9 @@ or the graph loaded from a file), runs the operation once to warm up, resets the
 counter (``/proc/self/clear_refs``), runs it again and reports VmHWM - VmRSS(before): the extra
 resident memory the operation needed. torch's figure is forward + backward.
 
-Run: ``.venv/bin/python benchmarks/semirings.py [--repeats N] [--no-memory] [--profile QUERY]``.
+Run: ``.venv/bin/python benchmarks/semirings.py [--repeats N] [--threads T] [--no-memory] [--profile QUERY]``.
+``--threads 1`` gives stable figures on a busy machine (multi-threaded OpenBLAS and OpenMP degrade
+badly when the cores are oversubscribed); it applies to torch and gradgraph alike.
 """
 from __future__ import annotations
 
@@ -28,7 +30,24 @@ import sys
 import tempfile
 import time
 
-import torch
+
+def _threads_from_argv(argv):
+    """``--threads T`` must act before numpy and torch load their thread pools: set it in the
+    environment (children inherit it) for OpenBLAS (numpy's GEMMs), OpenMP and MKL."""
+    for i, a in enumerate(argv):
+        if a == "--threads" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--threads="):
+            return a.split("=", 1)[1]
+    return None
+
+
+_T = _threads_from_argv(sys.argv)
+if _T is not None:
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ[var] = _T
+
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (bert_inputs, bert_mlm, fmt_bytes, fmt_seconds, logit_diff, machine,  # noqa: E402
@@ -106,7 +125,6 @@ def _peak_extra(fn):
 
 
 def child(what, graph_file, seq_len):
-    torch.set_num_threads(torch.get_num_threads())
     if what == "torch":
         model = bert_mlm()
         kwargs = bert_inputs(seq_len)
@@ -119,8 +137,11 @@ def child(what, graph_file, seq_len):
 
 
 def measure_memory(what, graph_file, seq_len):
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", what, "--graph", graph_file,
-                          "--seq-len", str(seq_len)], capture_output=True, text=True)
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", what, "--graph", graph_file,
+           "--seq-len", str(seq_len)]
+    if _T is not None:
+        cmd += ["--threads", _T]
+    out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         return None, out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"
     return json.loads(out.stdout.strip().splitlines()[-1])["extra"], ""
@@ -133,9 +154,12 @@ def main(argv=None):
     ap.add_argument("--seq-len", type=int, default=32)
     ap.add_argument("--no-memory", action="store_true", help="skip the subprocess memory measurements")
     ap.add_argument("--profile", metavar="QUERY", help="cProfile one run of this query and print the top")
+    ap.add_argument("--threads", type=int, help="threads for torch and numpy's BLAS (both sides alike)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--graph", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         return child(args.child, args.graph, args.seq_len)
 

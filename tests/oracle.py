@@ -443,18 +443,18 @@ def autograd_gradient(model, args, kwargs, output, embedding=None):
 _CASES = {}
 
 
-def captured_case(builder, **params):
-    """(graph, oracle, (model, args, kwargs, output)) for ``builder(**params)``, cached per
-    arguments so several tests share one capture and one enumeration."""
+def captured_case(builder, granularity="function", **params):
+    """(graph, oracle, (model, args, kwargs, output)) for ``builder(**params)`` at this
+    granularity, cached per arguments so several tests share one capture and one enumeration."""
     import gradgraph as gg
 
-    key = (builder.__name__, tuple(sorted(params.items())))
+    key = (builder.__name__, granularity, tuple(sorted(params.items())))
     if key not in _CASES:
         model, args, kwargs, out = builder(**params)
-        g = gg.capture(model, args, kwargs, output=out)
+        g = gg.capture(model, args, kwargs, output=out, granularity=granularity)
         srcs = [g.nodes[i].fx_name for i in g.sources.values()]
-        _CASES[key] = (g, ScalarOracle(model, args, kwargs, out, source_fx_names=srcs),
-                       (model, args, kwargs, out))
+        _CASES[key] = (g, ScalarOracle(model, args, kwargs, out, granularity=granularity,
+                                       source_fx_names=srcs), (model, args, kwargs, out))
     return _CASES[key]
 
 
@@ -468,6 +468,8 @@ CASES = [
     (tiny_residual_ln, dict(seed=4, d=2, rows=2)),
     (tiny_attention, dict(seed=1)),
     (tiny_attention, dict(seed=5, tokens=2, vocab=3)),
+    (tiny_attention, dict(seed=6, tokens=2, granularity="primitive")),   # softmax decomposed
+    (tiny_residual_ln, dict(seed=7, granularity="primitive")),          # layer norm decomposed
 ]
 
 
