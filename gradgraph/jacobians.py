@@ -25,6 +25,7 @@ Kinds: :class:`SparseJacobian` (elementwise, broadcast, index maps, reductions, 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -210,25 +211,28 @@ class MatmulJacobian(Jacobian):
 
     def apply_sum(self, x, t, transpose):
         C = x.shape[0]
-        M = self._M
         a = self._canon(x, self.out_shape if transpose else self.in_shape, C)   # (C, B, I, K), contract K
+        M = self._M
         P = np.swapaxes(M, 1, 2) if transpose else M                           # (B, K, N)
-        # A backward pass from one logit reaches a vocabulary-sized product through a handful of
-        # non-zero entries: contract only the non-zero rows and columns (and transform only the
-        # weights they meet), so the cost follows the support rather than the full shape.
-        nz = a != 0
-        cols = nz.any(axis=(0, 1, 2))
-        rows = nz.any(axis=(0, 1, 3)) if a.shape[1] == 1 else np.ones(a.shape[2], dtype=bool)
-        if cols.mean() > 0.5 and rows.mean() > 0.5:
-            Pt = K.transform(P, t) if P.dtype == np.float64 else _transform_like(P, t)
-            y = np.matmul(a.astype(Pt.dtype, copy=False), Pt)
+        # torch.matmul runs strided (transposed) operands through BLAS with torch's threads, and
+        # its abs / log are vectorised; all of it in the weights' own dtype (no float64 copy of a
+        # float32 matrix). A backward pass from one logit reaches a vocabulary-sized product
+        # through a handful of non-zero entries: contract only the non-zero rows and columns (and
+        # transform only the weights they meet), so the cost follows the support.
+        at = _tensor(a)
+        nz = at != 0
+        cols = nz.any(dim=2).any(dim=1).any(dim=0) if a.shape[1] == 1 else nz.flatten(0, 2).any(dim=0)
+        rows = nz.any(dim=3).any(dim=1).any(dim=0) if a.shape[1] == 1 else None
+        Pt = _tensor(P)
+        dense = int(cols.sum()) > cols.numel() // 2 and (rows is None or int(rows.sum()) > rows.numel() // 2)
+        if dense:
+            y = torch.matmul(at.to(Pt.dtype), _transform_t(Pt, t))
         else:
-            ci, ri = np.flatnonzero(cols), np.flatnonzero(rows)
-            Ps = P[:, ci, :]
-            Pt = K.transform(Ps, t) if Ps.dtype == np.float64 else _transform_like(Ps, t)
-            y = np.zeros(a.shape[:3] + (P.shape[2],), dtype=Pt.dtype)
-            y[:, :, ri] = np.matmul(a[:, :, ri][..., ci].astype(Pt.dtype, copy=False), Pt)
-        return self._uncanon(y.astype(np.float64, copy=False), C)
+            ci = torch.nonzero(cols).flatten()
+            ri = torch.nonzero(rows).flatten() if rows is not None else torch.arange(a.shape[2])
+            y = torch.zeros(a.shape[:3] + (P.shape[2],), dtype=Pt.dtype)
+            y[:, :, ri] = torch.matmul(at[:, :, ri][..., ci].to(Pt.dtype), _transform_t(Pt[:, ci, :], t))
+        return self._uncanon(y.numpy().astype(np.float64, copy=False), C)
 
     def apply_max(self, xmax, xmin, signed, transpose):
         shape_src = self.out_shape if transpose else self.in_shape
@@ -277,17 +281,23 @@ class MatmulJacobian(Jacobian):
         return cls(out_shape, in_shape, arrays["other"], params["wrt"])
 
 
-def _transform_like(M, t):
-    """f(M) in M's own dtype (float32 weights stay float32: no float64 copy of a big matrix)."""
+def _tensor(a):
+    """A torch view of a numpy array (read-only arrays, e.g. loaded from a file, are only read)."""
+    if not a.flags.writeable:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(a)
+    return torch.from_numpy(a)
+
+
+def _transform_t(M, t):
+    """f(M) for a torch tensor, in its own dtype: M, |M| or -|M| log|M| (0 where M = 0)."""
     if t == K.SIGNED:
         return M
-    a = np.abs(M)
+    a = M.abs()
     if t == K.ABS:
         return a
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = -a * np.log(a)
-    r[a == 0] = 0
-    return r
+    return torch.special.xlogy(a, a).neg_()
 
 
 # ============================================================================ convolution
