@@ -383,22 +383,29 @@ def layer_norm_maxmin_t(xh, rs, gam, xmax, xmin, ymax, ymin):
 
 @njit(cache=True)
 def layer_norm_sum(A, rs, gam, x, t, transpose, y):
-    """y += f(J) x (or f(J)^T x) for layer-norm rows laid out contiguously (inner == 1), with
-    J_ij = g_i s (delta_ij - 1/d - xh_i xh_j / d) computed on the fly.
+    """y += f(J) x (or f(J)^T x) for layer-norm rows laid out contiguously (inner == 1), f = |.|
+    (t = ABS) or -|.|log|.| (t = XLOGX), with J_ij = a_i (delta_ij - 1/d - xh_i xh_j / d),
+    a_i = gamma_i / sigma.
 
-    Rows whose input entries are all zero are skipped (a backward pass from one logit reaches the
-    last layer norms through one row); the innermost loop runs over contiguous elements, and the
-    diagonal is added as a correction so that loop has no branch.
+    Off the diagonal J_ij = -c_i' u_ij with c_i' = a_i / d and u_ij = 1 + xh_i xh_j symmetric, so
+    f(J_ij) = c_i |u_ij| for ABS and f(J_ij) = alpha_i |u_ij| + c_i h_ij for XLOGX (c_i = |c_i'|,
+    alpha_i = -c_i log c_i, h_ij = -|u_ij| log|u_ij|): each unordered pair {i, j} costs one
+    logarithm and serves both J_ij and J_ji. The diagonal is applied directly. Rows whose input
+    entries are all zero are skipped (a backward pass from one logit reaches the last layer norms
+    through one row).
     """
     R, d = A.shape
     C = x.shape[0]
     inv_d = 1.0 / d
+    xlogx = t == XLOGX
+    c = np.empty(d)
+    alpha = np.empty(d)
     for r in range(R):
         base = r * d
         live = False
-        for c in range(C):
+        for ch in range(C):
             for k in range(d):
-                if x[c, base + k] != 0.0:
+                if x[ch, base + k] != 0.0:
                     live = True
                     break
             if live:
@@ -407,20 +414,27 @@ def layer_norm_sum(A, rs, gam, x, t, transpose, y):
             continue
         s = rs[r]
         for i in range(d):
-            a_i = gam[i] * s
-            b_i = A[r, i] * inv_d
-            w_off = a_i * (-inv_d - b_i * A[r, i])
-            diag = tw(w_off + a_i, t) - tw(w_off, t)
-            for c in range(C):
-                if transpose:      # y_j += f(J_ij) x_i
-                    xi = x[c, base + i]
-                    if xi == 0.0:
-                        continue
-                    for j in range(d):
-                        y[c, base + j] += tw(a_i * (-inv_d - b_i * A[r, j]), t) * xi
-                    y[c, base + i] += diag * xi
-                else:              # y_i += f(J_ij) x_j
-                    acc = 0.0
-                    for j in range(d):
-                        acc += tw(a_i * (-inv_d - b_i * A[r, j]), t) * x[c, base + j]
-                    y[c, base + i] += acc + diag * x[c, base + i]
+            c[i] = abs(gam[i] * s) * inv_d
+            alpha[i] = -c[i] * np.log(c[i]) if c[i] > 0.0 else 0.0
+        for ch in range(C):
+            xr = x[ch, base:base + d]
+            yr = y[ch, base:base + d]
+            for i in range(d):
+                xi_h = A[r, i]
+                a_i = gam[i] * s
+                yr[i] += tw(a_i * (1.0 - inv_d - xi_h * xi_h * inv_d), t) * xr[i]
+                for j in range(i + 1, d):
+                    u = abs(1.0 + xi_h * A[r, j])
+                    if xlogx:
+                        h = -u * np.log(u) if u > 0.0 else 0.0
+                        f_ij = alpha[i] * u + c[i] * h
+                        f_ji = alpha[j] * u + c[j] * h
+                    else:
+                        f_ij = c[i] * u
+                        f_ji = c[j] * u
+                    if transpose:      # y_j += f(J_ij) x_i, y_i += f(J_ji) x_j
+                        yr[j] += f_ij * xr[i]
+                        yr[i] += f_ji * xr[j]
+                    else:              # y_i += f(J_ij) x_j, y_j += f(J_ji) x_i
+                        yr[i] += f_ij * xr[j]
+                        yr[j] += f_ji * xr[i]
