@@ -97,7 +97,7 @@ def flow(g, by="element", log=False):
     >>> g = gg.capture(m, (torch.randn(2, 3, dtype=torch.double),), output=lambda y: y.sum())
     >>> f = g.flow(by="module")
     >>> sorted(f)
-    ['', '0', '1', '2']
+    ['', '0', '1', '2', '<output>']
     """
     if by not in FLOW_LEVELS:
         raise QueryError(f"by must be one of {', '.join(repr(v) for v in FLOW_LEVELS)}; got {by!r}")
