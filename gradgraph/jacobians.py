@@ -207,7 +207,7 @@ class MatmulJacobian(Jacobian):
     def _uncanon(self, v, C):
         if self.wrt == "right":
             v = np.swapaxes(v, 2, 3)
-        return np.ascontiguousarray(v).reshape(C, -1)
+        return np.ascontiguousarray(v, dtype=np.float64).reshape(C, -1)
 
     def apply_sum(self, x, t, transpose):
         C = x.shape[0]
@@ -237,17 +237,26 @@ class MatmulJacobian(Jacobian):
     def apply_max(self, xmax, xmin, signed, transpose):
         shape_src = self.out_shape if transpose else self.in_shape
         P = self._P("MT" if transpose else "M")
-        A = np.ascontiguousarray(self._canon(xmax, shape_src, 1)[0])
+        dense = self._dense(P)
+        # float32 weights: the branch-free kernel runs in float32 (twice the SIMD width). The values
+        # are renormalised per tensor (largest 1), so float32's range holds them unless some are
+        # below 1e-20; the path weights themselves are recomputed exactly in float64 afterwards.
+        dt = np.float64
+        if dense and P.dtype == np.float32 and _f32_safe(xmax, xmin if signed else None):
+            dt = np.float32
+        else:
+            P = P.astype(np.float64, copy=False)
+        A = np.ascontiguousarray(self._canon(xmax, shape_src, 1)[0], dtype=dt)
         B_, I_ = A.shape[0], A.shape[1]
         ncol = P.shape[2]
         if signed:
-            Amin = np.ascontiguousarray(self._canon(xmin, shape_src, 1)[0])
-            Ymax = np.full((B_, I_, ncol), -np.inf)
-            Ymin = np.full((B_, I_, ncol), np.inf)
-            (K.mm_maxmin_dense if self._dense(P) else K.mm_maxmin)(A, Amin, P, Ymax, Ymin)
+            Amin = np.ascontiguousarray(self._canon(xmin, shape_src, 1)[0], dtype=dt)
+            Ymax = np.full((B_, I_, ncol), -np.inf, dtype=dt)
+            Ymin = np.full((B_, I_, ncol), np.inf, dtype=dt)
+            (K.mm_maxmin_dense if dense else K.mm_maxmin)(A, Amin, P, Ymax, Ymin)
             return self._uncanon(Ymax[None], 1)[0], self._uncanon(Ymin[None], 1)[0]
-        Y = np.zeros((B_, I_, ncol))
-        (K.mm_max_dense if self._dense(P) else K.mm_max)(A, P, Y)
+        Y = np.zeros((B_, I_, ncol), dtype=dt)
+        (K.mm_max_dense if dense else K.mm_max)(A, P, Y)
         return self._uncanon(Y[None], 1)[0], None
 
     def _dense(self, P):
@@ -279,6 +288,18 @@ class MatmulJacobian(Jacobian):
     @classmethod
     def from_state(cls, out_shape, in_shape, params, arrays):
         return cls(out_shape, in_shape, arrays["other"], params["wrt"])
+
+
+def _f32_safe(xmax, xmin):
+    """True if every finite non-zero max-pass value is at least 1e-20 in magnitude."""
+    for x in (xmax, xmin):
+        if x is None:
+            continue
+        a = np.abs(x)
+        a = a[(a > 0) & (a < np.inf)]
+        if a.size and a.min() < 1e-20:
+            return False
+    return True
 
 
 def _tensor(a):

@@ -15,7 +15,9 @@ Values are float64 mantissas; the engine keeps a per-tensor scale, so kernels ne
 under- or overflowing numbers.
 """
 import numpy as np
+from llvmlite import ir
 from numba import njit
+from numba.extending import intrinsic
 
 SIGNED, ABS, XLOGX = 0, 1, 2
 
@@ -288,21 +290,36 @@ def rowblock_max(kind, A, rs, gam, inner, xmax, xmin, transpose, signed, ymax, y
 _FM = {"nsz", "reassoc", "contract", "arcp"}
 
 
-@njit(cache=True, fastmath=_FM)
+def _minmax_intrinsic(name):
+    @intrinsic
+    def f(typingctx, a, b):
+        def codegen(context, builder, signature, args):
+            t = args[0].type
+            fn = builder.module.declare_intrinsic(name, [t], ir.FunctionType(t, [t, t]))
+            return builder.call(fn, args, fastmath=("nnan", "nsz"))
+        return a(a, b), codegen
+    return f
+
+
+# max / min of two floats as LLVM's maxnum / minnum, the values never NaN. ``y[j] = max(y[j], v)``
+# written with Python's max becomes a conditional (masked) store when vectorised, which is very slow
+# on some CPUs; these compile to vmaxps / vminps and a plain store.
+fmax = _minmax_intrinsic("llvm.maxnum")
+fmin = _minmax_intrinsic("llvm.minnum")
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy")
 def mm_maxmin_dense(Amax, Amin, P, Ymax, Ymin):
     """:func:`mm_maxmin` for a P without zeros, t-outer so each row of P is read once per batch.
 
-    With p+ = max(p, 0) and p- = min(p, 0), ``p+ * amax + p- * amin`` is exactly the larger of
-    p * amax and p * amin (one term is an exact zero), which vectorises where a branch does not.
+    ``max(p amax, p amin)`` is p amax for p > 0 and p amin for p < 0 (the min likewise), which
+    vectorises where a branch on the sign does not. Works in the arrays' dtype (float32 or float64).
     """
     B, I, T = Amax.shape
     J = P.shape[2]
-    Pp = np.maximum(P, 0.0)
-    Pn = np.minimum(P, 0.0)
     for b in range(B):
         for t in range(T):
-            pp = Pp[b, t]
-            pn = Pn[b, t]
+            p = P[b, t]
             for i in range(I):
                 amax = Amax[b, i, t]
                 if amax == -np.inf:
@@ -311,26 +328,27 @@ def mm_maxmin_dense(Amax, Amin, P, Ymax, Ymin):
                 ymx = Ymax[b, i]
                 ymn = Ymin[b, i]
                 for j in range(J):
-                    ymx[j] = np.maximum(ymx[j], pp[j] * amax + pn[j] * amin)
-                    ymn[j] = np.minimum(ymn[j], pp[j] * amin + pn[j] * amax)
+                    u = p[j] * amax
+                    v = p[j] * amin
+                    ymx[j] = fmax(ymx[j], fmax(u, v))
+                    ymn[j] = fmin(ymn[j], fmin(u, v))
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=True, fastmath=_FM, error_model="numpy")
 def mm_max_dense(A, P, Y):
     """:func:`mm_max` for a P without zeros, t-outer."""
     B, I, T = A.shape
     J = P.shape[2]
-    Pa = np.abs(P)
     for b in range(B):
         for t in range(T):
-            pa = Pa[b, t]
+            p = P[b, t]
             for i in range(I):
                 a = A[b, i, t]
                 if a == 0.0:
                     continue
                 y = Y[b, i]
                 for j in range(J):
-                    y[j] = np.maximum(y[j], pa[j] * a)
+                    y[j] = fmax(y[j], abs(p[j]) * a)
 
 
 @njit(cache=True, fastmath=_FM)
