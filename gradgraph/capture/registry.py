@@ -68,6 +68,22 @@ class RuleContext:
         r = self.op(*args, **kwargs)
         return r[self.output_index] if self.output_index is not None else r
 
+    def call_with(self, key, value, args=None):
+        """Run the op with argument ``key`` replaced by ``value`` (in ``args``, default ours)."""
+        return self.call(*substitute(self.args if args is None else args, key, value), **self.kwargs)
+
+
+def substitute(args, key, value):
+    """A copy of the argument list ``args`` with argument ``key`` (i or (i, k)) set to ``value``."""
+    args = list(args)
+    if isinstance(key, int):
+        args[key] = value
+    else:
+        lst = list(args[key[0]])
+        lst[key[1]] = value
+        args[key[0]] = lst
+    return args
+
 
 def register_rule(op, fn=None):
     """Register ``fn`` as the Jacobian rule of ATen op ``op`` (an ``OpOverload``).
@@ -159,20 +175,10 @@ def dense_jacobian(ctx, key, max_entries=None):
             f"no Jacobian rule for {ctx.op} and its dense Jacobian would have {n_entries:,} entries "
             f"(cap {cap:,}); register one with gradgraph.register_rule({ctx.op})")
 
-    def f(t):
-        args = list(ctx.args)
-        if isinstance(key, int):
-            args[key] = t
-        else:
-            lst = list(args[key[0]])
-            lst[key[1]] = t
-            args[key[0]] = lst
-        return ctx.call(*args, **ctx.kwargs)
-
     xd = x.detach()
     if not xd.dtype.is_floating_point:
         raise UnsupportedOpError(f"{ctx.op}: argument {key} is not a floating-point tensor")
-    J = torch.func.jacrev(f)(xd).reshape(ctx.out.numel(), x.numel())
+    J = torch.func.jacrev(lambda t: ctx.call_with(key, t))(xd).reshape(ctx.out.numel(), x.numel())
     J = J.detach().cpu().numpy()
     rows, cols = np.nonzero(J)
     return SparseJacobian(ctx.out.shape, x.shape, rows, cols, J[rows, cols])

@@ -35,17 +35,6 @@ def _broadcast_cols(in_shape, out_shape):
     return _np(torch.broadcast_to(idx, out_shape).reshape(-1))
 
 
-def _substitute(args, key, value):
-    args = list(args)
-    if isinstance(key, int):
-        args[key] = value
-    else:
-        lst = list(args[key[0]])
-        lst[key[1]] = value
-        args[key[0]] = lst
-    return args
-
-
 def _elementwise(out, x, deriv):
     """Output element i depends on the broadcast element of x with derivative deriv[i]."""
     d = torch.broadcast_to(torch.as_tensor(deriv, dtype=out.dtype), out.shape)
@@ -66,7 +55,7 @@ def pointwise(ctx):
         x = ctx.arg(key)
 
         def f(t, key=key):
-            return ctx.call(*_substitute(ctx.args, key, t), **ctx.kwargs)
+            return ctx.call_with(key, t)
 
         _, d = torch.func.jvp(f, (x.detach(),), (torch.ones_like(x),))
         jacs[key] = _elementwise(ctx.out, x, d)
@@ -136,10 +125,9 @@ def data_movement(ctx):
                 args[i] = [torch.zeros(t.shape, dtype=torch.int64) if t.dtype.is_floating_point else t
                            for t in a]
         idx = torch.arange(1, x.numel() + 1, dtype=torch.int64).reshape(x.shape)
-        args = _substitute(args, key, idx)
         if ctx.op._opname == "constant_pad_nd" and len(args) > 2:
             args[2] = 0
-        o = ctx.call(*args, **ctx.kwargs)
+        o = ctx.call_with(key, idx, args)
         cols = _np(o.reshape(-1)) - 1
         rows = np.nonzero(cols >= 0)[0]
         jacs[key] = SparseJacobian(ctx.out.shape, x.shape, rows, cols[rows], None)
