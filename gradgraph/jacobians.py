@@ -238,14 +238,16 @@ class MatmulJacobian(Jacobian):
         shape_src = self.out_shape if transpose else self.in_shape
         P = self._P("MT" if transpose else "M")
         dense = self._dense(P)
+        if signed and not dense and P.size <= 1 << 22:
+            # zero weights are not edges: as NaN the branch-free kernel skips them
+            P = np.where(P == 0, np.array(np.nan, dtype=P.dtype), P)
+            dense = True
         # float32 weights: the branch-free kernel runs in float32 (twice the SIMD width). The values
         # are renormalised per tensor (largest 1), so float32's range holds them unless some are
         # below 1e-20; the path weights themselves are recomputed exactly in float64 afterwards.
         dt = np.float64
         if dense and P.dtype == np.float32 and _f32_safe(xmax, xmin if signed else None):
             dt = np.float32
-        else:
-            P = P.astype(np.float64, copy=False)
         A = np.ascontiguousarray(self._canon(xmax, shape_src, 1)[0], dtype=dt)
         B_, I_ = A.shape[0], A.shape[1]
         ncol = P.shape[2]

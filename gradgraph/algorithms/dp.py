@@ -14,6 +14,8 @@ import math
 
 import numpy as np
 
+from .kernels import max_finite_abs
+
 __all__ = ["Scaled", "backward", "forward"]
 
 
@@ -26,9 +28,7 @@ class Scaled:
         self.arr, self.log_scale = arr, float(log_scale)
 
     def normalize(self):
-        a = np.abs(self.arr)
-        a = a[np.isfinite(a)]
-        m = float(a.max()) if a.size else 0.0
+        m = max_finite_abs(self.arr.reshape(self.arr.shape[0], -1)) if self.arr.size else 0.0
         if m > 0 and m != 1.0:
             self.arr = self.arr / m
             self.log_scale += math.log(m)

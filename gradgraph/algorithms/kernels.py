@@ -49,6 +49,18 @@ def transform(w, t):
     return out
 
 
+@njit(cache=True)
+def max_finite_abs(a):
+    """The largest finite |a| over a 2-d array (0 if there is none): one pass, no temporaries."""
+    m = 0.0
+    for c in range(a.shape[0]):
+        for k in range(a.shape[1]):
+            v = abs(a[c, k])
+            if v > m and v < np.inf:
+                m = v
+    return m
+
+
 # ----------------------------------------------------------------------------- sparse (COO)
 @njit(cache=True)
 def coo_sum(x, src, dst, w, t, y):
@@ -296,14 +308,15 @@ def _minmax_intrinsic(name):
         def codegen(context, builder, signature, args):
             t = args[0].type
             fn = builder.module.declare_intrinsic(name, [t], ir.FunctionType(t, [t, t]))
-            return builder.call(fn, args, fastmath=("nnan", "nsz"))
+            return builder.call(fn, args, fastmath=("nsz",))
         return a(a, b), codegen
     return f
 
 
-# max / min of two floats as LLVM's maxnum / minnum, the values never NaN. ``y[j] = max(y[j], v)``
-# written with Python's max becomes a conditional (masked) store when vectorised, which is very slow
-# on some CPUs; these compile to vmaxps / vminps and a plain store.
+# max / min of two floats as LLVM's maxnum / minnum: a NaN operand yields the other one, so a NaN
+# candidate is "no candidate". ``y[j] = max(y[j], v)`` written with Python's max becomes a
+# conditional (masked) store when vectorised, which is very slow on some CPUs; these compile to
+# vmaxps / vminps (plus a NaN blend) and a plain store.
 fmax = _minmax_intrinsic("llvm.maxnum")
 fmin = _minmax_intrinsic("llvm.minnum")
 
@@ -314,6 +327,8 @@ def mm_maxmin_dense(Amax, Amin, P, Ymax, Ymin):
 
     ``max(p amax, p amin)`` is p amax for p > 0 and p amin for p < 0 (the min likewise), which
     vectorises where a branch on the sign does not. Works in the arrays' dtype (float32 or float64).
+    A weight given as NaN is no edge (its candidates are NaN, which :func:`fmax` / :func:`fmin`
+    ignore): callers pass a P with its zeros replaced by NaN.
     """
     B, I, T = Amax.shape
     J = P.shape[2]
@@ -357,7 +372,8 @@ def layer_norm_maxmin_t(xh, rs, gam, xmax, xmin, ymax, ymin):
 
     Off the diagonal w_ij = a_i (1 + xh_i xh_j) with a_i = -gamma_i s / d, so each candidate
     w_ij x_i is the line P_i + Q_i xh_j evaluated at xh_j; the diagonal adds gamma_j s x_j.
-    Rows i with no path (xmax = -inf) or gamma_i = 0 (no edges) are dropped first.
+    Rows i with no path (xmax = -inf) or gamma_i = 0 (no edges) are dropped first. ``ymax`` /
+    ``ymin`` come in as -inf / +inf.
     """
     R, d = xh.shape
     P = np.empty((2, d))
@@ -383,20 +399,25 @@ def layer_norm_maxmin_t(xh, rs, gam, xmax, xmin, ymax, ymin):
             n += 1
         if n == 0:
             continue
-        for j in range(d):
-            z = xh[r, j]
-            hi = -np.inf
-            lo = np.inf
-            for m in range(n):
-                u = P[0, m] + Q[0, m] * z
-                v = P[1, m] + Q[1, m] * z
-                if idx[m] == j:
-                    u += G[0, m]
-                    v += G[1, m]
-                hi = max(hi, max(u, v))
-                lo = min(lo, min(u, v))
-            ymax[base + j] = hi
-            ymin[base + j] = lo
+        hi = ymax[base:base + d]          # starts at -inf / +inf (no path)
+        lo = ymin[base:base + d]
+        z = xh[r]
+        for m in range(n):
+            # all j as off-diagonal entries (a plain vectorised max-update), then the diagonal
+            # entry j = idx[m] redone from its value before this m with its true weight
+            jm = idx[m]
+            h0 = hi[jm]
+            l0 = lo[jm]
+            p0, q0, p1, q1 = P[0, m], Q[0, m], P[1, m], Q[1, m]
+            for k in range(d):
+                u = p0 + q0 * z[k]
+                v = p1 + q1 * z[k]
+                hi[k] = fmax(hi[k], fmax(u, v))
+                lo[k] = fmin(lo[k], fmin(u, v))
+            u = p0 + q0 * z[jm] + G[0, m]
+            v = p1 + q1 * z[jm] + G[1, m]
+            hi[jm] = fmax(h0, fmax(u, v))
+            lo[jm] = fmin(l0, fmin(u, v))
 
 
 _SQRT2, _LN2 = 1.4142135623730951, 0.6931471805599453
