@@ -237,11 +237,10 @@ class MatmulJacobian(Jacobian):
     def apply_max(self, xmax, xmin, signed, transpose):
         shape_src = self.out_shape if transpose else self.in_shape
         P = self._P("MT" if transpose else "M")
-        dense = self._dense(P)
-        if signed and not dense and P.size <= 1 << 22:
-            # zero weights are not edges: as NaN the branch-free kernel skips them
-            P = np.where(P == 0, np.array(np.nan, dtype=P.dtype), P)
-            dense = True
+        zero_cols = self._zero_cols(P)
+        # the branch-free kernel counts zero weights as edges: it is used when few columns hold
+        # zeros, which are then redone exactly
+        dense = len(zero_cols) <= P.shape[2] // 8 or not signed
         # float32 weights: the branch-free kernel runs in float32 (twice the SIMD width). The values
         # are renormalised per tensor (largest 1), so float32's range holds them unless some are
         # below 1e-20; the path weights themselves are recomputed exactly in float64 afterwards.
@@ -255,17 +254,22 @@ class MatmulJacobian(Jacobian):
             Amin = np.ascontiguousarray(self._canon(xmin, shape_src, 1)[0], dtype=dt)
             Ymax = np.full((B_, I_, ncol), -np.inf, dtype=dt)
             Ymin = np.full((B_, I_, ncol), np.inf, dtype=dt)
-            (K.mm_maxmin_dense if dense else K.mm_maxmin)(A, Amin, P, Ymax, Ymin)
+            if dense:
+                K.mm_maxmin_dense(A, Amin, P, Ymax, Ymin)
+                if len(zero_cols):
+                    K.mm_maxmin_cols(A, Amin, P, zero_cols, Ymax, Ymin)
+            else:
+                K.mm_maxmin(A, Amin, P, Ymax, Ymin)
             return self._uncanon(Ymax[None], 1)[0], self._uncanon(Ymin[None], 1)[0]
         Y = np.zeros((B_, I_, ncol), dtype=dt)
-        (K.mm_max_dense if dense else K.mm_max)(A, P, Y)
+        K.mm_max_dense(A, P, Y)
         return self._uncanon(Y[None], 1)[0], None
 
-    def _dense(self, P):
-        """True if P has no zero entry (the branch-free max kernels treat every entry as an edge)."""
-        key = ("dense", id(P))
+    def _zero_cols(self, P):
+        """Indices of the columns of P (B, T, N) holding a zero weight (cached per array)."""
+        key = ("zero_cols", id(P))
         if key not in self._cache:
-            self._cache[key] = bool(np.all(P != 0))
+            self._cache[key] = np.flatnonzero((P == 0).any(axis=(0, 1)))
         return self._cache[key]
 
     def out_edges(self, j):
@@ -493,6 +497,8 @@ class RowBlockJacobian(Jacobian):
         return self._unrows(y, C)
 
     def apply_max(self, xmax, xmin, signed, transpose):
+        if self.function != "layer_norm":
+            return self._lowrank_max(xmax, xmin, signed, transpose)
         ymax, ymin = _empty_max(self.out_numel, signed)
         if self.function == "layer_norm" and self.inner == 1 and signed and transpose:
             K.layer_norm_maxmin_t(self.A, self.rstd, self.gamma, np.ascontiguousarray(xmax, dtype=np.float64),
@@ -503,6 +509,44 @@ class RowBlockJacobian(Jacobian):
                        np.ascontiguousarray(xmin if signed else xmax, dtype=np.float64),
                        transpose, signed, ymax, ymin if signed else np.zeros(1))
         return ymax, ymin
+
+    def _lowrank_max(self, xmax, xmin, signed, transpose):
+        """(max, x) for softmax and log-softmax in O(rows d), not O(rows d^2).
+
+        Both are J = diag(Dg) + [a_i b_j] off the diagonal -- softmax: Dg = p(1 - p), a = -p,
+        b = p; log-softmax: Dg = 1 - p, a = -1, b = p -- so the best off-diagonal term reaching
+        element k is its factor times the best of the other elements' terms of its row: the
+        row's best and second best suffice (a vocabulary-sized log-softmax sink stays linear).
+        """
+        p = self.A
+        if self.function == "softmax":
+            Dg, a, b = p * (1 - p), -p, p
+        else:
+            Dg, a, b = 1 - p, -np.ones_like(p), p
+        src_f, dst_f = (a, b) if transpose else (b, a)
+        rows = lambda v: self._rows(np.asarray(v, dtype=np.float64)[None], 1)[0]
+        xM = rows(xmax)
+        if not signed:
+            s = np.where(src_f != 0, np.abs(src_f) * xM, 0.0)
+            y = np.maximum(np.abs(Dg) * xM, np.abs(dst_f) * _best_of_others(s, True))
+            return self._unrows(y[None], 1)[0], None
+        xm = rows(xmin)
+        ok = (xM != -np.inf) & (src_f != 0)
+        with np.errstate(invalid="ignore"):
+            u, v = src_f * xM, src_f * xm
+        offmax = _best_of_others(np.where(ok, np.maximum(u, v), -np.inf), True)
+        offmin = _best_of_others(np.where(ok, np.minimum(u, v), np.inf), False)
+        with np.errstate(invalid="ignore"):
+            u, v = dst_f * offmax, dst_f * offmin
+        has = (dst_f != 0) & (offmax != -np.inf)
+        ymax = np.where(has, np.maximum(u, v), -np.inf)
+        ymin = np.where(has, np.minimum(u, v), np.inf)
+        okd = (xM != -np.inf) & (Dg != 0)
+        with np.errstate(invalid="ignore"):
+            u, v = Dg * xM, Dg * xm
+        ymax = np.where(okd, np.maximum(ymax, np.maximum(u, v)), ymax)
+        ymin = np.where(okd, np.minimum(ymin, np.minimum(u, v)), ymin)
+        return self._unrows(ymax[None], 1)[0], self._unrows(ymin[None], 1)[0]
 
     def out_edges(self, j):
         o, jj, tt = np.unravel_index(j, (self.outer, self.d, self.inner))
@@ -530,6 +574,20 @@ class RowBlockJacobian(Jacobian):
     def from_state(cls, out_shape, in_shape, params, arrays):
         return cls(out_shape, params["function"], params["outer"], params["d"], params["inner"],
                    arrays["A"], arrays.get("rstd"), arrays.get("gamma"))
+
+
+def _best_of_others(s, largest):
+    """(R, d) -> (R, d): at column k, the best (max or min) of row values at the other columns."""
+    s2 = s if largest else -s
+    r = np.arange(s.shape[0])
+    i1 = np.argmax(s2, axis=1)
+    b1 = s2[r, i1]
+    rest = s2.copy()
+    rest[r, i1] = -np.inf
+    b2 = rest.max(axis=1)
+    out = np.repeat(b1[:, None], s.shape[1], axis=1)
+    out[r, i1] = b2
+    return out if largest else -out
 
 
 def _safe_log(p):
