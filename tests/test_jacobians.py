@@ -124,6 +124,9 @@ INSTANCES = {
     "softmax-last": rowblock("softmax", (3, 5), 1),
     "softmax-middle": rowblock("softmax", (2, 4, 3), 1),
     "log-softmax-first": rowblock("log_softmax", (4, 3), 0),
+    # regression: a vocabulary-sized row (the O(d) max path of softmax / log-softmax)
+    "log-softmax-wide-row": rowblock("log_softmax", (2, 700), 1),
+    "softmax-wide-row": rowblock("softmax", (2, 700), 1),
     "layer-norm": layer_norm,
 }
 
