@@ -308,15 +308,14 @@ def _minmax_intrinsic(name):
         def codegen(context, builder, signature, args):
             t = args[0].type
             fn = builder.module.declare_intrinsic(name, [t], ir.FunctionType(t, [t, t]))
-            return builder.call(fn, args, fastmath=("nsz",))
+            return builder.call(fn, args, fastmath=("nnan", "nsz"))
         return a(a, b), codegen
     return f
 
 
-# max / min of two floats as LLVM's maxnum / minnum: a NaN operand yields the other one, so a NaN
-# candidate is "no candidate". ``y[j] = max(y[j], v)`` written with Python's max becomes a
-# conditional (masked) store when vectorised, which is very slow on some CPUs; these compile to
-# vmaxps / vminps (plus a NaN blend) and a plain store.
+# max / min of two floats (never NaN) as LLVM's maxnum / minnum. ``y[j] = max(y[j], v)`` written
+# with Python's max becomes a conditional (masked) store when vectorised, which is very slow on some
+# CPUs; these compile to vmaxps / vminps and a plain store.
 fmax = _minmax_intrinsic("llvm.maxnum")
 fmin = _minmax_intrinsic("llvm.minnum")
 
@@ -327,8 +326,8 @@ def mm_maxmin_dense(Amax, Amin, P, Ymax, Ymin):
 
     ``max(p amax, p amin)`` is p amax for p > 0 and p amin for p < 0 (the min likewise), which
     vectorises where a branch on the sign does not. Works in the arrays' dtype (float32 or float64).
-    A weight given as NaN is no edge (its candidates are NaN, which :func:`fmax` / :func:`fmin`
-    ignore): callers pass a P with its zeros replaced by NaN.
+    A zero weight would count as an edge of weight 0: callers redo the columns of P that hold
+    zeros with :func:`mm_maxmin_cols`.
     """
     B, I, T = Amax.shape
     J = P.shape[2]
@@ -349,9 +348,31 @@ def mm_maxmin_dense(Amax, Amin, P, Ymax, Ymin):
                     ymn[j] = fmin(ymn[j], fmin(u, v))
 
 
+@njit(cache=True)
+def mm_maxmin_cols(Amax, Amin, P, cols, Ymax, Ymin):
+    """Recompute the columns ``cols`` of a signed max product exactly (zero weights skipped)."""
+    B, I, T = Amax.shape
+    for j in cols:
+        for b in range(B):
+            for i in range(I):
+                hi = -np.inf
+                lo = np.inf
+                for t in range(T):
+                    w = P[b, t, j]
+                    amax = Amax[b, i, t]
+                    if w == 0.0 or amax == -np.inf:
+                        continue
+                    u = w * amax
+                    v = w * Amin[b, i, t]
+                    hi = max(hi, max(u, v))
+                    lo = min(lo, min(u, v))
+                Ymax[b, i, j] = hi
+                Ymin[b, i, j] = lo
+
+
 @njit(cache=True, fastmath=_FM, error_model="numpy")
 def mm_max_dense(A, P, Y):
-    """:func:`mm_max` for a P without zeros, t-outer."""
+    """:func:`mm_max`, t-outer (a zero weight gives the candidate 0, which is "no path" here)."""
     B, I, T = A.shape
     J = P.shape[2]
     for b in range(B):
