@@ -488,26 +488,38 @@ def vlog(a, out, ib):
 
 @njit(cache=True, fastmath=_FM, error_model="numpy")
 def layer_norm_sum(A, rs, gam, x, t, transpose, y):
-    """y += f(J) x (or f(J)^T x) for layer-norm rows laid out contiguously (inner == 1), with
-    J_ij = g_i s (delta_ij - 1/d - xh_i xh_j / d) computed on the fly.
+    """y += f(J) x (or f(J)^T x), f = |.| (t = 1) or -|.|log|.| (t = 2), for layer-norm rows laid
+    out contiguously (inner == 1); J_ij = g_i s (delta_ij - 1/d - xh_i xh_j / d).
 
-    Rows whose input entries are all zero are skipped (a backward pass from one logit reaches the
-    last layer norms through one row). Per (row, i) the transformed row f(J_i.) is built once in
-    a buffer by branch-free loops (the log by :func:`vlog`), the diagonal entry set exactly, and then
-    applied to every channel, so the O(rows d^2) work vectorises.
+    Off the diagonal J_ij = c_i u'_ij with c_i = -g_i s / d and u'_ij = 1 + xh_i xh_j, so with
+    u = |u'| (symmetric), k = -u log u (symmetric), alpha_i = |c_i|, beta_i = -|c_i| log|c_i|:
+
+        |J_ij| = alpha_i u_ij,        -|J_ij| log|J_ij| = beta_i u_ij + alpha_i k_ij.
+
+    Only the upper triangle of u and k is evaluated (half the logs, by :func:`vlog`), each entry
+    serving (i, j) and (j, i); the diagonal is added with its true weight. Rows whose input is
+    all zero are skipped (a backward pass from one logit reaches the last layer norms through one
+    row). O(live rows d^2), as any exact product with |J| or log|J| must be.
     """
     R, d = A.shape
     C = x.shape[0]
     inv_d = 1.0 / d
-    f = np.empty(d)
+    al = np.empty(d)
+    be = np.empty(d)
+    V1 = np.empty((C, d))
+    V2 = np.empty((C, d))
+    O1 = np.empty((C, d))
+    O2 = np.empty((C, d))
+    u = np.empty(d)
+    k = np.empty(d)
     lg = np.empty(d)
     ib = np.empty(d, np.int64)
     for r in range(R):
         base = r * d
         live = False
         for c in range(C):
-            for k in range(d):
-                if x[c, base + k] != 0.0:
+            for q in range(d):
+                if x[c, base + q] != 0.0:
                     live = True
                     break
             if live:
@@ -515,35 +527,64 @@ def layer_norm_sum(A, rs, gam, x, t, transpose, y):
         if not live:
             continue
         s = rs[r]
+        z = A[r]
         for i in range(d):
-            if transpose:
-                any_x = False
-                for c in range(C):
-                    if x[c, base + i] != 0.0:
-                        any_x = True
-                if not any_x:
-                    continue
-            a_i = gam[i] * s
-            b_i = A[r, i] * inv_d
-            for j in range(d):
-                f[j] = a_i * (-inv_d - b_i * A[r, j])
-            if t == 1:
-                for j in range(d):
-                    f[j] = abs(f[j])
-            elif t == 2:
-                for j in range(d):
-                    f[j] = abs(f[j])
-                vlog(f, lg, ib)
-                for j in range(d):
-                    f[j] = -f[j] * lg[j] if f[j] > 0.0 else 0.0
-            f[i] = tw(a_i * (1.0 - inv_d - b_i * A[r, i]), t)
+            ci = abs(gam[i] * s * inv_d)
+            al[i] = ci
+            be[i] = -ci * np.log(ci) if ci > 0.0 else 0.0
+        # transpose: y = U (b x) + K (a x) [t=2], U (a x) [t=1]; forward: y = b (U x) + a (K x)
+        for c in range(C):
+            for i in range(d):
+                xi = x[c, base + i]
+                if transpose:
+                    V1[c, i] = (be[i] if t == 2 else al[i]) * xi
+                    V2[c, i] = al[i] * xi
+                else:
+                    V1[c, i] = xi
+                    V2[c, i] = xi
+                O1[c, i] = 0.0
+                O2[c, i] = 0.0
+        for i in range(d):
+            n = d - i - 1
+            if n == 0:
+                continue
+            zi = z[i]
+            uu = u[:n]
+            for q in range(n):
+                uu[q] = abs(1.0 + zi * z[i + 1 + q])
+            if t == 2:
+                vlog(uu, lg[:n], ib[:n])
+                for q in range(n):
+                    k[q] = -uu[q] * lg[q] if uu[q] > 0.0 else 0.0
             for c in range(C):
-                if transpose:      # y_j += f(J_ij) x_i
-                    xi = x[c, base + i]
-                    for j in range(d):
-                        y[c, base + j] += f[j] * xi
-                else:              # y_i += f(J_ij) x_j
-                    acc = 0.0
-                    for j in range(d):
-                        acc += f[j] * x[c, base + j]
-                    y[c, base + i] += acc
+                v1i = V1[c, i]
+                v2i = V2[c, i]
+                acc1 = 0.0
+                acc2 = 0.0
+                o1 = O1[c, i + 1:]
+                v1 = V1[c, i + 1:]
+                if t == 2:
+                    o2 = O2[c, i + 1:]
+                    v2 = V2[c, i + 1:]
+                    for q in range(n):
+                        o1[q] += uu[q] * v1i
+                        o2[q] += k[q] * v2i
+                        acc1 += uu[q] * v1[q]
+                        acc2 += k[q] * v2[q]
+                else:
+                    for q in range(n):
+                        o1[q] += uu[q] * v1i
+                        acc1 += uu[q] * v1[q]
+                O1[c, i] += acc1
+                O2[c, i] += acc2
+        for c in range(C):
+            for i in range(d):
+                if transpose:
+                    yi = O1[c, i] + O2[c, i]
+                elif t == 2:
+                    yi = be[i] * O1[c, i] + al[i] * O2[c, i]
+                else:
+                    yi = al[i] * O1[c, i]
+                a_i = gam[i] * s
+                diag = tw(a_i * (1.0 - inv_d - z[i] * z[i] * inv_d), t)
+                y[c, base + i] += yi + diag * x[c, base + i]
