@@ -324,7 +324,8 @@ def _transform_t(M, t):
     a = M.abs()
     if t == K.ABS:
         return a
-    return torch.special.xlogy(a, a).neg_()
+    # a log a with 0 log 0 = 0: the nan of 0 * -inf is the only non-finite value (xlogy is slower)
+    return torch.log(a).mul_(a).neg_().nan_to_num_(0.0)
 
 
 # ============================================================================ convolution
