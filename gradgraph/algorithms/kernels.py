@@ -110,23 +110,6 @@ def coo_maxmin(xmax, xmin, src, dst, w, ymax, ymin):
 
 # ----------------------------------------------------------------------------- contraction
 @njit(cache=True)
-def mm_max(A, P, Y):
-    """Y[b, i, :] = max_t |P[b, t, :]| * A[b, i, t]   (k-i-j order; P rows contiguous)."""
-    B, I, T = A.shape
-    J = P.shape[2]
-    for b in range(B):
-        for i in range(I):
-            for t in range(T):
-                a = A[b, i, t]
-                if a == 0.0:
-                    continue
-                for j in range(J):
-                    v = abs(P[b, t, j]) * a
-                    if v > Y[b, i, j]:
-                        Y[b, i, j] = v
-
-
-@njit(cache=True)
 def mm_maxmin(Amax, Amin, P, Ymax, Ymin):
     """Signed (max, x)/(min, x) semiring matmul Y = A (x) P."""
     B, I, T = Amax.shape
@@ -372,7 +355,8 @@ def mm_maxmin_cols(Amax, Amin, P, cols, Ymax, Ymin):
 
 @njit(cache=True, fastmath=_FM, error_model="numpy")
 def mm_max_dense(A, P, Y):
-    """:func:`mm_max`, t-outer (a zero weight gives the candidate 0, which is "no path" here)."""
+    """Y[b, i, :] = max_t |P[b, t, :]| * A[b, i, t], t-outer so each row of P is read once per
+    batch (a zero weight gives the candidate 0, which is "no path" here)."""
     B, I, T = A.shape
     J = P.shape[2]
     for b in range(B):
