@@ -57,24 +57,28 @@ def median_time(fn, repeats=5, warmup=1):
     return statistics.median(times)
 
 
+def embedding_forward(model, kwargs, output=logit_diff):
+    """torch forward of ``output(model(**kwargs))`` with the word-embedding output (gradgraph's
+    source) made to require grad: returns (sink, embedding output)."""
+    holder = {}
+
+    def hook(mod, inp, out):
+        out.requires_grad_(True)
+        holder["e"] = out
+        return out
+    h = model.get_input_embeddings().register_forward_hook(hook)
+    try:
+        y = output(model(**kwargs))
+    finally:
+        h.remove()
+    return y, holder["e"]
+
+
 def torch_fwd_bwd_time(model, kwargs, output=logit_diff, repeats=7):
     """Median seconds of one torch forward + backward of ``output(model(**kwargs))`` down to the
     word-embedding output (gradient wrt the embeddings, as gradgraph's source)."""
-    emb = model.get_input_embeddings()
-
     def run():
-        holder = {}
-
-        def hook(mod, inp, out):
-            out.requires_grad_(True)
-            holder["e"] = out
-            return out
-        h = emb.register_forward_hook(hook)
-        try:
-            y = output(model(**kwargs))
-            torch.autograd.grad(y, holder["e"])
-        finally:
-            h.remove()
+        torch.autograd.grad(*embedding_forward(model, kwargs, output))
     return median_time(run, repeats=repeats, warmup=2)
 
 

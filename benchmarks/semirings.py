@@ -50,7 +50,7 @@ if _T is not None:
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (bert_inputs, bert_mlm, fmt_bytes, fmt_seconds, logit_diff, machine,  # noqa: E402
+from common import (bert_inputs, bert_mlm, embedding_forward, fmt_bytes, fmt_seconds, logit_diff, machine,  # noqa: E402
                     median_time, print_table)
 
 import gradgraph as gg  # noqa: E402
@@ -76,21 +76,9 @@ def queries(g):
 
 def torch_backward(model, kwargs):
     """A closure running forward (untimed by the caller if it wishes) and returning a backward."""
-    emb = model.get_input_embeddings()
-
     def forward():
-        holder = {}
-
-        def hook(mod, inp, out):
-            out.requires_grad_(True)
-            holder["e"] = out
-            return out
-        h = emb.register_forward_hook(hook)
-        try:
-            y = logit_diff(model(**kwargs))
-        finally:
-            h.remove()
-        return lambda: torch.autograd.grad(y, holder["e"])
+        y, emb = embedding_forward(model, kwargs)
+        return lambda: torch.autograd.grad(y, emb)
     return forward
 
 
