@@ -50,6 +50,8 @@ class Jacobian:
     """Base class; see the module docstring for the interface."""
 
     kind = "abstract"
+    #: True when the Jacobian is the identity (same shape, every element copied with weight 1).
+    is_identity = False
 
     def __init__(self, out_shape, in_shape):
         self.out_shape = tuple(int(s) for s in out_shape)
@@ -112,6 +114,10 @@ class SparseJacobian(Jacobian):
                 vals = vals[keep]
                 n = len(vals)
         self.rows, self.cols, self.vals, self.n = rows, cols, vals, n
+        self.is_identity = bool(
+            vals is None and n == self.out_numel == self.in_numel
+            and all(a is None or (a[0] == 0 and np.array_equal(a, np.arange(n, dtype=a.dtype)))
+                    for a in (rows, cols) if a is None or len(a)))
         self._csc = None
 
     def _r(self):

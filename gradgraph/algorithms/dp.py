@@ -54,6 +54,15 @@ def _accumulate(sr, acc, arr, log_scale):
     return Scaled(sr.plus(a, b), L)
 
 
+def _carry(sr, jac, x, transpose, is_view):
+    """Values carried across one edge. A view edge whose Jacobian is the identity (a reshape)
+    passes every semiring's values unchanged -- weight 1, no length -- so nothing is computed
+    and the array is shared (the engine never writes into value arrays)."""
+    if is_view and jac.is_identity:
+        return x
+    return sr.times(jac, x, transpose, is_view)
+
+
 def backward(g, sr, seed=None, stop_at_sources=True, keep=None):
     """Run Algorithm 2 over graph ``g`` in semiring ``sr``.
 
@@ -84,7 +93,7 @@ def backward(g, sr, seed=None, stop_at_sources=True, keep=None):
             continue
         for k in g.in_edges[v]:
             e = g.edges[k]
-            y = sr.times(e.jac, bv.arr, True, g.nodes[v].is_view)
+            y = _carry(sr, e.jac, bv.arr, True, g.nodes[v].is_view)
             B[e.src] = _accumulate(sr, B[e.src], y, bv.log_scale)
         if keep is not None and v not in keep:
             B[v] = None
@@ -124,7 +133,7 @@ def forward(g, sr, seeds=None, keep=None, visit=None):
             du = D[e.src]
             if du is None:
                 continue
-            y = sr.times(e.jac, du.arr, False, g.nodes[v].is_view)
+            y = _carry(sr, e.jac, du.arr, False, g.nodes[v].is_view)
             D[v] = _accumulate(sr, D[v], y, du.log_scale)
         if D[v] is not None:
             D[v].normalize()
