@@ -41,8 +41,13 @@ def _numel(shape):
 
 
 def _empty_max(n, signed):
+    """"No path" outputs of a max product; the signed (max, min) pair are the two rows of one
+    (2, n) buffer, which the max-signed semiring then uses as its value without a copy."""
     if signed:
-        return np.full(n, -np.inf), np.full(n, np.inf)
+        buf = np.empty((2, n))
+        buf[0] = -np.inf
+        buf[1] = np.inf
+        return buf[0], buf[1]
     return np.zeros(n), None
 
 

@@ -120,6 +120,10 @@ class _MaxSigned(Semiring):
 
     def times(self, jac, x, transpose, is_view=False):
         hi, lo = jac.apply_max(np.ascontiguousarray(x[0]), np.ascontiguousarray(x[1]), True, transpose)
+        pair = hi.base
+        if (pair is not None and lo.base is pair and pair.shape == (2, hi.size)
+                and hi.ctypes.data == pair[0].ctypes.data and lo.ctypes.data == pair[1].ctypes.data):
+            return pair        # max and min are rows 0 and 1 of one buffer already
         return np.stack([hi, lo])
 
 
