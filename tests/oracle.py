@@ -77,6 +77,7 @@ def _short(op):
 
 
 def _tensor_args(node):
+    # written again on purpose: the oracle shares no code with gradgraph's capture
     out = []
     for i, a in enumerate(node.args):
         if isinstance(a, torch.fx.Node):
