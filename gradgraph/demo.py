@@ -92,9 +92,7 @@ def main(argv=None):
               f"{p.length} hops: {_hop_summary(p)}")
 
     H = g.entropy()
-    src_shape = g.nodes[g.sources[WORD_EMB]].shape            # (1, LENGTH, hidden)
-    tokens = np.broadcast_to(np.arange(LENGTH)[None, :, None], src_shape)
-    per_token = g.entropy(groups={WORD_EMB: tokens})[WORD_EMB]
+    per_token = g.entropy(groups={WORD_EMB: 1})[WORD_EMB]     # axis 1 of (1, tokens, hidden)
     print(f"\nentropy of the path distribution: {H:.3f} nats; per token (its hidden units "
           f"aggregated, paper Eq. 3):\n  " + " ".join(f"{v:.2f}" for v in per_token))
 

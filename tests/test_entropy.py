@@ -54,6 +54,8 @@ def test_entropy_grouped_matches_enumeration(case, data):
     want = o.entropy(groups={_source_fx(g, name): [np.flatnonzero(rows == k).tolist()
                                                     for k in range(shape[0])]})[_source_fx(g, name)]
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+    # the same groups named by their axis
+    np.testing.assert_allclose(g.entropy(groups={name: 0})[name], want, rtol=1e-9, atol=1e-12)
 
 
 def test_entropy_single_path_is_zero():

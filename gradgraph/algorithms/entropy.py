@@ -13,11 +13,13 @@ so R / Z is scale-free and log Z = log(mantissa) + s: path weights of 1e-400 and
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
 from ..errors import QueryError
 from .dp import backward
+from .groups import labels_along
 from .semirings import ENTROPY
 
 __all__ = ["entropy"]
@@ -47,6 +49,8 @@ def _h(z, r, log_scale):
 
 def _labels(g, name, labels):
     node = g.nodes[g.source_index(name)]
+    if isinstance(labels, numbers.Integral) and not isinstance(labels, bool):
+        labels = labels_along(node.shape, int(labels), f"source {name!r}")
     lab = np.asarray(labels)
     if lab.size != node.numel or not np.issubdtype(lab.dtype, np.integer):
         raise QueryError(f"groups[{name!r}] must be an integer label array with one label per element of "
@@ -70,7 +74,8 @@ def entropy(g, per_source=False, groups=None):
         with 1-bar edges, which adds nothing to either channel, so a group's pair is the sum of its
         elements' pairs). ``groups[name]`` is an integer label per element of source ``name``
         (shaped like the source, or flat); label ``k >= 0`` puts the element in group ``k``, a
-        negative label leaves it out. Returns ``{name: array indexed by label}`` for the named
+        negative label leaves it out. An int ``axis`` instead groups by the index along that axis
+        (``{name: 1}`` on a (batch, tokens, hidden) source: one entropy per token). Returns ``{name: array indexed by label}`` for the named
         sources only (``per_source`` is then implied).
 
     Returns

@@ -30,6 +30,7 @@ import numpy as np
 
 from ..errors import QueryError
 from .dp import Scaled, backward, forward
+from .groups import labels_along
 from .semirings import MAX_ABS, MAX_SIGNED
 
 __all__ = ["Hop", "Path", "Branches", "top_paths", "branches", "ORDERS"]
@@ -553,12 +554,7 @@ def branches(g, node, order="signed", groups=None):
     if groups is None:
         group_of = np.arange(n).reshape(nd.shape)
     elif isinstance(groups, numbers.Integral) and not isinstance(groups, bool):
-        ax = int(groups)
-        if not -len(nd.shape) <= ax < len(nd.shape):
-            raise QueryError(f"groups axis {ax} out of range for {nd.name!r} of shape {nd.shape}")
-        shape1 = [1] * len(nd.shape)
-        shape1[ax] = nd.shape[ax]
-        group_of = np.broadcast_to(np.arange(nd.shape[ax]).reshape(shape1), nd.shape)
+        group_of = labels_along(nd.shape, int(groups), repr(nd.name))
     else:
         group_of = np.asarray(groups)
         if group_of.shape != tuple(nd.shape) or not np.issubdtype(group_of.dtype, np.integer) \
