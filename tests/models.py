@@ -135,6 +135,15 @@ def _ids_and_mask(g, mask, batch=2):
     return ids, attn
 
 
+def _hf_case(model, g, mask, **extra):
+    """(model, args, kwargs, output) for a HuggingFace LM: token ids, optional padding mask."""
+    ids, attn = _ids_and_mask(g, mask)
+    kwargs = {"input_ids": ids, **extra}
+    if mask:
+        kwargs["attention_mask"] = attn
+    return model, (), kwargs, _logit_diff
+
+
 def _logit_diff(o):
     return o.logits[0, 3, 5] - o.logits[1, 2, 7]
 
@@ -147,11 +156,7 @@ def bert_mlm(mask=False, dtype=torch.float64, seed=0):
                      intermediate_size=32, max_position_embeddings=16, type_vocab_size=2,
                      attn_implementation="eager")
     model = BertForMaskedLM(cfg).to(dtype).eval()
-    ids, attn = _ids_and_mask(g, mask)
-    kwargs = {"input_ids": ids}
-    if mask:
-        kwargs["attention_mask"] = attn
-    return model, (), kwargs, _logit_diff
+    return _hf_case(model, g, mask)
 
 
 def gpt2_lm(mask=False, dtype=torch.float64, seed=0):
@@ -162,11 +167,7 @@ def gpt2_lm(mask=False, dtype=torch.float64, seed=0):
                      bos_token_id=0, eos_token_id=0,
                      attn_implementation="eager")
     model = GPT2LMHeadModel(cfg).to(dtype).eval()
-    ids, attn = _ids_and_mask(g, mask)
-    kwargs = {"input_ids": ids, "use_cache": False}
-    if mask:
-        kwargs["attention_mask"] = attn
-    return model, (), kwargs, _logit_diff
+    return _hf_case(model, g, mask, use_cache=False)
 
 
 def distilbert_mlm(mask=False, dtype=torch.float64, seed=0):
@@ -176,11 +177,7 @@ def distilbert_mlm(mask=False, dtype=torch.float64, seed=0):
     cfg = DistilBertConfig(vocab_size=_VOCAB, dim=16, n_layers=2, n_heads=2, hidden_dim=32,
                            max_position_embeddings=16, attn_implementation="eager")
     model = DistilBertForMaskedLM(cfg).to(dtype).eval()
-    ids, attn = _ids_and_mask(g, mask)
-    kwargs = {"input_ids": ids}
-    if mask:
-        kwargs["attention_mask"] = attn
-    return model, (), kwargs, _logit_diff
+    return _hf_case(model, g, mask)
 
 
 def transformer_encoder_layer(dtype=torch.float64, seed=0):
