@@ -8,6 +8,9 @@ engine and the exporters use:
 ``apply_sum(x, t, transpose)``
     (+, x) product with transformed weights ``f(w)`` (``t``: 0 ``w``, 1 ``|w|``, 2 ``-|w|log|w|``)
     on a batch ``x`` of shape (C, n). ``transpose=True`` is backward (out -> in).
+``apply_entropy(x, transpose)``
+    the entropy semiring's product on pairs ``x = (Z, R)``: ``(|J| Z, |J| R + H Z)`` with
+    ``H = -|J| log|J|``; by default two ``apply_sum`` calls, fused where a kind can do better.
 ``apply_max(xmax, xmin, signed, transpose)``
     (max, x) product: unsigned on ``|w|`` (0 = no path) or signed on ``w`` with the (max, min) pair.
 ``out_edges(j)``
@@ -72,6 +75,11 @@ class Jacobian:
 
     def _dims(self, transpose):
         return (self.out_numel, self.in_numel) if transpose else (self.in_numel, self.out_numel)
+
+    def apply_entropy(self, x, transpose):
+        y = self.apply_sum(x, K.ABS, transpose)
+        y[1] += self.apply_sum(x[:1], K.XLOGX, transpose)[0]
+        return y
 
     def to_dense(self):
         D = np.zeros((self.out_numel, self.in_numel))
@@ -142,6 +150,13 @@ class SparseJacobian(Jacobian):
         y = np.zeros((x.shape[0], self._dims(transpose)[1]))
         src, dst = (self._r(), self._c()) if transpose else (self._c(), self._r())
         K.coo_sum(x, src, dst, self._v(), t, y)
+        return y
+
+    def apply_entropy(self, x, transpose):
+        x = np.ascontiguousarray(x, dtype=np.float64)
+        y = np.zeros((2, self._dims(transpose)[1]))
+        src, dst = (self._r(), self._c()) if transpose else (self._c(), self._r())
+        K.coo_entropy(x, src, dst, self._v(), y)
         return y
 
     def apply_max(self, xmax, xmin, signed, transpose):
@@ -220,30 +235,55 @@ class MatmulJacobian(Jacobian):
             v = np.swapaxes(v, 2, 3)
         return np.ascontiguousarray(v, dtype=np.float64).reshape(C, -1)
 
-    def apply_sum(self, x, t, transpose):
+    def _support(self, x, transpose):
+        """The batch as a torch tensor (C, B, I, K) contracting K, the operand P (B, K, N) in its
+        own dtype restricted to the columns K the batch reaches, and where the result goes.
+
+        A backward pass from one logit reaches a vocabulary-sized product through a handful of
+        non-zero entries: contract only the non-zero rows and columns (and transform only the
+        weights they meet), so the cost follows the support."""
         C = x.shape[0]
-        a = self._canon(x, self.out_shape if transpose else self.in_shape, C)   # (C, B, I, K), contract K
+        a = self._canon(x, self.out_shape if transpose else self.in_shape, C)
         M = self._M
-        P = np.swapaxes(M, 1, 2) if transpose else M                           # (B, K, N)
-        # torch.matmul runs strided (transposed) operands through BLAS with torch's threads, and
-        # its abs / log are vectorised; all of it in the weights' own dtype (no float64 copy of a
-        # float32 matrix). A backward pass from one logit reaches a vocabulary-sized product
-        # through a handful of non-zero entries: contract only the non-zero rows and columns (and
-        # transform only the weights they meet), so the cost follows the support.
+        P = _tensor(np.swapaxes(M, 1, 2) if transpose else M)
         at = _tensor(a)
-        nz = at != 0
-        cols = nz.any(dim=2).any(dim=1).any(dim=0) if a.shape[1] == 1 else nz.flatten(0, 2).any(dim=0)
-        rows = nz.any(dim=3).any(dim=1).any(dim=0) if a.shape[1] == 1 else None
-        Pt = _tensor(P)
-        dense = int(cols.sum()) > cols.numel() // 2 and (rows is None or int(rows.sum()) > rows.numel() // 2)
-        if dense:
-            y = torch.matmul(at.to(Pt.dtype), _transform_t(Pt, t))
-        else:
-            ci = torch.nonzero(cols).flatten()
-            ri = torch.nonzero(rows).flatten() if rows is not None else torch.arange(a.shape[2])
-            y = torch.zeros(a.shape[:3] + (P.shape[2],), dtype=Pt.dtype)
-            y[:, :, ri] = torch.matmul(at[:, :, ri][..., ci].to(Pt.dtype), _transform_t(Pt[:, ci, :], t))
-        return self._uncanon(y.numpy().astype(np.float64, copy=False), C)
+        rows, cols = K.support_rows_cols(a.reshape((-1,) + a.shape[2:]))
+        if a.shape[1] != 1:
+            rows[:] = True
+        if 2 * int(cols.sum()) > cols.size and 2 * int(rows.sum()) > rows.size:
+            return at.to(P.dtype), P, None
+        ri = torch.from_numpy(np.flatnonzero(rows))
+        ci = torch.from_numpy(np.flatnonzero(cols))
+        return at[:, :, ri][..., ci].to(P.dtype), P[:, ci, :], (a.shape[:3] + (P.shape[2],), ri)
+
+    def _product(self, at, P, where):
+        """at @ P (torch.matmul: BLAS on strided operands, in the weights' own dtype -- no float64
+        copy of a float32 matrix), scattered back to the full rows, as a (C, numel) float64 array."""
+        y = torch.matmul(at, P)
+        if where is not None:
+            shape, ri = where
+            full = torch.zeros((y.shape[0],) + shape[1:], dtype=y.dtype)
+            full[:, :, ri] = y
+            y = full
+        return self._uncanon(y.numpy().astype(np.float64, copy=False), y.shape[0])
+
+    def apply_sum(self, x, t, transpose):
+        at, P, where = self._support(x, transpose)
+        return self._product(at, _transform_t(P, t), where)
+
+    def apply_entropy(self, x, transpose):
+        at, P, where = self._support(x, transpose)
+        # |P| and -|P| log|P| in one vectorised pass over P's own memory (a linear layer's weight
+        # is P transposed), used by two products
+        Pn = P.numpy()
+        flip = not Pn.flags.c_contiguous and np.swapaxes(Pn, 1, 2).flags.c_contiguous
+        base = np.ascontiguousarray(np.swapaxes(Pn, 1, 2) if flip else Pn)
+        A, H = np.empty_like(base), np.empty_like(base)
+        K.abs_xlogx(base.reshape(-1), A.reshape(-1), H.reshape(-1))
+        A, H = (np.swapaxes(A, 1, 2), np.swapaxes(H, 1, 2)) if flip else (A, H)
+        y = self._product(at, torch.from_numpy(A), where)
+        y[1] += self._product(at[:1], torch.from_numpy(H), where)[0]
+        return y
 
     def apply_max(self, xmax, xmin, signed, transpose):
         shape_src = self.out_shape if transpose else self.in_shape
@@ -438,21 +478,29 @@ class RowBlockJacobian(Jacobian):
     * ``softmax``:      J = diag(p) - p p^T                         (factor: p)
     * ``log_softmax``:  J = I - 1 p^T                               (factor: p = exp(y))
     * ``layer_norm``:   J = diag(g) s (I - 1/d - xhat xhat^T / d)   (factors: xhat, s = 1/sigma, g = gamma)
+
+    The factors are kept in float64. ``precision`` is the float type the model computed the op in
+    ("float32" for float32, float16 and bfloat16 models): the entropy product through a layer
+    norm, the one product that needs a logarithm per pair of row elements, runs in it.
     """
 
     kind = "rowblock"
     FUNCTIONS = ("softmax", "log_softmax", "layer_norm")
 
-    def __init__(self, shape, function, outer, d, inner, A, rstd=None, gamma=None):
+    def __init__(self, shape, function, outer, d, inner, A, rstd=None, gamma=None, precision="float64"):
         super().__init__(shape, shape)
         if function not in self.FUNCTIONS:
             raise ValueError(f"unknown row-block function {function!r}")
+        if precision not in ("float32", "float64"):
+            raise ValueError(f"precision must be 'float32' or 'float64', not {precision!r}")
+        self.precision = precision
         self.function, self.outer, self.d, self.inner = function, int(outer), int(d), int(inner)
         R = self.outer * self.inner
         self.A = np.ascontiguousarray(A, dtype=np.float64).reshape(R, self.d)
         self.rstd = np.ones(R) if rstd is None else np.ascontiguousarray(rstd, dtype=np.float64).reshape(R)
         self.gamma = np.ones(self.d) if gamma is None else np.ascontiguousarray(gamma, dtype=np.float64).reshape(self.d)
         self._code = self.FUNCTIONS.index(function)
+        self._factors = None     # the factors in ``precision``, made on first use
 
     def _rows(self, x, C):
         """(C, numel) -> (C, R, d) rows, and back."""
@@ -467,8 +515,15 @@ class RowBlockJacobian(Jacobian):
         f = self.function
         if f == "layer_norm" and t != K.SIGNED:
             y = np.zeros_like(x)
-            if self.inner == 1:
-                K.layer_norm_sum(self.A, self.rstd, self.gamma, x, t, transpose, y)
+            if self.inner == 1 and t == K.ABS:
+                K.layer_norm_sum(self.A, self.rstd, self.gamma, x, transpose, y)
+            elif self.inner == 1:
+                # H x is the cross term of the fused entropy product with R = 0
+                for c in range(C):
+                    pair = np.stack([x[c], np.zeros_like(x[c])])
+                    out = np.zeros_like(pair)
+                    K.layer_norm_entropy(self.A, self.rstd, self.gamma, pair, transpose, out)
+                    y[c] = out[1]
             else:
                 K.rowblock_sum(self._code, self.A, self.rstd, self.gamma, self.inner, x, t, transpose, y)
             return y
@@ -507,6 +562,17 @@ class RowBlockJacobian(Jacobian):
             else:
                 y = g * s * (v - v.mean(-1, keepdims=True) - xh * (xh * v).mean(-1, keepdims=True))
         return self._unrows(y, C)
+
+    def apply_entropy(self, x, transpose):
+        if self.function != "layer_norm" or self.inner != 1:
+            return super().apply_entropy(x, transpose)
+        dt = np.dtype(self.precision)
+        if self._factors is None:
+            self._factors = tuple(a.astype(dt) for a in (self.A, self.rstd, self.gamma))
+        xx = np.ascontiguousarray(x, dtype=dt)
+        y = np.zeros_like(xx)
+        K.layer_norm_entropy(*self._factors, xx, transpose, y)
+        return y.astype(np.float64, copy=False)
 
     def apply_max(self, xmax, xmin, signed, transpose):
         if self.function != "layer_norm":
@@ -580,12 +646,13 @@ class RowBlockJacobian(Jacobian):
         arrays = {"A": self.A}
         if self.function == "layer_norm":
             arrays.update(rstd=self.rstd, gamma=self.gamma)
-        return {"function": self.function, "outer": self.outer, "d": self.d, "inner": self.inner}, arrays
+        return {"function": self.function, "outer": self.outer, "d": self.d, "inner": self.inner,
+                "precision": self.precision}, arrays
 
     @classmethod
     def from_state(cls, out_shape, in_shape, params, arrays):
         return cls(out_shape, params["function"], params["outer"], params["d"], params["inner"],
-                   arrays["A"], arrays.get("rstd"), arrays.get("gamma"))
+                   arrays["A"], arrays.get("rstd"), arrays.get("gamma"), params.get("precision", "float64"))
 
 
 def _best_of_others(s, largest):

@@ -113,6 +113,8 @@ def test_loaded_jacobians_work_like_the_captured_ones(captured, saved):
                 x = rng.standard_normal((2, n))
                 for t in (0, 1, 2):
                     assert np.array_equal(e.jac.apply_sum(x, t, transpose), f.jac.apply_sum(x, t, transpose))
+                pair = np.abs(x)
+                assert np.array_equal(e.jac.apply_entropy(pair, transpose), f.jac.apply_entropy(pair, transpose))
                 xmax, xmin = np.abs(x[0]), -np.abs(x[1])
                 for signed in (False, True):
                     a = e.jac.apply_max(xmax, xmin if signed else None, signed, transpose)
@@ -288,6 +290,14 @@ def test_tampered_json(saved, tmp_path):
     p = str(tmp_path / "nograph.safetensors")
     save_file(arrays, p, metadata=meta)
     _assert_format_error(p, "missing")
+
+
+def test_bad_row_block_precision(saved, tmp_path):
+    def edit(doc):
+        e = next(e for e in doc["edges"] if e["kind"] == "rowblock" and e["params"]["function"] == "layer_norm")
+        e["params"]["precision"] = "float16"
+    p = _rewrite(saved["bert_mlm_mask"], str(tmp_path / "precision.safetensors"), edit_doc=edit)
+    _assert_format_error(p, "rowblock", "precision")
 
 
 def test_missing_array(saved, tmp_path):

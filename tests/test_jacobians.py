@@ -95,16 +95,32 @@ def rowblock(function, shape, dim):
     return make
 
 
-def layer_norm():
-    x = t(4, 5)
-    gamma = t(5)
-    gamma[2] = 0.0               # a zero gain: a row of zero entries
-    eps = 1e-5
-    mean = x.mean(-1, keepdim=True)
-    rstd = torch.rsqrt(((x - mean) ** 2).mean(-1, keepdim=True) + eps)
-    jac = RowBlockJacobian(x.shape, "layer_norm", 4, 5, 1, ((x - mean) * rstd).numpy(),
-                           rstd.reshape(-1).numpy(), gamma.numpy())
-    return jac, jac_of(lambda v: F.layer_norm(v, (5,), gamma, None, eps), x, x.numel())
+def layer_norm(rows=4, d=5, precision="float64"):
+    def make():
+        x = t(rows, d)
+        gamma = t(d)
+        gamma[2] = 0.0               # a zero gain: a row of zero entries
+        eps = 1e-5
+        mean = x.mean(-1, keepdim=True)
+        rstd = torch.rsqrt(((x - mean) ** 2).mean(-1, keepdim=True) + eps)
+        jac = RowBlockJacobian(x.shape, "layer_norm", rows, d, 1, ((x - mean) * rstd).numpy(),
+                               rstd.reshape(-1).numpy(), gamma.numpy(), precision=precision)
+        return jac, jac_of(lambda v: F.layer_norm(v, (d,), gamma, None, eps), x, x.numel())
+    return make
+
+
+def matmul_float32(wrt):
+    """A float32 weight: products run in float32 (the dense matrix is of the same rounded weights)."""
+    def make():
+        L, R = t(3, 40, zeros=0.3), t(40, 37, zeros=0.3)
+        if wrt == "left":
+            R32 = R.float()
+            return MatmulJacobian((3, 37), L.shape, R32.numpy(), "left"), \
+                jac_of(lambda x: x @ R32.double(), L, 3 * 37)
+        L32 = L.float()
+        return MatmulJacobian((3, 37), R.shape, L32.numpy(), "right"), \
+            jac_of(lambda x: L32.double() @ x, R, 3 * 37)
+    return make
 
 
 INSTANCES = {
@@ -127,7 +143,16 @@ INSTANCES = {
     # regression: a vocabulary-sized row (the O(d) max path of softmax / log-softmax)
     "log-softmax-wide-row": rowblock("log_softmax", (2, 700), 1),
     "softmax-wide-row": rowblock("softmax", (2, 700), 1),
-    "layer-norm": layer_norm,
+    "layer-norm": layer_norm(),
+    # rows long enough for the vectorised loops and their remainders
+    "layer-norm-wide": layer_norm(3, 37),
+}
+
+#: instances computing in float32 (the model's precision), checked at float32 tolerances
+FLOAT32_INSTANCES = {
+    "layer-norm-float32": layer_norm(3, 37, "float32"),
+    "matmul-left-float32": matmul_float32("left"),
+    "matmul-right-float32": matmul_float32("right"),
 }
 
 
@@ -162,6 +187,34 @@ def test_apply_sum(instance, t, transpose):
     x = RNG.standard_normal((3, n_src))
     expected = x @ FD if transpose else x @ FD.T
     np.testing.assert_allclose(jac.apply_sum(x, t, transpose), expected, rtol=1e-10, atol=1e-12)
+
+
+def entropy_expected(D, x, transpose):
+    """<Z, R> -> <|D| Z, |D| R + H Z>, H = -|D| log|D|, on the dense matrix."""
+    A, H = f_of(D, 1), f_of(D, 2)
+    if not transpose:
+        A, H = A.T, H.T
+    return np.stack([x[0] @ A, x[1] @ A + x[0] @ H])
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_apply_entropy(instance, transpose):
+    jac, D = instance
+    x = RNG.random((2, D.shape[0] if transpose else D.shape[1]))
+    x[:, ::3] = 0.0              # elements with no path
+    np.testing.assert_allclose(jac.apply_entropy(x, transpose), entropy_expected(D, x, transpose),
+                               rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(FLOAT32_INSTANCES))
+@pytest.mark.parametrize("transpose", [False, True])
+def test_apply_entropy_float32(name, transpose):
+    jac, D = FLOAT32_INSTANCES[name]()
+    x = RNG.random((2, D.shape[0] if transpose else D.shape[1]))
+    expected = entropy_expected(D, x, transpose)
+    got = jac.apply_entropy(x, transpose)
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, expected, rtol=2e-5, atol=1e-6 * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("transpose", [False, True])

@@ -114,3 +114,30 @@ def test_deep_max_passes_give_the_best_log_weight(deep):
         assert math.isclose(math.log(abs(Bs.arr[1, j])) + Bs.log_scale, worst.log_abs, rel_tol=1e-12)
     # and the log-space total agrees with summing the per-path logs
     assert math.isclose(logsumexp([p.log_abs for p in o.paths()]), o.log_Z())
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_vectorised_log_term_against_numpy(dtype):
+    """kernels.abs_xlogx (|w| and -|w| log|w| by the bit-level logarithm) against numpy's log in
+    float64, over the whole range where the term is finite: zeros, subnormals, the mantissa
+    boundaries sqrt(1/2), 1, sqrt(2), powers of two."""
+    from gradgraph.algorithms.kernels import abs_xlogx
+
+    info = np.finfo(dtype)
+    rng = np.random.default_rng(0)
+    lo, hi = math.log(float(info.tiny)), math.log(float(info.max)) - 7    # -w log w stays finite
+    w = np.concatenate([
+        np.exp(rng.uniform(lo, hi, 20000)) * rng.choice([-1.0, 1.0], 20000),
+        1 + rng.uniform(-0.5, 0.5, 5000),
+        [0.0, -0.0, float(info.tiny), float(info.tiny) / 8, float(info.smallest_subnormal),
+         1.0, 2.0, 0.5, math.sqrt(0.5), math.sqrt(2.0), np.nextafter(math.sqrt(2.0), 0), 1 - 2**-20]]).astype(dtype)
+    a, h = np.empty_like(w), np.empty_like(w)
+    abs_xlogx(w, a, h)
+    w64 = np.abs(w.astype(np.float64))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        want = np.where(w64 > 0, -w64 * np.log(w64), 0.0)
+    assert np.array_equal(a, np.abs(w))
+    tol = 4 * float(info.eps)
+    err = np.abs(h.astype(np.float64) - want)
+    bound = tol * np.maximum(np.abs(want), w64)   # relative to the term, or to |w| where log|w| ~ 0
+    assert np.all(err <= bound + float(info.smallest_subnormal)), float(np.max(err / np.maximum(bound, 1e-300)))

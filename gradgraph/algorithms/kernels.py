@@ -16,8 +16,8 @@ under- or overflowing numbers.
 """
 import numpy as np
 from llvmlite import ir
-from numba import njit
-from numba.extending import intrinsic
+from numba import njit, types
+from numba.extending import intrinsic, overload
 
 SIGNED, ABS, XLOGX = 0, 1, 2
 
@@ -64,16 +64,42 @@ def max_finite_abs(a):
 # ----------------------------------------------------------------------------- sparse (COO)
 @njit(cache=True)
 def coo_sum(x, src, dst, w, t, y):
-    """y[c, dst[e]] += f(w[e]) * x[c, src[e]]."""
+    """y[c, dst[e]] += f(w[e]) * x[c, src[e]]. Entries whose source values are all zero are
+    skipped before f is evaluated (near a one-logit sink most of a vocabulary-sized tensor is)."""
     C = x.shape[0]
     for e in range(src.shape[0]):
+        s = src[e]
+        live = False
+        for c in range(C):
+            if x[c, s] != 0.0:
+                live = True
+                break
+        if not live:
+            continue
         f = tw(w[e], t)
         if f == 0.0:
             continue
-        s = src[e]
         d = dst[e]
         for c in range(C):
             y[c, d] += f * x[c, s]
+
+
+@njit(cache=True)
+def coo_entropy(x, src, dst, w, y):
+    """The entropy product on pairs x = (Z, R): y[0, d] += |w| Z[s], y[1, d] += |w| R[s] - |w|log|w| Z[s]
+    for every entry (s -> d, w), one logarithm per live entry."""
+    for e in range(src.shape[0]):
+        s = src[e]
+        z = x[0, s]
+        r = x[1, s]
+        a = abs(w[e])
+        if (z == 0.0 and r == 0.0) or a == 0.0:
+            continue
+        d = dst[e]
+        y[0, d] += a * z
+        y[1, d] += a * r
+        if z != 0.0 and a != 1.0:
+            y[1, d] -= a * np.log(a) * z
 
 
 @njit(cache=True)
@@ -135,6 +161,20 @@ def mm_maxmin(Amax, Amin, P, Ymax, Ymin):
                         Ymax[b, i, j] = hi
                     if lo < Ymin[b, i, j]:
                         Ymin[b, i, j] = lo
+
+
+@njit(cache=True)
+def support_rows_cols(a):
+    """For a (C, I, K) array: which rows i and which columns k hold a non-zero entry."""
+    rows = np.zeros(a.shape[1], np.bool_)
+    cols = np.zeros(a.shape[2], np.bool_)
+    for c in range(a.shape[0]):
+        for i in range(a.shape[1]):
+            for k in range(a.shape[2]):
+                if a[c, i, k] != 0.0:
+                    rows[i] = True
+                    cols[k] = True
+    return rows, cols
 
 
 # ----------------------------------------------------------------------------- convolution
@@ -425,150 +465,233 @@ def layer_norm_maxmin_t(xh, rs, gam, xmax, xmin, ymax, ymin):
             lo[jm] = fmin(l0, fmin(u, v))
 
 
-_SQRT2, _LN2 = 1.4142135623730951, 0.6931471805599453
-_TINY = 2.2250738585072014e-308
+# ----------------------------------------------------------------------------- logarithms
+# A logarithm that vectorises: libm's log is a scalar call, which keeps any loop around it scalar.
+# x = m 2^e with m in [sqrt(1/2), sqrt(2)) (found by integer arithmetic on the bits: adding the
+# offset below carries into the exponent exactly when the mantissa is >= sqrt(2)), then
+# log m = 2 atanh(s) = 2 s + s R(s^2), s = (m - 1) / (m + 1), |s| < 0.1716.
+def _bitcast_intrinsic(to_int):
+    @intrinsic
+    def f(typingctx, a):
+        w = a.bitwidth
+        if to_int:
+            sig, ty = (types.uint64 if w == 64 else types.uint32)(a), ir.IntType(w)
+        else:
+            sig, ty = (types.float64 if w == 64 else types.float32)(a), (ir.DoubleType() if w == 64 else ir.FloatType())
+        return sig, lambda context, builder, signature, args: builder.bitcast(args[0], ty)
+    return f
 
 
-@njit(cache=True, fastmath={"contract"}, error_model="numpy")
-def vlog(a, out, ib):
-    """out[k] = log(a[k]) for a >= 0 (float64, ``ib`` an int64 scratch of the same length).
-
-    A vectorisable log (libm's is a scalar call): a = m 2^e with m in [sqrt(1/2), sqrt(2)), and
-    log m = 2 atanh(s) = 2 s sum_k s^2k / (2k + 1), s = (m - 1) / (m + 1), |s| < 0.1716; eleven terms
-    reach float64 rounding. Zeros and subnormals take libm's log. ``error_model="numpy"`` drops
-    the division's zero check, which would otherwise keep the loop scalar.
-    """
-    n = a.shape[0]
-    bits = a.view(np.int64)
-    fb = ib.view(np.float64)
-    for k in range(n):
-        b = bits[k]
-        out[k] = np.float64(np.int32((b >> 52) - 1023))   # int32: a vector conversion exists
-        ib[k] = (b & 0xFFFFFFFFFFFFF) | 0x3FF0000000000000
-    for k in range(n):
-        m = fb[k]
-        e = out[k]
-        big = m > _SQRT2
-        m = m * 0.5 if big else m
-        e = e + 1.0 if big else e
-        s = (m - 1.0) / (m + 1.0)
-        z = s * s
-        p = 1.0 / 21.0
-        p = p * z + 1.0 / 19.0
-        p = p * z + 1.0 / 17.0
-        p = p * z + 1.0 / 15.0
-        p = p * z + 1.0 / 13.0
-        p = p * z + 1.0 / 11.0
-        p = p * z + 1.0 / 9.0
-        p = p * z + 1.0 / 7.0
-        p = p * z + 1.0 / 5.0
-        p = p * z + 1.0 / 3.0
-        p = p * z + 1.0
-        out[k] = e * _LN2 + 2.0 * s * p
-    for k in range(n):
-        if a[k] < _TINY:
-            out[k] = np.log(a[k])
+_bits = _bitcast_intrinsic(True)
+_from_bits = _bitcast_intrinsic(False)
+_LN2 = 0.6931471805599453
+_OFF64 = 0x3FF0000000000000 - 0x3FE6A09E667F3BCD     # bits of 1.0 minus bits of sqrt(1/2)
+_OFF32 = 0x3F800000 - 0x3F3504F3
+# minimax coefficients of R on |s| < 0.1716 (float64: error below one ulp); float32 needs the
+# Taylor terms 2/3, 2/5, 2/7, 2/9 only (truncation 2e-9 relative)
+_R64 = (6.666666666666735130e-01, 3.999999999940941908e-01, 2.857142874366239149e-01,
+        2.222219843214978396e-01, 1.818357216161805012e-01, 1.531383769920937332e-01,
+        1.479819860511658591e-01)
 
 
+def flog(x):
+    """log(x) for a positive normal float32 or float64 (also used in numba code only).
+
+    Accurate to about an ulp (float64) or 2e-7 relative (float32), and vectorisable. Zero gives a
+    finite value near log of the smallest normal (so ``-u * flog(u)`` is 0 for u = 0 without a
+    branch); subnormals are not handled (callers rule them out or redo them)."""
+    return np.log(x)
+
+
+@overload(flog, inline="always")
+def _flog(x):
+    if x == types.float64:
+        def impl(x):
+            b = _bits(x) + np.uint64(_OFF64)
+            e = np.float64(np.int32(b >> np.uint64(52))) - 1023.0
+            f = _from_bits((b & np.uint64(0xFFFFFFFFFFFFF)) + np.uint64(0x3FF0000000000000 - _OFF64)) - 1.0
+            s = f / (2.0 + f)
+            z = s * s
+            R = z * (_R64[0] + z * (_R64[1] + z * (_R64[2] + z * (_R64[3] + z * (_R64[4] + z * (_R64[5] + z * _R64[6]))))))
+            return e * _LN2 + (2.0 * s + s * R)
+        return impl
+    if x == types.float32:
+        def impl(x):
+            b = np.uint32(_bits(x) + np.uint32(_OFF32))
+            e = np.float32(np.int32(b >> np.uint32(23))) - np.float32(127.0)
+            f = _from_bits(np.uint32((b & np.uint32(0x7FFFFF)) + np.uint32(0x3F800000 - _OFF32))) - np.float32(1.0)
+            s = f / (np.float32(2.0) + f)
+            z = s * s
+            R = z * (np.float32(2 / 3) + z * (np.float32(2 / 5) + z * (np.float32(2 / 7) + z * np.float32(2 / 9))))
+            return e * np.float32(_LN2) + (np.float32(2.0) * s + s * R)
+        return impl
+
+
+def one_like(x):
+    """1 in the float type of x (numba promotes float32 op int to float64)."""
+    return 1.0
+
+
+@overload(one_like, inline="always")
+def _one_like(x):
+    if x == types.float32:
+        return lambda x: np.float32(1.0)
+    return lambda x: 1.0
+
+
+@njit(cache=True, fastmath={"contract", "nsz"}, error_model="numpy")
+def abs_xlogx(w, a, h):
+    """a = |w|, h = -|w| log|w| (0 where w = 0), elementwise on 1-d arrays of w's dtype."""
+    for k in range(w.shape[0]):
+        v = abs(w[k])
+        a[k] = v
+        h[k] = -v * flog(v)
+    tiny = np.finfo(w.dtype).tiny
+    for k in range(w.shape[0]):
+        if a[k] < tiny:
+            h[k] = -a[k] * np.log(a[k]) if a[k] > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------- layer norm, sums
 @njit(cache=True, fastmath=_FM, error_model="numpy")
-def layer_norm_sum(A, rs, gam, x, t, transpose, y):
-    """y += f(J) x (or f(J)^T x), f = |.| (t = 1) or -|.|log|.| (t = 2), for layer-norm rows laid
-    out contiguously (inner == 1); J_ij = g_i s (delta_ij - 1/d - xh_i xh_j / d).
+def layer_norm_sum(A, rs, gam, x, transpose, y):
+    """y += |J| x (or |J|^T x) for layer-norm rows laid out contiguously (inner == 1);
+    J_ij = g_i s (delta_ij - 1/d - xh_i xh_j / d).
 
-    Off the diagonal J_ij = c_i u'_ij with c_i = -g_i s / d and u'_ij = 1 + xh_i xh_j, so with
-    u = |u'| (symmetric), k = -u log u (symmetric), alpha_i = |c_i|, beta_i = -|c_i| log|c_i|:
-
-        |J_ij| = alpha_i u_ij,        -|J_ij| log|J_ij| = beta_i u_ij + alpha_i k_ij.
-
-    Only the upper triangle of u and k is evaluated (half the logs, by :func:`vlog`), each entry
-    serving (i, j) and (j, i); the diagonal is added with its true weight. Rows whose input is
-    all zero are skipped (a backward pass from one logit reaches the last layer norms through one
-    row). O(live rows d^2), as any exact product with |J| or log|J| must be.
+    Off the diagonal J_ij = c_i u'_ij with c_i = -g_i s / d and u'_ij = 1 + xh_i xh_j, so
+    |J_ij| = alpha_i u_ij with u = |u'| symmetric and alpha_i = |c_i|: only the upper triangle of u
+    is evaluated, each entry serving (i, j) and (j, i); the diagonal is added with its true weight.
+    Rows whose input is all zero are skipped (a backward pass from one logit reaches the last
+    layer norms through one row). O(live rows d^2), as any exact product with |J| must be.
     """
     R, d = A.shape
     C = x.shape[0]
     inv_d = 1.0 / d
     al = np.empty(d)
-    be = np.empty(d)
-    V1 = np.empty((C, d))
-    V2 = np.empty((C, d))
-    O1 = np.empty((C, d))
-    O2 = np.empty((C, d))
+    V = np.empty((C, d))
+    O = np.empty((C, d))
     u = np.empty(d)
-    k = np.empty(d)
-    lg = np.empty(d)
-    ib = np.empty(d, np.int64)
     for r in range(R):
         base = r * d
-        live = False
+        if not _live(x, base, d):
+            continue
+        s = rs[r]
+        z = A[r]
+        for i in range(d):
+            al[i] = abs(gam[i] * s * inv_d)
         for c in range(C):
-            for q in range(d):
-                if x[c, base + q] != 0.0:
-                    live = True
-                    break
-            if live:
-                break
-        if not live:
+            for i in range(d):
+                V[c, i] = al[i] * x[c, base + i] if transpose else x[c, base + i]
+                O[c, i] = 0.0
+        for i in range(d - 1):
+            n = d - i - 1
+            zi = z[i]
+            uu = u[:n]
+            zq = z[i + 1:]
+            for q in range(n):
+                uu[q] = abs(1.0 + zi * zq[q])
+            for c in range(C):
+                vi = V[c, i]
+                acc = 0.0
+                o = O[c, i + 1:]
+                v = V[c, i + 1:]
+                for q in range(n):
+                    o[q] += uu[q] * vi
+                    acc += uu[q] * v[q]
+                O[c, i] += acc
+        for c in range(C):
+            for i in range(d):
+                yi = O[c, i] if transpose else al[i] * O[c, i]
+                diag = abs(gam[i] * s * (1.0 - inv_d - z[i] * z[i] * inv_d))
+                y[c, base + i] += yi + diag * x[c, base + i]
+
+
+@njit(cache=True, inline="always")
+def _live(x, base, d):
+    """True if some channel of x is non-zero in columns base .. base + d."""
+    for c in range(x.shape[0]):
+        for q in range(d):
+            if x[c, base + q] != 0.0:
+                return True
+    return False
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def layer_norm_entropy(A, rs, gam, x, transpose, y):
+    """The entropy semiring's product through layer-norm rows (inner == 1), fused:
+    <Z, R> -> <|J| Z, |J| R + H Z> with H = -|J| log|J| (transposed for the backward direction).
+
+    With the notation of :func:`layer_norm_sum`, beta_i = -alpha_i log alpha_i and k = -u log u,
+    H_ij = beta_i u_ij + alpha_i k_ij off the diagonal. Backward, with P = alpha Z and
+    Q = alpha R + beta Z: yZ = U P, yR = U Q + K P; forward: yZ = alpha (U Z),
+    yR = alpha (U R) + beta (U Z) + alpha (K Z). U and K are symmetric, so one sweep of the upper
+    triangle (one logarithm per pair, by :func:`flog`) serves all three products. Works in x's
+    dtype (float32 or float64; A, rs, gam, y alike). |1 + xh_i xh_j| is 0 or at least 2^-24, so
+    no subnormal reaches flog.
+    """
+    R, d = A.shape
+    dt = x.dtype
+    al = np.empty(d, dt)
+    be = np.empty(d, dt)
+    V0 = np.empty(d, dt)
+    V1 = np.empty(d, dt)
+    O0 = np.empty(d, dt)
+    O1 = np.empty(d, dt)
+    O2 = np.empty(d, dt)
+    one = one_like(A[0, 0])
+    nil = one - one
+    inv_d = one / d
+    for r in range(R):
+        base = r * d
+        if not _live(x, base, d):
             continue
         s = rs[r]
         z = A[r]
         for i in range(d):
             ci = abs(gam[i] * s * inv_d)
             al[i] = ci
-            be[i] = -ci * np.log(ci) if ci > 0.0 else 0.0
-        # transpose: y = U (b x) + K (a x) [t=2], U (a x) [t=1]; forward: y = b (U x) + a (K x)
-        for c in range(C):
-            for i in range(d):
-                xi = x[c, base + i]
-                if transpose:
-                    V1[c, i] = (be[i] if t == 2 else al[i]) * xi
-                    V2[c, i] = al[i] * xi
-                else:
-                    V1[c, i] = xi
-                    V2[c, i] = xi
-                O1[c, i] = 0.0
-                O2[c, i] = 0.0
-        for i in range(d):
+            be[i] = -ci * np.log(ci) if ci > nil else nil
+            zi_, ri_ = x[0, base + i], x[1, base + i]
+            V0[i] = al[i] * zi_ if transpose else zi_
+            V1[i] = al[i] * ri_ + be[i] * zi_ if transpose else ri_
+            O0[i] = nil
+            O1[i] = nil
+            O2[i] = nil
+        for i in range(d - 1):
             n = d - i - 1
-            if n == 0:
-                continue
             zi = z[i]
-            uu = u[:n]
+            a0 = V0[i]
+            a1 = V1[i]
+            s0 = nil
+            s1 = nil
+            s2 = nil
+            zq = z[i + 1:]
+            v0 = V0[i + 1:]
+            v1 = V1[i + 1:]
+            o0 = O0[i + 1:]
+            o1 = O1[i + 1:]
+            o2 = O2[i + 1:]
             for q in range(n):
-                uu[q] = abs(1.0 + zi * z[i + 1 + q])
-            if t == 2:
-                vlog(uu, lg[:n], ib[:n])
-                for q in range(n):
-                    k[q] = -uu[q] * lg[q] if uu[q] > 0.0 else 0.0
-            for c in range(C):
-                v1i = V1[c, i]
-                v2i = V2[c, i]
-                acc1 = 0.0
-                acc2 = 0.0
-                o1 = O1[c, i + 1:]
-                v1 = V1[c, i + 1:]
-                if t == 2:
-                    o2 = O2[c, i + 1:]
-                    v2 = V2[c, i + 1:]
-                    for q in range(n):
-                        o1[q] += uu[q] * v1i
-                        o2[q] += k[q] * v2i
-                        acc1 += uu[q] * v1[q]
-                        acc2 += k[q] * v2[q]
-                else:
-                    for q in range(n):
-                        o1[q] += uu[q] * v1i
-                        acc1 += uu[q] * v1[q]
-                O1[c, i] += acc1
-                O2[c, i] += acc2
-        for c in range(C):
-            for i in range(d):
-                if transpose:
-                    yi = O1[c, i] + O2[c, i]
-                elif t == 2:
-                    yi = be[i] * O1[c, i] + al[i] * O2[c, i]
-                else:
-                    yi = al[i] * O1[c, i]
-                a_i = gam[i] * s
-                diag = tw(a_i * (1.0 - inv_d - z[i] * z[i] * inv_d), t)
-                y[c, base + i] += yi + diag * x[c, base + i]
+                u = abs(one + zi * zq[q])
+                k = -u * flog(u)
+                o0[q] += u * a0
+                o1[q] += u * a1
+                o2[q] += k * a0
+                s0 += u * v0[q]
+                s1 += u * v1[q]
+                s2 += k * v0[q]
+            O0[i] += s0
+            O1[i] += s1
+            O2[i] += s2
+        for i in range(d):
+            w = abs(gam[i] * s * (one - inv_d - z[i] * z[i] * inv_d))
+            h = -w * np.log(w) if w > nil else nil
+            zi_, ri_ = x[0, base + i], x[1, base + i]
+            if transpose:
+                yz = O0[i]
+                yr = O1[i] + O2[i]
+            else:
+                yz = al[i] * O0[i]
+                yr = al[i] * O1[i] + be[i] * O0[i] + al[i] * O2[i]
+            y[0, base + i] += yz + w * zi_
+            y[1, base + i] += yr + w * ri_ + h * zi_

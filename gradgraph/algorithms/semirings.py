@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernels import ABS, SIGNED, XLOGX
+from .kernels import ABS, SIGNED
 
 __all__ = ["Semiring", "REAL", "MAGNITUDE", "ENTROPY", "MAX_ABS", "MAX_SIGNED", "LENGTH", "SEMIRINGS"]
 
@@ -88,9 +88,7 @@ class _Entropy(Semiring):
 
     def times(self, jac, x, transpose, is_view=False):
         # <|w|, -|w|log|w|> (x) <p, r> = <|w| p, |w| r - |w|log|w| p>
-        y = jac.apply_sum(x, ABS, transpose)
-        y[1] += jac.apply_sum(x[:1], XLOGX, transpose)[0]
-        return y
+        return jac.apply_entropy(x, transpose)
 
 
 class _MaxAbs(Semiring):

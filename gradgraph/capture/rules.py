@@ -412,7 +412,8 @@ def layer_norm(ctx):
     jacs = {}
     if 0 in ctx.wants:
         jacs[0] = RowBlockJacobian(ctx.out.shape, "layer_norm", outer, d, 1, _np(xhat), _np(rstd.reshape(-1)),
-                                   None if weight is None else _np(weight.double().reshape(-1)))
+                                   None if weight is None else _np(weight.double().reshape(-1)),
+                                   precision="float64" if x.dtype == torch.float64 else "float32")
     if 2 in ctx.wants:
         jacs[2] = _elementwise(ctx.out, weight, xhat.reshape(x.shape).to(x.dtype))
     if 3 in ctx.wants:
