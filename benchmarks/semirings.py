@@ -5,7 +5,9 @@ Model: random-init BertForMaskedLM (6 layers, hidden 512, 8 heads, eager attenti
 The graph is captured once; then every query is timed on it (median of ``--repeats`` runs after
 one warm-up run that also loads numba's compiled kernels). Each query run is paired with a torch
 backward run just before it, and the ratio is the query's median over the torch median of its
-own pairs, so a machine whose load changes during the run still gives fair ratios:
+own pairs, so a machine whose load changes during the run still gives fair ratios. With
+``--threads 1`` both sides are timed in process CPU time (equal to wall time on an idle machine,
+and unaffected by other processes competing for the cores); otherwise in wall time:
 
 * torch backward alone (``torch.autograd.grad`` of the sink wrt the word-embedding output, the
   forward run untimed beforehand) -- the yardstick; also torch forward + backward;
@@ -172,10 +174,13 @@ def main(argv=None):
         import cProfile
         import pstats
         qs[args.profile]()
-        cProfile.runctx("qs[args.profile]()", globals(), locals(), "/tmp/semirings.prof")
+        prof = cProfile.Profile(time.process_time if args.threads == 1 else time.perf_counter)
+        prof.runctx("qs[args.profile]()", globals(), locals())
+        prof.dump_stats("/tmp/semirings.prof")
         pstats.Stats("/tmp/semirings.prof").sort_stats("cumulative").print_stats(30)
         return
 
+    clock = time.process_time if args.threads == 1 else time.perf_counter
     times, ratios = {}, {}
     torch_times = []
     for name, fn in qs.items():
@@ -183,11 +188,11 @@ def main(argv=None):
         pair_torch, pair_query = [], []
         for _ in range(args.repeats):
             bwd = fwd()
-            t0 = time.perf_counter()
+            t0 = clock()
             bwd()
-            t1 = time.perf_counter()
+            t1 = clock()
             fn()
-            pair_query.append(time.perf_counter() - t1)
+            pair_query.append(clock() - t1)
             pair_torch.append(t1 - t0)
         times[name] = statistics.median(pair_query)
         ratios[name] = times[name] / statistics.median(pair_torch)
@@ -205,6 +210,7 @@ def main(argv=None):
     print(f"# Semiring queries -- {datetime.date.today()} -- {machine()}")
     print(f"graph: {g}")
     print(f"capture (first, incl. torch.export): {fmt_seconds(t_capture)}")
+    print(f"query timing: {'process CPU time (1 thread)' if clock is time.process_time else 'wall time'}")
     print(f"torch backward: {fmt_seconds(t_bwd)} (median of all paired runs: "
           f"{fmt_seconds(statistics.median(torch_times))})   torch forward + backward: {fmt_seconds(t_fwd_bwd)}")
     t_mem = mem.get("torch", (None, ""))[0]

@@ -516,13 +516,13 @@ class RowBlockJacobian(Jacobian):
         if f == "layer_norm" and t != K.SIGNED:
             y = np.zeros_like(x)
             if self.inner == 1 and t == K.ABS:
-                K.layer_norm_sum(self.A, self.rstd, self.gamma, x, transpose, y)
+                K.layer_norm_sum(self.A, self.rstd, self.gamma, *self._live_split(x), x, transpose, y)
             elif self.inner == 1:
                 # H x is the cross term of the fused entropy product with R = 0
                 for c in range(C):
                     pair = np.stack([x[c], np.zeros_like(x[c])])
                     out = np.zeros_like(pair)
-                    K.layer_norm_entropy(self.A, self.rstd, self.gamma, pair, transpose, out)
+                    K.layer_norm_entropy(self.A, self.rstd, self.gamma, *self._live_split(pair), pair, transpose, out)
                     y[c] = out[1]
             else:
                 K.rowblock_sum(self._code, self.A, self.rstd, self.gamma, self.inner, x, t, transpose, y)
@@ -563,6 +563,11 @@ class RowBlockJacobian(Jacobian):
                 y = g * s * (v - v.mean(-1, keepdims=True) - xh * (xh * v).mean(-1, keepdims=True))
         return self._unrows(y, C)
 
+    def _live_split(self, x):
+        """The rows with a non-zero input (the others contribute nothing) and their split."""
+        rows = np.flatnonzero((x.reshape(x.shape[0], -1, self.d) != 0).any(axis=(0, 2)))
+        return rows, K.layer_norm_split(self.A[rows])
+
     def apply_entropy(self, x, transpose):
         if self.function != "layer_norm" or self.inner != 1:
             return super().apply_entropy(x, transpose)
@@ -571,7 +576,7 @@ class RowBlockJacobian(Jacobian):
             self._factors = tuple(a.astype(dt) for a in (self.A, self.rstd, self.gamma))
         xx = np.ascontiguousarray(x, dtype=dt)
         y = np.zeros_like(xx)
-        K.layer_norm_entropy(*self._factors, xx, transpose, y)
+        K.layer_norm_entropy(*self._factors, *self._live_split(x), xx, transpose, y)
         return y.astype(np.float64, copy=False)
 
     def apply_max(self, xmax, xmin, signed, transpose):

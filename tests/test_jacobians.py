@@ -112,7 +112,7 @@ def layer_norm(rows=4, d=5, precision="float64"):
 def matmul_float32(wrt):
     """A float32 weight: products run in float32 (the dense matrix is of the same rounded weights)."""
     def make():
-        L, R = t(3, 40, zeros=0.3), t(40, 37, zeros=0.3)
+        L, R = t(3, 43, zeros=0.3), t(43, 37, zeros=0.3)
         if wrt == "left":
             R32 = R.float()
             return MatmulJacobian((3, 37), L.shape, R32.numpy(), "left"), \
@@ -202,6 +202,7 @@ def test_apply_entropy(instance, transpose):
     jac, D = instance
     x = RNG.random((2, D.shape[0] if transpose else D.shape[1]))
     x[:, ::3] = 0.0              # elements with no path
+    x[:, :x.shape[1] // 3] = 0.0  # and a block of them (the first row of "layer-norm-wide")
     np.testing.assert_allclose(jac.apply_entropy(x, transpose), entropy_expected(D, x, transpose),
                                rtol=1e-10, atol=1e-12)
 

@@ -553,81 +553,94 @@ def abs_xlogx(w, a, h):
 
 
 # ----------------------------------------------------------------------------- layer norm, sums
-@njit(cache=True, fastmath=_FM, error_model="numpy")
-def layer_norm_sum(A, rs, gam, x, transpose, y):
-    """y += |J| x (or |J|^T x) for layer-norm rows laid out contiguously (inner == 1);
-    J_ij = g_i s (delta_ij - 1/d - xh_i xh_j / d).
+# Off the diagonal a layer norm's J_ij = c_i u'_ij with c_i = -g_i s / d and u'_ij = 1 + xh_i xh_j
+# (J_ij = g_i s (delta_ij - 1/d - xh_i xh_j / d)), so |J_ij| = alpha_i u_ij with u = |u'| symmetric
+# and alpha_i = |c_i|. Products with u need no pass over the pairs: for a given j, 1 + xh_i xh_j is
+# negative exactly for the xh_i beyond -1/xh_j, a prefix or suffix of the sorted row, so
+#   sum_i u_ij v_i = sum_i (v_i + xh_j v_i xh_i) - 2 (the same over that prefix or suffix),
+# from prefix sums of v and v xh in sorted order: O(d log d) per row instead of O(d^2).
+def layer_norm_split(A):
+    """For each row z of A (R, d): its sorting permutation ``order`` and, for each j, the range
+    [lo_j, hi_j) of sorted positions whose 1 + z_i z_j < 0 (for z_j > 0 the z_i below -1/z_j, for
+    z_j < 0 those above it). O(R d log d), vectorised."""
+    A = np.asarray(A, dtype=np.float64)
+    R, d = A.shape
+    order = np.argsort(A, axis=1, kind="stable")
+    zs = np.take_along_axis(A, order, 1)
+    lo = np.zeros((R, d), np.int64)
+    hi = np.zeros((R, d), np.int64)
+    with np.errstate(divide="ignore"):
+        t = -1.0 / A
+    for r in range(R):
+        pos, neg = A[r] > 0, A[r] < 0
+        hi[r] = np.where(pos, np.searchsorted(zs[r], t[r], "left"), np.where(neg, d, 0))
+        lo[r] = np.where(neg, np.searchsorted(zs[r], t[r], "right"), 0)
+    return order, lo, hi
 
-    Off the diagonal J_ij = c_i u'_ij with c_i = -g_i s / d and u'_ij = 1 + xh_i xh_j, so
-    |J_ij| = alpha_i u_ij with u = |u'| symmetric and alpha_i = |c_i|: only the upper triangle of u
-    is evaluated, each entry serving (i, j) and (j, i); the diagonal is added with its true weight.
-    Rows whose input is all zero are skipped (a backward pass from one logit reaches the last
-    layer norms through one row). O(live rows d^2), as any exact product with |J| must be.
-    """
+
+@njit(cache=True)
+def _ln_u_product(z, order, lo, hi, v, pv, pvz, out):
+    """out[j] = sum_{i != j} |1 + z_i z_j| v_i, accumulated in float64 (pv, pvz: scratch of d + 1)."""
+    d = z.shape[0]
+    pv[0] = 0.0
+    pvz[0] = 0.0
+    for t in range(d):
+        i = order[t]
+        pv[t + 1] = pv[t] + v[i]
+        pvz[t + 1] = pvz[t] + v[i] * z[i]
+    for j in range(d):
+        zj = np.float64(z[j])
+        neg = (pv[hi[j]] - pv[lo[j]]) + zj * (pvz[hi[j]] - pvz[lo[j]])
+        out[j] = (pv[d] + zj * pvz[d]) - 2.0 * neg - (1.0 + zj * zj) * v[j]
+
+
+@njit(cache=True)
+def layer_norm_sum(A, rs, gam, rows, split, x, transpose, y):
+    """y += |J| x (or |J|^T x) for layer-norm rows laid out contiguously (inner == 1), by the
+    sorted prefix sums above plus the diagonal with its true weight. Rows whose input is all
+    zero are skipped (a backward pass from one logit reaches the last layer norms through one row):
+    only ``rows`` are visited, ``split`` is :func:`layer_norm_split` of ``A[rows]``."""
     R, d = A.shape
     C = x.shape[0]
     inv_d = 1.0 / d
     al = np.empty(d)
-    V = np.empty((C, d))
-    O = np.empty((C, d))
-    u = np.empty(d)
-    for r in range(R):
+    v = np.empty(d)
+    o = np.empty(d)
+    pv = np.empty(d + 1)
+    pvz = np.empty(d + 1)
+    order, lo, hi = split
+    for t in range(rows.shape[0]):
+        r = rows[t]
         base = r * d
-        if not _live(x, base, d):
-            continue
         s = rs[r]
         z = A[r]
         for i in range(d):
             al[i] = abs(gam[i] * s * inv_d)
         for c in range(C):
             for i in range(d):
-                V[c, i] = al[i] * x[c, base + i] if transpose else x[c, base + i]
-                O[c, i] = 0.0
-        for i in range(d - 1):
-            n = d - i - 1
-            zi = z[i]
-            uu = u[:n]
-            zq = z[i + 1:]
-            for q in range(n):
-                uu[q] = abs(1.0 + zi * zq[q])
-            for c in range(C):
-                vi = V[c, i]
-                acc = 0.0
-                o = O[c, i + 1:]
-                v = V[c, i + 1:]
-                for q in range(n):
-                    o[q] += uu[q] * vi
-                    acc += uu[q] * v[q]
-                O[c, i] += acc
-        for c in range(C):
+                v[i] = al[i] * x[c, base + i] if transpose else x[c, base + i]
+            _ln_u_product(z, order[t], lo[t], hi[t], v, pv, pvz, o)
             for i in range(d):
-                yi = O[c, i] if transpose else al[i] * O[c, i]
+                yi = o[i] if transpose else al[i] * o[i]
                 diag = abs(gam[i] * s * (1.0 - inv_d - z[i] * z[i] * inv_d))
                 y[c, base + i] += yi + diag * x[c, base + i]
 
 
-@njit(cache=True, inline="always")
-def _live(x, base, d):
-    """True if some channel of x is non-zero in columns base .. base + d."""
-    for c in range(x.shape[0]):
-        for q in range(d):
-            if x[c, base + q] != 0.0:
-                return True
-    return False
-
-
 @njit(cache=True, fastmath=_FM, error_model="numpy")
-def layer_norm_entropy(A, rs, gam, x, transpose, y):
+def layer_norm_entropy(A, rs, gam, rows, split, x, transpose, y):
     """The entropy semiring's product through layer-norm rows (inner == 1), fused:
     <Z, R> -> <|J| Z, |J| R + H Z> with H = -|J| log|J| (transposed for the backward direction).
 
     With the notation of :func:`layer_norm_sum`, beta_i = -alpha_i log alpha_i and k = -u log u,
     H_ij = beta_i u_ij + alpha_i k_ij off the diagonal. Backward, with P = alpha Z and
     Q = alpha R + beta Z: yZ = U P, yR = U Q + K P; forward: yZ = alpha (U Z),
-    yR = alpha (U R) + beta (U Z) + alpha (K Z). U and K are symmetric, so one sweep of the upper
-    triangle (one logarithm per pair, by :func:`flog`) serves all three products. Works in x's
-    dtype (float32 or float64; A, rs, gam, y alike). |1 + xh_i xh_j| is 0 or at least 2^-24, so
-    no subnormal reaches flog.
+    yR = alpha (U R) + beta (U Z) + alpha (K Z). The U products take the sorted prefix sums
+    (in float64); K has no such structure, so K P takes one sweep of the upper triangle of the
+    symmetric K, one logarithm per pair (by :func:`flog`, vectorised). Works in x's dtype
+    (float32 or float64; A, rs, gam, y alike). Only ``rows`` are visited (those with a non-zero
+    input); ``split`` is :func:`layer_norm_split` of ``A[rows]``. |1 + xh_i xh_j| is 0 or at
+    least 2^-24, so no subnormal reaches flog. O(live rows d^2) logarithms, as any exact product
+    with log|J| needs.
     """
     R, d = A.shape
     dt = x.dtype
@@ -638,13 +651,15 @@ def layer_norm_entropy(A, rs, gam, x, transpose, y):
     O0 = np.empty(d, dt)
     O1 = np.empty(d, dt)
     O2 = np.empty(d, dt)
+    pv = np.empty(d + 1)
+    pvz = np.empty(d + 1)
+    order, lo, hi = split
     one = one_like(A[0, 0])
     nil = one - one
     inv_d = one / d
-    for r in range(R):
+    for t in range(rows.shape[0]):
+        r = rows[t]
         base = r * d
-        if not _live(x, base, d):
-            continue
         s = rs[r]
         z = A[r]
         for i in range(d):
@@ -654,34 +669,22 @@ def layer_norm_entropy(A, rs, gam, x, transpose, y):
             zi_, ri_ = x[0, base + i], x[1, base + i]
             V0[i] = al[i] * zi_ if transpose else zi_
             V1[i] = al[i] * ri_ + be[i] * zi_ if transpose else ri_
-            O0[i] = nil
-            O1[i] = nil
             O2[i] = nil
+        _ln_u_product(z, order[t], lo[t], hi[t], V0, pv, pvz, O0)
+        _ln_u_product(z, order[t], lo[t], hi[t], V1, pv, pvz, O1)
         for i in range(d - 1):
             n = d - i - 1
             zi = z[i]
             a0 = V0[i]
-            a1 = V1[i]
-            s0 = nil
-            s1 = nil
             s2 = nil
             zq = z[i + 1:]
             v0 = V0[i + 1:]
-            v1 = V1[i + 1:]
-            o0 = O0[i + 1:]
-            o1 = O1[i + 1:]
             o2 = O2[i + 1:]
             for q in range(n):
                 u = abs(one + zi * zq[q])
                 k = -u * flog(u)
-                o0[q] += u * a0
-                o1[q] += u * a1
                 o2[q] += k * a0
-                s0 += u * v0[q]
-                s1 += u * v1[q]
                 s2 += k * v0[q]
-            O0[i] += s0
-            O1[i] += s1
             O2[i] += s2
         for i in range(d):
             w = abs(gam[i] * s * (one - inv_d - z[i] * z[i] * inv_d))
