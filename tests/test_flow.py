@@ -8,7 +8,7 @@ import torch
 import gradgraph as gg
 from gradgraph.algorithms.flow import FLOW_LEVELS, total_flow
 from gradgraph.errors import QueryError
-from oracle import CASES, get_case
+from oracle import CASES, captured_case, get_case, tiny_mlp
 
 #: every small model of ``oracle.CASES`` (MLPs, residual LayerNorm, attention over embeddings, at
 #: both granularities); captures and enumerations are cached and shared between tests
@@ -70,6 +70,29 @@ def test_log_variants_agree(case):
     assert math.isclose(total_flow(g, log=True), o.log_Z(), rel_tol=1e-9)
     with np.errstate(divide="ignore"):
         np.testing.assert_allclose(np.log(g.path_lengths()), g.path_lengths(log=True), rtol=1e-12)
+
+
+def _check_flow(g, o):
+    per_element, per_node = g.flow(by="element"), g.flow(by="node")
+    want = o.tensor_flow()
+    for n in g.nodes:
+        np.testing.assert_allclose(per_element[n.name], want[n.fx_name], rtol=1e-9, atol=1e-300)
+        assert math.isclose(per_node[n.name], float(want[n.fx_name].sum()), rel_tol=1e-9, abs_tol=1e-300)
+
+
+def test_flow_through_a_wide_head_reached_at_two_elements():
+    # the sink reads 2 of the 2 x 40 head outputs: the head's tensors are held, and computed by the
+    # inside pass, at those elements only (rows of the head's Jacobian instead of its product)
+    g, o, _ = captured_case(tiny_mlp, seed=8, widths=(3, 5, 40), batch=2)
+    _check_flow(g, o)
+
+
+def test_flow_rows_extracted_one_at_a_time(monkeypatch):
+    # a one-hot block of one row: a node held at several elements is computed row by row
+    import gradgraph.algorithms.flow as flow_module
+    monkeypatch.setattr(flow_module, "_BLOCK", 1)
+    for case in (1, 5, 7):
+        _check_flow(*get_case(case)[:2])
 
 
 def test_flow_by_hand_two_paths():

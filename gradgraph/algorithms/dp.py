@@ -63,7 +63,7 @@ def _carry(sr, jac, x, transpose, is_view):
     return sr.times(jac, x, transpose, is_view)
 
 
-def backward(g, sr, seed=None, stop_at_sources=True, keep=None):
+def backward(g, sr, seed=None, stop_at_sources=True, keep=None, visit=None):
     """Run Algorithm 2 over graph ``g`` in semiring ``sr``.
 
     Parameters
@@ -74,6 +74,9 @@ def backward(g, sr, seed=None, stop_at_sources=True, keep=None):
         Node indices whose values to return; the others are dropped as soon as they have been
         propagated, so memory follows the frontier of the pass rather than the whole graph.
         Default: keep every node.
+    visit : callable, optional
+        ``visit(v, B[v])`` is called once per node as soon as its value is complete (in reverse
+        topological order), e.g. to keep a reduced form of it when it is not kept.
 
     Returns
     -------
@@ -89,6 +92,8 @@ def backward(g, sr, seed=None, stop_at_sources=True, keep=None):
         if bv is None:
             continue
         bv.normalize()
+        if visit is not None:
+            visit(v, bv)
         if stop_at_sources and v in source_nodes:
             continue
         for k in g.in_edges[v]:
@@ -100,7 +105,7 @@ def backward(g, sr, seed=None, stop_at_sources=True, keep=None):
     return B
 
 
-def forward(g, sr, seeds=None, keep=None, visit=None):
+def forward(g, sr, seeds=None, keep=None, visit=None, carry=None):
     """Inside pass: values from the sources (seed 1-bar each) up to the sink.
 
     Parameters
@@ -111,6 +116,10 @@ def forward(g, sr, seeds=None, keep=None, visit=None):
     visit : callable, optional
         ``visit(v, D[v])`` is called once per node as soon as its value is complete (in
         topological order), e.g. to reduce it on the fly when it is not kept.
+    carry : callable, optional
+        ``carry(e, x)``: the values carried across edge ``e`` from the values ``x`` (an array) of
+        its source, replacing the default ``sr``-product through the edge's Jacobian; e.g. to
+        compute only some elements of a node. Default: every element.
 
     Returns
     -------
@@ -133,7 +142,8 @@ def forward(g, sr, seeds=None, keep=None, visit=None):
             du = D[e.src]
             if du is None:
                 continue
-            y = _carry(sr, e.jac, du.arr, False, g.nodes[v].is_view)
+            y = (_carry(sr, e.jac, du.arr, False, g.nodes[v].is_view) if carry is None
+                 else carry(e, du.arr))
             D[v] = _accumulate(sr, D[v], y, du.log_scale)
         if D[v] is not None:
             D[v].normalize()

@@ -11,6 +11,10 @@ Flow
     inside it (its module path equals the module or lies below it): a path counts once per element
     it visits, so a module's flow can exceed Z (a path through three of its tensors counts three
     times).
+    Memory: the outside pass is kept for every node until the inside pass reaches it, then each
+    node is reduced at once and both values are released. A node whose outside value is non-zero
+    at a few elements only (a vocabulary-sized logit tensor below a logit-difference sink) is kept,
+    and computed by the inside pass, at those elements alone.
 
 Path lengths
     The LENGTH semiring carries a polynomial in x: an edge u -> v multiplies by |w| x, or by |w|
@@ -28,7 +32,7 @@ import math
 import numpy as np
 
 from ..errors import QueryError
-from .dp import backward, forward
+from .dp import Scaled, _carry, backward, forward
 from .semirings import LENGTH, MAGNITUDE
 
 __all__ = ["flow", "path_lengths", "total_flow", "FLOW_LEVELS"]
@@ -55,18 +59,80 @@ def _sum_scaled(items):
     return sum(m * math.exp(s - top) for m, s in items), top
 
 
-def _element_flow(g, reduce):
-    """[reduce(mantissa array or None, log scale)] per tensor node: the outside pass is kept, the
-    inside pass is consumed node by node (each outside value is released once multiplied)."""
-    B = backward(g, MAGNITUDE)
-    out = [reduce(None, 0.0)] * len(g.nodes)
+#: An outside value that is non-zero at no more than this many elements of its node (and not at
+#: all of them) is kept at those elements only, and the inside pass computes the node there only.
+FEW = 16
+#: Elements per one-hot block when rows of a Jacobian are extracted (bounds the block's size).
+_BLOCK = 1 << 17
+
+
+def _outside(g):
+    """The outside pass, kept per node as (support, Scaled). support None: the values of every
+    element. Otherwise the indices of the few non-zero elements, and the values there alone: a
+    backward pass from one logit reaches a vocabulary-sized tensor at a handful of elements."""
+    kept = [None] * len(g.nodes)
+
+    def store(v, b):
+        nnz = np.count_nonzero(b.arr)
+        if nnz <= FEW and nnz < b.arr.shape[1]:
+            S = np.flatnonzero(b.arr[0])
+            kept[v] = (S, Scaled(b.arr[:, S], b.log_scale))
+        else:
+            kept[v] = (None, b)
+    backward(g, MAGNITUDE, keep=(), visit=store)
+    return kept
+
+
+def _restricted_carry(g, support):
+    """Inside values carried across an edge u -> v when a node with a support S holds its values
+    at S only (the magnitude semiring's ``carry`` for :func:`.dp.forward`).
+
+    Flow needs D[v] only where B[v] != 0, and those elements are reached from elements of u where
+    B[u] != 0 (an element with an edge into an element on a path to the sink is on such a path
+    too): so D[v] at S_v = rows S_v of |J| times D[u], which reads D[u] at S_u alone; elsewhere
+    D[u] may be anything (0 when u is held at S_u only). The rows are extracted by the
+    transposed product with one-hot rows, which costs what the backward pass paid there (a few
+    columns of a vocabulary-sized weight) instead of a full forward product.
+    """
+    def carry(e, x):
+        u, v = e.src, e.dst
+        Su, Sv = support[u], support[v]
+        is_view = g.nodes[v].is_view
+        if Sv is None:
+            if Su is not None:
+                full = np.zeros((x.shape[0], g.nodes[u].numel))
+                full[:, Su] = x
+                x = full
+            return _carry(MAGNITUDE, e.jac, x, False, is_view)
+        n = g.nodes[v].numel
+        out = np.empty((1, len(Sv)))
+        step = max(1, _BLOCK // n)
+        for a in range(0, len(Sv), step):
+            rows = Sv[a:a + step]
+            E = np.zeros((len(rows), n))
+            E[np.arange(len(rows)), rows] = 1.0
+            R = _carry(MAGNITUDE, e.jac, E, True, is_view)      # rows of |J|: (len(rows), numel u)
+            out[0, a:a + len(rows)] = (R if Su is None else R[:, Su]) @ x[0]
+        return out
+    return carry
+
+
+def _flows(g, reduce, empty):
+    """``reduce(support, B[v], D[v])`` per tensor node (``empty`` where no path passes): the outside
+    pass is kept (compactly, see :func:`_outside`), the inside pass is consumed node by node and
+    each outside value is released once used."""
+    kept = _outside(g)
+    support = [None if k is None else k[0] for k in kept]
+    out = [empty] * len(g.nodes)
 
     def visit(v, d):
-        b = B[v]
-        if b is not None:
-            out[v] = reduce(b.arr[0] * d.arr[0], b.log_scale + d.log_scale)
-            B[v] = None
-    forward(g, MAGNITUDE, keep=(), visit=visit)
+        if kept[v] is not None:
+            S, b = kept[v]
+            out[v] = reduce(S, b, d)
+            kept[v] = None
+    seeds = {name: Scaled(MAGNITUDE.one(g.nodes[i].numel if support[i] is None else len(support[i])))
+             for name, i in g.sources.items()}
+    forward(g, MAGNITUDE, seeds=seeds, keep=(), visit=visit, carry=_restricted_carry(g, support))
     return out
 
 
@@ -102,10 +168,19 @@ def flow(g, by="element", log=False):
     if by not in FLOW_LEVELS:
         raise QueryError(f"by must be one of {', '.join(repr(v) for v in FLOW_LEVELS)}; got {by!r}")
     if by == "element":
-        per = _element_flow(g, lambda m, s: (m, s))
-        return {n.name: _finish(np.zeros(n.numel) if m is None else m, s, log).reshape(n.shape)
-                for n, (m, s) in zip(g.nodes, per)}
-    sums = _element_flow(g, lambda m, s: (0.0 if m is None else float(m.sum()), s))
+        per = _flows(g, lambda S, b, d: (S, b.arr[0] * d.arr[0], b.log_scale + d.log_scale), None)
+        res = {}
+        for n, p in zip(g.nodes, per):
+            S, m, s = (None, np.zeros(n.numel), 0.0) if p is None else p
+            if S is not None:
+                full = np.zeros(n.numel)
+                full[S] = m
+                m = full
+            res[n.name] = _finish(m, s, log).reshape(n.shape)
+        return res
+    # by node: sum B[v] D[v] without a product array
+    sums = _flows(g, lambda S, b, d: (float(np.dot(b.arr[0], d.arr[0])), b.log_scale + d.log_scale),
+                  (0.0, 0.0))
     if by == "node":
         return {n.name: float(_finish(*_sum_scaled([ms]), log)) for n, ms in zip(g.nodes, sums)}
     groups = {}
