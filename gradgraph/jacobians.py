@@ -247,7 +247,7 @@ class MatmulJacobian(Jacobian):
         M = self._M
         P = _tensor(np.swapaxes(M, 1, 2) if transpose else M)
         at = _tensor(a)
-        rows, cols = K.support_rows_cols(a.reshape((-1,) + a.shape[2:]))
+        rows, cols = K.support_rows_cols(a)
         if a.shape[1] != 1:
             rows[:] = True
         if 2 * int(cols.sum()) > cols.size and 2 * int(rows.sum()) > rows.size:
@@ -258,8 +258,14 @@ class MatmulJacobian(Jacobian):
 
     def _product(self, at, P, where):
         """at @ P (torch.matmul: BLAS on strided operands, in the weights' own dtype -- no float64
-        copy of a float32 matrix), scattered back to the full rows, as a (C, numel) float64 array."""
-        y = torch.matmul(at, P)
+        copy of a float32 matrix), scattered back to the full rows, as a (C, numel) float64 array.
+        With one shared matrix (a weight) every channel and row goes into one (C I, K) @ (K, N)
+        product, which BLAS runs faster than a batch of small ones."""
+        if P.shape[0] == 1:
+            C, B, I, Kc = at.shape
+            y = (at.reshape(C * B * I, Kc) @ P[0]).reshape(C, B, I, P.shape[2])
+        else:
+            y = torch.matmul(at, P)
         if where is not None:
             shape, ri = where
             full = torch.zeros((y.shape[0],) + shape[1:], dtype=y.dtype)

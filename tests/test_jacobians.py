@@ -95,9 +95,9 @@ def rowblock(function, shape, dim):
     return make
 
 
-def layer_norm(rows=4, d=5, precision="float64"):
+def layer_norm(rows=4, d=5, precision="float64", data=None):
     def make():
-        x = t(rows, d)
+        x = t(rows, d) if data is None else data.clone()
         gamma = t(d)
         gamma[2] = 0.0               # a zero gain: a row of zero entries
         eps = 1e-5
@@ -146,6 +146,9 @@ INSTANCES = {
     "layer-norm": layer_norm(),
     # rows long enough for the vectorised loops and their remainders
     "layer-norm-wide": layer_norm(3, 37),
+    # tied and exactly-zero normalised values (the sign split of 1 + xh_i xh_j at its edges)
+    "layer-norm-ties": layer_norm(2, 9, data=torch.tensor([[1.0, 1, 3, 3, 2, 2, 1, 3, 2],
+                                                       [0.0, 5, 5, 5, -5, -5, -5, 0, 0]], dtype=torch.float64)),
 }
 
 #: instances computing in float32 (the model's precision), checked at float32 tolerances

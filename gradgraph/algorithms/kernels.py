@@ -165,16 +165,21 @@ def mm_maxmin(Amax, Amin, P, Ymax, Ymin):
 
 @njit(cache=True)
 def support_rows_cols(a):
-    """For a (C, I, K) array: which rows i and which columns k hold a non-zero entry."""
-    rows = np.zeros(a.shape[1], np.bool_)
-    cols = np.zeros(a.shape[2], np.bool_)
+    """For a (C, B, I, K) array (any strides): which rows i and which columns k hold a non-zero
+    entry in some (c, b) (one pass, branch-free so that it vectorises over k)."""
+    rows = np.zeros(a.shape[2], np.bool_)
+    cols = np.zeros(a.shape[3], np.uint8)
     for c in range(a.shape[0]):
-        for i in range(a.shape[1]):
-            for k in range(a.shape[2]):
-                if a[c, i, k] != 0.0:
-                    rows[i] = True
-                    cols[k] = True
-    return rows, cols
+        for b in range(a.shape[1]):
+            for i in range(a.shape[2]):
+                row = a[c, b, i]
+                nz = np.uint8(0)
+                for k in range(a.shape[3]):
+                    f = np.uint8(row[k] != 0.0)
+                    cols[k] |= f
+                    nz |= f
+                rows[i] |= nz != 0
+    return rows, cols != 0
 
 
 # ----------------------------------------------------------------------------- convolution
@@ -562,20 +567,42 @@ def abs_xlogx(w, a, h):
 def layer_norm_split(A):
     """For each row z of A (R, d): its sorting permutation ``order`` and, for each j, the range
     [lo_j, hi_j) of sorted positions whose 1 + z_i z_j < 0 (for z_j > 0 the z_i below -1/z_j, for
-    z_j < 0 those above it). O(R d log d), vectorised."""
-    A = np.asarray(A, dtype=np.float64)
-    R, d = A.shape
-    order = np.argsort(A, axis=1, kind="stable")
-    zs = np.take_along_axis(A, order, 1)
-    lo = np.zeros((R, d), np.int64)
-    hi = np.zeros((R, d), np.int64)
-    with np.errstate(divide="ignore"):
-        t = -1.0 / A
-    for r in range(R):
-        pos, neg = A[r] > 0, A[r] < 0
-        hi[r] = np.where(pos, np.searchsorted(zs[r], t[r], "left"), np.where(neg, d, 0))
-        lo[r] = np.where(neg, np.searchsorted(zs[r], t[r], "right"), 0)
+    z_j < 0 those above it). O(R d log d)."""
+    A = np.ascontiguousarray(A, dtype=np.float64)
+    order = np.argsort(A, axis=1)
+    lo = np.zeros(A.shape, np.int64)
+    hi = np.zeros(A.shape, np.int64)
+    _ln_bounds(A, order, lo, hi)
     return order, lo, hi
+
+
+@njit(cache=True)
+def _ln_bounds(A, order, lo, hi):
+    """The ranges of :func:`layer_norm_split` by two pointers over each sorted row: -1/z_j grows
+    with z_j on either side of 0, so the bounds only move forward."""
+    R, d = A.shape
+    for r in range(R):
+        z = A[r]
+        o = order[r]
+        p = 0                      # z_j > 0 in increasing order: hi_j = #{z_i < -1/z_j}
+        for t in range(d):
+            j = o[t]
+            if z[j] <= 0:
+                continue
+            th = -1.0 / z[j]
+            while p < d and z[o[p]] < th:
+                p += 1
+            hi[r, j] = p
+        p = 0                      # z_j < 0 in increasing order: lo_j = #{z_i <= -1/z_j}
+        for t in range(d):
+            j = o[t]
+            if z[j] >= 0:
+                break
+            th = -1.0 / z[j]
+            while p < d and z[o[p]] <= th:
+                p += 1
+            lo[r, j] = p
+            hi[r, j] = d
 
 
 @njit(cache=True)
