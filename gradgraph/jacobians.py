@@ -292,35 +292,73 @@ class MatmulJacobian(Jacobian):
         return y
 
     def apply_max(self, xmax, xmin, signed, transpose):
-        shape_src = self.out_shape if transpose else self.in_shape
+        shape_src, shape_dst = (self.out_shape, self.in_shape) if transpose else (self.in_shape, self.out_shape)
         P = self._P("MT" if transpose else "M")
         zero_cols = self._zero_cols(P)
         # the branch-free kernel counts zero weights as edges: it is used when few columns hold
         # zeros, which are then redone exactly
         dense = len(zero_cols) <= P.shape[2] // 8 or not signed
-        # float32 weights: the branch-free kernel runs in float32 (twice the SIMD width). The values
-        # are renormalised per tensor (largest 1), so float32's range holds them unless some are
-        # below 1e-20; the path weights themselves are recomputed exactly in float64 afterwards.
-        dt = np.float64
-        if dense and P.dtype == np.float32 and _f32_safe(xmax, xmin if signed else None):
-            dt = np.float32
-        A = np.ascontiguousarray(self._canon(xmax, shape_src, 1)[0], dtype=dt)
-        B_, I_ = A.shape[0], A.shape[1]
+        # Contract only the live rows and columns of the input (entries with a path): a pass from one
+        # logit reaches a vocabulary-sized product through a couple of entries. The same scan gives
+        # the smallest live magnitude: float32 weights run the branch-free kernel in float32 (twice
+        # the SIMD width) unless some value is below 1e-20 -- values are renormalised per tensor
+        # (largest 1), and path weights are recomputed exactly in float64 afterwards.
+        A = self._canon(xmax, shape_src, 1)[0]
+        Amin = self._canon(xmin, shape_src, 1)[0] if signed else A
+        B_, I_, T_ = A.shape
+        rows = np.zeros((B_, I_), dtype=np.bool_)
+        cols = np.zeros(T_, dtype=np.bool_)
+        nlive, smallest = K.max_support(A, Amin, -np.inf if signed else 0.0, rows, cols)
+        dt = np.float32 if dense and P.dtype == np.float32 and smallest >= 1e-20 else np.float64
+        ri = np.flatnonzero(rows.any(axis=0))
+        ci = np.flatnonzero(cols)
+        # every remaining entry live and a long enough contraction: the dot-product kernel (twice
+        # as fast, reading the other orientation of the weights)
+        dot = signed and dense and nlive == B_ * len(ri) * len(ci) and len(ci) >= 128
+        PT = self._P("M" if transpose else "MT") if dot else None
+        if len(ci) < T_:
+            A, Amin = A[:, :, ci], Amin[:, :, ci]
+            if dot:
+                PT = np.ascontiguousarray(PT[:, :, ci])
+            else:
+                P = np.ascontiguousarray(P[:, ci, :])
+        if len(ri) < I_:
+            A, Amin = A[:, ri], Amin[:, ri]
+        A = np.ascontiguousarray(A, dtype=dt)
         ncol = P.shape[2]
+        # the result: the (max, min) pair as the rows of one (2, n) buffer (see _empty_max),
+        # written through its canonical (B, I, J) view
+        n = _numel(shape_dst)
+        buf = np.empty((2, n) if signed else (1, n))
+        out = self._canon(buf, shape_dst, buf.shape[0])
+        if len(ri) < I_:
+            out[0] = -np.inf if signed else 0.0
+            if signed:
+                out[1] = np.inf
+        if len(ri) == 0 or len(ci) == 0:
+            return (buf[0], buf[1]) if signed else (buf[0], None)
+        live = slice(None) if len(ri) == I_ else ri
         if signed:
-            Amin = np.ascontiguousarray(self._canon(xmin, shape_src, 1)[0], dtype=dt)
-            Ymax = np.full((B_, I_, ncol), -np.inf, dtype=dt)
-            Ymin = np.full((B_, I_, ncol), np.inf, dtype=dt)
-            if dense:
+            Amin = np.ascontiguousarray(Amin, dtype=dt)
+            Ymax = np.full((B_, len(ri), ncol), -np.inf, dtype=dt)
+            Ymin = np.full((B_, len(ri), ncol), np.inf, dtype=dt)
+            if dot:
+                K.mm_maxmin_dot(A, Amin, PT, Ymax, Ymin)
+            elif dense:
                 K.mm_maxmin_dense(A, Amin, P, Ymax, Ymin)
-                if len(zero_cols):
-                    K.mm_maxmin_cols(A, Amin, P, zero_cols, Ymax, Ymin)
             else:
                 K.mm_maxmin(A, Amin, P, Ymax, Ymin)
-            return self._uncanon(Ymax[None], 1)[0], self._uncanon(Ymin[None], 1)[0]
-        Y = np.zeros((B_, I_, ncol), dtype=dt)
+            if dense and len(zero_cols):
+                if dot and len(ci) < T_:
+                    P = np.ascontiguousarray(P[:, ci, :])
+                K.mm_maxmin_cols(A, Amin, P, zero_cols, Ymax, Ymin)
+            out[0][:, live] = Ymax
+            out[1][:, live] = Ymin
+            return buf[0], buf[1]
+        Y = np.zeros((B_, len(ri), ncol), dtype=dt)
         K.mm_max_dense(A, P, Y)
-        return self._uncanon(Y[None], 1)[0], None
+        out[0][:, live] = Y
+        return buf[0], None
 
     def _zero_cols(self, P):
         """Indices of the columns of P (B, T, N) holding a zero weight (cached per array)."""
@@ -351,18 +389,6 @@ class MatmulJacobian(Jacobian):
     @classmethod
     def from_state(cls, out_shape, in_shape, params, arrays):
         return cls(out_shape, in_shape, arrays["other"], params["wrt"])
-
-
-def _f32_safe(xmax, xmin):
-    """True if every finite non-zero max-pass value is at least 1e-20 in magnitude."""
-    for x in (xmax, xmin):
-        if x is None:
-            continue
-        a = np.abs(x)
-        a = a[(a > 0) & (a < np.inf)]
-        if a.size and a.min() < 1e-20:
-            return False
-    return True
 
 
 def _tensor(a):

@@ -273,3 +273,43 @@ def test_out_edges_are_the_nonzero_entries(instance):
 def test_zero_entries_are_not_edges():
     jac, D = sparse_random()
     assert jac.nnz() == np.count_nonzero(D) < D.size
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("dead", ["none", "rows-and-columns", "scattered"])
+@pytest.mark.parametrize("wrt", ["left", "right"])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_apply_max_signed_long_contraction(dtype, dead, wrt, transpose):
+    """Contractions long enough for the branch-free kernels (float32 weights in float32), with the
+    inputs' dead (no path) rows and columns dropped before the product, and one zero weight (not
+    an edge) redone exactly."""
+    L = RNG.standard_normal((2, 16, 130)).astype(dtype)
+    R = RNG.standard_normal((2, 130, 16)).astype(dtype)
+    (L if wrt == "right" else R)[1, 2, 3] = 0.0
+    if wrt == "left":
+        jac = MatmulJacobian((2, 16, 16), L.shape, R, "left")
+        D = jac_of(lambda x: x @ torch.from_numpy(R).double(), torch.from_numpy(L).double(), 512)
+    else:
+        jac = MatmulJacobian((2, 16, 16), R.shape, L, "right")
+        D = jac_of(lambda x: torch.from_numpy(L).double() @ x, torch.from_numpy(R).double(), 512)
+    W = D.T if transpose else D                  # (dst, src)
+    src_shape = jac.out_shape if transpose else jac.in_shape
+    a, b = RNG.standard_normal((2,) + src_shape)
+    xmax, xmin = np.maximum(a, b), np.minimum(a, b)
+    if dead == "rows-and-columns":
+        xmax[:, 1], xmax[..., 2] = -np.inf, -np.inf
+    elif dead == "scattered":
+        xmax[0, 0, 0] = xmax[1, 3, 1] = -np.inf
+    xmin[xmax == -np.inf] = np.inf
+    xmax, xmin = xmax.reshape(-1), xmin.reshape(-1)
+    finite = np.isfinite(xmax)
+    valid = (W != 0) & finite[None, :]
+    c1 = W * np.where(finite, xmax, 0.0)[None, :]
+    c2 = W * np.where(finite, xmin, 0.0)[None, :]
+    exp_max = np.where(valid, np.maximum(c1, c2), -np.inf).max(1)
+    exp_min = np.where(valid, np.minimum(c1, c2), np.inf).min(1)
+    ymax, ymin = jac.apply_max(xmax.copy(), xmin.copy(), True, transpose)
+    rtol = 1e-12 if dtype == np.float64 else 1e-6
+    np.testing.assert_allclose(ymax, exp_max, rtol=rtol, atol=0)
+    np.testing.assert_allclose(ymin, exp_min, rtol=rtol, atol=0)
+    assert finite.all() == (dead == "none")

@@ -49,18 +49,6 @@ def transform(w, t):
     return out
 
 
-@njit(cache=True)
-def max_finite_abs(a):
-    """The largest finite |a| over a 2-d array (0 if there is none): one pass, no temporaries."""
-    m = 0.0
-    for c in range(a.shape[0]):
-        for k in range(a.shape[1]):
-            v = abs(a[c, k])
-            if v > m and v < np.inf:
-                m = v
-    return m
-
-
 # ----------------------------------------------------------------------------- sparse (COO)
 @njit(cache=True)
 def coo_sum(x, src, dst, w, t, y):
@@ -180,6 +168,32 @@ def support_rows_cols(a):
                     nz |= f
                 rows[i] |= nz != 0
     return rows, cols != 0
+
+
+@njit(cache=True)
+def max_support(Amax, Amin, dead, rows, cols):
+    """Flag the rows ``rows[b, i]`` and columns ``cols[t]`` of A (B, I, T) holding a path (a value
+    other than ``dead``: -inf signed, 0 unsigned); return the number of such entries and the
+    smallest non-zero finite magnitude of Amax and Amin there (inf if there is none)."""
+    B, I, T = Amax.shape
+    m = np.inf
+    n = 0
+    for b in range(B):
+        for i in range(I):
+            for t in range(T):
+                a = Amax[b, i, t]
+                if a == dead:
+                    continue
+                rows[b, i] = True
+                cols[t] = True
+                n += 1
+                a = abs(a)
+                if 0.0 < a < m:
+                    m = a
+                a = abs(Amin[b, i, t])
+                if 0.0 < a < m:
+                    m = a
+    return n, m
 
 
 # ----------------------------------------------------------------------------- convolution
@@ -348,6 +362,30 @@ fmax = _minmax_intrinsic("llvm.maxnum")
 fmin = _minmax_intrinsic("llvm.minnum")
 
 
+@njit(cache=True, fastmath=_FM)
+def max_finite_abs(a):
+    """The largest finite |a| over a 2-d array (0 if there is none): one vectorised pass, no
+    temporaries (the value arrays next to a vocabulary-sized sink hold millions of entries)."""
+    m = 0.0
+    for c in range(a.shape[0]):
+        row = a[c]
+        for k in range(row.shape[0]):
+            v = abs(row[k])
+            m = fmax(m, v if v < np.inf else 0.0)
+    return m
+
+
+
+@njit(cache=True, fastmath=_FM)
+def maxmin_plus(a, b, out):
+    """(+) of the max-signed semiring on (2, n) pairs: out = (max(a0, b0), min(a1, b1)), one pass."""
+    a0, a1, b0, b1, o0, o1 = a[0], a[1], b[0], b[1], out[0], out[1]
+    for k in range(a0.shape[0]):
+        o0[k] = fmax(a0[k], b0[k])
+    for k in range(a1.shape[0]):
+        o1[k] = fmin(a1[k], b1[k])
+
+
 @njit(cache=True, fastmath=_FM, error_model="numpy")
 def mm_maxmin_dense(Amax, Amin, P, Ymax, Ymin):
     """:func:`mm_maxmin` for a P without zeros, t-outer so each row of P is read once per batch.
@@ -375,6 +413,31 @@ def mm_maxmin_dense(Amax, Amin, P, Ymax, Ymin):
                     ymx[j] = fmax(ymx[j], fmax(u, v))
                     ymn[j] = fmin(ymn[j], fmin(u, v))
 
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def mm_maxmin_dot(Amax, Amin, PT, Ymax, Ymin):
+    """:func:`mm_maxmin_dense` in dot-product form, for an A without "no path" entries: PT is P
+    transposed (B, J, T), so each output pair is a max / min reduction along contiguous rows,
+    held in registers (no read-modify-write of output rows per weight row). ``Ymax`` / ``Ymin``
+    come in as -inf / +inf. Zero weights count as edges here too (see mm_maxmin_dense)."""
+    B, I, T = Amax.shape
+    J = PT.shape[1]
+    for b in range(B):
+        for i in range(I):
+            ax = Amax[b, i]
+            an = Amin[b, i]
+            for j in range(J):
+                p = PT[b, j]
+                hi = Ymax[b, i, j]
+                lo = Ymin[b, i, j]
+                for t in range(T):
+                    u = p[t] * ax[t]
+                    v = p[t] * an[t]
+                    hi = fmax(hi, fmax(u, v))
+                    lo = fmin(lo, fmin(u, v))
+                Ymax[b, i, j] = hi
+                Ymin[b, i, j] = lo
 
 @njit(cache=True)
 def mm_maxmin_cols(Amax, Amin, P, cols, Ymax, Ymin):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernels import ABS, SIGNED
+from .kernels import ABS, SIGNED, maxmin_plus
 
 __all__ = ["Semiring", "REAL", "MAGNITUDE", "ENTROPY", "MAX_ABS", "MAX_SIGNED", "LENGTH", "SEMIRINGS"]
 
@@ -114,7 +114,9 @@ class _MaxSigned(Semiring):
         return np.stack([np.full(n, -np.inf), np.full(n, np.inf)])
 
     def plus(self, a, b):
-        return np.stack([np.maximum(a[0], b[0]), np.minimum(a[1], b[1])])
+        out = np.empty(a.shape)
+        maxmin_plus(a, b, out)
+        return out
 
     def times(self, jac, x, transpose, is_view=False):
         hi, lo = jac.apply_max(np.ascontiguousarray(x[0]), np.ascontiguousarray(x[1]), True, transpose)
