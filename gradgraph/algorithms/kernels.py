@@ -479,19 +479,34 @@ def mm_max_dense(A, P, Y):
                     y[j] = fmax(y[j], abs(p[j]) * a)
 
 
+@njit(cache=True, fastmath=_FM, inline="always")
+def _lines_maxmin(p0, q0, p1, q1, z, hi, lo):
+    """(hi, lo) updated with the max / min over m of the lines p0 + q0 z and p1 + q1 z."""
+    for m in range(p0.shape[0]):
+        u = p0[m] + q0[m] * z
+        v = p1[m] + q1[m] * z
+        hi = fmax(hi, fmax(u, v))
+        lo = fmin(lo, fmin(u, v))
+    return hi, lo
+
+
 @njit(cache=True, fastmath=_FM)
 def layer_norm_maxmin_t(xh, rs, gam, xmax, xmin, ymax, ymin):
     """Signed backward (max, x) through layer-norm rows laid out contiguously (inner == 1).
 
     Off the diagonal w_ij = a_i (1 + xh_i xh_j) with a_i = -gamma_i s / d, so each candidate
     w_ij x_i is the line P_i + Q_i xh_j evaluated at xh_j; the diagonal adds gamma_j s x_j.
-    Rows i with no path (xmax = -inf) or gamma_i = 0 (no edges) are dropped first. ``ymax`` /
-    ``ymin`` come in as -inf / +inf.
+    Rows i with no path (xmax = -inf) or gamma_i = 0 (no edges) are dropped first. Each output j
+    is then a max / min reduction over the lines (held in registers, no read-modify-write of the
+    output row per line), its own line i = j taken with its diagonal weight.
     """
     R, d = xh.shape
-    P = np.empty((2, d))
-    Q = np.empty((2, d))
-    G = np.empty((2, d))
+    P0 = np.empty(d)
+    Q0 = np.empty(d)
+    G0 = np.empty(d)
+    P1 = np.empty(d)
+    Q1 = np.empty(d)
+    G1 = np.empty(d)
     idx = np.empty(d, np.int64)
     for r in range(R):
         base = r * d
@@ -502,35 +517,32 @@ def layer_norm_maxmin_t(xh, rs, gam, xmax, xmin, ymax, ymin):
                 continue
             a = -gam[i] * rs[r] / d
             xn = xmin[base + i]
-            P[0, n] = a * xm
-            Q[0, n] = a * xh[r, i] * xm
-            G[0, n] = gam[i] * rs[r] * xm
-            P[1, n] = a * xn
-            Q[1, n] = a * xh[r, i] * xn
-            G[1, n] = gam[i] * rs[r] * xn
+            P0[n] = a * xm
+            Q0[n] = a * xh[r, i] * xm
+            G0[n] = gam[i] * rs[r] * xm
+            P1[n] = a * xn
+            Q1[n] = a * xh[r, i] * xn
+            G1[n] = gam[i] * rs[r] * xn
             idx[n] = i
             n += 1
         if n == 0:
             continue
-        hi = ymax[base:base + d]          # starts at -inf / +inf (no path)
-        lo = ymin[base:base + d]
         z = xh[r]
-        for m in range(n):
-            # all j as off-diagonal entries (a plain vectorised max-update), then the diagonal
-            # entry j = idx[m] redone from its value before this m with its true weight
-            jm = idx[m]
-            h0 = hi[jm]
-            l0 = lo[jm]
-            p0, q0, p1, q1 = P[0, m], Q[0, m], P[1, m], Q[1, m]
-            for k in range(d):
-                u = p0 + q0 * z[k]
-                v = p1 + q1 * z[k]
-                hi[k] = fmax(hi[k], fmax(u, v))
-                lo[k] = fmin(lo[k], fmin(u, v))
-            u = p0 + q0 * z[jm] + G[0, m]
-            v = p1 + q1 * z[jm] + G[1, m]
-            hi[jm] = fmax(h0, fmax(u, v))
-            lo[jm] = fmin(l0, fmin(u, v))
+        m = 0                      # idx is increasing: m tracks the line of output j, if any
+        for j in range(d):
+            zj = z[j]
+            if m < n and idx[m] == j:
+                hi, lo = _lines_maxmin(P0[:m], Q0[:m], P1[:m], Q1[:m], zj, -np.inf, np.inf)
+                hi, lo = _lines_maxmin(P0[m + 1:n], Q0[m + 1:n], P1[m + 1:n], Q1[m + 1:n], zj, hi, lo)
+                u = P0[m] + Q0[m] * zj + G0[m]
+                v = P1[m] + Q1[m] * zj + G1[m]
+                hi = fmax(hi, fmax(u, v))
+                lo = fmin(lo, fmin(u, v))
+                m += 1
+            else:
+                hi, lo = _lines_maxmin(P0[:n], Q0[:n], P1[:n], Q1[:n], zj, -np.inf, np.inf)
+            ymax[base + j] = hi
+            ymin[base + j] = lo
 
 
 # ----------------------------------------------------------------------------- logarithms
