@@ -127,10 +127,12 @@ class SparseJacobian(Jacobian):
                 vals = vals[keep]
                 n = len(vals)
         self.rows, self.cols, self.vals, self.n = rows, cols, vals, n
-        self.is_identity = bool(
-            vals is None and n == self.out_numel == self.in_numel
+        #: one edge j -> j per element (an elementwise op): max products need no scatter
+        self.is_diagonal = bool(
+            n == self.out_numel == self.in_numel
             and all(a is None or (a[0] == 0 and np.array_equal(a, np.arange(n, dtype=a.dtype)))
                     for a in (rows, cols) if a is None or len(a)))
+        self.is_identity = self.is_diagonal and (vals is None or bool(np.all(vals == 1)))
         self._csc = None
 
     def _r(self):
@@ -160,6 +162,10 @@ class SparseJacobian(Jacobian):
         return y
 
     def apply_max(self, xmax, xmin, signed, transpose):
+        if self.is_diagonal and self.vals is not None:
+            buf = np.empty((2 if signed else 1, self.n))
+            K.diag_max(xmax, xmax if xmin is None else xmin, self.vals, signed, buf)
+            return (buf[0], buf[1]) if signed else (buf[0], None)
         ymax, ymin = _empty_max(self._dims(transpose)[1], signed)
         src, dst = (self._r(), self._c()) if transpose else (self._c(), self._r())
         if signed:

@@ -386,6 +386,25 @@ def maxmin_plus(a, b, out):
         o1[k] = fmin(a1[k], b1[k])
 
 
+
+@njit(cache=True, fastmath=_FM)
+def diag_max(xmax, xmin, w, signed, out):
+    """(max, x) through a diagonal Jacobian (one edge j -> j of non-zero weight w[j] per element),
+    branch-free: signed, out = (max, min) of (w xmax, w xmin), -inf / +inf where no path arrives
+    (xmax = -inf); unsigned, out[0] = |w| xmax (0 stays 0)."""
+    if signed:
+        hi, lo = out[0], out[1]
+        for k in range(w.shape[0]):
+            u = w[k] * xmax[k]
+            v = w[k] * xmin[k]
+            dead = xmax[k] == -np.inf
+            hi[k] = -np.inf if dead else fmax(u, v)
+            lo[k] = np.inf if dead else fmin(u, v)
+    else:
+        y = out[0]
+        for k in range(w.shape[0]):
+            y[k] = abs(w[k]) * xmax[k]
+
 @njit(cache=True, fastmath=_FM, error_model="numpy")
 def mm_maxmin_dense(Amax, Amin, P, Ymax, Ymin):
     """:func:`mm_maxmin` for a P without zeros, t-outer so each row of P is read once per batch.

@@ -102,6 +102,8 @@ class _MaxAbs(Semiring):
         return np.maximum(a, b)
 
     def times(self, jac, x, transpose, is_view=False):
+        if jac.is_identity:          # weight 1 (e.g. a residual add): values pass unchanged
+            return x
         y, _ = jac.apply_max(np.ascontiguousarray(x[0]), None, False, transpose)
         return y[None]
 
@@ -119,6 +121,8 @@ class _MaxSigned(Semiring):
         return out
 
     def times(self, jac, x, transpose, is_view=False):
+        if jac.is_identity:          # weight 1 (e.g. a residual add): values pass unchanged
+            return x
         hi, lo = jac.apply_max(np.ascontiguousarray(x[0]), np.ascontiguousarray(x[1]), True, transpose)
         pair = hi.base
         if (pair is not None and lo.base is pair and pair.shape == (2, hi.size)
