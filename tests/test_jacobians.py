@@ -127,6 +127,9 @@ INSTANCES = {
     "sparse-random": sparse_random,
     "sparse-broadcast-mul": from_rule(aten.mul.Tensor, (t(3), t(2, 3, zeros=0.3)), key=0),
     "sparse-sum-keepdim": from_rule(aten.sum.dim_IntList, (t(2, 3, 4), [1], True)),
+    # elementwise: one edge j -> j per element (the diagonal kernels), and an all-ones identity
+    "sparse-elementwise-mul": from_rule(aten.mul.Tensor, (t(2, 3), t(2, 3)), key=0),
+    "sparse-add-identity": from_rule(aten.add.Tensor, (t(2, 3), t(2, 3)), key=1),
     "sparse-index-repeat": from_rule(aten.index.Tensor, (t(4, 3), [torch.tensor([2, 0, 2])])),
     "sparse-amax-ties": from_rule(aten.amax.default,
                                   (torch.tensor([[1.0, 3.0, 3.0], [0.5, -1.0, 0.0]], dtype=torch.float64), [1])),
@@ -179,6 +182,15 @@ def f_of(D, t):
 def test_instance_is_not_trivial(instance):
     jac, D = instance
     assert np.abs(D).max() > 0
+
+
+@pytest.mark.parametrize("name, diagonal, identity", [("sparse-elementwise-mul", True, False),
+                                                      ("sparse-add-identity", True, True),
+                                                      ("sparse-broadcast-mul", False, False)])
+def test_sparse_diagonal_and_identity_flags(name, diagonal, identity):
+    jac, D = INSTANCES[name]()
+    assert jac.is_diagonal == diagonal and jac.is_identity == identity
+    assert np.array_equal(D, np.eye(D.shape[0])) == identity
 
 
 @pytest.mark.parametrize("transpose", [False, True])
