@@ -539,6 +539,7 @@ class RowBlockJacobian(Jacobian):
         self.gamma = np.ones(self.d) if gamma is None else np.ascontiguousarray(gamma, dtype=np.float64).reshape(self.d)
         self._code = self.FUNCTIONS.index(function)
         self._factors = None     # the factors in ``precision``, made on first use
+        self._max_factors = None  # the factors in the signed max product's dtype
 
     def _rows(self, x, C):
         """(C, numel) -> (C, R, d) rows, and back."""
@@ -620,11 +621,26 @@ class RowBlockJacobian(Jacobian):
     def apply_max(self, xmax, xmin, signed, transpose):
         if self.function != "layer_norm":
             return self._lowrank_max(xmax, xmin, signed, transpose)
+        if self.inner == 1 and signed and transpose:
+            # a float32 model's layer norm runs in float32 (twice the SIMD width) unless some value
+            # is below 1e-20, as the matmul products do: path weights are recomputed exactly
+            dt = np.float64
+            if self.precision == "float32":
+                x3 = xmax.reshape(1, 1, -1)
+                live = np.zeros((1, 1), dtype=np.bool_), np.zeros(x3.shape[2], dtype=np.bool_)
+                if K.max_support(x3, xmin.reshape(1, 1, -1), -np.inf, *live)[1] >= 1e-20:
+                    dt = np.float32
+            if self._max_factors is None or self._max_factors[0].dtype != dt:
+                self._max_factors = tuple(a.astype(dt) for a in (self.A, self.rstd, self.gamma))
+            out = np.empty((2, self.out_numel), dtype=dt)
+            out[0] = -np.inf
+            out[1] = np.inf
+            K.layer_norm_maxmin_t(*self._max_factors, np.ascontiguousarray(xmax, dtype=dt),
+                                  np.ascontiguousarray(xmin, dtype=dt), out[0], out[1])
+            if dt != np.float64:
+                out = out.astype(np.float64)
+            return out[0], out[1]
         ymax, ymin = _empty_max(self.out_numel, signed)
-        if self.function == "layer_norm" and self.inner == 1 and signed and transpose:
-            K.layer_norm_maxmin_t(self.A, self.rstd, self.gamma, np.ascontiguousarray(xmax, dtype=np.float64),
-                                  np.ascontiguousarray(xmin, dtype=np.float64), ymax, ymin)
-            return ymax, ymin
         K.rowblock_max(self._code, self.A, self.rstd, self.gamma, self.inner,
                        np.ascontiguousarray(xmax, dtype=np.float64),
                        np.ascontiguousarray(xmin if signed else xmax, dtype=np.float64),

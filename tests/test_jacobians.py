@@ -325,3 +325,27 @@ def test_apply_max_signed_long_contraction(dtype, dead, wrt, transpose):
     np.testing.assert_allclose(ymax, exp_max, rtol=rtol, atol=0)
     np.testing.assert_allclose(ymin, exp_min, rtol=rtol, atol=0)
     assert finite.all() == (dead == "none")
+
+
+@pytest.mark.parametrize("tiny", [False, True])
+def test_layer_norm_signed_max_in_float32(tiny):
+    """A float32 model's layer norm: the signed backward max product runs in float32 (to float32
+    rounding), or in float64 (to float64 rounding) when some value is below 1e-20."""
+    jac, D = layer_norm(rows=3, d=40, precision="float32")()
+    W = D.T                                      # (dst, src), backward
+    a, b = RNG.standard_normal((2, W.shape[1]))
+    xmax, xmin = np.maximum(a, b), np.minimum(a, b)
+    xmax[7], xmin[7] = -np.inf, np.inf
+    if tiny:
+        xmin[3] = 1e-30
+        xmax[3] = max(xmax[3], 1e-30)
+    finite = np.isfinite(xmax)
+    valid = (W != 0) & finite[None, :]
+    c1 = W * np.where(finite, xmax, 0.0)[None, :]
+    c2 = W * np.where(finite, xmin, 0.0)[None, :]
+    exp_max = np.where(valid, np.maximum(c1, c2), -np.inf).max(1)
+    exp_min = np.where(valid, np.minimum(c1, c2), np.inf).min(1)
+    ymax, ymin = jac.apply_max(xmax.copy(), xmin.copy(), True, True)
+    rtol = 1e-12 if tiny else 1e-5
+    np.testing.assert_allclose(ymax, exp_max, rtol=rtol, atol=1e-12 if tiny else 1e-6)
+    np.testing.assert_allclose(ymin, exp_min, rtol=rtol, atol=1e-12 if tiny else 1e-6)

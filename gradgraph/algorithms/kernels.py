@@ -517,15 +517,16 @@ def layer_norm_maxmin_t(xh, rs, gam, xmax, xmin, ymax, ymin):
     w_ij x_i is the line P_i + Q_i xh_j evaluated at xh_j; the diagonal adds gamma_j s x_j.
     Rows i with no path (xmax = -inf) or gamma_i = 0 (no edges) are dropped first. Each output j
     is then a max / min reduction over the lines (held in registers, no read-modify-write of the
-    output row per line), its own line i = j taken with its diagonal weight.
+    output row per line), its own line i = j taken with its diagonal weight. Works in the dtype of
+    the arrays (float32 or float64); ``ymax`` / ``ymin`` come in as -inf / +inf.
     """
     R, d = xh.shape
-    P0 = np.empty(d)
-    Q0 = np.empty(d)
-    G0 = np.empty(d)
-    P1 = np.empty(d)
-    Q1 = np.empty(d)
-    G1 = np.empty(d)
+    P0 = np.empty(d, xh.dtype)
+    Q0 = np.empty(d, xh.dtype)
+    G0 = np.empty(d, xh.dtype)
+    P1 = np.empty(d, xh.dtype)
+    Q1 = np.empty(d, xh.dtype)
+    G1 = np.empty(d, xh.dtype)
     idx = np.empty(d, np.int64)
     for r in range(R):
         base = r * d
@@ -550,8 +551,10 @@ def layer_norm_maxmin_t(xh, rs, gam, xmax, xmin, ymax, ymin):
         m = 0                      # idx is increasing: m tracks the line of output j, if any
         for j in range(d):
             zj = z[j]
+            none_hi = ymax[base + j]   # -inf / +inf in the arrays' dtype
+            none_lo = ymin[base + j]
             if m < n and idx[m] == j:
-                hi, lo = _lines_maxmin(P0[:m], Q0[:m], P1[:m], Q1[:m], zj, -np.inf, np.inf)
+                hi, lo = _lines_maxmin(P0[:m], Q0[:m], P1[:m], Q1[:m], zj, none_hi, none_lo)
                 hi, lo = _lines_maxmin(P0[m + 1:n], Q0[m + 1:n], P1[m + 1:n], Q1[m + 1:n], zj, hi, lo)
                 u = P0[m] + Q0[m] * zj + G0[m]
                 v = P1[m] + Q1[m] * zj + G1[m]
@@ -559,7 +562,7 @@ def layer_norm_maxmin_t(xh, rs, gam, xmax, xmin, ymax, ymin):
                 lo = fmin(lo, fmin(u, v))
                 m += 1
             else:
-                hi, lo = _lines_maxmin(P0[:n], Q0[:n], P1[:n], Q1[:n], zj, -np.inf, np.inf)
+                hi, lo = _lines_maxmin(P0[:n], Q0[:n], P1[:n], Q1[:n], zj, none_hi, none_lo)
             ymax[base + j] = hi
             ymin[base + j] = lo
 
