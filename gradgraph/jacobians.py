@@ -182,7 +182,10 @@ class SparseJacobian(Jacobian):
             self._csc = (order, starts)
         order, starts = self._csc
         e = order[starts[j]:starts[j + 1]]
-        return self._r()[e].astype(np.int64), self._v()[e].astype(np.float64)
+        # (path recovery calls this per visited element: no arrays of the Jacobian's size)
+        rows = e if self.rows is None else self.rows[e]
+        vals = np.ones(len(e)) if self.vals is None else self.vals[e]
+        return rows.astype(np.int64), vals.astype(np.float64)
 
     def to_dense(self):
         D = np.zeros((self.out_numel, self.in_numel))

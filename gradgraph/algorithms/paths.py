@@ -136,13 +136,17 @@ class _Values:
         self.B = backward(g, MAX_SIGNED if signed else MAX_ABS)
 
     def scores(self, t, idx, p):
-        """(valid, sign, log|score|) of elements ``idx`` of tensor ``t`` for polarity ``p``."""
+        """(valid, sign, log|score|) of elements ``idx`` of tensor ``t`` for polarity ``p`` (one
+        polarity for all, or an array of one per element)."""
         b = self.B[t]
         if b is None:
             z = np.zeros(len(idx), dtype=bool)
             return z, np.zeros(len(idx)), np.zeros(len(idx))
         if self.signed:
-            x = b.arr[0][idx] if p == 0 else -b.arr[1][idx]
+            if np.ndim(p):
+                x = np.where(p == 0, b.arr[0][idx], -b.arr[1][idx])
+            else:
+                x = b.arr[0][idx] if p == 0 else -b.arr[1][idx]
             valid = x > -np.inf
         else:
             x = b.arr[0][idx]
@@ -238,14 +242,7 @@ class _Enumerator:
             if len(o) == 0:
                 continue
             cp = np.where(w > 0, p, 1 - p) if self.signed else np.zeros(len(o), int)
-            if self.signed:
-                valid0, s0, l0 = self.values.scores(v, o, 0)
-                valid1, s1, l1 = self.values.scores(v, o, 1)
-                first = cp == 0
-                valid = np.where(first, valid0, valid1)
-                sgn, la = np.where(first, s0, s1), np.where(first, l0, l1)
-            else:
-                valid, sgn, la = self.values.scores(v, o, 0)
+            valid, sgn, la = self.values.scores(v, o, cp if self.signed else 0)
             if not valid.any():
                 continue
             o, w, cp, sgn, la = o[valid], w[valid], cp[valid], sgn[valid], la[valid]
