@@ -226,8 +226,9 @@ class MatmulJacobian(Jacobian):
         self._cache = {}
 
     def _P(self, which):
-        """Contiguous M (forward) or M^T (backward), cached: weights of a linear layer are
-        already contiguous as M^T, so this costs nothing there."""
+        """Contiguous M or M^T, cached: weights of a linear layer are already contiguous as M^T,
+        so that costs nothing there. The axpy-form max kernels read M^T backward (M forward); the
+        dot-product form reads the other one (a copy of a linear layer's weight, kept)."""
         if which not in self._cache:
             M = self._M
             self._cache[which] = np.ascontiguousarray(M if which == "M" else np.swapaxes(M, 1, 2))
