@@ -156,6 +156,10 @@ class SparseJacobian(Jacobian):
 
     def apply_entropy(self, x, transpose):
         x = np.ascontiguousarray(x, dtype=np.float64)
+        if self.is_diagonal and self.vals is not None:
+            y = np.empty((2, self.n))
+            K.diag_entropy(x, self.vals.astype(np.float64, copy=False), y)
+            return y
         y = np.zeros((2, self._dims(transpose)[1]))
         src, dst = (self._r(), self._c()) if transpose else (self._c(), self._r())
         K.coo_entropy(x, src, dst, self._v(), y)
@@ -256,8 +260,10 @@ class MatmulJacobian(Jacobian):
         a = self._canon(x, self.out_shape if transpose else self.in_shape, C)
         M = self._M
         P = _tensor(np.swapaxes(M, 1, 2) if transpose else M)
-        at = _tensor(a)
-        rows, cols = K.support_rows_cols(a)
+        # the scan for the support also converts to the weights' dtype (float32) in passing
+        conv = np.empty(a.shape if P.dtype != torch.float64 else (0, 0, 0, 0), dtype=P.numpy().dtype)
+        rows, cols = K.support_rows_cols(a, conv)
+        at = torch.from_numpy(conv) if conv.size else _tensor(a)
         if a.shape[1] != 1:
             rows[:] = True
         if 2 * int(cols.sum()) > cols.size and 2 * int(rows.sum()) > rows.size:

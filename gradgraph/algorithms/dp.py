@@ -3,10 +3,10 @@
 ``backward``: reverse topological order, ``B[sink] = 1``, ``B[u] (+)= w(u->v) (x) B[v]``.
 ``forward`` (inside pass): topological order from the sources, ``D[v] (+)= w(u->v) (x) D[u]``.
 
-Each tensor's values are held as :class:`Scaled` (mantissa array, log scale): the array is
-renormalised to a largest finite magnitude of 1 after each tensor is complete, so path weights far
-below float64's range (1e-400 and beyond) remain exact up to rounding. Ties and zero-weight edges are
-handled by the kernels (zero weights are not edges).
+Each tensor's values are held as :class:`Scaled` (mantissa array, log scale): once a tensor is
+complete its array is renormalised to a largest finite magnitude of 1 (if that has drifted beyond
+[2^-10, 2^10]), so path weights far below float64's range (1e-400 and beyond) remain exact up to
+rounding. Ties and zero-weight edges are handled by the kernels (zero weights are not edges).
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from .kernels import max_finite_abs
 
 __all__ = ["Scaled", "backward", "forward"]
 
+_NEAR_ONE = (2.0 ** -10, 2.0 ** 10)
+
 
 class Scaled:
     """values = arr * exp(log_scale), arr of shape (C, n)."""
@@ -28,8 +30,11 @@ class Scaled:
         self.arr, self.log_scale = arr, float(log_scale)
 
     def normalize(self):
+        """Rescale so that the largest finite magnitude is 1 -- unless it is already within
+        [2^-10, 2^10]: such values are as safe for every kernel (float32 ones included) as
+        rescaled ones, and most tensors of a pass are, so the copy is skipped."""
         m = max_finite_abs(self.arr.reshape(self.arr.shape[0], -1)) if self.arr.size else 0.0
-        if m > 0 and m != 1.0:
+        if m > 0 and not _NEAR_ONE[0] <= m <= _NEAR_ONE[1]:
             self.arr = self.arr / m
             self.log_scale += math.log(m)
         return self

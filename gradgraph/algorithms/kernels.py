@@ -152,11 +152,13 @@ def mm_maxmin(Amax, Amin, P, Ymax, Ymin):
 
 
 @njit(cache=True)
-def support_rows_cols(a):
+def support_rows_cols(a, out):
     """For a (C, B, I, K) array (any strides): which rows i and which columns k hold a non-zero
-    entry in some (c, b) (one pass, branch-free so that it vectorises over k)."""
+    entry in some (c, b) (one pass, branch-free so that it vectorises over k). The same pass
+    copies ``a`` into ``out`` (contiguous, in its dtype) unless ``out`` is empty."""
     rows = np.zeros(a.shape[2], np.bool_)
     cols = np.zeros(a.shape[3], np.uint8)
+    copy = out.size > 0
     for c in range(a.shape[0]):
         for b in range(a.shape[1]):
             for i in range(a.shape[2]):
@@ -167,6 +169,10 @@ def support_rows_cols(a):
                     cols[k] |= f
                     nz |= f
                 rows[i] |= nz != 0
+                if copy:
+                    dst = out[c, b, i]
+                    for k in range(a.shape[3]):
+                        dst[k] = row[k]
     return rows, cols != 0
 
 
@@ -406,6 +412,23 @@ def diag_max(xmax, xmin, w, signed, out):
             y[k] = abs(w[k]) * xmax[k]
 
 @njit(cache=True, fastmath=_FM, error_model="numpy")
+def diag_entropy(x, w, y):
+    """The entropy product through a diagonal Jacobian (weight w[j] on j -> j), vectorised:
+    y = (|w| Z, |w| R - |w| log|w| Z) for x = (Z, R)."""
+    m = abs(w[0]) if w.shape[0] else 1.0
+    for k in range(w.shape[0]):
+        a = abs(w[k])
+        m = min(m, a)
+        y[0, k] = a * x[0, k]
+        y[1, k] = a * x[1, k] - a * flog(a) * x[0, k]
+    if m < _TINY:                      # zero or subnormal weights: libm's log, 0 log 0 = 0
+        for k in range(w.shape[0]):
+            a = abs(w[k])
+            if a < _TINY:
+                y[1, k] = a * x[1, k] - (a * np.log(a) * x[0, k] if a > 0 else 0.0)
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy")
 def mm_maxmin_dense(Amax, Amin, P, Ymax, Ymin):
     """:func:`mm_maxmin` for a P without zeros, t-outer so each row of P is read once per batch.
 
@@ -587,6 +610,7 @@ def _bitcast_intrinsic(to_int):
 _bits = _bitcast_intrinsic(True)
 _from_bits = _bitcast_intrinsic(False)
 _LN2 = 0.6931471805599453
+_TINY = 2.2250738585072014e-308        # the smallest normal float64
 _OFF64 = 0x3FF0000000000000 - 0x3FE6A09E667F3BCD     # bits of 1.0 minus bits of sqrt(1/2)
 _OFF32 = 0x3F800000 - 0x3F3504F3
 # minimax coefficients of R on |s| < 0.1716 (float64: error below one ulp); float32 needs the
