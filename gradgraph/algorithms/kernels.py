@@ -691,8 +691,8 @@ def layer_norm_split(A):
     z_j < 0 those above it). O(R d log d)."""
     A = np.ascontiguousarray(A, dtype=np.float64)
     order = np.argsort(A, axis=1)
-    lo = np.zeros(A.shape, np.int64)
-    hi = np.zeros(A.shape, np.int64)
+    lo = np.empty(A.shape, np.int64)
+    hi = np.empty(A.shape, np.int64)
     _ln_bounds(A, order, lo, hi)
     return order, lo, hi
 
@@ -705,6 +705,8 @@ def _ln_bounds(A, order, lo, hi):
     for r in range(R):
         z = A[r]
         o = order[r]
+        lo[r, :] = 0               # z_j = 0: no such i
+        hi[r, :] = 0
         p = 0                      # z_j > 0 in increasing order: hi_j = #{z_i < -1/z_j}
         for t in range(d):
             j = o[t]
