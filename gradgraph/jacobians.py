@@ -549,6 +549,7 @@ class RowBlockJacobian(Jacobian):
         self.gamma = np.ones(self.d) if gamma is None else np.ascontiguousarray(gamma, dtype=np.float64).reshape(self.d)
         self._code = self.FUNCTIONS.index(function)
         self._factors = None     # the factors in ``precision``, made on first use
+        self._split = None       # kernels.layer_norm_split of the factors, made on first use
         self._max_factors = None  # the factors in the signed max product's dtype
 
     def _rows(self, x, C):
@@ -613,9 +614,13 @@ class RowBlockJacobian(Jacobian):
         return self._unrows(y, C)
 
     def _live_split(self, x):
-        """The rows with a non-zero input (the others contribute nothing) and their split."""
+        """The rows with a non-zero input (the others contribute nothing) and the split of the
+        factors (kernels.layer_norm_split: a property of the factors, made once and kept -- 6
+        bytes per element, next to the factors' 8)."""
         rows = np.flatnonzero((x.reshape(x.shape[0], -1, self.d) != 0).any(axis=(0, 2)))
-        return rows, K.layer_norm_split(self.A[rows])
+        if self._split is None:
+            self._split = K.layer_norm_split(self.A)
+        return rows, self._split
 
     def apply_entropy(self, x, transpose):
         if self.function != "layer_norm" or self.inner != 1:

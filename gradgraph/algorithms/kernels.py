@@ -688,11 +688,12 @@ def abs_xlogx(w, a, h):
 def layer_norm_split(A):
     """For each row z of A (R, d): its sorting permutation ``order`` and, for each j, the range
     [lo_j, hi_j) of sorted positions whose 1 + z_i z_j < 0 (for z_j > 0 the z_i below -1/z_j, for
-    z_j < 0 those above it). O(R d log d)."""
+    z_j < 0 those above it). O(R d log d); int16 positions when d allows (6 bytes per element)."""
     A = np.ascontiguousarray(A, dtype=np.float64)
-    order = np.argsort(A, axis=1)
-    lo = np.empty(A.shape, np.int64)
-    hi = np.empty(A.shape, np.int64)
+    idx = np.int16 if A.shape[1] < 2**15 else np.int32
+    order = np.argsort(A, axis=1).astype(idx)
+    lo = np.empty(A.shape, idx)
+    hi = np.empty(A.shape, idx)
     _ln_bounds(A, order, lo, hi)
     return order, lo, hi
 
@@ -749,7 +750,7 @@ def layer_norm_sum(A, rs, gam, rows, split, x, transpose, y):
     """y += |J| x (or |J|^T x) for layer-norm rows laid out contiguously (inner == 1), by the
     sorted prefix sums above plus the diagonal with its true weight. Rows whose input is all
     zero are skipped (a backward pass from one logit reaches the last layer norms through one row):
-    only ``rows`` are visited, ``split`` is :func:`layer_norm_split` of ``A[rows]``."""
+    only ``rows`` are visited; ``split`` is :func:`layer_norm_split` of A."""
     R, d = A.shape
     C = x.shape[0]
     inv_d = 1.0 / d
@@ -769,7 +770,7 @@ def layer_norm_sum(A, rs, gam, rows, split, x, transpose, y):
         for c in range(C):
             for i in range(d):
                 v[i] = al[i] * x[c, base + i] if transpose else x[c, base + i]
-            _ln_u_product(z, order[t], lo[t], hi[t], v, pv, pvz, o)
+            _ln_u_product(z, order[r], lo[r], hi[r], v, pv, pvz, o)
             for i in range(d):
                 yi = o[i] if transpose else al[i] * o[i]
                 diag = abs(gam[i] * s * (1.0 - inv_d - z[i] * z[i] * inv_d))
@@ -788,7 +789,7 @@ def layer_norm_entropy(A, rs, gam, rows, split, x, transpose, y):
     (in float64); K has no such structure, so K P takes one sweep of the upper triangle of the
     symmetric K, one logarithm per pair (by :func:`flog`, vectorised). Works in x's dtype
     (float32 or float64; A, rs, gam, y alike). Only ``rows`` are visited (those with a non-zero
-    input); ``split`` is :func:`layer_norm_split` of ``A[rows]``. |1 + xh_i xh_j| is 0 or at
+    input); ``split`` is :func:`layer_norm_split` of A. |1 + xh_i xh_j| is 0 or at
     least 2^-24, so no subnormal reaches flog. O(live rows d^2) logarithms, as any exact product
     with log|J| needs.
     """
@@ -820,8 +821,8 @@ def layer_norm_entropy(A, rs, gam, rows, split, x, transpose, y):
             V0[i] = al[i] * zi_ if transpose else zi_
             V1[i] = al[i] * ri_ + be[i] * zi_ if transpose else ri_
             O2[i] = nil
-        _ln_u_product(z, order[t], lo[t], hi[t], V0, pv, pvz, O0)
-        _ln_u_product(z, order[t], lo[t], hi[t], V1, pv, pvz, O1)
+        _ln_u_product(z, order[r], lo[r], hi[r], V0, pv, pvz, O0)
+        _ln_u_product(z, order[r], lo[r], hi[r], V1, pv, pvz, O1)
         for i in range(d - 1):
             n = d - i - 1
             zi = z[i]
