@@ -245,6 +245,17 @@ def test_apply_max_unsigned(instance, transpose):
     np.testing.assert_allclose(ymax, expected, rtol=1e-12, atol=0)
 
 
+def signed_max_expected(W, xmax, xmin):
+    """Max and min over the edges (W != 0) of W[i, j] * xmax[j] and W[i, j] * xmin[j], skipping
+    sources with no path (xmax = -inf); -inf / +inf where no edge remains. W is (dst, src)."""
+    finite = np.isfinite(xmax)
+    valid = (W != 0) & finite[None, :]
+    c1 = W * np.where(finite, xmax, 0.0)[None, :]
+    c2 = W * np.where(finite, xmin, 0.0)[None, :]
+    return (np.where(valid, np.maximum(c1, c2), -np.inf).max(1),
+            np.where(valid, np.minimum(c1, c2), np.inf).min(1))
+
+
 @pytest.mark.parametrize("transpose", [False, True])
 def test_apply_max_signed(instance, transpose):
     jac, D = instance
@@ -252,13 +263,7 @@ def test_apply_max_signed(instance, transpose):
     a, b = RNG.standard_normal((2, W.shape[1]))
     xmax, xmin = np.maximum(a, b), np.minimum(a, b)
     xmax[0], xmin[0] = -np.inf, np.inf           # no path reaches this element
-    finite = np.isfinite(xmax)
-    valid = (W != 0) & finite[None, :]
-    hi_src = np.where(finite, xmax, 0.0)[None, :]
-    lo_src = np.where(finite, xmin, 0.0)[None, :]
-    c1, c2 = W * hi_src, W * lo_src
-    exp_max = np.where(valid, np.maximum(c1, c2), -np.inf).max(1)
-    exp_min = np.where(valid, np.minimum(c1, c2), np.inf).min(1)
+    exp_max, exp_min = signed_max_expected(W, xmax, xmin)
     ymax, ymin = jac.apply_max(xmax.copy(), xmin.copy(), True, transpose)
     np.testing.assert_allclose(ymax, exp_max, rtol=1e-12, atol=0)
     np.testing.assert_allclose(ymin, exp_min, rtol=1e-12, atol=0)
@@ -314,17 +319,12 @@ def test_apply_max_signed_long_contraction(dtype, dead, wrt, transpose):
         xmax[0, 0, 0] = xmax[1, 3, 1] = -np.inf
     xmin[xmax == -np.inf] = np.inf
     xmax, xmin = xmax.reshape(-1), xmin.reshape(-1)
-    finite = np.isfinite(xmax)
-    valid = (W != 0) & finite[None, :]
-    c1 = W * np.where(finite, xmax, 0.0)[None, :]
-    c2 = W * np.where(finite, xmin, 0.0)[None, :]
-    exp_max = np.where(valid, np.maximum(c1, c2), -np.inf).max(1)
-    exp_min = np.where(valid, np.minimum(c1, c2), np.inf).min(1)
+    exp_max, exp_min = signed_max_expected(W, xmax, xmin)
     ymax, ymin = jac.apply_max(xmax.copy(), xmin.copy(), True, transpose)
     rtol = 1e-12 if dtype == np.float64 else 1e-6
     np.testing.assert_allclose(ymax, exp_max, rtol=rtol, atol=0)
     np.testing.assert_allclose(ymin, exp_min, rtol=rtol, atol=0)
-    assert finite.all() == (dead == "none")
+    assert np.isfinite(xmax).all() == (dead == "none")
 
 
 @pytest.mark.parametrize("tiny", [False, True])
@@ -339,12 +339,7 @@ def test_layer_norm_signed_max_in_float32(tiny):
     if tiny:
         xmin[3] = 1e-30
         xmax[3] = max(xmax[3], 1e-30)
-    finite = np.isfinite(xmax)
-    valid = (W != 0) & finite[None, :]
-    c1 = W * np.where(finite, xmax, 0.0)[None, :]
-    c2 = W * np.where(finite, xmin, 0.0)[None, :]
-    exp_max = np.where(valid, np.maximum(c1, c2), -np.inf).max(1)
-    exp_min = np.where(valid, np.minimum(c1, c2), np.inf).min(1)
+    exp_max, exp_min = signed_max_expected(W, xmax, xmin)
     ymax, ymin = jac.apply_max(xmax.copy(), xmin.copy(), True, True)
     rtol = 1e-12 if tiny else 1e-5
     np.testing.assert_allclose(ymax, exp_max, rtol=rtol, atol=1e-12 if tiny else 1e-6)
