@@ -95,6 +95,44 @@ def test_flow_rows_extracted_one_at_a_time(monkeypatch):
         _check_flow(*get_case(case)[:2])
 
 
+class _Uneven(torch.nn.Module):
+    """Elements of one tensor at different distances from the sink: h[0] reaches it in a few hops,
+    h[1] through three more tanh; a dead ReLU unit below h removes one of the two groups of lengths,
+    and a residual from the input joins a short path to the long ones."""
+
+    def __init__(self, dead):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 2).double()
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.tensor([[0.7, -0.4], [0.3, 0.9]]))
+            self.lin.bias.copy_(torch.tensor([0.5, 0.5]))
+            self.lin.bias[dead] = -5.0           # pre-activation < 0: no path through that unit
+
+    def forward(self, x):
+        h = torch.relu(self.lin(torch.tanh(torch.tanh(x))))
+        deep = torch.tanh(torch.tanh(torch.tanh(1.5 * h[:, 1:])))
+        return torch.cat([h[:, :1], deep], 1).sum() + torch.sin(x).sum()
+
+
+def uneven_lengths(dead):
+    x = torch.tensor([[0.3, -0.8]], dtype=torch.float64)
+    return _Uneven(dead), (x,), {}, None
+
+
+@pytest.mark.parametrize("dead", [0, 1])
+def test_path_lengths_with_gaps_match_enumeration(dead):
+    """Paths of very different lengths end at one source, and a dead unit removes all paths of
+    some lengths: the length polynomials are held from their shortest live length on and trimmed
+    where a Jacobian zeroes whole channels."""
+    g, o, _ = captured_case(uneven_lengths, dead=dead)
+    got, want = g.path_lengths(), o.length_distribution()
+    assert len(got) == len(want) and want[0] == want[1] == 0     # shortest path: >= 2 hops
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-300)
+    with np.errstate(divide="ignore"):
+        np.testing.assert_allclose(g.path_lengths(log=True), np.log(want), rtol=1e-12)
+    assert math.isclose(got.sum(), o.Z(), rel_tol=1e-9)
+
+
 def test_flow_by_hand_two_paths():
     model = torch.nn.Sequential(torch.nn.Linear(2, 1, bias=False), torch.nn.Tanh()).double()
     with torch.no_grad():

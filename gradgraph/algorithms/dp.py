@@ -7,6 +7,10 @@ Each tensor's values are held as :class:`Scaled` (mantissa array, log scale): on
 complete its array is renormalised to a largest finite magnitude of 1 (if that has drifted beyond
 [2^-10, 2^10]), so path weights far below float64's range (1e-400 and beyond) remain exact up to
 rounding. Ties and zero-weight edges are handled by the kernels (zero weights are not edges).
+
+The engine combines values only through the semiring: ``sr.carry`` across an edge and ``sr.add``
+into a node (:class:`.semirings.Semiring`), so a semiring may keep more than the array and the
+scale (LENGTH keeps a channel offset, :attr:`Scaled.shift`).
 """
 from __future__ import annotations
 
@@ -22,12 +26,16 @@ _NEAR_ONE = (2.0 ** -10, 2.0 ** 10)
 
 
 class Scaled:
-    """values = arr * exp(log_scale), arr of shape (C, n)."""
+    """values = arr * exp(log_scale), arr of shape (C, n).
 
-    __slots__ = ("arr", "log_scale")
+    ``shift``: channel c holds the coefficient of x^(c + shift) in a polynomial semiring (LENGTH,
+    whose values would otherwise carry leading all-zero channels); 0 in every other semiring.
+    """
 
-    def __init__(self, arr, log_scale=0.0):
-        self.arr, self.log_scale = arr, float(log_scale)
+    __slots__ = ("arr", "log_scale", "shift")
+
+    def __init__(self, arr, log_scale=0.0, shift=0):
+        self.arr, self.log_scale, self.shift = arr, float(log_scale), shift
 
     def normalize(self):
         """Rescale so that the largest finite magnitude is 1 -- unless it is already within
@@ -50,12 +58,13 @@ class Scaled:
             return np.log(np.abs(self.arr)) + self.log_scale
 
 
-def _accumulate(sr, acc, arr, log_scale):
+def _accumulate(sr, acc, y):
+    """acc (+) y for Scaled values (acc None: 0-bar), through ``sr.plus`` at a common scale."""
     if acc is None:
-        return Scaled(arr, log_scale)
-    L = max(acc.log_scale, log_scale)
+        return y
+    L = max(acc.log_scale, y.log_scale)
     a = acc.arr * math.exp(acc.log_scale - L) if acc.log_scale != L else acc.arr
-    b = arr * math.exp(log_scale - L) if log_scale != L else arr
+    b = y.arr * math.exp(y.log_scale - L) if y.log_scale != L else y.arr
     return Scaled(sr.plus(a, b), L)
 
 
@@ -103,8 +112,7 @@ def backward(g, sr, seed=None, stop_at_sources=True, keep=None, visit=None):
             continue
         for k in g.in_edges[v]:
             e = g.edges[k]
-            y = _carry(sr, e.jac, bv.arr, True, g.nodes[v].is_view)
-            B[e.src] = _accumulate(sr, B[e.src], y, bv.log_scale)
+            B[e.src] = sr.add(B[e.src], sr.carry(e.jac, bv, True, g.nodes[v].is_view))
         if keep is not None and v not in keep:
             B[v] = None
     return B
@@ -124,7 +132,8 @@ def forward(g, sr, seeds=None, keep=None, visit=None, carry=None):
     carry : callable, optional
         ``carry(e, x)``: the values carried across edge ``e`` from the values ``x`` (an array) of
         its source, replacing the default ``sr``-product through the edge's Jacobian; e.g. to
-        compute only some elements of a node. Default: every element.
+        compute only some elements of a node (for semirings whose values keep shift 0). Default:
+        every element.
 
     Returns
     -------
@@ -147,9 +156,9 @@ def forward(g, sr, seeds=None, keep=None, visit=None, carry=None):
             du = D[e.src]
             if du is None:
                 continue
-            y = (_carry(sr, e.jac, du.arr, False, g.nodes[v].is_view) if carry is None
-                 else carry(e, du.arr))
-            D[v] = _accumulate(sr, D[v], y, du.log_scale)
+            y = (sr.carry(e.jac, du, False, g.nodes[v].is_view) if carry is None
+                 else Scaled(carry(e, du.arr), du.log_scale))
+            D[v] = sr.add(D[v], y)
         if D[v] is not None:
             D[v].normalize()
             if visit is not None:

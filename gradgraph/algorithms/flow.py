@@ -20,6 +20,8 @@ Path lengths
     The LENGTH semiring carries a polynomial in x: an edge u -> v multiplies by |w| x, or by |w|
     alone when v (the consumer, computed by the op) is pure data movement (``Node.is_view``). At the
     sources, the coefficient of x^l is m[l] = sum of |g| over paths with l non-view hops; sum(m) = Z.
+    Each tensor's polynomial is held from its lowest possible non-zero power on (``Scaled.shift``),
+    so a deep tensor does not carry a channel for every length shorter than its shortest path.
 
 Numerics: both passes keep per-tensor scales, so the products are exact up to rounding, but values
 returned as plain float64 underflow to 0 below ~1e-308; ``log=True`` returns natural logs instead
@@ -217,10 +219,11 @@ def path_lengths(g, log=False):
         float64, index = length (``log=True``: natural logs, -inf where no path has that length).
     """
     B = backward(g, LENGTH, keep=g.sources.values())
-    per_source = [(B[i].arr, B[i].log_scale) for i in g.sources.values() if B[i] is not None]
-    n = max((a.shape[0] for a, _ in per_source), default=1)
+    per_source = [B[i] for i in g.sources.values() if B[i] is not None]
+    n = max((b.shift + b.arr.shape[0] for b in per_source), default=1)
     out = []
-    for l in range(n):
-        m, s = _sum_scaled([(a[l].sum(), ls) for a, ls in per_source if l < a.shape[0]])
+    for l in range(n):       # channel c of a value with shift s holds length c + s
+        m, s = _sum_scaled([(b.arr[l - b.shift].sum(), b.log_scale) for b in per_source
+                            if 0 <= l - b.shift < b.arr.shape[0]])
         out.append(float(_finish(m, s, log)))
     return np.array(out)

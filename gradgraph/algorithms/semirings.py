@@ -3,6 +3,9 @@ and how an edge's Jacobian carries them (times); the engine in :mod:`.dp` is wri
 
 Values are float64 arrays of shape (C, numel) -- C channels per scalar node -- kept relative to a
 per-tensor scale by the engine (see :class:`.dp.Scaled`), so weights of 1e-400 stay finite.
+``plus`` and ``times`` act on the arrays; the engine calls them through ``add`` and ``carry``,
+which act on :class:`.dp.Scaled` values and which a semiring may override to keep more (LENGTH
+keeps a channel offset).
 
 =============  ============================================  ==========================================
 name           algebra                                       channels
@@ -17,8 +20,11 @@ length         polynomial semiring on |w|, x^1 per non-view hop  channel l = mas
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from .dp import Scaled, _accumulate, _carry
 from .kernels import ABS, SIGNED, maxmin_plus
 
 __all__ = ["Semiring", "REAL", "MAGNITUDE", "ENTROPY", "MAX_ABS", "MAX_SIGNED", "LENGTH", "SEMIRINGS"]
@@ -53,6 +59,14 @@ class Semiring:
     def times(self, jac, x, transpose, is_view=False):
         """Carry the values x of one end of an edge to the other end through the Jacobian."""
         raise NotImplementedError
+
+    def carry(self, jac, x, transpose, is_view=False):
+        """``times`` on a :class:`.dp.Scaled` value: the product keeps x's scale."""
+        return Scaled(_carry(self, jac, x.arr, transpose, is_view), x.log_scale)
+
+    def add(self, acc, y):
+        """acc (+) y on :class:`.dp.Scaled` values (acc None: 0-bar): ``plus`` at a common scale."""
+        return _accumulate(self, acc, y)
 
     def __repr__(self):
         return f"Semiring({self.name})"
@@ -132,6 +146,13 @@ class _MaxSigned(Semiring):
 
 
 class _Length(Semiring):
+    """Polynomials sum_l m_l x^l per element, channel l = m_l (``plus``, ``times``). The engine's
+    values keep only the window of channels that can be non-zero: a :class:`.dp.Scaled` with
+    ``shift`` s holds m_s, m_(s+1), ... -- a deep tensor is reached by no short path, and a full
+    polynomial would carry (and multiply through every Jacobian) that many leading zero channels.
+    ``carry`` adds 1 to the shift on a non-view hop (times x) and trims all-zero channels at both
+    ends; ``add`` sums over the union of the two windows."""
+
     def one(self, n):
         return np.ones((1, n))
 
@@ -150,6 +171,39 @@ class _Length(Semiring):
         if is_view:
             return y
         return np.concatenate([np.zeros((1, y.shape[1])), y])
+
+    def carry(self, jac, x, transpose, is_view=False):
+        if is_view and jac.is_identity:
+            return x
+        y = jac.apply_sum(x.arr, ABS, transpose)
+        # a Jacobian may zero whole channels (its zero columns): keep the non-zero window
+        a, b = 0, y.shape[0]
+        while b > 1 and not y[b - 1].any():
+            b -= 1
+        while a < b - 1 and not y[a].any():
+            a += 1
+        if (a, b) != (0, y.shape[0]):
+            y = y[a:b]
+        return Scaled(y, x.log_scale, x.shift + a + (0 if is_view else 1))
+
+    def add(self, acc, y):
+        if acc is None:
+            return y
+        # the value with the wider window is copied (at the common scale), the other added in
+        if acc.shift > y.shift or acc.shift + len(acc.arr) < y.shift + len(y.arr):
+            acc, y = y, acc
+        L = max(acc.log_scale, y.log_scale)
+        if acc.shift <= y.shift and y.shift + len(y.arr) <= acc.shift + len(acc.arr):
+            out = acc.arr * math.exp(acc.log_scale - L)
+            lo = acc.shift
+        else:                                   # neither window holds the other
+            lo = min(acc.shift, y.shift)
+            hi = max(acc.shift + len(acc.arr), y.shift + len(y.arr))
+            out = np.zeros((hi - lo, acc.arr.shape[1]))
+            out[acc.shift - lo:acc.shift - lo + len(acc.arr)] = acc.arr * math.exp(acc.log_scale - L)
+        o = y.shift - lo
+        out[o:o + len(y.arr)] += y.arr * math.exp(y.log_scale - L) if y.log_scale != L else y.arr
+        return Scaled(out, L, lo)
 
 
 REAL = _Sum("real", SIGNED, "(R, +, x, 0, 1): the gradient.")
