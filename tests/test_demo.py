@@ -1,5 +1,4 @@
 """The README's demo and its bundled model (FirstTokenRepeatedOnce, paper §5.1)."""
-import os
 import shutil
 import xml.etree.ElementTree as ET
 
