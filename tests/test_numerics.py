@@ -118,10 +118,10 @@ def test_deep_max_passes_give_the_best_log_weight(deep):
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_vectorised_log_term_against_numpy(dtype):
-    """kernels.abs_xlogx (|w| and -|w| log|w| by the bit-level logarithm) against numpy's log in
+    """abs_xlogx (|w| and -|w| log|w| by the bit-level logarithm) against numpy's log in
     float64, over the whole range where the term is finite: zeros, subnormals, the mantissa
     boundaries sqrt(1/2), 1, sqrt(2), powers of two."""
-    from gradgraph.algorithms.kernels import abs_xlogx
+    from gradgraph.jacobians.matmul import abs_xlogx
 
     info = np.finfo(dtype)
     rng = np.random.default_rng(0)

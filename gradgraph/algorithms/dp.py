@@ -8,9 +8,10 @@ complete its array is renormalised to a largest finite magnitude of 1 (if that h
 [2^-10, 2^10]), so path weights far below float64's range (1e-400 and beyond) remain exact up to
 rounding. Ties and zero-weight edges are handled by the kernels (zero weights are not edges).
 
-The engine combines values only through the semiring: ``sr.carry`` across an edge and ``sr.add``
-into a node (:class:`.semirings.Semiring`), so a semiring may keep more than the array and the
-scale (LENGTH keeps a channel offset, :attr:`Scaled.shift`).
+The engine touches values only through the semiring (:class:`.semirings.Semiring`): ``sr.seed``
+for 1-bar, ``sr.normalize`` once a tensor is complete, ``sr.carry`` across an edge and ``sr.add``
+into a node -- so a semiring may keep more than the array and the scale (LENGTH's values keep a
+channel offset) or no scale at all (log-space values), and the engine knows nothing of it.
 """
 from __future__ import annotations
 
@@ -26,16 +27,12 @@ _NEAR_ONE = (2.0 ** -10, 2.0 ** 10)
 
 
 class Scaled:
-    """values = arr * exp(log_scale), arr of shape (C, n).
+    """values = arr * exp(log_scale), arr of shape (C, n)."""
 
-    ``shift``: channel c holds the coefficient of x^(c + shift) in a polynomial semiring (LENGTH,
-    whose values would otherwise carry leading all-zero channels); 0 in every other semiring.
-    """
+    __slots__ = ("arr", "log_scale")
 
-    __slots__ = ("arr", "log_scale", "shift")
-
-    def __init__(self, arr, log_scale=0.0, shift=0):
-        self.arr, self.log_scale, self.shift = arr, float(log_scale), shift
+    def __init__(self, arr, log_scale=0.0):
+        self.arr, self.log_scale = arr, float(log_scale)
 
     def normalize(self):
         """Rescale so that the largest finite magnitude is 1 -- unless it is already within
@@ -56,25 +53,6 @@ class Scaled:
         """log|values| per entry (-inf where 0)."""
         with np.errstate(divide="ignore"):
             return np.log(np.abs(self.arr)) + self.log_scale
-
-
-def _accumulate(sr, acc, y):
-    """acc (+) y for Scaled values (acc None: 0-bar), through ``sr.plus`` at a common scale."""
-    if acc is None:
-        return y
-    L = max(acc.log_scale, y.log_scale)
-    a = acc.arr * math.exp(acc.log_scale - L) if acc.log_scale != L else acc.arr
-    b = y.arr * math.exp(y.log_scale - L) if y.log_scale != L else y.arr
-    return Scaled(sr.plus(a, b), L)
-
-
-def _carry(sr, jac, x, transpose, is_view):
-    """Values carried across one edge. A view edge whose Jacobian is the identity (a reshape)
-    passes every semiring's values unchanged -- weight 1, no length -- so nothing is computed
-    and the array is shared (the engine never writes into value arrays)."""
-    if is_view and jac.is_identity:
-        return x
-    return sr.times(jac, x, transpose, is_view)
 
 
 def backward(g, sr, seed=None, stop_at_sources=True, keep=None, visit=None):
@@ -98,14 +76,14 @@ def backward(g, sr, seed=None, stop_at_sources=True, keep=None, visit=None):
         B[u] for every tensor node (None where no path from the sink arrives, or not kept).
     """
     B = [None] * len(g.nodes)
-    B[g.sink] = seed if seed is not None else Scaled(sr.one(g.nodes[g.sink].numel))
+    B[g.sink] = seed if seed is not None else sr.seed(g.nodes[g.sink].numel)
     source_nodes = set(g.sources.values())
     keep = None if keep is None else set(keep)
     for v in range(len(g.nodes) - 1, -1, -1):
         bv = B[v]
         if bv is None:
             continue
-        bv.normalize()
+        sr.normalize(bv)
         if visit is not None:
             visit(v, bv)
         if stop_at_sources and v in source_nodes:
@@ -132,8 +110,8 @@ def forward(g, sr, seeds=None, keep=None, visit=None, carry=None):
     carry : callable, optional
         ``carry(e, x)``: the values carried across edge ``e`` from the values ``x`` (an array) of
         its source, replacing the default ``sr``-product through the edge's Jacobian; e.g. to
-        compute only some elements of a node (for semirings whose values keep shift 0). Default:
-        every element.
+        compute only some elements of a node (for semirings whose values are plain
+        :class:`Scaled`). Default: every element.
 
     Returns
     -------
@@ -142,7 +120,7 @@ def forward(g, sr, seeds=None, keep=None, visit=None, carry=None):
     """
     D = [None] * len(g.nodes)
     for name, i in g.sources.items():
-        D[i] = seeds[name] if seeds is not None else Scaled(sr.one(g.nodes[i].numel))
+        D[i] = seeds[name] if seeds is not None else sr.seed(g.nodes[i].numel)
     keep = None if keep is None else set(keep)
     last_use = {}
     if keep is not None:
@@ -150,7 +128,7 @@ def forward(g, sr, seeds=None, keep=None, visit=None, carry=None):
             last_use[e.src] = max(last_use.get(e.src, -1), e.dst)
     for v in range(len(g.nodes)):
         if D[v] is not None:
-            D[v].normalize()
+            sr.normalize(D[v])
         for k in g.in_edges[v]:
             e = g.edges[k]
             du = D[e.src]
@@ -160,7 +138,7 @@ def forward(g, sr, seeds=None, keep=None, visit=None, carry=None):
                  else Scaled(carry(e, du.arr), du.log_scale))
             D[v] = sr.add(D[v], y)
         if D[v] is not None:
-            D[v].normalize()
+            sr.normalize(D[v])
             if visit is not None:
                 visit(v, D[v])
         if keep is not None:

@@ -20,7 +20,8 @@ Path lengths
     The LENGTH semiring carries a polynomial in x: an edge u -> v multiplies by |w| x, or by |w|
     alone when v (the consumer, computed by the op) is pure data movement (``Node.is_view``). At the
     sources, the coefficient of x^l is m[l] = sum of |g| over paths with l non-view hops; sum(m) = Z.
-    Each tensor's polynomial is held from its lowest possible non-zero power on (``Scaled.shift``),
+    Each tensor's polynomial is held from its lowest possible non-zero power on
+    (:class:`.semirings.Polynomial`),
     so a deep tensor does not carry a channel for every length shorter than its shortest path.
 
 Numerics: both passes keep per-tensor scales, so the products are exact up to rounding, but values
@@ -34,7 +35,7 @@ import math
 import numpy as np
 
 from ..errors import QueryError
-from .dp import Scaled, _carry, backward, forward
+from .dp import Scaled, backward, forward
 from .semirings import LENGTH, MAGNITUDE
 
 __all__ = ["flow", "path_lengths", "total_flow", "FLOW_LEVELS"]
@@ -105,7 +106,7 @@ def _restricted_carry(g, support):
                 full = np.zeros((x.shape[0], g.nodes[u].numel))
                 full[:, Su] = x
                 x = full
-            return _carry(MAGNITUDE, e.jac, x, False, is_view)
+            return MAGNITUDE.carry(e.jac, Scaled(x), False, is_view).arr
         n = g.nodes[v].numel
         out = np.empty((1, len(Sv)))
         step = max(1, _BLOCK // n)
@@ -113,7 +114,7 @@ def _restricted_carry(g, support):
             rows = Sv[a:a + step]
             E = np.zeros((len(rows), n))
             E[np.arange(len(rows)), rows] = 1.0
-            R = _carry(MAGNITUDE, e.jac, E, True, is_view)      # rows of |J|: (len(rows), numel u)
+            R = MAGNITUDE.carry(e.jac, Scaled(E), True, is_view).arr   # rows of |J|: (len(rows), numel u)
             out[0, a:a + len(rows)] = (R if Su is None else R[:, Su]) @ x[0]
         return out
     return carry

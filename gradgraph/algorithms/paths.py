@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import QueryError
-from .dp import Scaled, backward, forward
+from .dp import backward, forward
 from .groups import labels_along
 from .semirings import MAX_ABS, MAX_SIGNED
 
@@ -588,17 +588,10 @@ def branches(g, node, order="signed", groups=None):
             acc = None
             for chain in chains:
                 e = g.edges[chain[-1]]
-                bv = B[e.dst]
-                y = Scaled(sr.times(e.jac, bv.arr, True, g.nodes[e.dst].is_view), bv.log_scale)
+                y = sr.carry(e.jac, B[e.dst], True, g.nodes[e.dst].is_view)
                 for k in reversed(chain[:-1]):
-                    ev = g.edges[k]
-                    y = Scaled(sr.times(ev.jac, y.arr, True, True), y.log_scale)
-                if acc is None:
-                    acc = y
-                else:
-                    L = max(acc.log_scale, y.log_scale)
-                    acc = Scaled(sr.plus(acc.arr * math.exp(acc.log_scale - L),
-                                         y.arr * math.exp(y.log_scale - L)), L)
+                    y = sr.carry(g.edges[k].jac, y, True, True)
+                acc = sr.add(acc, y)
             (ps_hi, pl_hi), plo = _signed_pairs(acc, signed)
             combos = [((ps_hi, pl_hi), (fs_hi, fl_hi))]
             if signed:

@@ -1,11 +1,15 @@
-"""Semirings as data. Each one says how a tensor's values look, how two are combined (plus),
-and how an edge's Jacobian carries them (times); the engine in :mod:`.dp` is written once.
+"""Semirings as data: each states its algebra -- values, zero, one, plus, and how a local
+derivative enters (its weight map and times) -- and knows nothing of Jacobian kinds; the engine in
+:mod:`.dp` is written once, and products through Jacobians are dispatched by
+:mod:`.products` (a kernel table per (kind, semiring), a generic product otherwise).
 
-Values are float64 arrays of shape (C, numel) -- C channels per scalar node -- kept relative to a
-per-tensor scale by the engine (see :class:`.dp.Scaled`), so weights of 1e-400 stay finite.
-``plus`` and ``times`` act on the arrays; the engine calls them through ``add`` and ``carry``,
-which act on :class:`.dp.Scaled` values and which a semiring may override to keep more (LENGTH
-keeps a channel offset).
+Values are arrays of shape (C, numel) -- C channels per scalar node. The engine holds each
+tensor's values as a :class:`.dp.Scaled` and touches them only through the semiring:
+``seed`` (1-bar at a sink or source), ``normalize`` (a semiring whose values scale -- plus and
+times commute with multiplying by c > 0 -- keeps them relative to a per-tensor scale, so weights
+of 1e-400 stay finite; log-space semirings set ``scalable = False``), ``carry`` across an edge and
+``add`` into a node. A semiring may hold more than the array and the scale: LENGTH's values are
+:class:`Polynomial` (a channel offset).
 
 =============  ============================================  ==========================================
 name           algebra                                       channels
@@ -24,27 +28,46 @@ import math
 
 import numpy as np
 
-from .dp import Scaled, _accumulate, _carry
-from .kernels import ABS, SIGNED, maxmin_plus
+from ..jacobians import JACOBIAN_KINDS, WeightMap
+from .dp import Scaled
+from .kernels import maxmin_plus
+from .products import product, register_product
 
-__all__ = ["Semiring", "REAL", "MAGNITUDE", "ENTROPY", "MAX_ABS", "MAX_SIGNED", "LENGTH", "SEMIRINGS"]
+__all__ = ["Semiring", "Polynomial", "REAL", "MAGNITUDE", "ENTROPY", "MAX_ABS", "MAX_SIGNED", "LENGTH",
+           "SEMIRINGS"]
 
 
 class Semiring:
     """A semiring over per-element channel arrays.
 
+    A subclass states the algebra:
+
+    * ``one(n)``, ``zero(n)``: (C, n) arrays of 1-bar and 0-bar;
+    * ``plus(a, b)``: a (+) b elementwise on (C, n) arrays (already at a common scale);
+    * ``weight(w)``: how the local derivatives ``w`` (float64, shape (m,)) enter, as edge values
+      of shape (C_w, m); ``weight(1)`` must be 1-bar (an identity Jacobian passes values unchanged);
+    * ``times(wv, x)``: edge values (C_w, m) (x) node values (C, m), elementwise.
+
+    ``weight`` and ``times`` define the generic product through any Jacobian kind
+    (:func:`.products.generic_product`); faster kernels are registered per kind in
+    :mod:`.products`. ``scalable``: plus and times commute with multiplying every value by c > 0,
+    so the engine may keep values relative to a per-tensor scale (False for log-space values).
+
     Parameters
     ----------
     name : str
-    channels : int
-        C, the number of float64 values per scalar node (None: variable, grows along paths).
-    family : {"sum", "max"}
-        Which kernel family applies an edge.
+    channels : int or None
+        C, the number of values per scalar node (None: variable, grows along paths).
     """
 
-    def __init__(self, name, channels, family, doc=""):
-        self.name, self.channels, self.family, self.__doc__ = name, channels, family, doc
+    scalable = True
 
+    def __init__(self, name, channels, doc=""):
+        self.name, self.channels = name, channels
+        if doc:
+            self.__doc__ = doc
+
+    # ---------------------------------------------------------------- the algebra
     def one(self, n):
         """1-bar for n elements (the sink's seed, the sources' seed of inside passes)."""
         raise NotImplementedError
@@ -56,26 +79,52 @@ class Semiring:
         """a (+) b elementwise on (C, n) arrays (already at a common scale)."""
         raise NotImplementedError
 
-    def times(self, jac, x, transpose, is_view=False):
-        """Carry the values x of one end of an edge to the other end through the Jacobian."""
+    def weight(self, w):
+        """Edge values (C_w, m) of local derivatives ``w`` (m,); not defined: no generic product."""
         raise NotImplementedError
 
+    def times(self, wv, x):
+        """Edge values (C_w, m) (x) node values (C, m), elementwise."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- what the engine calls
+    def seed(self, n):
+        """The value 1-bar of n elements, as the engine holds it."""
+        return Scaled(self.one(n))
+
+    def normalize(self, value):
+        """Rescale a complete tensor's value in place when the values scale (see ``scalable``)."""
+        return value.normalize() if self.scalable else value
+
     def carry(self, jac, x, transpose, is_view=False):
-        """``times`` on a :class:`.dp.Scaled` value: the product keeps x's scale."""
-        return Scaled(_carry(self, jac, x.arr, transpose, is_view), x.log_scale)
+        """The values ``x`` (a :class:`.dp.Scaled`) carried across an edge with Jacobian ``jac``;
+        ``is_view``: the edge's consumer is pure data movement. The product keeps x's scale. An
+        identity Jacobian (a reshape, a residual add) passes the values unchanged -- its weight 1
+        is 1-bar -- so nothing is computed and the array is shared (the engine never writes into
+        value arrays)."""
+        if jac.is_identity:
+            return x
+        return Scaled(product(self, jac, x.arr, transpose), x.log_scale)
 
     def add(self, acc, y):
         """acc (+) y on :class:`.dp.Scaled` values (acc None: 0-bar): ``plus`` at a common scale."""
-        return _accumulate(self, acc, y)
+        if acc is None:
+            return y
+        L = max(acc.log_scale, y.log_scale)
+        a = acc.arr * math.exp(acc.log_scale - L) if acc.log_scale != L else acc.arr
+        b = y.arr * math.exp(y.log_scale - L) if y.log_scale != L else y.arr
+        return Scaled(self.plus(a, b), L)
 
     def __repr__(self):
         return f"Semiring({self.name})"
 
 
 class _Sum(Semiring):
-    def __init__(self, name, t, doc):
-        super().__init__(name, 1, "sum", doc)
-        self.t = t
+    """(+, x) on the weights mapped by a :class:`~gradgraph.jacobians.WeightMap`."""
+
+    def __init__(self, name, weight_map, doc):
+        super().__init__(name, 1, doc)
+        self.weight_map = WeightMap(weight_map)
 
     def one(self, n):
         return np.ones((1, n))
@@ -86,11 +135,17 @@ class _Sum(Semiring):
     def plus(self, a, b):
         return a + b
 
-    def times(self, jac, x, transpose, is_view=False):
-        return jac.apply_sum(x, self.t, transpose)
+    def weight(self, w):
+        w = np.asarray(w, dtype=np.float64)
+        return (w if self.weight_map == WeightMap.SIGNED else np.abs(w))[None]
+
+    def times(self, wv, x):
+        return wv * x
 
 
 class _Entropy(Semiring):
+    """<p, r> pairs; an edge is <|w|, -|w| log|w|>; <p1, r1> (x) <p2, r2> = <p1 p2, p1 r2 + p2 r1>."""
+
     def one(self, n):
         return np.stack([np.ones(n), np.zeros(n)])
 
@@ -100,9 +155,14 @@ class _Entropy(Semiring):
     def plus(self, a, b):
         return a + b
 
-    def times(self, jac, x, transpose, is_view=False):
-        # <|w|, -|w|log|w|> (x) <p, r> = <|w| p, |w| r - |w|log|w| p>
-        return jac.apply_entropy(x, transpose)
+    def weight(self, w):
+        a = np.abs(np.asarray(w, dtype=np.float64))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            h = np.where(a > 0, -a * np.log(np.where(a > 0, a, 1.0)), 0.0)
+        return np.stack([a, h])
+
+    def times(self, wv, x):
+        return np.stack([wv[0] * x[0], wv[0] * x[1] + wv[1] * x[0]])
 
 
 class _MaxAbs(Semiring):
@@ -115,14 +175,16 @@ class _MaxAbs(Semiring):
     def plus(self, a, b):
         return np.maximum(a, b)
 
-    def times(self, jac, x, transpose, is_view=False):
-        if jac.is_identity:          # weight 1 (e.g. a residual add): values pass unchanged
-            return x
-        y, _ = jac.apply_max(np.ascontiguousarray(x[0]), None, False, transpose)
-        return y[None]
+    def weight(self, w):
+        return np.abs(np.asarray(w, dtype=np.float64))[None]
+
+    def times(self, wv, x):
+        return wv * x
 
 
 class _MaxSigned(Semiring):
+    """(max, min) pairs of signed products; -inf / +inf is "no path"; a negative weight swaps them."""
+
     def one(self, n):
         return np.ones((2, n))
 
@@ -134,24 +196,35 @@ class _MaxSigned(Semiring):
         maxmin_plus(a, b, out)
         return out
 
-    def times(self, jac, x, transpose, is_view=False):
-        if jac.is_identity:          # weight 1 (e.g. a residual add): values pass unchanged
-            return x
-        hi, lo = jac.apply_max(np.ascontiguousarray(x[0]), np.ascontiguousarray(x[1]), True, transpose)
-        pair = hi.base
-        if (pair is not None and lo.base is pair and pair.shape == (2, hi.size)
-                and hi.ctypes.data == pair[0].ctypes.data and lo.ctypes.data == pair[1].ctypes.data):
-            return pair        # max and min are rows 0 and 1 of one buffer already
-        return np.stack([hi, lo])
+    def weight(self, w):
+        return np.asarray(w, dtype=np.float64)[None]
+
+    def times(self, wv, x):
+        w = wv[0]
+        with np.errstate(invalid="ignore"):
+            u, v = w * x[0], w * x[1]
+        dead = x[0] == -np.inf
+        return np.stack([np.where(dead, -np.inf, np.maximum(u, v)), np.where(dead, np.inf, np.minimum(u, v))])
+
+
+class Polynomial(Scaled):
+    """A LENGTH value: channel c holds the coefficient of x^(c + shift), times exp(log_scale)."""
+
+    __slots__ = ("shift",)
+
+    def __init__(self, arr, log_scale=0.0, shift=0):
+        super().__init__(arr, log_scale)
+        self.shift = shift
 
 
 class _Length(Semiring):
-    """Polynomials sum_l m_l x^l per element, channel l = m_l (``plus``, ``times``). The engine's
-    values keep only the window of channels that can be non-zero: a :class:`.dp.Scaled` with
-    ``shift`` s holds m_s, m_(s+1), ... -- a deep tensor is reached by no short path, and a full
-    polynomial would carry (and multiply through every Jacobian) that many leading zero channels.
-    ``carry`` adds 1 to the shift on a non-view hop (times x) and trims all-zero channels at both
-    ends; ``add`` sums over the union of the two windows."""
+    """Polynomials sum_l m_l x^l per element, channel l = m_l. An edge is |w| x on a hop into a
+    non-view node and |w| into a view (the weight map is |w| on every channel; the power of x is
+    the hop's). The values keep only the window of channels that can be non-zero: a
+    :class:`Polynomial` with ``shift`` s holds m_s, m_(s+1), ... -- a deep tensor is reached by no
+    short path, and a full polynomial would carry (and multiply through every Jacobian) that many
+    leading zero channels. ``carry`` adds 1 to the shift on a non-view hop (times x) and trims
+    all-zero channels at both ends; ``add`` sums over the union of the two windows."""
 
     def one(self, n):
         return np.ones((1, n))
@@ -166,16 +239,19 @@ class _Length(Semiring):
         out[:b.shape[0]] += b
         return out
 
-    def times(self, jac, x, transpose, is_view=False):
-        y = jac.apply_sum(x, ABS, transpose)
-        if is_view:
-            return y
-        return np.concatenate([np.zeros((1, y.shape[1])), y])
+    def weight(self, w):
+        return np.abs(np.asarray(w, dtype=np.float64))[None]
+
+    def times(self, wv, x):
+        return wv * x
+
+    def seed(self, n):
+        return Polynomial(self.one(n))
 
     def carry(self, jac, x, transpose, is_view=False):
         if is_view and jac.is_identity:
             return x
-        y = jac.apply_sum(x.arr, ABS, transpose)
+        y = product(self, jac, x.arr, transpose)
         # a Jacobian may zero whole channels (its zero columns): keep the non-zero window
         a, b = 0, y.shape[0]
         while b > 1 and not y[b - 1].any():
@@ -184,7 +260,7 @@ class _Length(Semiring):
             a += 1
         if (a, b) != (0, y.shape[0]):
             y = y[a:b]
-        return Scaled(y, x.log_scale, x.shift + a + (0 if is_view else 1))
+        return Polynomial(y, x.log_scale, x.shift + a + (0 if is_view else 1))
 
     def add(self, acc, y):
         if acc is None:
@@ -203,17 +279,48 @@ class _Length(Semiring):
             out[acc.shift - lo:acc.shift - lo + len(acc.arr)] = acc.arr * math.exp(acc.log_scale - L)
         o = y.shift - lo
         out[o:o + len(y.arr)] += y.arr * math.exp(y.log_scale - L) if y.log_scale != L else y.arr
-        return Scaled(out, L, lo)
+        return Polynomial(out, L, lo)
 
 
-REAL = _Sum("real", SIGNED, "(R, +, x, 0, 1): the gradient.")
-MAGNITUDE = _Sum("magnitude", ABS, "(R>=0, +, x, 0, 1) on |w|: total |gradient| flow Z.")
-ENTROPY = _Entropy("entropy", 2, "sum",
-                   "Expectation semiring <p, r> (Eisner 2002) on <|w|, -|w| log|w|>.")
-MAX_ABS = _MaxAbs("max_abs", 1, "max", "(R>=0, max, x, 0, 1) on |w|: the largest |g(p)|.")
-MAX_SIGNED = _MaxSigned("max_signed", 2, "max",
-                        "(R u {-inf}, max, x, -inf, 1) with its min twin: most positive g(p).")
-LENGTH = _Length("length", None, "sum",
+REAL = _Sum("real", WeightMap.SIGNED, "(R, +, x, 0, 1): the gradient.")
+MAGNITUDE = _Sum("magnitude", WeightMap.ABS, "(R>=0, +, x, 0, 1) on |w|: total |gradient| flow Z.")
+ENTROPY = _Entropy("entropy", 2, "Expectation semiring <p, r> (Eisner 2002) on <|w|, -|w| log|w|>.")
+MAX_ABS = _MaxAbs("max_abs", 1, "(R>=0, max, x, 0, 1) on |w|: the largest |g(p)|.")
+MAX_SIGNED = _MaxSigned("max_signed", 2, "(R u {-inf}, max, x, -inf, 1) with its min twin: most positive g(p).")
+LENGTH = _Length("length", None,
                  "Polynomial semiring: channel l holds the |g| mass of paths with l non-view hops.")
 
 SEMIRINGS = {s.name: s for s in (REAL, MAGNITUDE, ENTROPY, MAX_ABS, MAX_SIGNED, LENGTH)}
+
+
+# ============================================================================ the kernel table
+# Each built-in semiring runs on every built-in kind through one of the kinds' product families.
+def _sum_kernel(weight):
+    return lambda jac, x, transpose: jac.sum_product(x, weight, transpose)
+
+
+def _entropy_kernel(jac, x, transpose):
+    return jac.entropy_product(x, transpose)
+
+
+def _max_abs_kernel(jac, x, transpose):
+    y, _ = jac.max_product(np.ascontiguousarray(x[0]), None, transpose)
+    return y[None]
+
+
+def _max_signed_kernel(jac, x, transpose):
+    hi, lo = jac.max_product(np.ascontiguousarray(x[0]), np.ascontiguousarray(x[1]), transpose)
+    pair = hi.base
+    if (pair is not None and lo.base is pair and pair.shape == (2, hi.size)
+            and hi.ctypes.data == pair[0].ctypes.data and lo.ctypes.data == pair[1].ctypes.data):
+        return pair        # max and min are rows 0 and 1 of one buffer already
+    return np.stack([hi, lo])
+
+
+for _kind in JACOBIAN_KINDS.values():
+    register_product(_kind, REAL, _sum_kernel(WeightMap.SIGNED))
+    register_product(_kind, MAGNITUDE, _sum_kernel(WeightMap.ABS))
+    register_product(_kind, LENGTH, _sum_kernel(WeightMap.ABS))
+    register_product(_kind, ENTROPY, _entropy_kernel)
+    register_product(_kind, MAX_ABS, _max_abs_kernel)
+    register_product(_kind, MAX_SIGNED, _max_signed_kernel)

@@ -1,0 +1,418 @@
+"""Contractions (mm / bmm / addmm wrt one operand), referencing the other operand, with their
+numba kernels (BLAS for the sum products)."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from numba import njit
+
+from ._intrinsics import _FM, WeightMap, flog, fmax, fmin, max_support, weight_map
+from .base import Jacobian, _numel
+
+# ----------------------------------------------------------------------------- contraction
+@njit(cache=True)
+def mm_maxmin(Amax, Amin, P, Ymax, Ymin):
+    """Signed (max, x)/(min, x) semiring matmul Y = A (x) P."""
+    B, I, T = Amax.shape
+    J = P.shape[2]
+    for b in range(B):
+        for i in range(I):
+            for t in range(T):
+                amax = Amax[b, i, t]
+                if amax == -np.inf:
+                    continue
+                amin = Amin[b, i, t]
+                for j in range(J):
+                    w = P[b, t, j]
+                    if w > 0:
+                        hi = w * amax
+                        lo = w * amin
+                    elif w < 0:
+                        hi = w * amin
+                        lo = w * amax
+                    else:
+                        continue
+                    if hi > Ymax[b, i, j]:
+                        Ymax[b, i, j] = hi
+                    if lo < Ymin[b, i, j]:
+                        Ymin[b, i, j] = lo
+
+
+@njit(cache=True)
+def support_rows_cols(a, out):
+    """For a (C, B, I, K) array (any strides): which rows i and which columns k hold a non-zero
+    entry in some (c, b) (one pass, branch-free so that it vectorises over k). The same pass
+    copies ``a`` into ``out`` (contiguous, in its dtype) unless ``out`` is empty."""
+    rows = np.zeros(a.shape[2], np.bool_)
+    cols = np.zeros(a.shape[3], np.uint8)
+    copy = out.size > 0
+    for c in range(a.shape[0]):
+        for b in range(a.shape[1]):
+            for i in range(a.shape[2]):
+                row = a[c, b, i]
+                nz = np.uint8(0)
+                for k in range(a.shape[3]):
+                    f = np.uint8(row[k] != 0.0)
+                    cols[k] |= f
+                    nz |= f
+                rows[i] |= nz != 0
+                if copy:
+                    dst = out[c, b, i]
+                    for k in range(a.shape[3]):
+                        dst[k] = row[k]
+    return rows, cols != 0
+
+
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def mm_maxmin_dense(Amax, Amin, P, Ymax, Ymin):
+    """:func:`mm_maxmin` for a P without zeros, t-outer so each row of P is read once per batch.
+
+    ``max(p amax, p amin)`` is p amax for p > 0 and p amin for p < 0 (the min likewise), which
+    vectorises where a branch on the sign does not. Works in the arrays' dtype (float32 or float64).
+    A zero weight would count as an edge of weight 0: callers redo the columns of P that hold
+    zeros with :func:`mm_maxmin_cols`.
+    """
+    B, I, T = Amax.shape
+    J = P.shape[2]
+    for b in range(B):
+        for t in range(T):
+            p = P[b, t]
+            for i in range(I):
+                amax = Amax[b, i, t]
+                if amax == -np.inf:
+                    continue
+                amin = Amin[b, i, t]
+                ymx = Ymax[b, i]
+                ymn = Ymin[b, i]
+                for j in range(J):
+                    u = p[j] * amax
+                    v = p[j] * amin
+                    ymx[j] = fmax(ymx[j], fmax(u, v))
+                    ymn[j] = fmin(ymn[j], fmin(u, v))
+
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def mm_maxmin_dot(Amax, Amin, PT, Ymax, Ymin):
+    """:func:`mm_maxmin_dense` in dot-product form, for an A without "no path" entries: PT is P
+    transposed (B, J, T), so each output pair is a max / min reduction along contiguous rows,
+    held in registers (no read-modify-write of output rows per weight row). ``Ymax`` / ``Ymin``
+    come in as -inf / +inf. Zero weights count as edges here too (see mm_maxmin_dense)."""
+    B, I, T = Amax.shape
+    J = PT.shape[1]
+    for b in range(B):
+        for i in range(I):
+            ax = Amax[b, i]
+            an = Amin[b, i]
+            for j in range(J):
+                p = PT[b, j]
+                hi = Ymax[b, i, j]
+                lo = Ymin[b, i, j]
+                for t in range(T):
+                    u = p[t] * ax[t]
+                    v = p[t] * an[t]
+                    hi = fmax(hi, fmax(u, v))
+                    lo = fmin(lo, fmin(u, v))
+                Ymax[b, i, j] = hi
+                Ymin[b, i, j] = lo
+
+@njit(cache=True)
+def mm_maxmin_cols(Amax, Amin, P, cols, Ymax, Ymin):
+    """Recompute the columns ``cols`` of a signed max product exactly (zero weights skipped)."""
+    B, I, T = Amax.shape
+    for j in cols:
+        for b in range(B):
+            for i in range(I):
+                hi = -np.inf
+                lo = np.inf
+                for t in range(T):
+                    w = P[b, t, j]
+                    amax = Amax[b, i, t]
+                    if w == 0.0 or amax == -np.inf:
+                        continue
+                    u = w * amax
+                    v = w * Amin[b, i, t]
+                    hi = max(hi, max(u, v))
+                    lo = min(lo, min(u, v))
+                Ymax[b, i, j] = hi
+                Ymin[b, i, j] = lo
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def mm_max_dense(A, P, Y):
+    """Y[b, i, :] = max_t |P[b, t, :]| * A[b, i, t], t-outer so each row of P is read once per
+    batch (a zero weight gives the candidate 0, which is "no path" here)."""
+    B, I, T = A.shape
+    J = P.shape[2]
+    for b in range(B):
+        for t in range(T):
+            p = P[b, t]
+            for i in range(I):
+                a = A[b, i, t]
+                if a == 0.0:
+                    continue
+                y = Y[b, i]
+                for j in range(J):
+                    y[j] = fmax(y[j], abs(p[j]) * a)
+
+
+
+
+@njit(cache=True, fastmath={"contract", "nsz"}, error_model="numpy")
+def abs_xlogx(w, a, h):
+    """a = |w|, h = -|w| log|w| (0 where w = 0), elementwise on 1-d arrays of w's dtype."""
+    for k in range(w.shape[0]):
+        v = abs(w[k])
+        a[k] = v
+        h[k] = -v * flog(v)
+    tiny = np.finfo(w.dtype).tiny
+    for k in range(w.shape[0]):
+        if a[k] < tiny:
+            h[k] = -a[k] * np.log(a[k]) if a[k] > 0 else 0.0
+
+
+
+
+# ============================================================================ contraction
+class MatmulJacobian(Jacobian):
+    """out = L @ R (2-d ``mm`` or batched 3-d ``bmm``) wrt L (``wrt="left"``) or R.
+
+    ``other`` is the other operand, stored by reference (a weight is stored once however many
+    edges use it). Internally everything is put in the canonical form ``out' = X' @ M`` with the
+    input X' of shape (B, I, T): for ``wrt="right"`` that is the transposed product.
+    """
+
+    kind = "matmul"
+
+    def __init__(self, out_shape, in_shape, other, wrt):
+        super().__init__(out_shape, in_shape)
+        if wrt not in ("left", "right"):
+            raise ValueError("wrt must be 'left' or 'right'")
+        self.other, self.wrt = other, wrt
+        o3 = other.reshape((1,) + other.shape) if other.ndim == 2 else other
+        self._M = o3 if wrt == "left" else np.swapaxes(o3, 1, 2)   # (B, T, J')
+        self._cache = {}
+
+    def _P(self, which):
+        """Contiguous M or M^T, cached: weights of a linear layer are already contiguous as M^T,
+        so that costs nothing there. The axpy-form max kernels read M^T backward (M forward); the
+        dot-product form reads the other one (a copy of a linear layer's weight, kept)."""
+        if which not in self._cache:
+            M = self._M
+            self._cache[which] = np.ascontiguousarray(M if which == "M" else np.swapaxes(M, 1, 2))
+        return self._cache[which]
+
+    def _canon(self, x, shape, C):
+        """View a (C, numel) batch of an in/out tensor in canonical (C, B, rows, cols) layout."""
+        s3 = shape if len(shape) == 3 else (1,) + tuple(shape)
+        v = x.reshape((C,) + tuple(s3))
+        return v if self.wrt == "left" else np.swapaxes(v, 2, 3)
+
+    def _uncanon(self, v, C):
+        if self.wrt == "right":
+            v = np.swapaxes(v, 2, 3)
+        return np.ascontiguousarray(v, dtype=np.float64).reshape(C, -1)
+
+    def _support(self, x, transpose):
+        """The batch as a torch tensor (C, B, I, K) contracting K, the operand P (B, K, N) in its
+        own dtype restricted to the columns K the batch reaches, and where the result goes.
+
+        A backward pass from one logit reaches a vocabulary-sized product through a handful of
+        non-zero entries: contract only the non-zero rows and columns (and transform only the
+        weights they meet), so the cost follows the support."""
+        C = x.shape[0]
+        a = self._canon(x, self.out_shape if transpose else self.in_shape, C)
+        M = self._M
+        P = _tensor(np.swapaxes(M, 1, 2) if transpose else M)
+        # the scan for the support also converts to the weights' dtype (float32) in passing
+        conv = np.empty(a.shape if P.dtype != torch.float64 else (0, 0, 0, 0), dtype=P.numpy().dtype)
+        rows, cols = support_rows_cols(a, conv)
+        at = torch.from_numpy(conv) if conv.size else _tensor(a)
+        if a.shape[1] != 1:
+            rows[:] = True
+        if 2 * int(cols.sum()) > cols.size and 2 * int(rows.sum()) > rows.size:
+            return at.to(P.dtype), P, None
+        ri = torch.from_numpy(np.flatnonzero(rows))
+        ci = torch.from_numpy(np.flatnonzero(cols))
+        return at[:, :, ri][..., ci].to(P.dtype), P[:, ci, :], (a.shape[:3] + (P.shape[2],), ri)
+
+    def _product(self, at, P, where):
+        """at @ P (torch.matmul: BLAS on strided operands, in the weights' own dtype -- no float64
+        copy of a float32 matrix), scattered back to the full rows, as a (C, numel) float64 array.
+        With one shared matrix (a weight) every channel and row goes into one (C I, K) @ (K, N)
+        product, which BLAS runs faster than a batch of small ones."""
+        if P.shape[0] == 1:
+            # a 2-d product: numpy's BLAS call (OpenBLAS) beat torch's by 1.0-1.8x on these
+            # shapes on AMD CPUs (measured 32-64 x 512-2048 x 512-2048, float32)
+            C, B, I, Kc = at.shape
+            y = torch.from_numpy(at.reshape(C * B * I, Kc).numpy() @ P[0].numpy()).reshape(C, B, I, P.shape[2])
+        else:
+            y = torch.matmul(at, P)
+        if where is not None:
+            shape, ri = where
+            full = torch.zeros((y.shape[0],) + shape[1:], dtype=y.dtype)
+            full[:, :, ri] = y
+            y = full
+        return self._uncanon(y.numpy().astype(np.float64, copy=False), y.shape[0])
+
+    def sum_product(self, x, weight, transpose):
+        at, P, where = self._support(x, transpose)
+        return self._product(at, _transform_t(P, weight_map(weight)), where)
+
+    def entropy_product(self, x, transpose):
+        at, P, where = self._support(x, transpose)
+        # |P| and -|P| log|P| in one vectorised pass over P's own memory (a linear layer's weight
+        # is P transposed), used by two products
+        Pn = P.numpy()
+        flip = not Pn.flags.c_contiguous and np.swapaxes(Pn, 1, 2).flags.c_contiguous
+        base = np.ascontiguousarray(np.swapaxes(Pn, 1, 2) if flip else Pn)
+        A, H = np.empty_like(base), np.empty_like(base)
+        abs_xlogx(base.reshape(-1), A.reshape(-1), H.reshape(-1))
+        A, H = (np.swapaxes(A, 1, 2), np.swapaxes(H, 1, 2)) if flip else (A, H)
+        y = self._product(at, torch.from_numpy(A), where)
+        y[1] += self._product(at[:1], torch.from_numpy(H), where)[0]
+        return y
+
+    def max_product(self, xmax, xmin, transpose):
+        signed = xmin is not None
+        shape_src, shape_dst = (self.out_shape, self.in_shape) if transpose else (self.in_shape, self.out_shape)
+        P = self._P("MT" if transpose else "M")
+        zero_cols = self._zero_cols(P)
+        # the branch-free kernel counts zero weights as edges: it is used when few columns hold
+        # zeros, which are then redone exactly
+        dense = len(zero_cols) <= P.shape[2] // 8 or not signed
+        # Contract only the live rows and columns of the input (entries with a path): a pass from one
+        # logit reaches a vocabulary-sized product through a couple of entries. The same scan gives
+        # the smallest live magnitude: float32 weights run the branch-free kernel in float32 (twice
+        # the SIMD width) unless some value is below 1e-20 -- values are renormalised per tensor
+        # (largest 1), and path weights are recomputed exactly in float64 afterwards.
+        A = self._canon(xmax, shape_src, 1)[0]
+        Amin = self._canon(xmin, shape_src, 1)[0] if signed else A
+        B_, I_, T_ = A.shape
+        rows = np.zeros((B_, I_), dtype=np.bool_)
+        cols = np.zeros(T_, dtype=np.bool_)
+        nlive, smallest = max_support(A, Amin, -np.inf if signed else 0.0, rows, cols)
+        dt = np.float32 if dense and P.dtype == np.float32 and smallest >= 1e-20 else np.float64
+        ri = np.flatnonzero(rows.any(axis=0))
+        ci = np.flatnonzero(cols)
+        # every remaining entry live and a long enough contraction: the dot-product kernel (twice
+        # as fast, reading the other orientation of the weights)
+        dot = signed and dense and nlive == B_ * len(ri) * len(ci) and len(ci) >= 128
+        PT = self._P("M" if transpose else "MT") if dot else None
+        if len(ci) < T_:
+            A, Amin = A[:, :, ci], Amin[:, :, ci]
+            if dot:
+                PT = np.ascontiguousarray(PT[:, :, ci])
+            else:
+                P = np.ascontiguousarray(P[:, ci, :])
+        if len(ri) < I_:
+            A, Amin = A[:, ri], Amin[:, ri]
+        A = np.ascontiguousarray(A, dtype=dt)
+        ncol = P.shape[2]
+        # the result: the (max, min) pair as the rows of one (2, n) buffer (see _empty_max),
+        # written through its canonical (B, I, J) view
+        n = _numel(shape_dst)
+        buf = np.empty((2, n) if signed else (1, n))
+        out = self._canon(buf, shape_dst, buf.shape[0])
+        if len(ri) < I_:
+            out[0] = -np.inf if signed else 0.0
+            if signed:
+                out[1] = np.inf
+        if len(ri) == 0 or len(ci) == 0:
+            return (buf[0], buf[1]) if signed else (buf[0], None)
+        live = slice(None) if len(ri) == I_ else ri
+        if signed:
+            Amin = np.ascontiguousarray(Amin, dtype=dt)
+            Ymax = np.full((B_, len(ri), ncol), -np.inf, dtype=dt)
+            Ymin = np.full((B_, len(ri), ncol), np.inf, dtype=dt)
+            if dot:
+                mm_maxmin_dot(A, Amin, PT, Ymax, Ymin)
+            elif dense:
+                mm_maxmin_dense(A, Amin, P, Ymax, Ymin)
+            else:
+                mm_maxmin(A, Amin, P, Ymax, Ymin)
+            if dense and len(zero_cols):
+                if dot and len(ci) < T_:
+                    P = np.ascontiguousarray(P[:, ci, :])
+                mm_maxmin_cols(A, Amin, P, zero_cols, Ymax, Ymin)
+            out[0][:, live] = Ymax
+            out[1][:, live] = Ymin
+            return buf[0], buf[1]
+        Y = np.zeros((B_, len(ri), ncol), dtype=dt)
+        mm_max_dense(A, P, Y)
+        out[0][:, live] = Y
+        return buf[0], None
+
+    def _zero_cols(self, P):
+        """Indices of the columns of P (B, T, N) holding a zero weight (cached per array)."""
+        key = ("zero_cols", id(P))
+        if key not in self._cache:
+            self._cache[key] = np.flatnonzero((P == 0).any(axis=(0, 1)))
+        return self._cache[key]
+
+    def out_edges(self, j):
+        s_in = self.in_shape if len(self.in_shape) == 3 else (1,) + self.in_shape
+        s_out = self.out_shape if len(self.out_shape) == 3 else (1,) + self.out_shape
+        b, r, c = np.unravel_index(j, s_in)
+        if self.wrt == "left":          # in (b, i, k) -> out (b, i, :) with weights R[b, k, :]
+            w = self._M[b, c, :]
+            idx = np.ravel_multi_index((np.full(s_out[2], b), np.full(s_out[2], r),
+                                        np.arange(s_out[2])), s_out)
+        else:                            # in (b, k, j) -> out (b, :, j) with weights L[b, :, k]
+            w = self._M[b, r, :]
+            idx = np.ravel_multi_index((np.full(s_out[1], b), np.arange(s_out[1]),
+                                        np.full(s_out[1], c)), s_out)
+        w = np.asarray(w, dtype=np.float64)
+        nz = w != 0
+        return idx[nz].astype(np.int64), w[nz]
+
+    def entries(self):
+        s_in = self.in_shape if len(self.in_shape) == 3 else (1,) + self.in_shape
+        s_out = self.out_shape if len(self.out_shape) == 3 else (1,) + self.out_shape
+        M = np.asarray(self._M, dtype=np.float64)            # canonical (B, T, J')
+        b, t, jj = np.nonzero(M)
+        w = M[b, t, jj]
+        n_free = s_out[1] if self.wrt == "left" else s_out[2]   # rows i (left) / columns j (right)
+        f = np.arange(n_free)
+        b, t, jj, w = (np.repeat(a, n_free) for a in (b, t, jj, w))
+        f = np.tile(f, len(M[M != 0]))
+        if self.wrt == "left":     # in (b, i, t) -> out (b, i, j') with weight R[b, t, j']
+            cols = np.ravel_multi_index((b, f, t), s_in)
+            rows = np.ravel_multi_index((b, f, jj), s_out)
+        else:                      # in (b, t, j) -> out (b, i', j) with weight L[b, i', t]
+            cols = np.ravel_multi_index((b, t, f), s_in)
+            rows = np.ravel_multi_index((b, jj, f), s_out)
+        return rows.astype(np.int64), cols.astype(np.int64), w
+
+    def state(self):
+        return {"wrt": self.wrt}, {"other": self.other}
+
+    @classmethod
+    def from_state(cls, out_shape, in_shape, params, arrays):
+        return cls(out_shape, in_shape, arrays["other"], params["wrt"])
+
+
+def _tensor(a):
+    """A torch view of a numpy array (read-only arrays, e.g. loaded from a file, are only read)."""
+    if not a.flags.writeable:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(a)
+    return torch.from_numpy(a)
+
+
+def _transform_t(M, t):
+    """f(M) for a torch tensor (``t`` a :class:`WeightMap`), in its own dtype: M, |M| or -|M| log|M| (0 where M = 0)."""
+    if t == WeightMap.SIGNED:
+        return M
+    a = M.abs()
+    if t == WeightMap.ABS:
+        return a
+    # a log a with 0 log 0 = 0: the nan of 0 * -inf is the only non-finite value (xlogy is slower)
+    return torch.log(a).mul_(a).neg_().nan_to_num_(0.0)
+
+

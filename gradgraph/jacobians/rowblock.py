@@ -1,0 +1,584 @@
+"""Row-block Jacobians (softmax, log-softmax, layer norm) stored as their factors, with their
+numba kernels (the layer norm's O(d log d) sums and fused entropy product)."""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from ._intrinsics import _FM, WeightMap, flog, fmax, fmin, max_support, one_like, transform, tw, weight_map
+from .base import Jacobian, _empty_max
+
+# ----------------------------------------------------------------------------- row blocks
+SOFTMAX, LOG_SOFTMAX, LAYER_NORM = 0, 1, 2
+
+
+@njit(cache=True, inline="always")
+def rb_entry(kind, A, rs, gam, r, i, j, d):
+    """d y_i / d x_j inside row r of a row-block Jacobian."""
+    delta = 1.0 if i == j else 0.0
+    if kind == 0:
+        return A[r, i] * (delta - A[r, j])
+    if kind == 1:
+        return delta - A[r, j]
+    return gam[i] * rs[r] * (delta - 1.0 / d - A[r, i] * A[r, j] / d)
+
+
+@njit(cache=True)
+def rowblock_sum(kind, A, rs, gam, inner, x, t, transpose, y):
+    """y = f(J) x  (or f(J)^T x) over every row block, entries computed on the fly: O(rows d^2)."""
+    R, d = A.shape
+    C = x.shape[0]
+    for r in range(R):
+        o = r // inner
+        tt = r % inner
+        for i in range(d):
+            for j in range(d):
+                f = tw(rb_entry(kind, A, rs, gam, r, i, j, d), t)
+                if f == 0.0:
+                    continue
+                fi = (o * d + i) * inner + tt
+                fj = (o * d + j) * inner + tt
+                if transpose:
+                    for c in range(C):
+                        y[c, fj] += f * x[c, fi]
+                else:
+                    for c in range(C):
+                        y[c, fi] += f * x[c, fj]
+
+
+@njit(cache=True)
+def rowblock_max(kind, A, rs, gam, inner, xmax, xmin, transpose, signed, ymax, ymin):
+    """(max, x) through every row block (signed pair or unsigned on |J|)."""
+    R, d = A.shape
+    for r in range(R):
+        o = r // inner
+        tt = r % inner
+        for i in range(d):
+            for j in range(d):
+                w = rb_entry(kind, A, rs, gam, r, i, j, d)
+                if w == 0.0:
+                    continue
+                fi = (o * d + i) * inner + tt
+                fj = (o * d + j) * inner + tt
+                if transpose:
+                    s, q = fi, fj
+                else:
+                    s, q = fj, fi
+                if signed:
+                    smax = xmax[s]
+                    if smax == -np.inf:
+                        continue
+                    smin = xmin[s]
+                    if w > 0:
+                        hi = w * smax
+                        lo = w * smin
+                    else:
+                        hi = w * smin
+                        lo = w * smax
+                    if hi > ymax[q]:
+                        ymax[q] = hi
+                    if lo < ymin[q]:
+                        ymin[q] = lo
+                else:
+                    v = abs(w) * xmax[s]
+                    if v > ymax[q]:
+                        ymax[q] = v
+
+
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _lines_maxmin(p0, q0, p1, q1, z, hi, lo):
+    """(hi, lo) updated with the max / min over m of the lines p0 + q0 z and p1 + q1 z."""
+    for m in range(p0.shape[0]):
+        u = p0[m] + q0[m] * z
+        v = p1[m] + q1[m] * z
+        hi = fmax(hi, fmax(u, v))
+        lo = fmin(lo, fmin(u, v))
+    return hi, lo
+
+
+@njit(cache=True, fastmath=_FM)
+def layer_norm_maxmin_t(xh, rs, gam, xmax, xmin, ymax, ymin):
+    """Signed backward (max, x) through layer-norm rows laid out contiguously (inner == 1).
+
+    Off the diagonal w_ij = a_i (1 + xh_i xh_j) with a_i = -gamma_i s / d, so each candidate
+    w_ij x_i is the line P_i + Q_i xh_j evaluated at xh_j; the diagonal adds gamma_j s x_j.
+    Rows i with no path (xmax = -inf) or gamma_i = 0 (no edges) are dropped first. Each output j
+    is then a max / min reduction over the lines (held in registers, no read-modify-write of the
+    output row per line), its own line i = j taken with its diagonal weight. Works in the dtype of
+    the arrays (float32 or float64); ``ymax`` / ``ymin`` come in as -inf / +inf.
+    """
+    R, d = xh.shape
+    P0 = np.empty(d, xh.dtype)
+    Q0 = np.empty(d, xh.dtype)
+    G0 = np.empty(d, xh.dtype)
+    P1 = np.empty(d, xh.dtype)
+    Q1 = np.empty(d, xh.dtype)
+    G1 = np.empty(d, xh.dtype)
+    idx = np.empty(d, np.int64)
+    for r in range(R):
+        base = r * d
+        n = 0
+        for i in range(d):
+            xm = xmax[base + i]
+            if xm == -np.inf or gam[i] == 0.0:
+                continue
+            a = -gam[i] * rs[r] / d
+            xn = xmin[base + i]
+            P0[n] = a * xm
+            Q0[n] = a * xh[r, i] * xm
+            G0[n] = gam[i] * rs[r] * xm
+            P1[n] = a * xn
+            Q1[n] = a * xh[r, i] * xn
+            G1[n] = gam[i] * rs[r] * xn
+            idx[n] = i
+            n += 1
+        if n == 0:
+            continue
+        z = xh[r]
+        m = 0                      # idx is increasing: m tracks the line of output j, if any
+        for j in range(d):
+            zj = z[j]
+            none_hi = ymax[base + j]   # -inf / +inf in the arrays' dtype
+            none_lo = ymin[base + j]
+            if m < n and idx[m] == j:
+                hi, lo = _lines_maxmin(P0[:m], Q0[:m], P1[:m], Q1[:m], zj, none_hi, none_lo)
+                hi, lo = _lines_maxmin(P0[m + 1:n], Q0[m + 1:n], P1[m + 1:n], Q1[m + 1:n], zj, hi, lo)
+                u = P0[m] + Q0[m] * zj + G0[m]
+                v = P1[m] + Q1[m] * zj + G1[m]
+                hi = fmax(hi, fmax(u, v))
+                lo = fmin(lo, fmin(u, v))
+                m += 1
+            else:
+                hi, lo = _lines_maxmin(P0[:n], Q0[:n], P1[:n], Q1[:n], zj, none_hi, none_lo)
+            ymax[base + j] = hi
+            ymin[base + j] = lo
+
+
+
+
+# ----------------------------------------------------------------------------- layer norm, sums
+# Off the diagonal a layer norm's J_ij = c_i u'_ij with c_i = -g_i s / d and u'_ij = 1 + xh_i xh_j
+# (J_ij = g_i s (delta_ij - 1/d - xh_i xh_j / d)), so |J_ij| = alpha_i u_ij with u = |u'| symmetric
+# and alpha_i = |c_i|. Products with u need no pass over the pairs: for a given j, 1 + xh_i xh_j is
+# negative exactly for the xh_i beyond -1/xh_j, a prefix or suffix of the sorted row, so
+#   sum_i u_ij v_i = sum_i (v_i + xh_j v_i xh_i) - 2 (the same over that prefix or suffix),
+# from prefix sums of v and v xh in sorted order: O(d log d) per row instead of O(d^2).
+def layer_norm_split(A):
+    """For each row z of A (R, d): its sorting permutation ``order`` and, for each j, the range
+    [lo_j, hi_j) of sorted positions whose 1 + z_i z_j < 0 (for z_j > 0 the z_i below -1/z_j, for
+    z_j < 0 those above it). O(R d log d); int16 positions when d allows (6 bytes per element)."""
+    A = np.ascontiguousarray(A, dtype=np.float64)
+    idx = np.int16 if A.shape[1] < 2**15 else np.int32
+    order = np.argsort(A, axis=1).astype(idx)
+    lo = np.empty(A.shape, idx)
+    hi = np.empty(A.shape, idx)
+    _ln_bounds(A, order, lo, hi)
+    return order, lo, hi
+
+
+@njit(cache=True)
+def _ln_bounds(A, order, lo, hi):
+    """The ranges of :func:`layer_norm_split` by two pointers over each sorted row: -1/z_j grows
+    with z_j on either side of 0, so the bounds only move forward."""
+    R, d = A.shape
+    for r in range(R):
+        z = A[r]
+        o = order[r]
+        lo[r, :] = 0               # z_j = 0: no such i
+        hi[r, :] = 0
+        p = 0                      # z_j > 0 in increasing order: hi_j = #{z_i < -1/z_j}
+        for t in range(d):
+            j = o[t]
+            if z[j] <= 0:
+                continue
+            th = -1.0 / z[j]
+            while p < d and z[o[p]] < th:
+                p += 1
+            hi[r, j] = p
+        p = 0                      # z_j < 0 in increasing order: lo_j = #{z_i <= -1/z_j}
+        for t in range(d):
+            j = o[t]
+            if z[j] >= 0:
+                break
+            th = -1.0 / z[j]
+            while p < d and z[o[p]] <= th:
+                p += 1
+            lo[r, j] = p
+            hi[r, j] = d
+
+
+@njit(cache=True)
+def _ln_u_product(z, order, lo, hi, v, pv, pvz, out):
+    """out[j] = sum_{i != j} |1 + z_i z_j| v_i, accumulated in float64 (pv, pvz: scratch of d + 1)."""
+    d = z.shape[0]
+    pv[0] = 0.0
+    pvz[0] = 0.0
+    for t in range(d):
+        i = order[t]
+        pv[t + 1] = pv[t] + v[i]
+        pvz[t + 1] = pvz[t] + v[i] * z[i]
+    for j in range(d):
+        zj = np.float64(z[j])
+        neg = (pv[hi[j]] - pv[lo[j]]) + zj * (pvz[hi[j]] - pvz[lo[j]])
+        out[j] = (pv[d] + zj * pvz[d]) - 2.0 * neg - (1.0 + zj * zj) * v[j]
+
+
+@njit(cache=True)
+def layer_norm_sum(A, rs, gam, rows, split, x, transpose, y):
+    """y += |J| x (or |J|^T x) for layer-norm rows laid out contiguously (inner == 1), by the
+    sorted prefix sums above plus the diagonal with its true weight. Rows whose input is all
+    zero are skipped (a backward pass from one logit reaches the last layer norms through one row):
+    only ``rows`` are visited; ``split`` is :func:`layer_norm_split` of A."""
+    R, d = A.shape
+    C = x.shape[0]
+    inv_d = 1.0 / d
+    al = np.empty(d)
+    v = np.empty(d)
+    o = np.empty(d)
+    pv = np.empty(d + 1)
+    pvz = np.empty(d + 1)
+    order, lo, hi = split
+    for t in range(rows.shape[0]):
+        r = rows[t]
+        base = r * d
+        s = rs[r]
+        z = A[r]
+        for i in range(d):
+            al[i] = abs(gam[i] * s * inv_d)
+        for c in range(C):
+            for i in range(d):
+                v[i] = al[i] * x[c, base + i] if transpose else x[c, base + i]
+            _ln_u_product(z, order[r], lo[r], hi[r], v, pv, pvz, o)
+            for i in range(d):
+                yi = o[i] if transpose else al[i] * o[i]
+                diag = abs(gam[i] * s * (1.0 - inv_d - z[i] * z[i] * inv_d))
+                y[c, base + i] += yi + diag * x[c, base + i]
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def layer_norm_entropy(A, rs, gam, rows, split, x, transpose, y):
+    """The entropy semiring's product through layer-norm rows (inner == 1), fused:
+    <Z, R> -> <|J| Z, |J| R + H Z> with H = -|J| log|J| (transposed for the backward direction).
+
+    With the notation of :func:`layer_norm_sum`, beta_i = -alpha_i log alpha_i and k = -u log u,
+    H_ij = beta_i u_ij + alpha_i k_ij off the diagonal. Backward, with P = alpha Z and
+    Q = alpha R + beta Z: yZ = U P, yR = U Q + K P; forward: yZ = alpha (U Z),
+    yR = alpha (U R) + beta (U Z) + alpha (K Z). The U products take the sorted prefix sums
+    (in float64); K has no such structure, so K P takes one sweep of the upper triangle of the
+    symmetric K, one logarithm per pair (by :func:`flog`, vectorised). Works in x's dtype
+    (float32 or float64; A, rs, gam, y alike). Only ``rows`` are visited (those with a non-zero
+    input); ``split`` is :func:`layer_norm_split` of A. |1 + xh_i xh_j| is 0 or at
+    least 2^-24, so no subnormal reaches flog. O(live rows d^2) logarithms, as any exact product
+    with log|J| needs.
+    """
+    R, d = A.shape
+    dt = x.dtype
+    al = np.empty(d, dt)
+    be = np.empty(d, dt)
+    V0 = np.empty(d, dt)
+    V1 = np.empty(d, dt)
+    O0 = np.empty(d, dt)
+    O1 = np.empty(d, dt)
+    O2 = np.empty(d, dt)
+    pv = np.empty(d + 1)
+    pvz = np.empty(d + 1)
+    order, lo, hi = split
+    one = one_like(A[0, 0])
+    nil = one - one
+    inv_d = one / d
+    for t in range(rows.shape[0]):
+        r = rows[t]
+        base = r * d
+        s = rs[r]
+        z = A[r]
+        for i in range(d):
+            ci = abs(gam[i] * s * inv_d)
+            al[i] = ci
+            be[i] = -ci * np.log(ci) if ci > nil else nil
+            zi_, ri_ = x[0, base + i], x[1, base + i]
+            V0[i] = al[i] * zi_ if transpose else zi_
+            V1[i] = al[i] * ri_ + be[i] * zi_ if transpose else ri_
+            O2[i] = nil
+        _ln_u_product(z, order[r], lo[r], hi[r], V0, pv, pvz, O0)
+        _ln_u_product(z, order[r], lo[r], hi[r], V1, pv, pvz, O1)
+        for i in range(d - 1):
+            n = d - i - 1
+            zi = z[i]
+            a0 = V0[i]
+            s2 = nil
+            zq = z[i + 1:]
+            v0 = V0[i + 1:]
+            o2 = O2[i + 1:]
+            for q in range(n):
+                u = abs(one + zi * zq[q])
+                k = -u * flog(u)
+                o2[q] += k * a0
+                s2 += k * v0[q]
+            O2[i] += s2
+        for i in range(d):
+            w = abs(gam[i] * s * (one - inv_d - z[i] * z[i] * inv_d))
+            h = -w * np.log(w) if w > nil else nil
+            zi_, ri_ = x[0, base + i], x[1, base + i]
+            if transpose:
+                yz = O0[i]
+                yr = O1[i] + O2[i]
+            else:
+                yz = al[i] * O0[i]
+                yr = al[i] * O1[i] + be[i] * O0[i] + al[i] * O2[i]
+            y[0, base + i] += yz + w * zi_
+            y[1, base + i] += yr + w * ri_ + h * zi_
+
+
+# ============================================================================ row blocks
+class RowBlockJacobian(Jacobian):
+    """Block-diagonal Jacobians of row-wise functions, stored as their factors.
+
+    The tensor is viewed as (outer, d, inner); each (outer, inner) pair is a row of length d.
+
+    * ``softmax``:      J = diag(p) - p p^T                         (factor: p)
+    * ``log_softmax``:  J = I - 1 p^T                               (factor: p = exp(y))
+    * ``layer_norm``:   J = diag(g) s (I - 1/d - xhat xhat^T / d)   (factors: xhat, s = 1/sigma, g = gamma)
+
+    The factors are kept in float64. ``precision`` is the float type the model computed the op in
+    ("float32" for float32, float16 and bfloat16 models): the entropy product through a layer
+    norm, the one product that needs a logarithm per pair of row elements, runs in it.
+    """
+
+    kind = "rowblock"
+    FUNCTIONS = ("softmax", "log_softmax", "layer_norm")
+
+    def __init__(self, shape, function, outer, d, inner, A, rstd=None, gamma=None, precision="float64"):
+        super().__init__(shape, shape)
+        if function not in self.FUNCTIONS:
+            raise ValueError(f"unknown row-block function {function!r}")
+        if precision not in ("float32", "float64"):
+            raise ValueError(f"precision must be 'float32' or 'float64', not {precision!r}")
+        self.precision = precision
+        self.function, self.outer, self.d, self.inner = function, int(outer), int(d), int(inner)
+        R = self.outer * self.inner
+        self.A = np.ascontiguousarray(A, dtype=np.float64).reshape(R, self.d)
+        self.rstd = np.ones(R) if rstd is None else np.ascontiguousarray(rstd, dtype=np.float64).reshape(R)
+        self.gamma = np.ones(self.d) if gamma is None else np.ascontiguousarray(gamma, dtype=np.float64).reshape(self.d)
+        self._code = self.FUNCTIONS.index(function)
+        self._factors = None     # the factors in ``precision``, made on first use
+        self._split = None       # kernels.layer_norm_split of the factors, made on first use
+        self._max_factors = None  # the factors in the signed max product's dtype
+
+    def _rows(self, x, C):
+        """(C, numel) -> (C, R, d) rows, and back."""
+        return x.reshape(C, self.outer, self.d, self.inner).transpose(0, 1, 3, 2).reshape(C, -1, self.d)
+
+    def _unrows(self, v, C):
+        return np.ascontiguousarray(v.reshape(C, self.outer, self.inner, self.d).transpose(0, 1, 3, 2)).reshape(C, -1)
+
+    def sum_product(self, x, weight, transpose):
+        t = weight_map(weight)      # raises for anything but the three maps handled below
+        x = np.ascontiguousarray(x, dtype=np.float64)
+        C = x.shape[0]
+        f = self.function
+        if f == "layer_norm" and t != WeightMap.SIGNED:
+            y = np.zeros_like(x)
+            if self.inner == 1 and t == WeightMap.ABS:
+                layer_norm_sum(self.A, self.rstd, self.gamma, *self._live_split(x), x, transpose, y)
+            elif self.inner == 1:
+                # H x is the cross term of the fused entropy product with R = 0
+                for c in range(C):
+                    pair = np.stack([x[c], np.zeros_like(x[c])])
+                    out = np.zeros_like(pair)
+                    layer_norm_entropy(self.A, self.rstd, self.gamma, *self._live_split(pair), pair, transpose, out)
+                    y[c] = out[1]
+            else:
+                rowblock_sum(self._code, self.A, self.rstd, self.gamma, self.inner, x, int(t), transpose, y)
+            return y
+        p = self.A[None]
+        v = self._rows(x, C)
+        if f == "softmax":      # symmetric: transpose does not matter
+            if t == WeightMap.SIGNED:
+                y = p * v - p * (p * v).sum(-1, keepdims=True)
+            elif t == WeightMap.ABS:
+                y = (p - 2 * p * p) * v + p * (p * v).sum(-1, keepdims=True)
+            else:                    # WeightMap.XLOGX
+                L = _safe_log(p)
+                pL = p * L
+                full = -pL * (p * v).sum(-1, keepdims=True) - p * (pL * v).sum(-1, keepdims=True)
+                diag_true = transform(p - p * p, WeightMap.XLOGX)
+                y = full + (diag_true + 2 * p * p * L) * v
+        elif f == "log_softmax":   # J[i, j] = delta_ij - p_j
+            if t == WeightMap.SIGNED:
+                off, diag = -p, 1 - p
+            elif t == WeightMap.ABS:
+                off, diag = p, 1 - p
+            else:                    # WeightMap.XLOGX
+                off, diag = transform(p, WeightMap.XLOGX), transform(1 - p, WeightMap.XLOGX)
+            # J = 1 off^T + diag(diag - off)
+            if transpose:
+                y = off * v.sum(-1, keepdims=True) + (diag - off) * v
+            else:
+                y = (off * v).sum(-1, keepdims=True) + (diag - off) * v
+        else:                      # layer norm, signed
+            s = self.rstd[None, :, None]
+            g = self.gamma[None, None, :]
+            xh = p
+            if transpose:
+                u = g * v
+                y = s * (u - u.mean(-1, keepdims=True) - xh * (u * xh).mean(-1, keepdims=True))
+            else:
+                y = g * s * (v - v.mean(-1, keepdims=True) - xh * (xh * v).mean(-1, keepdims=True))
+        return self._unrows(y, C)
+
+    def _live_split(self, x):
+        """The rows with a non-zero input (the others contribute nothing) and the split of the
+        factors (kernels.layer_norm_split: a property of the factors, made once and kept -- 6
+        bytes per element, next to the factors' 8)."""
+        rows = np.flatnonzero((x.reshape(x.shape[0], -1, self.d) != 0).any(axis=(0, 2)))
+        if self._split is None:
+            self._split = layer_norm_split(self.A)
+        return rows, self._split
+
+    def entropy_product(self, x, transpose):
+        if self.function != "layer_norm" or self.inner != 1:
+            return super().entropy_product(x, transpose)
+        dt = np.dtype(self.precision)
+        if self._factors is None:
+            self._factors = tuple(a.astype(dt) for a in (self.A, self.rstd, self.gamma))
+        xx = np.ascontiguousarray(x, dtype=dt)
+        y = np.zeros_like(xx)
+        layer_norm_entropy(*self._factors, *self._live_split(x), xx, transpose, y)
+        return y.astype(np.float64, copy=False)
+
+    def max_product(self, xmax, xmin, transpose):
+        signed = xmin is not None
+        if self.function != "layer_norm":
+            return self._lowrank_max(xmax, xmin, signed, transpose)
+        if self.inner == 1 and signed and transpose:
+            # a float32 model's layer norm runs in float32 (twice the SIMD width) unless some value
+            # is below 1e-20, as the matmul products do: path weights are recomputed exactly
+            dt = np.float64
+            if self.precision == "float32":
+                x3 = xmax.reshape(1, 1, -1)
+                live = np.zeros((1, 1), dtype=np.bool_), np.zeros(x3.shape[2], dtype=np.bool_)
+                if max_support(x3, xmin.reshape(1, 1, -1), -np.inf, *live)[1] >= 1e-20:
+                    dt = np.float32
+            if self._max_factors is None or self._max_factors[0].dtype != dt:
+                self._max_factors = tuple(a.astype(dt) for a in (self.A, self.rstd, self.gamma))
+            out = np.empty((2, self.out_numel), dtype=dt)
+            out[0] = -np.inf
+            out[1] = np.inf
+            layer_norm_maxmin_t(*self._max_factors, np.ascontiguousarray(xmax, dtype=dt),
+                                  np.ascontiguousarray(xmin, dtype=dt), out[0], out[1])
+            if dt != np.float64:
+                out = out.astype(np.float64)
+            return out[0], out[1]
+        ymax, ymin = _empty_max(self.out_numel, signed)
+        rowblock_max(self._code, self.A, self.rstd, self.gamma, self.inner,
+                       np.ascontiguousarray(xmax, dtype=np.float64),
+                       np.ascontiguousarray(xmin if signed else xmax, dtype=np.float64),
+                       transpose, signed, ymax, ymin if signed else np.zeros(1))
+        return ymax, ymin
+
+    def _lowrank_max(self, xmax, xmin, signed, transpose):
+        """(max, x) for softmax and log-softmax in O(rows d), not O(rows d^2).
+
+        Both are J = diag(Dg) + [a_i b_j] off the diagonal -- softmax: Dg = p(1 - p), a = -p,
+        b = p; log-softmax: Dg = 1 - p, a = -1, b = p -- so the best off-diagonal term reaching
+        element k is its factor times the best of the other elements' terms of its row: the
+        row's best and second best suffice (a vocabulary-sized log-softmax sink stays linear).
+        """
+        p = self.A
+        if self.function == "softmax":
+            Dg, a, b = p * (1 - p), -p, p
+        else:
+            Dg, a, b = 1 - p, -np.ones_like(p), p
+        src_f, dst_f = (a, b) if transpose else (b, a)
+        rows = lambda v: self._rows(np.asarray(v, dtype=np.float64)[None], 1)[0]
+        xM = rows(xmax)
+        if not signed:
+            s = np.where(src_f != 0, np.abs(src_f) * xM, 0.0)
+            y = np.maximum(np.abs(Dg) * xM, np.abs(dst_f) * _best_of_others(s, True))
+            return self._unrows(y[None], 1)[0], None
+        xm = rows(xmin)
+        ok = (xM != -np.inf) & (src_f != 0)
+        with np.errstate(invalid="ignore"):
+            u, v = src_f * xM, src_f * xm
+        offmax = _best_of_others(np.where(ok, np.maximum(u, v), -np.inf), True)
+        offmin = _best_of_others(np.where(ok, np.minimum(u, v), np.inf), False)
+        with np.errstate(invalid="ignore"):
+            u, v = dst_f * offmax, dst_f * offmin
+        has = (dst_f != 0) & (offmax != -np.inf)
+        ymax = np.where(has, np.maximum(u, v), -np.inf)
+        ymin = np.where(has, np.minimum(u, v), np.inf)
+        okd = (xM != -np.inf) & (Dg != 0)
+        with np.errstate(invalid="ignore"):
+            u, v = Dg * xM, Dg * xm
+        ymax = np.where(okd, np.maximum(ymax, np.maximum(u, v)), ymax)
+        ymin = np.where(okd, np.minimum(ymin, np.minimum(u, v)), ymin)
+        return self._unrows(ymax[None], 1)[0], self._unrows(ymin[None], 1)[0]
+
+    def entries(self):
+        R, d = self.A.shape
+        r, i, j = (a.reshape(-1) for a in np.meshgrid(np.arange(R), np.arange(d), np.arange(d), indexing="ij"))
+        delta = (i == j).astype(np.float64)
+        A = self.A
+        if self.function == "softmax":
+            w = A[r, i] * (delta - A[r, j])
+        elif self.function == "log_softmax":
+            w = delta - A[r, j]
+        else:
+            w = self.gamma[i] * self.rstd[r] * (delta - 1.0 / self.d - A[r, i] * A[r, j] / self.d)
+        o, tt = r // self.inner, r % self.inner
+        rows = (o * self.d + i) * self.inner + tt
+        cols = (o * self.d + j) * self.inner + tt
+        nz = w != 0
+        return rows[nz].astype(np.int64), cols[nz].astype(np.int64), w[nz]
+
+    def out_edges(self, j):
+        o, jj, tt = np.unravel_index(j, (self.outer, self.d, self.inner))
+        r = o * self.inner + tt
+        i = np.arange(self.d)
+        delta = (i == jj).astype(np.float64)
+        A = self.A[r]
+        if self.function == "softmax":
+            w = A * (delta - A[jj])
+        elif self.function == "log_softmax":
+            w = delta - A[jj]
+        else:
+            w = self.gamma * self.rstd[r] * (delta - 1.0 / self.d - A * A[jj] / self.d)
+        idx = (o * self.d + i) * self.inner + tt
+        nz = w != 0
+        return idx[nz].astype(np.int64), w[nz]
+
+    def state(self):
+        arrays = {"A": self.A}
+        if self.function == "layer_norm":
+            arrays.update(rstd=self.rstd, gamma=self.gamma)
+        return {"function": self.function, "outer": self.outer, "d": self.d, "inner": self.inner,
+                "precision": self.precision}, arrays
+
+    @classmethod
+    def from_state(cls, out_shape, in_shape, params, arrays):
+        return cls(out_shape, params["function"], params["outer"], params["d"], params["inner"],
+                   arrays["A"], arrays.get("rstd"), arrays.get("gamma"), params.get("precision", "float64"))
+
+
+def _best_of_others(s, largest):
+    """(R, d) -> (R, d): at column k, the best (max or min) of row values at the other columns."""
+    s2 = s if largest else -s
+    r = np.arange(s.shape[0])
+    i1 = np.argmax(s2, axis=1)
+    b1 = s2[r, i1]
+    rest = s2.copy()
+    rest[r, i1] = -np.inf
+    b2 = rest.max(axis=1)
+    out = np.repeat(b1[:, None], s.shape[1], axis=1)
+    out[r, i1] = b2
+    return out if largest else -out
+
+
+def _safe_log(p):
+    out = np.zeros_like(p)
+    nz = p > 0
+    out[nz] = np.log(p[nz])
+    return out
+

@@ -1,0 +1,240 @@
+"""Sparse (COO) Jacobians: elementwise, broadcast, index maps, reductions, dense fallback,
+with their numba kernels."""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from ._intrinsics import _FM, _TINY, flog, fmax, fmin, tw, weight_map
+from .base import Jacobian, _empty_max
+
+# ----------------------------------------------------------------------------- sparse (COO)
+@njit(cache=True)
+def coo_sum(x, src, dst, w, t, y):
+    """y[c, dst[e]] += f(w[e]) * x[c, src[e]]. Entries whose source values are all zero are
+    skipped before f is evaluated (near a one-logit sink most of a vocabulary-sized tensor is)."""
+    C = x.shape[0]
+    for e in range(src.shape[0]):
+        s = src[e]
+        live = False
+        for c in range(C):
+            if x[c, s] != 0.0:
+                live = True
+                break
+        if not live:
+            continue
+        f = tw(w[e], t)
+        if f == 0.0:
+            continue
+        d = dst[e]
+        for c in range(C):
+            y[c, d] += f * x[c, s]
+
+
+@njit(cache=True)
+def coo_entropy(x, src, dst, w, y):
+    """The entropy product on pairs x = (Z, R): y[0, d] += |w| Z[s], y[1, d] += |w| R[s] - |w|log|w| Z[s]
+    for every entry (s -> d, w), one logarithm per live entry."""
+    for e in range(src.shape[0]):
+        s = src[e]
+        z = x[0, s]
+        r = x[1, s]
+        a = abs(w[e])
+        if (z == 0.0 and r == 0.0) or a == 0.0:
+            continue
+        d = dst[e]
+        y[0, d] += a * z
+        y[1, d] += a * r
+        if z != 0.0 and a != 1.0:
+            y[1, d] -= a * np.log(a) * z
+
+
+@njit(cache=True)
+def coo_max(x, src, dst, w, y):
+    """y[dst[e]] = max(y[dst[e]], |w[e]| * x[src[e]])  (0 = no path)."""
+    for e in range(src.shape[0]):
+        v = abs(w[e]) * x[src[e]]
+        if v > y[dst[e]]:
+            y[dst[e]] = v
+
+
+@njit(cache=True)
+def coo_maxmin(xmax, xmin, src, dst, w, ymax, ymin):
+    """Signed (max, x) and (min, x) at once; a negative weight swaps max and min."""
+    for e in range(src.shape[0]):
+        we = w[e]
+        s = src[e]
+        d = dst[e]
+        if xmax[s] == -np.inf:
+            continue
+        if we > 0:
+            a = we * xmax[s]
+            b = we * xmin[s]
+        elif we < 0:
+            a = we * xmin[s]
+            b = we * xmax[s]
+        else:
+            continue
+        if a > ymax[d]:
+            ymax[d] = a
+        if b < ymin[d]:
+            ymin[d] = b
+
+
+
+
+@njit(cache=True, fastmath=_FM)
+def diag_max(xmax, xmin, w, signed, out):
+    """(max, x) through a diagonal Jacobian (one edge j -> j of non-zero weight w[j] per element),
+    branch-free: signed, out = (max, min) of (w xmax, w xmin), -inf / +inf where no path arrives
+    (xmax = -inf); unsigned, out[0] = |w| xmax (0 stays 0)."""
+    if signed:
+        hi, lo = out[0], out[1]
+        for k in range(w.shape[0]):
+            u = w[k] * xmax[k]
+            v = w[k] * xmin[k]
+            dead = xmax[k] == -np.inf
+            hi[k] = -np.inf if dead else fmax(u, v)
+            lo[k] = np.inf if dead else fmin(u, v)
+    else:
+        y = out[0]
+        for k in range(w.shape[0]):
+            y[k] = abs(w[k]) * xmax[k]
+
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def diag_entropy(x, w, y):
+    """The entropy product through a diagonal Jacobian (weight w[j] on j -> j), vectorised:
+    y = (|w| Z, |w| R - |w| log|w| Z) for x = (Z, R)."""
+    m = abs(w[0]) if w.shape[0] else 1.0
+    for k in range(w.shape[0]):
+        a = abs(w[k])
+        m = min(m, a)
+        y[0, k] = a * x[0, k]
+        y[1, k] = a * x[1, k] - a * flog(a) * x[0, k]
+    if m < _TINY:                      # zero or subnormal weights: libm's log, 0 log 0 = 0
+        for k in range(w.shape[0]):
+            a = abs(w[k])
+            if a < _TINY:
+                y[1, k] = a * x[1, k] - (a * np.log(a) * x[0, k] if a > 0 else 0.0)
+
+
+
+
+# ============================================================================ sparse
+class SparseJacobian(Jacobian):
+    """Entries ``J[rows[e], cols[e]] = vals[e]``; ``rows``/``cols`` None mean ``arange(nnz)``,
+    ``vals`` None means all ones. Elementwise ops are ``rows=None`` with a broadcast ``cols``;
+    reductions are ``cols=None`` with ``rows`` mapping each input to its output."""
+
+    kind = "sparse"
+
+    def __init__(self, out_shape, in_shape, rows=None, cols=None, vals=None):
+        super().__init__(out_shape, in_shape)
+        n = None
+        for a in (rows, cols, vals):
+            if a is not None:
+                n = len(a)
+                break
+        if n is None:
+            if self.out_numel != self.in_numel:
+                raise ValueError("identity SparseJacobian needs equal sizes")
+            n = self.out_numel
+        idx_t = np.int32 if max(self.out_numel, self.in_numel) < 2**31 - 1 else np.int64
+        rows = None if rows is None else np.ascontiguousarray(rows, dtype=idx_t)
+        cols = None if cols is None else np.ascontiguousarray(cols, dtype=idx_t)
+        if vals is not None:
+            vals = np.ascontiguousarray(vals)
+            keep = vals != 0
+            if not keep.all():
+                rows = (np.arange(n, dtype=idx_t) if rows is None else rows)[keep]
+                cols = (np.arange(n, dtype=idx_t) if cols is None else cols)[keep]
+                vals = vals[keep]
+                n = len(vals)
+        self.rows, self.cols, self.vals, self.n = rows, cols, vals, n
+        #: one edge j -> j per element (an elementwise op): max products need no scatter
+        self.is_diagonal = bool(
+            n == self.out_numel == self.in_numel
+            and all(a is None or (a[0] == 0 and np.array_equal(a, np.arange(n, dtype=a.dtype)))
+                    for a in (rows, cols) if a is None or len(a)))
+        self.is_identity = self.is_diagonal and (vals is None or bool(np.all(vals == 1)))
+        self._csc = None
+
+    def _r(self):
+        return np.arange(self.n, dtype=np.int64) if self.rows is None else self.rows
+
+    def _c(self):
+        return np.arange(self.n, dtype=np.int64) if self.cols is None else self.cols
+
+    def _v(self):
+        return np.ones(self.n) if self.vals is None else self.vals
+
+    def nnz(self):
+        return self.n
+
+    def sum_product(self, x, weight, transpose):
+        x = np.ascontiguousarray(x, dtype=np.float64)
+        y = np.zeros((x.shape[0], self._dims(transpose)[1]))
+        src, dst = (self._r(), self._c()) if transpose else (self._c(), self._r())
+        coo_sum(x, src, dst, self._v(), int(weight_map(weight)), y)
+        return y
+
+    def entropy_product(self, x, transpose):
+        x = np.ascontiguousarray(x, dtype=np.float64)
+        if self.is_diagonal and self.vals is not None:
+            y = np.empty((2, self.n))
+            diag_entropy(x, self.vals.astype(np.float64, copy=False), y)
+            return y
+        y = np.zeros((2, self._dims(transpose)[1]))
+        src, dst = (self._r(), self._c()) if transpose else (self._c(), self._r())
+        coo_entropy(x, src, dst, self._v(), y)
+        return y
+
+    def max_product(self, xmax, xmin, transpose):
+        signed = xmin is not None
+        if self.is_diagonal and self.vals is not None:
+            buf = np.empty((2 if signed else 1, self.n))
+            diag_max(xmax, xmax if xmin is None else xmin, self.vals, signed, buf)
+            return (buf[0], buf[1]) if signed else (buf[0], None)
+        ymax, ymin = _empty_max(self._dims(transpose)[1], signed)
+        src, dst = (self._r(), self._c()) if transpose else (self._c(), self._r())
+        if signed:
+            coo_maxmin(xmax, xmin, src, dst, self._v(), ymax, ymin)
+        else:
+            coo_max(xmax, src, dst, self._v(), ymax)
+        return ymax, ymin
+
+    def entries(self):
+        return (self._r().astype(np.int64), self._c().astype(np.int64),
+                self._v().astype(np.float64))
+
+    def out_edges(self, j):
+        if self._csc is None:
+            c = self._c()
+            order = np.argsort(c, kind="stable")
+            starts = np.searchsorted(c[order], np.arange(self.in_numel + 1))
+            self._csc = (order, starts)
+        order, starts = self._csc
+        e = order[starts[j]:starts[j + 1]]
+        # (path recovery calls this per visited element: no arrays of the Jacobian's size)
+        rows = e if self.rows is None else self.rows[e]
+        vals = np.ones(len(e)) if self.vals is None else self.vals[e]
+        return rows.astype(np.int64), vals.astype(np.float64)
+
+    def to_dense(self):
+        D = np.zeros((self.out_numel, self.in_numel))
+        np.add.at(D, (self._r(), self._c()), self._v())
+        return D
+
+    def state(self):
+        arrays = {k: v for k, v in (("rows", self.rows), ("cols", self.cols), ("vals", self.vals))
+                  if v is not None}
+        return {"n": self.n}, arrays
+
+    @classmethod
+    def from_state(cls, out_shape, in_shape, params, arrays):
+        j = cls(out_shape, in_shape, arrays.get("rows"), arrays.get("cols"), arrays.get("vals"))
+        if j.n != params["n"]:
+            raise ValueError("entry count does not match")
+        return j
+
+
