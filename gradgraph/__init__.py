@@ -4,7 +4,8 @@
 >>> g = gg.capture(model, args, output=lambda out: out.logits[0, 5, is_id] - out.logits[0, 5, are_id])
 >>> g.gradient(); g.top_paths(k=5); g.entropy(); g.flow(by="module")
 """
-from .capture import Capturer, capture, register_rule
+from . import capture          # the package, callable as the capture function
+from .capture import Capturer, register_rule
 from .errors import CaptureError, GradGraphError, GraphFormatError, QueryError, UnsupportedOpError
 from .export.dot import render, to_dot
 from .graph import GradGraph

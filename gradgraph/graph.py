@@ -202,5 +202,5 @@ class GradGraph:
 
     def save(self, path, *, overwrite=False):
         """Write the graph to one safetensors file (see ``docs/file-format.md``)."""
-        from .export.fileformat import save
+        from .export.filewriter import save
         return save(self, path, overwrite=overwrite)

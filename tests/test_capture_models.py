@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gradgraph as gg
-from gradgraph.capture import registry, rules, tracer
+from gradgraph.capture import builder, registry, rules
 
 from models import HF_ZOO, ZOO, autograd_gradient, zoo_model
 
@@ -20,7 +20,7 @@ def no_dense_fallback(monkeypatch):
     def spy(ctx, key, max_entries=None):
         used.append(str(ctx.op))
         return registry.dense_jacobian(ctx, key, max_entries)
-    monkeypatch.setattr(tracer, "dense_jacobian", spy)
+    monkeypatch.setattr(builder, "dense_jacobian", spy)
     monkeypatch.setattr(rules, "dense_jacobian", spy)
     yield used
     assert not used, f"ops fell to the dense fallback: {sorted(set(used))}"

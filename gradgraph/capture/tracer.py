@@ -2,183 +2,30 @@
 fx Interpreter that records every value, keep the nodes on source-to-sink paths, and ask the rule
 registry for their local Jacobians.
 
+The parts, one job each: :mod:`.programs` (the export cache), :mod:`.interpreter` (the run that
+records values), :mod:`.sources` (the sink and the sources), :mod:`.builder` (liveness, nodes,
+edges, rule calls). :class:`Capturer` puts them together for one model.
+
 Trace once, capture many: a :class:`Capturer` keeps the exported program per input signature
 (shapes, dtypes and non-tensor values of the inputs), so later inputs of the same signature skip
-``torch.export``. :func:`capture` keeps one Capturer per (model, output, sources, granularity).
+``torch.export``. :func:`capture` keeps one export cache per (model, output, sources, granularity),
+weakly keyed by the model: a model the user drops is freed with its programs.
 """
 from __future__ import annotations
 
-import operator
-import os
-import re
-import sys
-import time
-import warnings
-import weakref
-
-import numpy as np
 import torch
-import torch.fx
-from torch.utils import _pytree as pytree
 
-from ..errors import CaptureError, GradGraphError, UnsupportedOpError
-from ..graph import Edge, GradGraph, Node
-from . import rules as _rules  # noqa: F401  (registers the library's rules)
-from .registry import RuleContext, dense_jacobian, get_rule
+from ..errors import CaptureError
+from .builder import GraphBuilder
+from .fxnodes import module_of as _module_of  # noqa: F401  (tests/oracle.py reads it here)
+from .interpreter import record
+from .programs import DECOMPOSED_OPS, FUNCTION_OPS, ExportCache, _Explained, shared_cache  # noqa: F401
+from .programs import decomposition_table as _decomposition_table  # noqa: F401
+from .sources import find_sink, resolve_sources
 
 __all__ = ["capture", "Capturer", "GRANULARITIES"]
 
 GRANULARITIES = ("function", "primitive")
-
-aten = torch.ops.aten
-#: Ops kept whole at ``granularity="function"`` (each has an exact structured rule).
-FUNCTION_OPS = (aten._softmax.default, aten._log_softmax.default, aten.native_layer_norm.default,
-                aten.gelu.default)
-#: Core ATen ops decomposed at both granularities, into ops with exact structured rules: group and
-#: instance norm (their per-group gains do not fit one row-block Jacobian), upsampling (index maps
-#: and weighted sums) and vector norms.
-DECOMPOSED_OPS = (aten.native_group_norm.default, aten._native_batch_norm_legit.no_stats,
-                  aten._native_batch_norm_legit.default, aten.native_batch_norm.default,
-                  aten.upsample_nearest2d.vec, aten.upsample_nearest2d.default,
-                  aten.upsample_bilinear2d.vec, aten.upsample_bilinear2d.default,
-                  aten.linalg_vector_norm.default)
-
-_TORCH_DIR = os.path.dirname(torch.__file__)
-_OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class _Explained(torch.nn.Module):
-    """model followed by the user's ``output`` callable; traced together."""
-
-    def __init__(self, model, output):
-        super().__init__()
-        self.model = model
-        self.output = output
-
-    def forward(self, *args, **kwargs):
-        out = self.model(*args, **kwargs)
-        return self.output(out) if self.output is not None else out
-
-
-def _decomposition_table(granularity):
-    from torch._decomp import get_decompositions
-    table = torch.export.default_decompositions()
-    table.update(get_decompositions(list(DECOMPOSED_OPS)))
-    if granularity == "function":
-        for op in FUNCTION_OPS:
-            table.pop(op, None)
-    else:
-        table.update(get_decompositions(list(FUNCTION_OPS)))
-    return table
-
-
-def _signature(args, kwargs):
-    leaves, spec = pytree.tree_flatten((args, kwargs))
-    sig = []
-    for x in leaves:
-        if isinstance(x, torch.Tensor):
-            sig.append(("T", tuple(x.shape), str(x.dtype)))
-        else:
-            sig.append(("V", repr(x)))
-    return (str(spec), tuple(sig))
-
-
-def _frozen(v):
-    """A hashable stand-in for a value an ``output`` callable reads, equal iff the value is.
-
-    Tensors and arrays are keyed by content (a closure over token ids must not reuse the program
-    traced for other ids: the traced program has the old ids baked in); containers recursively."""
-    if isinstance(v, torch.Tensor):
-        t = v.detach().cpu().contiguous()
-        return ("tensor", str(t.dtype), tuple(t.shape), t.numpy().tobytes() if t.dtype != torch.bfloat16
-                else t.float().numpy().tobytes())
-    if isinstance(v, np.ndarray):
-        return ("ndarray", str(v.dtype), v.shape, np.ascontiguousarray(v).tobytes())
-    if isinstance(v, (list, tuple)):
-        return (type(v).__name__,) + tuple(_frozen(a) for a in v)
-    if isinstance(v, dict):
-        return ("dict",) + tuple((k, _frozen(a)) for k, a in v.items())
-    if isinstance(v, (set, frozenset)):
-        return ("set", frozenset(_frozen(a) for a in v))
-    hash(v)   # TypeError for other unhashable values: the caller falls back to identity
-    return v
-
-
-def _callable_key(fn):
-    """A hashable key for an ``output`` callable: its code plus every value it reads from outside
-    (closure cells, defaults, and the module globals its code names -- a lambda written in a
-    loop at module level reads the loop variable as a global). Callables without code are keyed
-    by identity; the :class:`Capturer` keeps them alive, so the identity is never reused."""
-    if fn is None:
-        return None
-    code = getattr(fn, "__code__", None)
-    if code is None:
-        return ("id", id(fn))
-    try:
-        cells = tuple(_frozen(c.cell_contents) for c in (fn.__closure__ or ()))
-        glob = getattr(fn, "__globals__", {})
-        names = tuple((n, _frozen(glob[n])) for n in _global_names(code) if n in glob)
-        key = ("code", code, cells, names, _frozen(fn.__defaults__), _frozen(fn.__kwdefaults__))
-        hash(key)
-        return key
-    except (TypeError, ValueError):
-        return ("id", id(fn))
-
-
-def _global_names(code):
-    """Names ``code`` (and code nested in it) may load as globals."""
-    names = set(code.co_names)
-    for c in code.co_consts:
-        if isinstance(c, type(code)):
-            names |= _global_names(c)
-    return sorted(names)
-
-
-_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<fn>\S+)\n\s*(?P<code>[^\n]*)')
-
-
-def _user_line(stack_trace):
-    """The innermost frame of the stack trace outside torch itself: "file:line in fn: code"."""
-    if not stack_trace:
-        return ""
-    frames = list(_FRAME.finditer(stack_trace))
-    for m in reversed(frames):
-        if not m.group("file").startswith((_TORCH_DIR, _OWN_DIR)):
-            return f'{m.group("file")}:{m.group("line")} in {m.group("fn")}: {m.group("code").strip()}'
-    return ""
-
-
-def _module_of(fx_node):
-    stack = fx_node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return "", ""
-    path, typ = list(stack.values())[-1]
-    typ = typ if isinstance(typ, str) else getattr(typ, "__qualname__", str(typ))
-    if path == "":
-        return "<output>", typ
-    path = path[len("model."):] if path.startswith("model.") else ("" if path == "model" else path)
-    return path, typ
-
-
-def _tensor_args(node):
-    """(key, fx.Node) for each fx-node argument: key i, or (i, k) inside a list argument."""
-    out = []
-    for i, a in enumerate(node.args):
-        if isinstance(a, torch.fx.Node):
-            out.append((i, a))
-        elif isinstance(a, (list, tuple)):
-            for k, b in enumerate(a):
-                if isinstance(b, torch.fx.Node):
-                    out.append(((i, k), b))
-    return out
-
-
-def _is_float_tensor(v):
-    return isinstance(v, torch.Tensor) and v.dtype.is_floating_point
-
-
-def _np_value(t):
-    return t.detach().cpu().numpy()
 
 
 class Capturer:
@@ -204,7 +51,8 @@ class Capturer:
         Show a progress bar (default: when stderr is a terminal and the graph is large).
     """
 
-    def __init__(self, model, output=None, *, sources=None, granularity="function", progress=None):
+    def __init__(self, model, output=None, *, sources=None, granularity="function", progress=None,
+                 _exports=None):
         if not isinstance(model, torch.nn.Module):
             raise CaptureError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if granularity not in GRANULARITIES:
@@ -216,34 +64,17 @@ class Capturer:
         self.model, self.output, self.granularity = model, output, granularity
         self.sources = None if sources is None else list(sources)
         self.progress = progress
-        self._programs = {}
-        self.n_exports = 0
+        self._exports = ExportCache() if _exports is None else _exports
 
-    # ------------------------------------------------------------------ export
-    def _program(self, args, kwargs):
-        # train / eval mode is traced into the program (dropout, batch norm): part of the key
-        key = (_signature(args, kwargs), tuple(m.training for m in self.model.modules()))
-        ep = self._programs.get(key)
-        if ep is None:
-            t0 = time.perf_counter()
-            wrapper = _Explained(self.model, self.output)
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", FutureWarning)
-                    ep = torch.export.export(wrapper, tuple(args), dict(kwargs), strict=False)
-                    ep = ep.run_decompositions(_decomposition_table(self.granularity))
-            except GradGraphError:
-                raise
-            except Exception as exc:  # torch.export errors are long; keep their first lines
-                msg = str(exc).strip().splitlines()
-                raise CaptureError(f"torch.export could not trace the model: {type(exc).__name__}: "
-                                   f"{' '.join(msg[:3])}") from exc
-            self._programs[key] = ep
-            self.n_exports += 1
-            self.last_export_seconds = time.perf_counter() - t0
-        return ep
+    @property
+    def n_exports(self):
+        """How many times ``torch.export`` ran for this Capturer (one per input signature)."""
+        return self._exports.n_exports
 
-    # ------------------------------------------------------------------ capture
+    @property
+    def last_export_seconds(self):
+        return self._exports.last_export_seconds
+
     def capture(self, args, kwargs=None):
         """Capture the gradient graph of the model at these inputs.
 
@@ -281,249 +112,12 @@ class Capturer:
         if not isinstance(args, (tuple, list)):
             args = (args,)
         kwargs = dict(kwargs or {})
-        ep = self._program(args, kwargs)
-        gm = ep.graph_module
-        flat = ep._graph_module_flat_inputs(tuple(args), kwargs)
-        interp = torch.fx.Interpreter(gm, garbage_collect_values=False)
-        with torch.no_grad():
-            interp.run(*flat, enable_io_processing=False)
-        env = interp.env
-        nodes = list(gm.graph.nodes)
-        placeholders = [n for n in nodes if n.op == "placeholder"]
-        user_inputs = set(ep.graph_signature.user_inputs)
-        out_node = next(n for n in nodes if n.op == "output")
-        return self._build(ep, nodes, env, placeholders, user_inputs, out_node)
-
-    def _sink(self, out_node, env):
-        outs = out_node.args[0]
-        outs = outs if isinstance(outs, (list, tuple)) else (outs,)
-        tensors = [o for o in outs if isinstance(o, torch.fx.Node)]
-        if len(outs) != 1 or len(tensors) != 1:
-            raise CaptureError(
-                f"the explained output must be one scalar tensor but the model (with output=) returns "
-                f"{len(outs)} values; pass output=lambda out: <scalar>, e.g. lambda out: out.logits[0, -1, 42]")
-        sink = tensors[0]
-        v = env[sink]
-        if not isinstance(v, torch.Tensor) or v.numel() != 1:
-            shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-            raise CaptureError(f"the explained output must be a scalar, got shape {shape}; pass "
-                               f"output=lambda out: <scalar>, e.g. out[0, 3] or a logit difference")
-        if not v.dtype.is_floating_point:
-            raise CaptureError(f"the explained output must be floating point, got {v.dtype}")
-        return sink
-
-    def _default_sources(self, nodes, env, user_inputs):
-        found = {}
-        int_from_input = set()
-        for n in nodes:
-            if n.op == "placeholder" and n.name in user_inputs:
-                v = env.get(n)
-                if _is_float_tensor(v):
-                    found[self._input_name(n.name)] = n
-                elif isinstance(v, torch.Tensor):
-                    int_from_input.add(n)
-            elif n.op == "call_function":
-                v = env.get(n)
-                deps = [a for _, a in _tensor_args(n)]
-                if n.target is aten.embedding.default and n.args[1] in int_from_input:
-                    found[self._unique(found, _module_of(n)[0] or n.name)] = n
-                elif isinstance(v, torch.Tensor) and not v.dtype.is_floating_point and \
-                        any(a in int_from_input for a in deps):
-                    int_from_input.add(n)
-        return found
-
-    def _input_name(self, name):
-        """``args_0`` -> the name of the model's first positional parameter (``x``, ``input``)."""
-        m = re.fullmatch(r"args_(\d+)", name)
-        if m:
-            import inspect
-            try:
-                params = [p.name for p in inspect.signature(self.model.forward).parameters.values()
-                          if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-            except (TypeError, ValueError):
-                params = []
-            i = int(m.group(1))
-            if i < len(params):
-                return params[i]
-        return name
-
-    @staticmethod
-    def _unique(found, name):
-        if name not in found:
-            return name
-        k = 1
-        while f"{name}#{k}" in found:
-            k += 1
-        return f"{name}#{k}"
-
-    def _named_sources(self, names, nodes, env, user_inputs, defaults):
-        by_name = {n.name: n for n in nodes if n.op != "output"}
-        modules = {}
-        for n in nodes:
-            if n.op != "call_function":
-                continue
-            stack = n.meta.get("nn_module_stack") or {}
-            for path, _ in stack.values():
-                p = path[len("model."):] if path.startswith("model.") else path
-                if p and p != "model":
-                    # a module's output: the last node inside it used outside it
-                    outside = [u for u in n.users if u.op == "output" or not any(
-                        (q[0][len("model."):] if q[0].startswith("model.") else q[0]) == p
-                        for q in (u.meta.get("nn_module_stack") or {}).values())]
-                    if outside and _is_float_tensor(env.get(n)):
-                        modules[p] = n
-        found = {}
-        for name in names:
-            if name in defaults:
-                found[name] = defaults[name]
-            elif name in modules:
-                found[name] = modules[name]
-            elif name in by_name and _is_float_tensor(env.get(by_name[name])):
-                found[name] = by_name[name]
-            else:
-                valid = sorted(defaults) + sorted(modules)
-                raise CaptureError(f"unknown source {name!r}; valid sources include input names, fx node "
-                                   f"names and module paths: {', '.join(valid[:40])}"
-                                   + (" ..." if len(valid) > 40 else ""))
-        return found
-
-    def _build(self, ep, nodes, env, placeholders, user_inputs, out_node):
-        sink = self._sink(out_node, env)
-        defaults = self._default_sources(nodes, env, user_inputs)
-        sources = defaults if self.sources is None else self._named_sources(
-            self.sources, nodes, env, user_inputs, defaults)
-        if not sources:
-            raise CaptureError("no sources: the model has no floating-point inputs and no embedding lookups "
-                               "of integer inputs; name them with sources=[...]")
-        source_of = {n: name for name, n in sources.items()}
-
-        # forward liveness from the sources (through floating tensors only), sources cut
-        live = set(sources.values())
-        for n in nodes:
-            if n.op == "call_function" and n not in live:
-                if any(a in live for _, a in _tensor_args(n)) and self._differentiable_value(env.get(n)):
-                    live.add(n)
-        for name, n in sources.items():
-            ups = self._upstream(n)
-            for other, m in sources.items():
-                if m is not n and m in ups:
-                    raise CaptureError(f"source {other!r} lies upstream of source {name!r}; sources must "
-                                       f"not depend on each other")
-        if sink not in live:
-            raise CaptureError("the explained output does not depend on the sources "
-                               f"({', '.join(sources)})")
-        # backward: keep what reaches the sink
-        keep = {sink}
-        for n in reversed(nodes):
-            if n in keep and n not in source_of:
-                for _, a in _tensor_args(n):
-                    if a in live:
-                        keep.add(a)
-        order = [n for n in nodes if n in keep and isinstance(env.get(n), torch.Tensor)]
-        index = {n: i for i, n in enumerate(order)}
-
-        gnodes = []
-        for n in order:
-            v = env[n]
-            module, mtype = _module_of(n)
-            if n in source_of:
-                role, op = "source", ("input" if n.op == "placeholder" else self._op_name(n))
-                name = source_of[n]
-            else:
-                role, op, name = ("sink" if n is sink else "op"), self._op_name(n), n.name
-            gnodes.append(Node(name=name, op=op, shape=tuple(v.shape), dtype=str(v.dtype).replace("torch.", ""),
-                               module=module, module_type=mtype,
-                               source_line=_user_line(n.meta.get("stack_trace")),
-                               value=_np_value(v), role=role, fx_name=n.name))
-
-        edges = []
-        todo = [n for n in order if n not in source_of]
-        bar = self._bar(len(todo))
-        for n in todo:
-            producer, _ = self._producer(n)
-            wants = {key: a for key, a in _tensor_args(producer) if a in index}
-            for key, jac in self._jacobians(n, env, set(wants)).items():
-                src = wants[key]
-                if tuple(jac.out_shape) != tuple(env[n].shape) or tuple(jac.in_shape) != tuple(env[src].shape):
-                    raise CaptureError(f"rule for {self._op_name(n)} returned a Jacobian of shape "
-                                       f"{jac.out_shape}x{jac.in_shape} for output {tuple(env[n].shape)}")
-                edges.append(Edge(index[src], index[n], jac, key if isinstance(key, int) else key[0]))
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-        meta = {
-            "model": type(self.model).__module__ + "." + type(self.model).__qualname__,
-            "torch": torch.__version__,
-            "sink_value": float(env[sink].detach().reshape(-1)[0]),
-            "inputs": [[list(v.shape), str(v.dtype)] for v in
-                       (env[p] for p in placeholders if p.name in user_inputs) if isinstance(v, torch.Tensor)],
-        }
-        sources_idx = {name: index[n] for name, n in sources.items()}
-        return GradGraph(gnodes, edges, sources_idx, index[sink], self.granularity, meta)
-
-    @staticmethod
-    def _upstream(n):
-        seen, stack = set(), [n]
-        while stack:
-            m = stack.pop()
-            for _, a in _tensor_args(m):
-                if a not in seen:
-                    seen.add(a)
-                    stack.append(a)
-        return seen
-
-    @staticmethod
-    def _differentiable_value(v):
-        return _is_float_tensor(v) or (isinstance(v, (tuple, list)) and any(_is_float_tensor(t) for t in v))
-
-    @staticmethod
-    def _producer(n):
-        """For ``getitem(multi_output_op, i)``: (the op's fx node, i); else (n, None)."""
-        if n.target is operator.getitem and isinstance(n.args[0], torch.fx.Node):
-            return n.args[0], n.args[1]
-        return n, None
-
-    def _op_name(self, n):
-        p, _ = self._producer(n)
-        return str(p.target) if p.op == "call_function" else p.op
-
-    def _jacobians(self, n, env, wants):
-        p, idx = self._producer(n)
-        op = p.target
-        if not isinstance(op, torch._ops.OpOverload):
-            raise UnsupportedOpError(self._where(n, f"cannot differentiate through {op!r} (not an ATen op)"))
-        args = pytree.tree_map(lambda a: env[a] if isinstance(a, torch.fx.Node) else a, p.args)
-        kwargs = pytree.tree_map(lambda a: env[a] if isinstance(a, torch.fx.Node) else a, dict(p.kwargs))
-        ctx = RuleContext(op, tuple(args), kwargs, env[n], idx, set(wants))
-        rule = get_rule(op)
-        try:
-            with torch.no_grad():
-                jacs = rule(ctx) if rule is not None else {k: dense_jacobian(ctx, k) for k in wants}
-        except GradGraphError as exc:
-            raise type(exc)(self._where(n, str(exc))) from None
-        except Exception as exc:
-            raise CaptureError(self._where(n, f"rule failed: {type(exc).__name__}: {exc}")) from exc
-        return {k: j for k, j in jacs.items() if k in wants}
-
-    def _bar(self, total):
-        show = self.progress if self.progress is not None else (sys.stderr.isatty() and total > 500)
-        if not show:
-            return None
-        from tqdm.auto import tqdm
-        return tqdm(total=total, desc="gradgraph capture", unit="op", leave=False)
-
-    def _where(self, n, msg):
-        """``msg`` on one line, followed by the op, fx node, module path and user source line."""
-        p, _ = self._producer(n)
-        module, _ = _module_of(p)
-        line = _user_line(p.meta.get("stack_trace"))
-        msg = " ".join(str(msg).split())
-        return f"{msg} [op {self._op_name(n)}, node {n.name}, module {module or '<top>'}" + \
-               (f", at {line}]" if line else "]")
-
-
-_CAPTURERS = weakref.WeakKeyDictionary()
+        ep = self._exports.program(self.model, self.output, self.granularity, args, kwargs)
+        rec = record(ep, args, kwargs)
+        sink = find_sink(rec.out_node, rec.env)
+        sources = resolve_sources(self.model, self.sources, rec)
+        model_name = type(self.model).__module__ + "." + type(self.model).__qualname__
+        return GraphBuilder(self.granularity, model_name, self.progress).build(rec, sink, sources)
 
 
 def capture(model, args, kwargs=None, *, output=None, sources=None, granularity="function", progress=None):
@@ -545,13 +139,8 @@ def capture(model, args, kwargs=None, *, output=None, sources=None, granularity=
     >>> g.gradient()["input"].shape   # named by the forward parameter of Sequential
     torch.Size([1, 3])
     """
-    key = (_callable_key(output), None if sources is None else tuple([sources] if isinstance(sources, str) else sources),
-           granularity)
-    per_model = _CAPTURERS.setdefault(model, {}) if isinstance(model, torch.nn.Module) else {}
-    cap = per_model.get(key)
-    if cap is None:
-        cap = Capturer(model, output, sources=sources, granularity=granularity, progress=progress)
-        per_model[key] = cap
-    cap.output = output   # same code and values; keep the newest object
-    cap.progress = progress
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    exports = shared_cache(model, output, sources, granularity)
+    cap = Capturer(model, output, sources=sources, granularity=granularity, progress=progress, _exports=exports)
     return cap.capture(args, kwargs)
