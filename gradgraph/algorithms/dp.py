@@ -149,3 +149,28 @@ def forward(g, sr, seeds=None, keep=None, visit=None, carry=None):
             if v not in last_use and v not in keep:
                 D[v] = None
     return D
+
+
+def outside(g, sr, store=None):
+    """The outside pass (:func:`backward` from the sink) kept per node: ``store(v, B[v])`` (default
+    the value itself; e.g. a compact form), None where no path from the sink arrives. Values are
+    released from the pass as soon as they are complete and stored."""
+    kept = [None] * len(g.nodes)
+
+    def keep(v, b):
+        kept[v] = b if store is None else store(v, b)
+    backward(g, sr, keep=(), visit=keep)
+    return kept
+
+
+def inside_outside(g, sr, kept, visit, seeds=None, carry=None):
+    """The inside pass (:func:`forward`) met with outside values ``kept`` (from :func:`outside`):
+    ``visit(v, kept[v], D[v])`` once per node that has both, in topological order, as soon as
+    D[v] is complete; each outside value is released once visited, and each inside value once its
+    consumers have it. ``seeds`` and ``carry`` are :func:`forward`'s. The one inside-outside
+    computation of the library (flow, branches)."""
+    def meet(v, d):
+        if kept[v] is not None:
+            visit(v, kept[v], d)
+            kept[v] = None
+    forward(g, sr, seeds=seeds, keep=(), visit=meet, carry=carry)

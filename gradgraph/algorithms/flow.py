@@ -35,7 +35,7 @@ import math
 import numpy as np
 
 from ..errors import QueryError
-from .dp import Scaled, backward, forward
+from .dp import Scaled, backward, inside_outside, outside
 from .semirings import LENGTH, MAGNITUDE
 
 __all__ = ["flow", "path_lengths", "total_flow", "FLOW_LEVELS"]
@@ -73,17 +73,13 @@ def _outside(g):
     """The outside pass, kept per node as (support, Scaled). support None: the values of every
     element. Otherwise the indices of the few non-zero elements, and the values there alone: a
     backward pass from one logit reaches a vocabulary-sized tensor at a handful of elements."""
-    kept = [None] * len(g.nodes)
-
     def store(v, b):
         nnz = np.count_nonzero(b.arr)
         if nnz <= FEW and nnz < b.arr.shape[1]:
             S = np.flatnonzero(b.arr[0])
-            kept[v] = (S, Scaled(b.arr[:, S], b.log_scale))
-        else:
-            kept[v] = (None, b)
-    backward(g, MAGNITUDE, keep=(), visit=store)
-    return kept
+            return S, Scaled(b.arr[:, S], b.log_scale)
+        return None, b
+    return outside(g, MAGNITUDE, store)
 
 
 def _restricted_carry(g, support):
@@ -128,14 +124,12 @@ def _flows(g, reduce, empty):
     support = [None if k is None else k[0] for k in kept]
     out = [empty] * len(g.nodes)
 
-    def visit(v, d):
-        if kept[v] is not None:
-            S, b = kept[v]
-            out[v] = reduce(S, b, d)
-            kept[v] = None
+    def visit(v, kept_v, d):
+        S, b = kept_v
+        out[v] = reduce(S, b, d)
     seeds = {name: Scaled(MAGNITUDE.one(g.nodes[i].numel if support[i] is None else len(support[i])))
              for name, i in g.sources.items()}
-    forward(g, MAGNITUDE, seeds=seeds, keep=(), visit=visit, carry=_restricted_carry(g, support))
+    inside_outside(g, MAGNITUDE, kept, visit, seeds=seeds, carry=_restricted_carry(g, support))
     return out
 
 

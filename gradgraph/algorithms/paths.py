@@ -25,17 +25,62 @@ import heapq
 import math
 import numbers
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
 from ..errors import QueryError
-from .dp import backward, forward
+from .dp import backward, inside_outside, outside
 from .groups import labels_along
 from .semirings import MAX_ABS, MAX_SIGNED
 
-__all__ = ["Hop", "Path", "Branches", "top_paths", "branches", "ORDERS"]
+__all__ = ["Hop", "Path", "Branches", "Order", "top_paths", "branches", "ORDERS"]
 
-ORDERS = ("signed", "magnitude")
+
+# ============================================================================ order
+@dataclass(frozen=True)
+class Order:
+    """What "better" means for path values: the one comparison every path query uses.
+
+    A value is given as its sign (0: no value) and an increasing stand-in of its magnitude (log|.|,
+    or an exact (exponent, mantissa) pair). :meth:`key` maps it to an ascending key -- smaller is
+    better -- of two parts: a class (0 best, 2 "no value") and a number within the class.
+
+    ``signed`` (the paper's (max, x)): positive values first, largest first; then negative ones,
+    smallest magnitude first. ``magnitude``: largest |value| first, whatever the sign.
+    ``semiring``: the max semiring whose pass gives the best values in this order.
+    """
+
+    name: str
+    signed: bool
+    semiring: object
+
+    def key(self, sign, mag):
+        """Ascending key of one value (see the class docstring)."""
+        if sign == 0:
+            return (2, 0.0)
+        if self.signed and sign < 0:
+            return (1, mag)
+        return (0, tuple(-m for m in mag) if isinstance(mag, tuple) else -mag)
+
+    def keys(self, sign, log_abs):
+        """:meth:`key` elementwise on arrays: (class, number) arrays."""
+        sign = np.asarray(sign)
+        neg = (sign < 0) & self.signed
+        cls = np.where(sign == 0, 2, np.where(neg, 1, 0))
+        return cls, np.where(sign == 0, np.inf, np.where(neg, log_abs, -np.asarray(log_abs)))
+
+    def better(self, s1, l1, s2, l2):
+        """Elementwise: is value (s1, l1) strictly better than (s2, l2)?"""
+        c1, v1 = self.keys(s1, l1)
+        c2, v2 = self.keys(s2, l2)
+        return (c1 < c2) | ((c1 == c2) & (v1 < v2))
+
+
+SIGNED = Order("signed", True, MAX_SIGNED)
+MAGNITUDE = Order("magnitude", False, MAX_ABS)
+_ORDERS = {o.name: o for o in (SIGNED, MAGNITUDE)}
+ORDERS = tuple(_ORDERS)
 
 
 @dataclass(frozen=True)
@@ -74,9 +119,9 @@ class Path:
 
 # ============================================================================ argument checks
 def _check_order(order):
-    if order not in ORDERS:
+    if order not in _ORDERS:
         raise QueryError(f"order must be one of {ORDERS}, got {order!r}")
-    return order == "signed"
+    return _ORDERS[order]
 
 
 def _check_k(k):
@@ -131,9 +176,9 @@ class _Values:
     for both polarities "larger score is better" and a child's score is carried by |w|.
     """
 
-    def __init__(self, g, signed):
-        self.signed = signed
-        self.B = backward(g, MAX_SIGNED if signed else MAX_ABS)
+    def __init__(self, g, order):
+        self.signed = order.signed
+        self.B = backward(g, order.semiring)
 
     def scores(self, t, idx, p):
         """(valid, sign, log|score|) of elements ``idx`` of tensor ``t`` for polarity ``p`` (one
@@ -162,13 +207,29 @@ class _Values:
 _ROOT = (-1, 0, 0)
 
 
+class Derivation(NamedTuple):
+    """One entry of a k-best list: a path suffix from a (scalar node, polarity) down to a source.
+
+    Compared as a tuple: the first six fields order derivations (the :class:`Order` key of the
+    score, then the tie-break on the next hop); the child is derivation ``child_rank`` of list
+    ``(child_t, child_i, child_p)``."""
+
+    rank_class: int        # Order.key of (sign, log_abs): class ...
+    rank_value: float      # ... and number within it
+    child_t: int           # tensor node of the next hop (-1: none, the sink's empty derivation)
+    child_i: int           # its flat element index
+    edge: int              # the edge taken (-1: none)
+    child_rank: int
+    child_p: int           # the child's polarity
+    sign: float            # score of this derivation: sign ...
+    log_abs: float         # ... and log|.|
+    w: float               # the edge's local derivative
+
+
 class _List:
     """The lazily extended k-best list of one (scalar node, polarity).
 
-    ``D`` holds the derivations found so far, best first, each a tuple
-    ``(key1, key2, child_t, child_i, edge, child_rank, child_p, sign, log_abs, w)``:
-    the first six fields order it (key = (-sign, -sign*log|score|), then the tie-break on the next
-    hop); the child is a derivation of list ``(child_t, child_i, child_p)``.
+    ``D`` holds the derivations found so far, best first (:class:`Derivation`).
     Candidates whose child is that list's first derivation sit in sorted numpy arrays (``c``,
     read with the cursor ``pos``); successors (child rank >= 1) go through the heap ``heap``.
     """
@@ -186,16 +247,15 @@ class _List:
     def head(self):
         if self.c is None or self.pos >= len(self.c[0]):
             return None
-        s, la, t, i, k, p, w = (a[self.pos] for a in self.c)
-        return (-float(s), -float(s) * float(la), int(t), int(i), int(k), 0, int(p), float(s),
-                float(la), float(w))
+        c, v, s, la, t, i, k, p, w = (a[self.pos] for a in self.c)
+        return Derivation(int(c), float(v), int(t), int(i), int(k), 0, int(p), float(s), float(la), float(w))
 
 
-def _sorted_candidates(sgn, la, t, i, k, p, w):
-    """Candidate arrays sorted best first: by key, then next-hop node, flat index, edge."""
-    key1, key2 = -sgn, -sgn * la
-    order = np.lexsort((k, i, t, key2, key1))
-    return tuple(np.asarray(a)[order] for a in (sgn, la, t, i, k, p, w))
+def _sorted_candidates(order, sgn, la, t, i, k, p, w):
+    """Candidate arrays sorted best first: by the order's key, then next-hop node, flat index, edge."""
+    cls, val = order.keys(sgn, la)
+    idx = np.lexsort((k, i, t, val, cls))
+    return tuple(np.asarray(a)[idx] for a in (cls, val, sgn, la, t, i, k, p, w))
 
 
 class _Enumerator:
@@ -206,16 +266,19 @@ class _Enumerator:
     |w| * score(child) with child list (v, p * sign(w)) (signed order) or (v, p) (magnitude order).
     """
 
-    def __init__(self, g, signed, masks):
-        self.g, self.signed = g, signed
-        self.values = _Values(g, signed)
+    def __init__(self, g, order, masks):
+        self.g, self.order, self.signed = g, order, order.signed
+        self.values = _Values(g, order)
         self.sources = set(g.sources.values())
         self.lists = {}
         # the sink's only prefix is the empty one, value 1: score +1 for "+", -1 for "-"
-        self.lists[(g.sink, 0, 0)] = _List(D=[(-1.0, -0.0, -1, -1, -1, 0, 0, 1.0, 0.0, 1.0)])
-        if signed:
-            self.lists[(g.sink, 0, 1)] = _List(D=[(1.0, 0.0, -1, -1, -1, 0, 1, -1.0, 0.0, 1.0)])
+        self.lists[(g.sink, 0, 0)] = _List(D=[self._derivation(1.0, 0.0, -1, -1, -1, 0, 0, 1.0)])
+        if self.signed:
+            self.lists[(g.sink, 0, 1)] = _List(D=[self._derivation(-1.0, 0.0, -1, -1, -1, 0, 1, 1.0)])
         self.lists[_ROOT] = _List(self._root_candidates(masks))
+
+    def _derivation(self, sign, log_abs, t, i, k, rank, p, w):
+        return Derivation(*self.order.key(sign, log_abs), t, i, k, rank, p, sign, log_abs, w)
 
     # ---------------------------------------------------------------- candidates
     def _root_candidates(self, masks):
@@ -227,7 +290,7 @@ class _Enumerator:
             n = len(idx)
             parts.append((sgn[valid], la[valid], np.full(n, s), idx, np.full(n, -1), np.zeros(n, int),
                           np.ones(n)))
-        return _sorted_candidates(*(np.concatenate(c) for c in zip(*parts)))
+        return _sorted_candidates(self.order, *(np.concatenate(c) for c in zip(*parts)))
 
     def _candidates(self, t, i, p):
         """All first-derivation candidates of (t, i, p): one per scalar edge leaving element i."""
@@ -249,7 +312,7 @@ class _Enumerator:
             parts.append((sgn, la + np.log(np.abs(w)), np.full(len(o), v), o, np.full(len(o), k), cp, w))
         if not parts:
             return None
-        return _sorted_candidates(*(np.concatenate(c) for c in zip(*parts)))
+        return _sorted_candidates(self.order, *(np.concatenate(c) for c in zip(*parts)))
 
     def _list(self, key):
         L = self.lists.get(key)
@@ -279,10 +342,9 @@ class _Enumerator:
                     continue
                 if len(C.D) > crank + 1:
                     d = C.D[crank + 1]
-                    s, la = d[7], d[8] + math.log(abs(w))
                     last = L.D[-1]
-                    heapq.heappush(L.heap, (-s, -s * la, last[2], last[3], last[4], crank + 1, last[6],
-                                            s, la, last[9]))
+                    heapq.heappush(L.heap, self._derivation(d.sign, d.log_abs + math.log(abs(w)), last.child_t,
+                                                            last.child_i, last.edge, crank + 1, last.child_p, last.w))
                 L.pending = None
             h0 = L.head()
             if h0 is None and not L.heap:
@@ -294,7 +356,7 @@ class _Enumerator:
             else:
                 best = heapq.heappop(L.heap)
             L.D.append(best)
-            L.pending = ((best[2], best[3], best[6]), best[5], best[9])
+            L.pending = ((best.child_t, best.child_i, best.child_p), best.child_rank, best.w)
         L = self.lists[key]
         return L.D[r] if len(L.D) > r else None
 
@@ -302,14 +364,14 @@ class _Enumerator:
         """The r-th enumerated path as (hops source -> sink [(t, i)], edges [(edge, w)])."""
         d = self.get(_ROOT, r)
         hops, edges = [], []
-        key, rank = (d[2], d[3], d[6]), d[5]
+        key, rank = (d.child_t, d.child_i, d.child_p), d.child_rank
         while True:
             hops.append(key[:2])
             d = self.get(key, rank)
-            if d[2] < 0:            # the sink's empty derivation
+            if d.child_t < 0:       # the sink's empty derivation
                 return hops, edges
-            edges.append((d[4], d[9]))
-            key, rank = (d[2], d[3], d[6]), d[5]
+            edges.append((d.edge, d.w))
+            key, rank = (d.child_t, d.child_i, d.child_p), d.child_rank
 
 
 # ============================================================================ results
@@ -359,13 +421,6 @@ def _make_path(g, hops, edges, include_views):
     return Path(weight, log_abs, sign, (src.node, src.index), out, ws, length), (sign, m, e)
 
 
-def _order_key(signed, sign, m, e):
-    """Ascending sort key of an exact weight: best first (signed: most positive; else largest |.|)."""
-    if signed and sign < 0:
-        return (1, e, m)
-    return (0, -e, -m)
-
-
 def top_paths(g, k=1, order="signed", source=None, include_views=False, progress=None):
     """The k highest-weighted sink-to-source paths of ``g``, best first.
 
@@ -403,9 +458,9 @@ def top_paths(g, k=1, order="signed", source=None, include_views=False, progress
     (3, 'input')
     """
     k = _check_k(k)
-    signed = _check_order(order)
+    order = _check_order(order)
     masks = _source_masks(g, source)
-    en = _Enumerator(g, signed, masks)
+    en = _Enumerator(g, order, masks)
 
     bar = None
     if progress or (progress is None and k >= 100):
@@ -422,8 +477,8 @@ def top_paths(g, k=1, order="signed", source=None, include_views=False, progress
                 break
             if len(found) >= k:
                 kth = found[k - 1][0]
-                tol = 1e-9 * (1.0 + abs(kth[8]))
-                if d[7] != kth[7] or abs(d[8] - kth[8]) > tol:
+                tol = 1e-9 * (1.0 + abs(kth.log_abs))
+                if d.sign != kth.sign or abs(d.log_abs - kth.log_abs) > tol:
                     break
             found.append((d, en.path(r)))
             r += 1
@@ -437,7 +492,7 @@ def top_paths(g, k=1, order="signed", source=None, include_views=False, progress
     for _, (hops, edges) in found:
         path, (s, m, e) = _make_path(g, hops, edges, include_views)
         tie = tuple((t, i, kk) for (t, i), kk in zip(hops, [-1] + [kk for kk, _ in edges]))
-        results.append((_order_key(signed, s, m, e), tie, path))
+        results.append((order.key(s, (e, m)), tie, path))   # exact: (exponent, mantissa)
     results.sort(key=lambda x: (x[0], x[1]))
     return [p for _, _, p in results[:k]]
 
@@ -543,10 +598,11 @@ def branches(g, node, order="signed", groups=None):
     -------
     Branches
     """
-    signed = _check_order(order)
+    rank = _check_order(order)
+    signed = rank.signed
     t = g.node_index(node)
     nd = g.nodes[t]
-    sr = MAX_SIGNED if signed else MAX_ABS
+    sr = rank.semiring
     n = nd.numel
     if groups is None:
         group_of = np.arange(n).reshape(nd.shape)
@@ -561,8 +617,7 @@ def branches(g, node, order="signed", groups=None):
     gflat = np.ascontiguousarray(group_of).reshape(-1)
     G = int(gflat.max()) + 1 if n else 0
 
-    B = backward(g, sr)
-    D = forward(g, sr)
+    B = outside(g, sr)            # the outside values of every node, kept until the inside pass meets them
     sources = set(g.sources.values())
     # branches: the (non-view) consumers reached from t, grouped by (op, module)
     labels, consumers, members = [], [], []
@@ -581,8 +636,11 @@ def branches(g, node, order="signed", groups=None):
     nb = len(labels)
     log_abs = np.full((G, nb), -np.inf)
     sign = np.zeros((G, nb), dtype=np.int8)
-    if D[t] is not None and nb:
-        (fs_hi, fl_hi), lo = _signed_pairs(D[t], signed)
+
+    def at_node(v, _, Dt):
+        if v != t or not nb:
+            return
+        (fs_hi, fl_hi), lo = _signed_pairs(Dt, signed)
         for b, chains in enumerate(members):
             # prefix through branch b: (+)-combine, over its chains, w (x) B[o] carried back to t
             acc = None
@@ -602,38 +660,24 @@ def branches(g, node, order="signed", groups=None):
                 s = a_s * c_s
                 ok = s != 0
                 la = np.where(ok, a_l + c_l, -np.inf)
-                better = ok & _greater(s, la, best_s, best_l, signed)
+                better = ok & rank.better(s, la, best_s, best_l)
                 best_s = np.where(better, s, best_s)
                 best_l = np.where(better, la, best_l)
             # group max: order elements by (group, value best first), keep each group's first
-            order = np.lexsort((np.arange(n),) + _rank_keys(best_s, best_l, signed) + (gflat,))
-            grp, first = np.unique(gflat[order], return_index=True)
-            pick = order[first]
+            cls, val = rank.keys(best_s, best_l)
+            by_group = np.lexsort((np.arange(n), val, cls, gflat))
+            grp, first = np.unique(gflat[by_group], return_index=True)
+            pick = by_group[first]
             sign[grp, b] = best_s[pick].astype(np.int8)
             log_abs[grp, b] = np.where(best_s[pick] != 0, best_l[pick], -np.inf)
+
+    inside_outside(g, sr, list(B), at_node)      # the inside pass, met with B at node t
     best = np.full(G, -1)
     bs, bl = np.zeros(G), np.full(G, -np.inf)
     for b in range(nb):            # strict improvement only: ties keep the lower branch index
-        better = (sign[:, b] != 0) & _greater(sign[:, b].astype(float), log_abs[:, b], bs, bl, signed)
+        better = (sign[:, b] != 0) & rank.better(sign[:, b].astype(float), log_abs[:, b], bs, bl)
         best = np.where(better, b, best)
         bs = np.where(better, sign[:, b], bs)
         bl = np.where(better, log_abs[:, b], bl)
     return Branches(nd.name, order, [f"{op} @ {mod}" for op, mod in labels], consumers, log_abs,
                     sign, best, np.asarray(group_of))
-
-
-def _greater(s1, l1, s2, l2, signed):
-    """(s1, l1) > (s2, l2) elementwise as signed (or magnitude) values; sign 0 = no value."""
-    if not signed:
-        return (s2 == 0) | (l1 > l2)
-    v1 = np.where(s1 > 0, 1, np.where(s1 < 0, -1, -2))
-    v2 = np.where(s2 > 0, 1, np.where(s2 < 0, -1, -2))
-    return (v1 > v2) | ((v1 == v2) & (((v1 == 1) & (l1 > l2)) | ((v1 == -1) & (l1 < l2))))
-
-
-def _rank_keys(s, la, signed):
-    """lexsort keys (least significant first) putting the best (signed or magnitude) value first."""
-    if not signed:
-        return (np.where(s != 0, -la, np.inf),)
-    cls = np.where(s > 0, 0, np.where(s < 0, 1, 2))
-    return (np.where(s > 0, -la, np.where(s < 0, la, np.inf)), cls)
