@@ -226,7 +226,6 @@ class CubeModel(torch.nn.Module):
 
 
 def test_register_rule_for_a_user_op(monkeypatch):
-    monkeypatch.setattr(registry, "_RULES", dict(registry._RULES))   # undone after the test
     op = torch.ops.gradgraph_test.cube.default
     model = CubeModel()
     x = torch.randn(2, 3, dtype=torch.float64)
@@ -240,14 +239,38 @@ def test_register_rule_for_a_user_op(monkeypatch):
         calls.append(ctx.op)
         t = ctx.args[0]
         return {0: SparseJacobian(ctx.out.shape, t.shape, vals=(3 * t ** 2).reshape(-1).numpy())}
-    g = gg.capture(model, (x,))
-    assert calls == [op] and registry.get_rule(op) is cube_rule
+    try:
+        g = gg.capture(model, (x,))
+        assert calls == [op] and registry.get_rule(op) is cube_rule
+    finally:
+        registry.unregister_rule(op, cube_rule)         # undone after the test
     close(g.gradient()["x"], autograd_gradient(model, (x,), {}, lambda y: y)["x"])
+    assert registry.get_rule(op) is None
 
 
-def test_user_rule_overrides_library_rule(monkeypatch):
-    monkeypatch.setattr(registry, "_RULES", dict(registry._RULES))
+def test_rule_registrations_are_undone_in_any_order():
     op = torch.ops.aten.tanh.default
+    library_rule = registry.get_rule(op)
+    first, second = (lambda ctx: {}), (lambda ctx: {})
+    with registry.rule(op, first):
+        assert registry.get_rule(op) is first
+        with registry.rule(op, second):
+            assert registry.get_rule(op) is second
+        assert registry.get_rule(op) is first
+    assert registry.get_rule(op) is library_rule
+    gg.register_rule(op, first)
+    gg.register_rule(op, second)
+    registry.unregister_rule(op, first)               # the older one: the newer stays in force
+    assert registry.get_rule(op) is second
+    registry.unregister_rule(op, second)
+    assert registry.get_rule(op) is library_rule
+    with pytest.raises(KeyError):
+        registry.unregister_rule(op, second)
+
+
+def test_user_rule_overrides_library_rule():
+    op = torch.ops.aten.tanh.default
+    library_rule = registry.get_rule(op)
     calls = []
 
     def tanh_rule(ctx):
@@ -255,11 +278,15 @@ def test_user_rule_overrides_library_rule(monkeypatch):
         y = ctx.out.reshape(-1)
         return {0: SparseJacobian(ctx.out.shape, ctx.args[0].shape, vals=(1 - y * y).numpy())}
     gg.register_rule(op, tanh_rule)
-    assert registry.get_rule(op) is tanh_rule
-    model, args, _, out = mlp("tanh")
-    g = gg.capture(model, args, output=out)
-    assert calls
-    close(g.gradient()["input"], autograd_gradient(model, args, {}, out)["input"])
+    try:
+        assert registry.get_rule(op) is tanh_rule
+        model, args, _, out = mlp("tanh")
+        g = gg.capture(model, args, output=out)
+        assert calls
+        close(g.gradient()["input"], autograd_gradient(model, args, {}, out)["input"])
+    finally:
+        registry.unregister_rule(op, tanh_rule)
+    assert registry.get_rule(op) is library_rule
 
 
 # ----------------------------------------------------------------------------- trace once

@@ -24,13 +24,14 @@ import torch
 from ..errors import UnsupportedOpError
 from ..jacobians import SparseJacobian
 
-__all__ = ["RuleContext", "register_rule", "get_rule", "registered_ops", "generic_rules",
-           "DENSE_FALLBACK_MAX_ENTRIES", "dense_jacobian"]
+__all__ = ["RuleContext", "register_rule", "unregister_rule", "rule", "get_rule", "registered_ops",
+           "generic_rules", "DENSE_FALLBACK_MAX_ENTRIES", "dense_jacobian"]
 
 #: Largest dense Jacobian (out_numel * in_numel entries) the jacrev fallback will build.
 DENSE_FALLBACK_MAX_ENTRIES = 4_000_000
 
 _RULES: dict = {}
+_SHADOWED: dict = {}      # op -> the rules a later registration replaced, oldest first
 _GENERIC: list = []       # (predicate(op) -> bool, rule), consulted in order
 
 
@@ -102,7 +103,8 @@ def register_rule(op, fn=None):
     Returns
     -------
     callable
-        ``fn`` (or the decorator).
+        ``fn`` (or the decorator). :func:`unregister_rule` undoes the registration; the context
+        manager :class:`rule` registers for the duration of a ``with`` block.
 
     Examples
     --------
@@ -117,8 +119,61 @@ def register_rule(op, fn=None):
         raise TypeError(f"register_rule needs an ATen OpOverload such as torch.ops.aten.mm.default, got {op!r}")
     if fn is None:
         return lambda f: register_rule(op, f)
+    if op in _RULES:
+        _SHADOWED.setdefault(op, []).append(_RULES[op])
     _RULES[op] = fn
     return fn
+
+
+def unregister_rule(op, fn):
+    """Undo :func:`register_rule` of ``fn`` for ``op``: the rule it replaced (the library's, or an
+    earlier user rule) applies again.
+
+    Raises
+    ------
+    KeyError
+        ``fn`` is not registered for ``op``.
+    """
+    shadowed = _SHADOWED.get(op, [])
+    if _RULES.get(op) is fn:
+        if shadowed:
+            _RULES[op] = shadowed.pop()
+        else:
+            del _RULES[op]
+    elif fn in shadowed:                 # replaced since: forget it, keep the newer rule
+        shadowed.remove(fn)
+    else:
+        raise KeyError(f"{fn!r} is not a registered rule of {op}")
+    if op in _SHADOWED and not _SHADOWED[op]:
+        del _SHADOWED[op]
+
+
+class rule:
+    """Context manager: ``fn`` is the rule of ``op`` inside the ``with`` block only.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from gradgraph.capture.registry import get_rule, rule
+    >>> from gradgraph.jacobians import SparseJacobian
+    >>> def neg(ctx):
+    ...     return {0: SparseJacobian(ctx.out.shape, ctx.args[0].shape, vals=-np.ones(ctx.out.numel()))}
+    >>> with rule(torch.ops.aten.neg.default, neg):
+    ...     get_rule(torch.ops.aten.neg.default) is neg
+    True
+    >>> get_rule(torch.ops.aten.neg.default) is neg
+    False
+    """
+
+    def __init__(self, op, fn):
+        self.op, self.fn = op, fn
+
+    def __enter__(self):
+        register_rule(self.op, self.fn)
+        return self.fn
+
+    def __exit__(self, *exc):
+        unregister_rule(self.op, self.fn)
 
 
 def register_generic(predicate):

@@ -19,6 +19,7 @@ import math
 import numpy as np
 import torch
 
+from ..graph import VIEW_OPS
 from ..jacobians import ConvJacobian, MatmulJacobian, RowBlockJacobian, SparseJacobian
 from .registry import dense_jacobian, register_generic, register_rule
 
@@ -97,15 +98,15 @@ def batch_norm_eval(ctx):
 
 
 # ----------------------------------------------------------------------------- data movement
-DATA_MOVEMENT = {
-    "view", "_unsafe_view", "reshape", "permute", "expand", "slice", "select", "transpose", "t",
-    "unsqueeze", "squeeze", "clone", "alias", "cat", "stack", "index", "gather", "index_select",
-    "constant_pad_nd", "repeat", "flip", "roll", "split", "split_with_sizes", "unbind", "narrow",
-    "diagonal", "as_strided", "unfold", "lift_fresh_copy", "detach", "expand_copy", "view_copy",
-    "permute_copy", "unsqueeze_copy", "squeeze_copy", "slice_copy", "select_copy", "t_copy",
-    "transpose_copy", "alias_copy", "pixel_shuffle", "pixel_unshuffle", "movedim", "flatten",
-    "unflatten", "contiguous", "tile", "_unsafe_index",
-}
+#: Ops whose Jacobian is a weight-1 index map: the views (:data:`gradgraph.graph.VIEW_OPS`, the
+#: one list of ops transparent in paths) and the ops that rearrange, select or copy elements
+#: without being views.
+REARRANGING_OPS = frozenset({
+    "cat", "stack", "index", "gather", "index_select", "constant_pad_nd", "repeat", "flip", "roll",
+    "split", "split_with_sizes", "unbind", "narrow", "diagonal", "unfold", "pixel_shuffle",
+    "pixel_unshuffle", "movedim", "tile", "_unsafe_index",
+})
+DATA_MOVEMENT = VIEW_OPS | REARRANGING_OPS
 
 
 @register_generic(lambda op: op._opname in DATA_MOVEMENT)
