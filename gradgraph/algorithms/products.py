@@ -91,14 +91,11 @@ def generic_product(sr, jac, x, transpose):
     ``sr.plus`` (pairwise, in a balanced tree over the entries sorted by destination);
     destinations without an entry get ``sr.zero``. Cost O(nnz log(max in-degree)) numpy work:
     meant for semirings and kinds without a kernel, and for checking kernels."""
-    try:
-        weight = sr.weight
-        weight(np.ones(1))
-    except NotImplementedError:
+    if not getattr(sr, "has_generic_form", False):
         raise UnsupportedProductError(
             f"no product kernel for semiring {sr.name!r} on {type(jac).__name__}, and the semiring "
             f"defines no weight map for the generic product; define {type(sr).__name__}.weight and "
-            f".times, or register a kernel with gradgraph.algorithms.products.register_product") from None
+            f".times, or register a kernel with gradgraph.algorithms.products.register_product")
     rows, cols, vals = jac.entries()
     src, dst = (rows, cols) if transpose else (cols, rows)
     n_dst = jac.in_numel if transpose else jac.out_numel
@@ -110,7 +107,7 @@ def generic_product(sr, jac, x, transpose):
         return y
     order = np.argsort(dst, kind="stable")
     src, dst, vals = src[order], dst[order], vals[order]
-    terms = sr.times(weight(vals), x[:, src])
+    terms = sr.times(sr.weight(vals), x[:, src])
     seg, reduced = _segment_reduce(sr.plus, dst, terms)
     y[:, seg] = reduced
     return y
@@ -133,7 +130,7 @@ def _segment_reduce(plus, keys, vals):
         has_pair[:-1] &= ~start[1:]        # the next element is in the same run
         has_pair[-1] = False
         left = np.flatnonzero(has_pair)
-        merged = vals[:, even].copy() if vals.ndim == 2 else vals[even]
+        merged = vals[:, even].copy()
         pos = np.cumsum(even) - 1           # position of each even element among the kept ones
         merged[:, pos[left]] = plus(vals[:, left], vals[:, left + 1])
         keys, vals = keys[even], merged

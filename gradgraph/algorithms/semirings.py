@@ -87,6 +87,11 @@ class Semiring:
         """Edge values (C_w, m) (x) node values (C, m), elementwise."""
         raise NotImplementedError
 
+    @property
+    def has_generic_form(self):
+        """Whether ``weight`` and ``times`` are defined (the generic product applies)."""
+        return type(self).weight is not Semiring.weight and type(self).times is not Semiring.times
+
     # ---------------------------------------------------------------- what the engine calls
     def seed(self, n):
         """The value 1-bar of n elements, as the engine holds it."""
