@@ -45,7 +45,7 @@ def deep():
     capturer = gg.Capturer(model, out)
     g = capturer.capture((x,))
     o = ScalarOracle(model, (x,), output=out, source_fx_names=[g.nodes[g.sources["x"]].fx_name],
-                     exported=capturer._program((x,), {}))   # reuse torch's export (slow at depth 200)
+                     exported=capturer.program((x,), {}))   # reuse torch's export (slow at depth 200)
     return g, o
 
 

@@ -75,6 +75,12 @@ class Capturer:
     def last_export_seconds(self):
         return self._exports.last_export_seconds
 
+    def program(self, args, kwargs=None):
+        """The decomposed ``torch.export`` program for inputs of this signature (exported on first
+        use, then cached)."""
+        args = args if isinstance(args, (tuple, list)) else (args,)
+        return self._exports.program(self.model, self.output, self.granularity, args, dict(kwargs or {}))
+
     def capture(self, args, kwargs=None):
         """Capture the gradient graph of the model at these inputs.
 
@@ -112,7 +118,7 @@ class Capturer:
         if not isinstance(args, (tuple, list)):
             args = (args,)
         kwargs = dict(kwargs or {})
-        ep = self._exports.program(self.model, self.output, self.granularity, args, kwargs)
+        ep = self.program(args, kwargs)
         rec = record(ep, args, kwargs)
         sink = find_sink(rec.out_node, rec.env)
         sources = resolve_sources(self.model, self.sources, rec)
