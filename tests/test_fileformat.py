@@ -5,6 +5,7 @@ Jacobians must survive bit for bit), and the raw safetensors reader (what the fi
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ from safetensors.numpy import save_file
 
 import gradgraph as gg
 from gradgraph.errors import GradGraphError, GraphFormatError
+from gradgraph.export import fileformat
 from gradgraph.export.fileformat import GraphFileExistsError
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -362,13 +364,10 @@ def test_refuses_to_overwrite(captured, tmp_path):
 
 
 def test_failed_save_leaves_nothing(captured, tmp_path, monkeypatch):
-    import safetensors.numpy
-
-    def broken(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"partial")
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(safetensors.numpy, "save_file", broken)
+    def broken(f, arrays, metadata):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(fileformat, "_write_safetensors", broken)
     g = captured["mlp_tanh"][0]
     p = tmp_path / "g.safetensors"
     with pytest.raises(GradGraphError, match="No space left"):
@@ -378,8 +377,8 @@ def test_failed_save_leaves_nothing(captured, tmp_path, monkeypatch):
     monkeypatch.undo()
     g.save(str(p))
     before = p.read_bytes()
-    monkeypatch.setattr(safetensors.numpy, "save_file", broken)
-    with pytest.raises(GradGraphError):
+    monkeypatch.setattr(fileformat, "_write_safetensors", broken)
+    with pytest.raises(GradGraphError, match="cannot write"):
         g.save(str(p), overwrite=True)
     assert p.read_bytes() == before and os.listdir(tmp_path) == ["g.safetensors"]
 
