@@ -426,8 +426,11 @@ def _resolve(ref, stored, path, where, max_arange=0):
         top = min(int(np.iinfo(np.dtype(dt)).max), 2**63 - 1)
         _check(n == 0 or (0 <= start <= top and 0 <= start + step * (n - 1) <= top),
                path, f"{where}: arange {r} of {n} entries leaves the index range [0, {top}] of {dt}")
-        step = step if n > 1 else 0          # (a single entry's step may be any number)
-        return (start + step * np.arange(n, dtype=np.int64)).astype(np.dtype(dt))
+        if step == 0 or n <= 1:              # (a single entry's step may be any number)
+            return np.full(n, start, dtype=np.dtype(dt))
+        a = np.arange(start, start + step * n, step, dtype=np.dtype(dt))[:n]
+        _check(len(a) == n, path, f"{where}: arange {r} of {n} entries cannot be made")
+        return a
     _check(isinstance(ref, dict) and isinstance(ref.get("a"), str) and _shape(ref.get("shape")),
            path, f"{where}: malformed array reference {ref!r}")
     name, shape, axes = ref["a"], tuple(ref["shape"]), ref.get("axes")
@@ -529,6 +532,8 @@ def _graph_problem(nodes, edges, sources, sink, granularity):
         if e.src >= e.dst:
             return (f"edge {k}: goes from node {e.src} back to node {e.dst}; nodes must be in "
                     f"topological order")
+        if not (_is_int(e.arg) and e.arg >= 0):
+            return f"edge {k}: malformed arg {e.arg!r} (the argument position, >= 0)"
         if tuple(e.jac.out_shape) != tuple(nodes[e.dst].shape) or tuple(e.jac.in_shape) != tuple(nodes[e.src].shape):
             return (f"edge {k}: Jacobian of shape {list(e.jac.out_shape)} x {list(e.jac.in_shape)} between "
                     f"nodes of shapes {list(nodes[e.dst].shape)} and {list(nodes[e.src].shape)}")
