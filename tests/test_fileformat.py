@@ -742,3 +742,24 @@ def test_killed_save_leaves_a_recognisable_temporary_that_the_next_save_removes(
     unrelated.write_bytes(b"mine")
     _tiny().save(str(tmp_path / "other.safetensors"))
     assert sorted(os.listdir(tmp_path)) == sorted(["other.safetensors", running.name, unrelated.name])
+
+
+def test_layout_is_the_documented_one(tmp_path):
+    """Header: sorted keys, no spaces, padded to 8 bytes; tensors by decreasing item size, then
+    name, back to back; any safetensors reader reads the same arrays."""
+    p = str(tmp_path / "g.safetensors")
+    _tiny(40).save(p)
+    data = open(p, "rb").read()
+    n = int.from_bytes(data[:8], "little")
+    assert n % 8 == 0
+    text = data[8:8 + n].decode().rstrip(" ")
+    header = json.loads(text)
+    assert text == json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    size = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "BOOL": 1}
+    names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    assert names == sorted(names, key=lambda k: (-size[header[k]["dtype"]], k))
+    ends = [0] + [header[k]["data_offsets"][1] for k in names]
+    assert [header[k]["data_offsets"][0] for k in names] == ends[:-1] and ends[-1] == len(data) - 8 - n
+    _, arrays = _raw(p)
+    doc = json.loads(header["__metadata__"]["graph"])
+    assert np.array_equal(arrays[doc["nodes"][0]["value"]["a"]], _tiny(40).nodes[0].value)
