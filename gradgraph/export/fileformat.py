@@ -12,7 +12,10 @@ Layout (see ``docs/file-format.md``):
   safetensors metadata, under the keys ``format`` (``"gradgraph"``), ``version`` and ``graph``.
 
 Loading parses only the safetensors header, JSON and raw little-endian arrays: nothing is unpickled
-or executed. Every defect of a file is reported as :class:`~gradgraph.errors.GraphFormatError`.
+or executed. Declared sizes are checked against the data present before anything is allocated, only
+referenced tensors are read, and the graph's invariants are checked; every defect of a file is
+reported as :class:`~gradgraph.errors.GraphFormatError`. Saving is atomic, never replaces a file
+without ``overwrite=True`` (even one created meanwhile), and gives the same bytes for the same graph.
 """
 from __future__ import annotations
 
@@ -223,7 +226,10 @@ def _publish_new(tmp, path):
             os.remove(path)        # our own empty claim
             raise
     else:
-        os.remove(tmp)
+        try:
+            os.remove(tmp)         # the graph is saved; a temporary name left here is cleaned later
+        except OSError:
+            pass
 
 
 def save(g, path, *, overwrite=False):
