@@ -12,7 +12,10 @@ Layout (see ``docs/file-format.md``):
   safetensors metadata, under the keys ``format`` (``"gradgraph"``), ``version`` and ``graph``.
 
 Loading parses only the safetensors header, JSON and raw little-endian arrays: nothing is unpickled
-or executed. Every defect of a file is reported as :class:`~gradgraph.errors.GraphFormatError`.
+or executed. Declared sizes are checked against the data present before anything is allocated, only
+referenced tensors are read, and the graph's invariants are checked; every defect of a file is
+reported as :class:`~gradgraph.errors.GraphFormatError`. Saving is atomic, never replaces a file
+without ``overwrite=True`` (even one created meanwhile), and gives the same bytes for the same graph.
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ import numpy as np
 from ..errors import GraphFormatError
 from ..graph import Edge, GradGraph, Node
 from ..jacobians import JACOBIAN_KINDS
-from .filewriter import FORMAT, VERSION, GraphFileExistsError, node_fields, save
+from .filewriter import (_NP_DTYPE, FORMAT, VERSION, GraphFileExistsError, _graph_problem, _is_int,  # noqa: F401
+                         node_fields, save)
 
 __all__ = ["save", "load", "FORMAT", "VERSION", "GraphFileExistsError"]
 
@@ -37,19 +41,81 @@ def _fail(path, msg):
     return GraphFormatError(f"{path}: {msg}")
 
 
-def _read(path):
-    """(metadata dict, {name: array}) of a safetensors file, or GraphFormatError."""
+class _StoredArrays:
+    """The tensors of an open safetensors file: dtype and shape from the header at once, the data
+    of a tensor read (once) only when a reference asks for it -- unreferenced tensors are never
+    read. Reads go straight into the array (no second copy, no memory map kept)."""
+
+    def __init__(self, path, f, entries, data_start):
+        self.path, self._f, self._entries, self._start = path, f, entries, data_start
+        self._cache = {}
+
+    def __contains__(self, name):
+        return name in self._entries
+
+    def numel(self, name):
+        return math.prod(self._entries[name][1])
+
+    def get(self, name):
+        if name not in self._cache:
+            dtype, shape, (begin, end) = self._entries[name]
+            a = np.empty(shape, dtype)
+            if a.nbytes:
+                self._f.seek(self._start + begin)
+                if self._f.readinto(a.reshape(-1).view(np.uint8)) != end - begin:
+                    raise _fail(self.path, f"tensor {name!r} is cut short (was the file changed while "
+                                           f"it was read?)")
+            self._cache[name] = a
+        return self._cache[name]
+
+
+def _open(path):
+    """(metadata dict, :class:`_StoredArrays`, open file) of a safetensors file, or
+    GraphFormatError. safetensors' own reader checks the header first (its message is the reason
+    given); the header is then parsed again here for the byte offsets, and every tensor's dtype,
+    shape and extent checked against the file's size."""
     from safetensors import safe_open
     if not os.path.isfile(path):
         raise _fail(path, "no such file" if not os.path.exists(path) else "not a regular file")
     try:
         with safe_open(path, framework="np") as f:
-            metadata = f.metadata()
-            arrays = {k: f.get_tensor(k) for k in f.keys()}
+            f.metadata()
     except Exception as exc:   # safetensors reports a bad header, truncation, bad offsets, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise _fail(path, f"not a valid safetensors file (truncated or corrupt?): {first}") from None
-    return metadata or {}, arrays
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise _fail(path, f"cannot read: {exc.strerror or exc}") from None
+    try:
+        size = os.fstat(f.fileno()).st_size
+        n = int.from_bytes(f.read(8), "little")
+        _check(8 + n <= size, path, "not a valid safetensors file (truncated or corrupt?): header too long")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, RecursionError):
+            raise _fail(path, "not a valid safetensors file (truncated or corrupt?): bad header") from None
+        _check(isinstance(header, dict), path, "not a valid safetensors file: the header is not a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        _check(isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values()), path,
+               "not a valid safetensors file: malformed metadata")
+        entries, data_size = {}, size - 8 - n
+        for name, e in header.items():
+            ok = (isinstance(e, dict) and _shape(e.get("shape")) and isinstance(e.get("data_offsets"), list)
+                  and len(e["data_offsets"]) == 2 and all(_is_int(v) for v in e["data_offsets"]))
+            _check(ok, path, f"not a valid safetensors file: malformed entry of tensor {name!r}")
+            dtype = _NP_DTYPE.get(e.get("dtype"))
+            _check(dtype is not None, path, f"tensor {name!r} has dtype {e.get('dtype')!r}; a graph file "
+                                            f"holds only {sorted(_NP_DTYPE)}")
+            begin, end = e["data_offsets"]
+            _check(0 <= begin <= end <= data_size and end - begin == math.prod(e["shape"]) * dtype.itemsize,
+                   path, f"tensor {name!r}: its bytes [{begin}, {end}) do not fit its shape {e['shape']} "
+                         f"or the file ({data_size} bytes of data)")
+            entries[name] = (dtype, tuple(e["shape"]), (begin, end))
+    except BaseException:
+        f.close()
+        raise
+    return metadata, _StoredArrays(path, f, entries, 8 + n), f
 
 
 _INDEX_DTYPES = {np.dtype(t).str for t in (np.int32, np.int64, np.uint32, np.uint64)}
@@ -60,33 +126,46 @@ def _check(cond, path, msg):
         raise _fail(path, msg)
 
 
-def _is_int(x):
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _shape(x):
     return isinstance(x, list) and all(_is_int(s) and s >= 0 for s in x)
 
 
-def _resolve(ref, arrays, path, where, max_arange=0):
+def _is_arange(ref):
+    return isinstance(ref, dict) and "arange" in ref
+
+
+def _resolve(ref, stored, path, where, max_arange=0):
     """The array a reference names, reshaped (and its axes permuted) as the reference says.
-    An arange reference may have at most ``max_arange`` elements (it allocates on load)."""
-    if isinstance(ref, dict) and "arange" in ref:
+
+    The tensor's size in the header is checked against the reference before its data is read.
+    An arange reference stores no data: it may have at most ``max_arange`` entries (the caller's
+    bound from the data present) and its values must fit its dtype."""
+    if _is_arange(ref):
         r, dt, shape = ref["arange"], ref.get("dtype"), ref.get("shape")
         _check(isinstance(r, list) and len(r) == 2 and all(_is_int(v) for v in r) and _shape(shape)
                and len(shape) == 1 and dt in _INDEX_DTYPES, path, f"{where}: malformed arange {ref!r}")
-        _check(shape[0] <= max_arange, path, f"{where}: arange of {shape[0]} entries is longer than "
-                                             f"its Jacobian has entries ({max_arange})")
-        return r[0] + r[1] * np.arange(shape[0], dtype=np.dtype(dt))
+        (start, step), n = r, shape[0]
+        _check(n <= max_arange, path, f"{where}: arange of {n} entries is longer than the data of its "
+                                      f"Jacobian allows ({max_arange})")
+        # aranges are index maps: non-negative, and then start + step * i never leaves int64
+        top = min(int(np.iinfo(np.dtype(dt)).max), 2**63 - 1)
+        _check(n == 0 or (0 <= start <= top and 0 <= start + step * (n - 1) <= top),
+               path, f"{where}: arange {r} of {n} entries leaves the index range [0, {top}] of {dt}")
+        if step == 0 or n <= 1:              # (a single entry's step may be any number)
+            return np.full(n, start, dtype=np.dtype(dt))
+        a = np.arange(start, start + step * n, step, dtype=np.dtype(dt))[:n]
+        _check(len(a) == n, path, f"{where}: arange {r} of {n} entries cannot be made")
+        return a
     _check(isinstance(ref, dict) and isinstance(ref.get("a"), str) and _shape(ref.get("shape")),
            path, f"{where}: malformed array reference {ref!r}")
     name, shape, axes = ref["a"], tuple(ref["shape"]), ref.get("axes")
     _check(axes is None or (isinstance(axes, list) and sorted(axes) == list(range(len(shape)))), path,
            f"{where}: axes {axes!r} is not a permutation of the {len(shape)} axes")
-    _check(name in arrays, path, f"{where}: array {name!r} is missing from the file")
-    a = arrays[name]
-    _check(a.size == math.prod(shape), path,
-           f"{where}: array {name!r} has {a.size} elements but shape {list(shape)} needs {math.prod(shape)}")
+    _check(name in stored, path, f"{where}: array {name!r} is missing from the file")
+    _check(stored.numel(name) == math.prod(shape), path,
+           f"{where}: array {name!r} has {stored.numel(name)} elements but shape {list(shape)} needs "
+           f"{math.prod(shape)}")
+    a = stored.get(name)
     if axes is not None:
         return a.reshape([shape[k] for k in axes]).transpose(np.argsort(axes))
     return a.reshape(shape)
@@ -151,7 +230,7 @@ def _check_jacobian(kind, out_shape, in_shape, params, arrays, path, where):
             _check(k not in arrays or arrays[k].size == n, path, f"{where}: array {k!r} must have {n} elements")
 
 
-def _build(doc, arrays, path):
+def _build(doc, stored, path):
     _check(isinstance(doc, dict), path, "the graph description is not a JSON object")
     for key, typ in (("nodes", list), ("edges", list), ("sources", dict), ("meta", dict),
                      ("granularity", str)):
@@ -165,9 +244,11 @@ def _build(doc, arrays, path):
         for f in ("op", "dtype", "module", "module_type", "source_line", "role", "fx_name"):
             _check(isinstance(fields.get(f, ""), str), path, f"{where}: field {f!r} must be a string")
         fields["shape"] = tuple(d["shape"])
-        value = None if d.get("value") is None else _resolve(d["value"], arrays, path, where)
-        _check(value is None or value.shape == fields["shape"], path,
-               f"{where}: value shape {None if value is None else list(value.shape)} != node shape {d['shape']}")
+        # the value bounds what queries allocate for the node: it must be there, as stored data
+        _check(d.get("value") is not None, path, f"{where}: no value (a graph holds the value of every node)")
+        value = _resolve(d["value"], stored, path, where)
+        _check(value.shape == fields["shape"], path,
+               f"{where}: value shape {list(value.shape)} != node shape {d['shape']}")
         try:
             nodes.append(Node(value=value, **fields))
         except TypeError as exc:
@@ -191,58 +272,66 @@ def _build(doc, arrays, path):
                f"{where}: out_shape {out_shape!r} != shape {list(nodes[dst].shape)} of node {dst}")
         _check(_shape(in_shape) and tuple(in_shape) == nodes[src].shape, path,
                f"{where}: in_shape {in_shape!r} != shape {list(nodes[src].shape)} of node {src}")
-        params, refs = d.get("params"), d.get("arrays")
-        _check(isinstance(params, dict) and isinstance(refs, dict) and _is_int(d.get("arg", 0)), path,
+        params, refs, arg = d.get("params"), d.get("arrays"), d.get("arg", 0)
+        _check(isinstance(params, dict) and isinstance(refs, dict) and _is_int(arg) and arg >= 0, path,
                f"{where}: malformed params, arrays or arg")
-        dense = math.prod(out_shape) * math.prod(in_shape)
-        arrs = {name: _resolve(ref, arrays, path, f"{where}.{name}", dense) for name, ref in refs.items()}
+        # Stored arrays first: an arange (no data) may be as long as the longest of them or as the
+        # larger node -- what an index map of a Jacobian without repeated entries needs -- never
+        # longer, so a few bytes of JSON cannot declare gigabytes.
+        arrs = {name: _resolve(ref, stored, path, f"{where}.{name}")
+                for name, ref in refs.items() if not _is_arange(ref)}
+        bound = max([math.prod(out_shape), math.prod(in_shape)] + [a.size for a in arrs.values()])
+        arrs.update({name: _resolve(ref, stored, path, f"{where}.{name}", bound)
+                     for name, ref in refs.items() if _is_arange(ref)})
         _check_jacobian(kind, tuple(out_shape), tuple(in_shape), params, arrs, path, where)
         try:
             jac = JACOBIAN_KINDS[kind].from_state(tuple(out_shape), tuple(in_shape), params, arrs)
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise _fail(path, f"{where}: cannot rebuild the {kind} Jacobian: {type(exc).__name__}: {exc}") \
                 from None
-        edges.append(Edge(src, dst, jac, d.get("arg", 0)))
-    sink = doc.get("sink")
-    _check(_is_int(sink) and 0 <= sink < n, path, f"sink index {sink!r} out of range ({n} nodes)")
-    for name, i in doc["sources"].items():
-        _check(_is_int(i) and 0 <= i < n, path, f"source {name!r}: node index {i!r} out of range ({n} nodes)")
-    return GradGraph(nodes, edges, doc["sources"], sink, doc["granularity"], doc["meta"])
+        edges.append(Edge(src, dst, jac, arg))
+    problem = _graph_problem(nodes, edges, doc["sources"], doc.get("sink"), doc["granularity"])
+    _check(problem is None, path, problem)
+    return GradGraph(nodes, edges, doc["sources"], doc["sink"], doc["granularity"], doc["meta"])
 
 
 def load(path):
     """Read a graph written by :func:`save`.
 
     Only the safetensors header, JSON and raw arrays are read: nothing is unpickled or executed.
-    The graph answers every query without the model.
+    Every size the file declares is checked against the data it holds before anything of that
+    size is allocated, the graph's invariants are checked (``docs/file-format.md``), and only the
+    tensors the graph references are read -- into memory, so the graph stays usable when the
+    file is deleted or replaced. The graph answers every query without the model.
 
     Raises
     ------
     GraphFormatError
         The file is missing, not a safetensors file, truncated or corrupt, not a gradgraph graph,
         written by a newer gradgraph, or internally inconsistent (missing arrays, shape
-        mismatches, indices out of range). The message says which.
+        mismatches, indices out of range, broken invariants). The message says which.
     """
     path = os.fspath(path)
-    metadata, arrays = _read(path)
-    fmt = metadata.get("format")
-    _check(fmt == FORMAT, path, "not a gradgraph graph (a safetensors file without gradgraph metadata"
-                                + (f"; its format is {fmt!r})" if fmt else ")"))
-    try:
-        version = int(metadata.get("version", ""))
-    except ValueError:
-        raise _fail(path, f"malformed format version {metadata.get('version')!r}") from None
-    _check(version <= VERSION, path, f"written by a newer gradgraph (file format version {version}, this "
-                                     f"gradgraph reads up to {VERSION}); upgrade gradgraph to read it")
-    _check(version >= 1, path, f"invalid format version {version}")
-    _check("graph" in metadata, path, "the graph description (metadata key 'graph') is missing")
-    try:
-        doc = json.loads(metadata["graph"])
-    except (ValueError, RecursionError) as exc:
-        raise _fail(path, f"the graph description is not valid JSON: {exc}") from None
-    try:
-        return _build(doc, arrays, path)
-    except GraphFormatError:
-        raise
-    except Exception as exc:   # any other inconsistency the checks above did not name
-        raise _fail(path, f"inconsistent graph description: {type(exc).__name__}: {exc}") from None
+    metadata, stored, f = _open(path)
+    with f:
+        fmt = metadata.get("format")
+        _check(fmt == FORMAT, path, "not a gradgraph graph (a safetensors file without gradgraph metadata"
+                                    + (f"; its format is {fmt!r})" if fmt else ")"))
+        try:
+            version = int(metadata.get("version", ""))
+        except ValueError:
+            raise _fail(path, f"malformed format version {metadata.get('version')!r}") from None
+        _check(version <= VERSION, path, f"written by a newer gradgraph (file format version {version}, this "
+                                         f"gradgraph reads up to {VERSION}); upgrade gradgraph to read it")
+        _check(version >= 1, path, f"invalid format version {version}")
+        _check("graph" in metadata, path, "the graph description (metadata key 'graph') is missing")
+        try:
+            doc = json.loads(metadata["graph"])
+        except (ValueError, RecursionError) as exc:
+            raise _fail(path, f"the graph description is not valid JSON: {exc}") from None
+        try:
+            return _build(doc, stored, path)
+        except GraphFormatError:
+            raise
+        except Exception as exc:   # any other inconsistency the checks above did not name
+            raise _fail(path, f"inconsistent graph description: {type(exc).__name__}: {exc}") from None
