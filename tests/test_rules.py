@@ -178,11 +178,80 @@ def _arg(args, key):
     return args[key] if isinstance(key, int) else args[key[0]][key[1]]
 
 
+# ----------------------------------------------------------------------------- layouts
+# Every sample is also run with its floating-point tensor arguments in other memory layouts: the
+# rules must not depend on strides. Values may change (an expanded tensor repeats a slice), the
+# shapes do not; the reference Jacobian is taken on a contiguous copy.
+def _strided(x):
+    """Same values, every element at stride 2 (a non-contiguous view)."""
+    return torch.stack([x, torch.zeros_like(x)], -1)[..., 0] if x.dim() else x
+
+
+def _transposed(x):
+    """Same values, the last two dims swapped in memory (a transposed view)."""
+    return x.mT.contiguous().mT if x.dim() >= 2 else _strided(x)
+
+
+def _expanded(x):
+    """The first dim of size > 1 is a stride-0 expansion of its first slice."""
+    for d, n in enumerate(x.shape):
+        if n > 1:
+            return x.narrow(d, 0, 1).expand(x.shape)
+    return x
+
+
+def _overlapping(x):
+    """as_strided over a 1-d buffer with stride 1 in every dim: element (i, j, ..) = base[i + j + ..]."""
+    if x.numel() <= 1 or x.dim() < 2:
+        return _expanded(x)
+    base = x.reshape(-1)[:sum(n - 1 for n in x.shape) + 1].clone()
+    return base.as_strided(x.shape, (1,) * x.dim())
+
+
+LAYOUTS = {"transposed": _transposed, "strided": _strided, "expanded": _expanded, "overlapping": _overlapping}
+
+
+def _relayout(args, fn):
+    def one(a):
+        return fn(a) if isinstance(a, torch.Tensor) and a.dtype.is_floating_point else a
+    return tuple([one(t) for t in a] if isinstance(a, (list, tuple)) else one(a) for a in args)
+
+
+def _zero_size(case):
+    """The sample with dim 0 of its first floating tensor argument cut to size 0 (None for a 0-d one)."""
+    key = _float_keys(case.args)[0]
+    first = _arg(case.args, key)
+    if first.dim() == 0:
+        return None
+    return Case(tuple(substitute(case.args, key, first[:0])), case.kwargs, case.ref, case.id)
+
+
 def _params():
     out = []
     for op, cases in SAMPLES.items():
         for n, case in enumerate(cases):
-            out.append(pytest.param(op, case, id=f"{op}-{case.id or n}"))
+            name = f"{op}-{case.id or n}"
+            out.append(pytest.param(op, case, id=name))
+            for layout, fn in LAYOUTS.items():
+                variant = Case(_relayout(case.args, fn), case.kwargs, case.ref, case.id)
+                if _accepts(op, variant):      # (view refuses strides it cannot view)
+                    out.append(pytest.param(op, variant, id=f"{name}-{layout}"))
+    return out
+
+
+def _accepts(op, case):
+    try:
+        op(*case.args, **case.kwargs)
+        return True
+    except (RuntimeError, IndexError, ValueError):
+        return False
+
+
+def _zero_size_params():
+    out = []
+    for op, cases in SAMPLES.items():
+        for n, case in enumerate(cases):
+            out.append(pytest.param(op, case, id=f"{op}-{case.id or n}-zero-size"))
     return out
 
 
@@ -197,8 +266,39 @@ def test_every_generic_family_has_a_representative():
     assert not missing, f"generic rules without a representative op in SAMPLES: {missing}"
 
 
+def _reference(f, x):
+    """d f / d x by jacrev, by reverse-mode autograd where jacrev cannot batch the op's backward."""
+    try:
+        return torch.func.jacrev(f)(x)
+    except RuntimeError:
+        return torch.autograd.functional.jacobian(f, x)
+
+
 @pytest.mark.parametrize("op, case", _params())
 def test_rule_matches_jacrev(op, case):
+    _check_rule(op, case)
+
+
+@pytest.mark.parametrize("op, case", _zero_size_params())
+def test_rule_on_zero_size_inputs(op, case):
+    """The sample with its leading dim cut to 0 (where the op accepts that): the rule returns
+    Jacobians of the right (empty) shapes, equal to jacrev's."""
+    cut = _zero_size(case)
+    try:
+        op(*cut.args, **cut.kwargs) if cut is not None else None
+    except (RuntimeError, IndexError, ValueError):
+        cut = None
+    if cut is None:
+        ZERO_SIZE_REFUSED.add(op)
+        return
+    _check_rule(op, cut, empty_outputs=True)
+
+
+#: ops whose samples all refuse a zero-size leading dim (the op itself raises)
+ZERO_SIZE_REFUSED = set()
+
+
+def _check_rule(op, case, empty_outputs=False):
     rule = get_rule(op)
     assert rule is not None, f"{op} has no rule (it would fall to the dense fallback)"
     fn = case.ref or (lambda *a, **k: op(*a, **k))
@@ -209,7 +309,7 @@ def test_rule_matches_jacrev(op, case):
     assert keys
     checked = 0
     for i, out in enumerate(outs):
-        if not (out.dtype.is_floating_point and out.numel()):
+        if not (out.dtype.is_floating_point and (out.numel() or empty_outputs)):
             continue
         ctx = RuleContext(op, case.args, case.kwargs, out, i if multi else None, set(keys))
         jacs = rule(ctx)
@@ -219,7 +319,10 @@ def test_rule_matches_jacrev(op, case):
             def f(t, key=key, i=i):
                 o = fn(*substitute(case.args, key, t), **case.kwargs)
                 return o[i] if multi else o
-            expected = torch.func.jacrev(f)(x).reshape(out.numel(), x.numel()).numpy()
+            if out.numel() * x.numel():
+                expected = _reference(f, x.contiguous()).reshape(out.numel(), x.numel()).numpy()
+            else:   # an empty matrix (autograd refuses some empty backward passes)
+                expected = np.zeros((out.numel(), x.numel()))
             assert key in jacs, f"{op}: no Jacobian for argument {key}"
             jac = jacs[key]
             assert jac.out_shape == tuple(out.shape) and jac.in_shape == tuple(x.shape)

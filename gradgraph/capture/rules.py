@@ -29,6 +29,29 @@ def _np(t):
     return t.detach().cpu().contiguous().numpy()
 
 
+def _own_memory(t):
+    """``t`` detached, copied to contiguous memory when several of its elements share one memory
+    location (``expand``'s stride 0, an overlapping ``as_strided``) or it has no dense layout.
+
+    Forward-mode AD and jacrev write tangents with the primal's strides, which is impossible when
+    elements alias; numpy views of such tensors would alias too. A tensor that is merely permuted
+    (a transposed weight) keeps its memory: rules store it by reference."""
+    t = t.detach()
+    return t if _is_dense(t) else t.contiguous()
+
+
+def _is_dense(t):
+    """True when ``t``'s elements fill a block of memory once each, in some order of dimensions."""
+    expected = 1
+    for stride, size in sorted((st, s) for st, s in zip(t.stride(), t.shape) if s != 1):
+        if size == 0:
+            return True
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def _broadcast_cols(in_shape, out_shape):
     """Flat input index of the element each output element reads under broadcasting."""
     idx = torch.arange(math.prod(in_shape), dtype=torch.int64).reshape(in_shape)
@@ -57,7 +80,8 @@ def pointwise(ctx):
         def f(t, key=key):
             return ctx.call_with(key, t)
 
-        _, d = torch.func.jvp(f, (x.detach(),), (torch.ones_like(x),))
+        x = _own_memory(x)
+        _, d = torch.func.jvp(f, (x,), (torch.ones_like(x),))
         jacs[key] = _elementwise(ctx.out, x, d)
     return jacs
 
@@ -177,7 +201,7 @@ def sum_mean(ctx):
     vals = None
     if ctx.op._opname == "mean":
         count = math.prod(x.shape[d] for d in dims_set) if x.dim() else 1
-        vals = np.full(x.numel(), 1.0 / count)
+        vals = np.full(x.numel(), 1.0 / max(count, 1))     # (no entries when count is 0)
     return {0: SparseJacobian(ctx.out.shape, x.shape, rows, None, vals)}
 
 
@@ -440,7 +464,7 @@ def var_mean(ctx):
     rows = _reduce_rows(x, dims, ks)
     n = math.prod(x.shape[d] for d in dims_set) if x.dim() else 1
     if ctx.op is aten.var_mean.correction and ctx.output_index == 1:
-        vals = np.full(x.numel(), 1.0 / n)
+        vals = np.full(x.numel(), 1.0 / max(n, 1))
     else:
         xd = x.detach().double()
         mean = xd.mean(dim=sorted(dims_set), keepdim=True) if x.dim() else xd
