@@ -42,6 +42,24 @@ def C(*args, ref=None, id="", **kwargs):
 
 TIES = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, -1.0], [5.0, 1.0, 5.0, 5.0]], dtype=torch.float64)
 IDX = torch.tensor([2, 0, 2, 1])
+MASK = torch.tensor([[True, False, False, True], [False, False, False, False], [True, True, False, True]])
+SCATTER_IDX = torch.tensor([[0, 0, 3], [1, 1, 1], [2, 0, 2]])
+# rows with no, one and two zeros
+ZEROS = torch.tensor([[1.5, -2.0, 0.5, 3.0], [1.5, 0.0, 0.5, 3.0], [0.0, 2.0, 0.0, -1.0]], dtype=torch.float64)
+
+
+def _used_src(op):
+    """``op`` (a scatter) with src cut to the index's shape first: autograd's scatter backward
+    returns a gradient of the index's shape for a larger src and fails; the elements beyond the
+    index are not read, so their derivatives are 0."""
+    def f(x, dim, index, src, *rest, **kwargs):
+        return op(x, dim, index, src[tuple(slice(0, n) for n in index.shape)], *rest, **kwargs)
+    return f
+
+
+def _copy(x, src, non_blocking=False):
+    # aten.copy has no autograd formula: the same function, differentiable (nothing of x is kept)
+    return x * 0 + src
 
 
 def _ln_stats(x, shape, w, b, eps):
@@ -85,6 +103,13 @@ SAMPLES = {
         C(r(1, 2, 5, 5), r(3, 2, 3, 3), None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, id="2d-nobias"),
         C(r(2, 3, 9), r(4, 3, 3), r(4), [2], [1], [2], False, [0], 1, id="1d"),
         C(r(1, 2, 3, 3), r(2, 3, 2, 2), r(3), [2, 2], [0, 0], [1, 1], True, [1, 1], 1, id="transposed"),
+        C(r(2, 4, 3, 4), r(4, 1, 3, 2), r(2), [2, 1], [1, 0], [1, 2], True, [1, 0], 2,
+          id="transposed-2d-grouped-dilated-padded"),
+        C(r(2, 3, 5), r(3, 2, 3), r(2), [3], [1], [1], True, [2], 1, id="transposed-1d"),
+        C(r(1, 2, 2, 3, 2), r(2, 2, 2, 2, 3), None, [2, 1, 2], [0, 1, 1], [1, 1, 1], True, [1, 0, 0], 1,
+          id="transposed-3d"),
+        C(r(2, 2, 4, 5, 3), r(4, 1, 2, 3, 2), r(4), [1, 2, 1], [1, 0, 1], [2, 1, 1], False, [0, 0, 0], 2,
+          id="3d-grouped-strided-dilated"),
     ],
     aten.avg_pool2d.default: [
         C(r(2, 3, 6, 6), [2, 2], id="plain"),
@@ -113,6 +138,44 @@ SAMPLES = {
     aten.var.correction: [C(r(3, 4), [1]), C(r(2, 3, 4), [0, 2], correction=0, keepdim=True, id="keepdim")],
     aten.var_mean.correction: [C(r(3, 4), [1]), C(r(2, 3, 4), None, correction=0, id="all"),
                                C(r(2, 3, 4), [-1], correction=1, keepdim=True, id="keepdim")],
+    aten.prod.default: [C(r(2, 3)), C(ZEROS[1], id="one-zero"), C(ZEROS[2], id="two-zeros")],
+    aten.prod.dim_int: [C(ZEROS, 1, id="zeros-per-row"), C(r(2, 3, 4), 1, True, id="keepdim"),
+                        C(ZEROS, 0, id="dim0")],
+    aten.cumsum.default: [C(r(3, 4), 1), C(r(2, 3, 4), 0, id="dim0"), C(r(5), -1, id="1d")],
+    # --- in-place writes (as torch.export makes them functional)
+    aten.index_put.default: [
+        C(r(3, 4), [MASK], r(()), id="mask-scalar"),
+        C(r(4, 3), [torch.tensor([2, 0])], r(2, 3), id="rows"),
+        C(r(4, 3), [torch.tensor([2, 0, 2]), torch.tensor([1, 1, 1])], r(3), True, id="accumulate-duplicates"),
+        C(r(2, 4, 3), [None, torch.tensor([3, 1])], r(3), True, id="accumulate-broadcast"),
+        C(r(3, 4), [MASK], r(()), True, id="accumulate-mask")],
+    aten.scatter.src: [C(r(3, 4), 1, torch.tensor([[2, 0], [1, 3], [0, 1]]), r(3, 2)),
+                       C(r(3, 4), 1, torch.tensor([[2, 0], [1, 3], [0, 1]]), r(3, 3), ref=_used_src(aten.scatter.src),
+                         id="src-larger-than-index")],
+    aten.scatter.value: [C(r(3, 4), 0, torch.tensor([[1, 0, 2, 1]]), 2.5)],
+    aten.scatter_add.default: [C(r(3, 4), 1, SCATTER_IDX, r(3, 3)),
+                               C(r(3, 4), 1, SCATTER_IDX, r(4, 5), ref=_used_src(aten.scatter_add.default),
+                                 id="src-larger-than-index")],
+    aten.scatter_reduce.two: [C(r(3, 4), 1, SCATTER_IDX, r(3, 3), "sum"),
+                              C(r(3, 4), 1, SCATTER_IDX, r(3, 3), "sum", include_self=False, id="exclude-self"),
+                              C(r(3, 4), 1, SCATTER_IDX, r(3, 5), "sum", ref=_used_src(aten.scatter_reduce.two),
+                                id="src-larger-than-index"),
+                              C(pos(3, 4), 1, SCATTER_IDX, pos(3, 3), "prod", id="prod-dense")],
+    aten.index_add.default: [C(r(4, 3), 0, torch.tensor([1, 3, 1]), r(3, 3), alpha=0.5),
+                             C(r(2, 5), 1, torch.tensor([4, 0]), r(2, 2), id="dim1")],
+    aten.index_copy.default: [C(r(4, 3), 0, torch.tensor([2, 0]), r(2, 3))],
+    aten.copy.default: [C(r(2, 3), r(3), ref=_copy, id="broadcast"), C(r(2, 3), r(2, 3), ref=_copy)],
+    aten.slice_scatter.default: [C(r(4, 5), r(4, 2), 1, 1, 2**63 - 1, 2, id="end-max"),
+                                 C(r(5, 3), r(2, 3), 0, 1, 3, id="dim0")],
+    aten.select_scatter.default: [C(r(3, 4), r(3), 1, 2)],
+    aten.diagonal_scatter.default: [C(r(3, 3), r(3)), C(r(3, 4), r(3), 1, id="offset")],
+    aten.masked_fill.Scalar: [C(r(3, 4), MASK, -1.5)],
+    aten.masked_fill.Tensor: [C(r(3, 4), MASK, r(()))],
+    aten.masked_scatter.default: [C(r(3, 4), MASK, r(3, 4))],
+    aten.index_fill.int_Scalar: [C(r(3, 4), 1, torch.tensor([0, 2]), 2.0)],
+    aten.index_fill.int_Tensor: [C(r(3, 4), 1, torch.tensor([1]), r(()))],
+    aten.fill.Scalar: [C(r(2, 3), 1.5)],
+    aten.fill.Tensor: [C(r(2, 3), r(()))],
     # --- generic: pointwise (by the ATen pointwise tag)
     aten.add.Tensor: [C(r(2, 3), r(3), id="broadcast"), C(r(2, 1, 3), r(4, 1), alpha=2.5, id="alpha-both")],
     aten.sub.Tensor: [C(r(2, 3), r(2, 1), alpha=0.5)],
