@@ -215,8 +215,11 @@ def index_put(ctx):
 
     def values_jacobian():
         rows = aten.index.Tensor(_out_indices(ctx), ctx.args[1])
-        return SparseJacobian(ctx.out.shape, values.shape, _np(rows.reshape(-1)),
-                              _broadcast_cols(tuple(values.shape), tuple(rows.shape)), None)
+        rows, cols = _np(rows.reshape(-1)), _broadcast_cols(tuple(values.shape), tuple(rows.shape))
+        # a broadcast value element added twice to one output (a repeated index) is one edge of
+        # weight 2: a Jacobian entry is one edge
+        pairs, count = np.unique(np.stack([rows, cols]), axis=1, return_counts=True)
+        return SparseJacobian(ctx.out.shape, values.shape, pairs[0], pairs[1], count.astype(np.float64))
     return _adding(ctx, 2, values_jacobian)
 
 
