@@ -139,7 +139,7 @@ def get_rule(op):
     >>> from gradgraph.capture.registry import get_rule
     >>> get_rule(torch.ops.aten.tanh.default).__name__          # by the pointwise tag
     'pointwise'
-    >>> get_rule(torch.ops.aten.cumsum.default) is None
+    >>> get_rule(torch.ops.aten.logcumsumexp.default) is None
     True
     """
     if op in _RULES:
