@@ -36,7 +36,7 @@ def layered(mats):
         last = layer == len(mats) - 1
         shape = () if last else (W.shape[0],)
         nodes.append(Node("s" if last else f"h{layer + 1}", "aten.mv.default", shape, "torch.float64",
-                          value=np.ones(W.shape[0]), role="sink" if last else "op", module=f"layer{layer}"))
+                          value=np.ones(shape), role="sink" if last else "op", module=f"layer{layer}"))
         rows, cols = np.nonzero(W)
         edges.append(Edge(layer, layer + 1, SparseJacobian(shape, (W.shape[1],), rows, cols, W[rows, cols])))
     return GradGraph(nodes, edges, {"x": 0}, len(nodes) - 1, "function")
@@ -176,7 +176,7 @@ def nan_graph(dead=False):
     n = 3
     nodes = [Node("x", "input", (n,), "torch.float64", value=np.ones(n), role="source"),
              Node("h", "aten.mul.Tensor", (n,), "torch.float64", value=np.ones(n)),
-             Node("s", "aten.sum.default", (), "torch.float64", value=np.ones(1), role="sink")]
+             Node("s", "aten.sum.default", (), "torch.float64", value=np.ones(()), role="sink")]
     diag = SparseJacobian((n,), (n,), None, None, np.array([2.0, np.nan, -1.0]))
     to_sink = SparseJacobian((), (n,), np.zeros(n, int), np.arange(n), np.array([1.0, 3.0, 0.5]))
     if dead:
@@ -279,7 +279,7 @@ def two_branch_graph(a_weights, b_weights):
              Node("h", "aten.mul.Tensor", (n,), "torch.float64", value=np.ones(n), module="h"),
              Node("a", "aten.mul.Tensor", (n,), "torch.float64", value=np.ones(n), module="a"),
              Node("b", "aten.mul.Tensor", (n,), "torch.float64", value=np.ones(n), module="b"),
-             Node("s", "aten.add.Tensor", (), "torch.float64", value=np.ones(1), role="sink")]
+             Node("s", "aten.add.Tensor", (), "torch.float64", value=np.ones(()), role="sink")]
     diag = lambda w: SparseJacobian((n,), (n,), None, None, np.asarray(w, float))  # noqa: E731
     to_sink = SparseJacobian((), (n,), np.zeros(n, int), np.arange(n), np.ones(n))
     edges = [Edge(0, 1, diag([1.0, -1.0])), Edge(1, 2, diag(a_weights)), Edge(1, 3, diag(b_weights)),
@@ -303,3 +303,20 @@ def test_branches_with_infinite_weights():
     assert signed.best.tolist() == [a, a]
     top = g.top_paths(k=1, order="signed")[0]
     assert top.weight == math.inf and top.hops[1].node == "a"
+
+
+def test_docs_example_runs_as_printed(capsys):
+    """The example of docs/paths.md "Infinite, overflowing and NaN weights": each print gives what
+    its comment says, and the last line raises QueryError."""
+    import os
+    import re
+    text = open(os.path.join(os.path.dirname(__file__), "..", "docs", "paths.md")).read()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "def scaled_sum" in b)
+    lines = block.rstrip("\n").split("\n")
+    ns = {}
+    exec("\n".join(lines[:-1]), ns)
+    printed = capsys.readouterr().out.strip().split("\n")
+    expected = [ln.split("#", 1)[1].strip() for ln in lines if ln.startswith("print(")]
+    assert printed == expected
+    with pytest.raises(QueryError, match=r"NaN .*'h' <- 'x'"):
+        exec(lines[-1], ns)

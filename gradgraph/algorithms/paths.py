@@ -459,6 +459,14 @@ def top_paths(g, k=1, order="signed", source=None, include_views=False, progress
     list[Path]
         Best first. Paths of exactly equal weight are ordered by their hop sequence read from the
         source towards the sink, as (node index, flat index, edge index) triples, smallest first.
+        An infinite local derivative gives ``weight = +-inf`` (the largest magnitude); a weight
+        beyond float64's range is reported as ``+-inf`` with its exact ``log_abs_weight``.
+
+    Raises
+    ------
+    QueryError
+        For bad arguments, and when a NaN local derivative lies on the graph's paths (NaN weights
+        cannot be ranked; ``docs/paths.md``).
 
     Examples
     --------
