@@ -169,6 +169,42 @@ def test_captured_model_with_huge_weights_matches_oracle():
     assert any(math.isinf(p.weight) for p in got)
 
 
+def deep_and_skip_graph(depth=200):
+    """x (2) -> 200 elementwise layers of weight 0.01 (element 1 cut at the first) -> sum, plus a
+    skip x -> sink of weights (1, -1): values of scales e^0 and e^-921 meet at the sink's inputs."""
+    n = 2
+    nodes = [Node("x", "input", (n,), "torch.float64", role="source")]
+    edges = []
+    for layer in range(depth):
+        nodes.append(Node(f"h{layer}", "aten.mul.Tensor", (n,), "torch.float64"))
+        vals = np.array([0.01, 0.0]) if layer == 0 else np.array([0.01, 0.02])
+        edges.append(Edge(layer, layer + 1, SparseJacobian((n,), (n,), None, None, vals)))
+    nodes.append(Node("s", "aten.add.Tensor", (), "torch.float64", role="sink"))
+    s = len(nodes) - 1
+    edges.append(Edge(s - 1, s, SparseJacobian((), (n,), np.zeros(n, int), np.arange(n), np.ones(n))))
+    edges.append(Edge(0, s, SparseJacobian((), (n,), np.zeros(n, int), np.arange(n), np.array([1.0, -1.0])),
+                      arg=1))
+    return GradGraph(nodes, edges, {"x": 0}, s, "function")
+
+
+def test_no_path_survives_a_scale_gap_beyond_float64():
+    """The max passes combine a value of scale e^-921 with one of scale 1: the smaller one's factor
+    underflows to 0, and its "no path" entries (-inf, +inf) must stay "no path", not NaN (which
+    lost the skip path of x[1] in signed order)."""
+    g = deep_and_skip_graph()
+    deep = 200 * math.log(0.01)                 # the one deep path, x[0]: 1e-400
+    signed = g.top_paths(k=10, order="signed")
+    assert [(p.sign, p.source[1]) for p in signed] == [(1, (0,)), (1, (0,)), (-1, (1,))]
+    assert [p.weight for p in signed] == [1.0, 0.0, -1.0]
+    assert signed[1].log_abs_weight == pytest.approx(deep, rel=1e-12)
+    mag = g.top_paths(k=10, order="magnitude")
+    assert [(p.weight, p.source[1]) for p in mag] == [(1.0, (0,)), (-1.0, (1,)), (0.0, (0,))]
+    br = g.branches("x", order="signed")
+    mul, add = br.labels.index("mul @ "), br.labels.index("add @ ")
+    assert br.sign[:, add].tolist() == [1, -1] and br.log_abs[:, add].tolist() == [0.0, 0.0]
+    assert br.sign[:, mul].tolist() == [1, 0] and br.log_abs[0, mul] == pytest.approx(deep, rel=1e-12)
+
+
 # ---------------------------------------------------------------------------- NaN
 def nan_graph(dead=False):
     """x (3) -> h (3, elementwise) -> s, with a NaN local derivative at element 1 of h. With

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import QueryError
-from .dp import Scaled, backward, forward
+from .dp import Scaled, _rescaled, backward, forward
 from .groups import labels_along
 from .semirings import MAX_ABS, MAX_SIGNED
 
@@ -704,8 +704,8 @@ def branches(g, node, order="signed", groups=None):
                     acc = y
                 else:
                     L = max(acc.log_scale, y.log_scale)
-                    acc = Scaled(sr.plus(acc.arr * math.exp(acc.log_scale - L),
-                                         y.arr * math.exp(y.log_scale - L)), L)
+                    acc = Scaled(sr.plus(_rescaled(acc.arr, acc.log_scale - L),
+                                         _rescaled(y.arr, y.log_scale - L)), L)
             (ps_hi, pl_hi), plo = _signed_pairs(acc, signed)
             combos = [((ps_hi, pl_hi), (fs_hi, fl_hi))]
             if signed:
