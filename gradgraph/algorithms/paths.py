@@ -132,9 +132,11 @@ def _nan_edges(g):
     if found is None:
         found = []
         for k, e in enumerate(g.edges):
-            _, arrays = e.jac.state()
-            if any(np.issubdtype(np.asarray(a).dtype, np.floating) and np.isnan(a).any()
-                   for a in arrays.values()):
+            try:
+                arrays = e.jac.state()[1].values()    # the arrays the Jacobian is computed from
+            except (AttributeError, NotImplementedError):
+                arrays = [e.jac.to_dense()]            # a kind without a saved form: its entries
+            if any(np.issubdtype(np.asarray(a).dtype, np.floating) and np.isnan(a).any() for a in arrays):
                 found.append(k)
         g._cache["paths.nan_edges"] = found
     return found
