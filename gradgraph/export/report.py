@@ -376,7 +376,7 @@ def _tokens_section(g, go, tokens):
 
 
 # ============================================================================ the report
-def report_html(g, k=20, *, order="signed", tokens=None, source_file=None, title=None):
+def report_html(g, k=20, *, order="signed", paths=None, tokens=None, source_file=None, title=None):
     """The report of :func:`report` as one HTML string (see the module docstring).
 
     Parameters are those of :func:`report`.
@@ -384,10 +384,14 @@ def report_html(g, k=20, *, order="signed", tokens=None, source_file=None, title
     from jinja2 import Environment, PackageLoader, select_autoescape
 
     from ..algorithms.paths import _check_k, _check_order
-    k = _check_k(k)
     _check_order(order)
     go, offline = _plotly()
-    paths = g.top_paths(k=k, order=order, include_views=True)
+    chosen = paths is not None
+    if paths is None:
+        paths = g.top_paths(k=_check_k(k), order=order, include_views=True)
+    elif not len(paths):
+        raise QueryError("no paths to report; pass e.g. paths=g.top_paths(k=5, include_views=True)")
+    k = len(paths)
     entropy = float(g.entropy())
     svg, notes = _diagram(g, paths)
     token_views = _tokens_section(g, go, tokens)
@@ -407,7 +411,7 @@ def report_html(g, k=20, *, order="signed", tokens=None, source_file=None, title
     page = env.get_template("report.html.j2").render(
         title=title or f"gradgraph report: {g.meta.get('model', 'graph')}",
         plotly_js=offline.get_plotlyjs(), summary=_summary(g, k, entropy, source_file),
-        paths=_paths_section(g, paths), svg=svg, notes=notes, k=k, order=order,
+        paths=_paths_section(g, paths), chosen=chosen, svg=svg, notes=notes, k=k, order=order,
         tokens=token_views,
         flow_html=_fig_html(layers["flow"], "flow-heatmap") if layers else None,
         branch_html=_fig_html(layers["branch"], "branch-heatmap") if layers and layers["branch"] else None,
@@ -430,8 +434,8 @@ def check_report_output(out_path, overwrite=False):
     return out_path
 
 
-def report(g, out_path, k=20, *, order="signed", tokens=None, overwrite=False, source_file=None,
-           title=None):
+def report(g, out_path, k=20, *, order="signed", paths=None, tokens=None, overwrite=False,
+           source_file=None, title=None):
     """Write an interactive, self-contained HTML report of ``g`` to ``out_path``.
 
     Parameters
@@ -443,6 +447,9 @@ def report(g, out_path, k=20, *, order="signed", tokens=None, overwrite=False, s
         Number of top paths to list and draw (default 20).
     order : {"signed", "magnitude"}
         Order of the top paths (see :meth:`GradGraph.top_paths`).
+    paths : list[Path], optional
+        Report these paths instead of the top ``k`` (e.g. ``g.top_paths(k=10, source=...,
+        include_views=True)``), listed in the order given.
     tokens : list[str], optional
         One label per token position of the token inputs; default ``g.meta["tokens"]`` if the
         graph carries labels, else the positions.
@@ -463,7 +470,7 @@ def report(g, out_path, k=20, *, order="signed", tokens=None, overwrite=False, s
     'report.html'
     """
     out_path = check_report_output(out_path, overwrite)
-    page = report_html(g, k, order=order, tokens=tokens, source_file=source_file, title=title)
+    page = report_html(g, k, order=order, paths=paths, tokens=tokens, source_file=source_file, title=title)
     tmp = out_path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(page)
