@@ -364,8 +364,6 @@ def cmd_report(a):
     from .export.report import check_report_output, report
     _check_k(a.k)
     check_report_output(a.out, a.overwrite)
-    if not os.path.isfile(a.file):
-        raise UsageError(f"graph file {a.file} does not exist")
     g = _load(a.file)
     report(g, a.out, a.k, order=a.order, tokens=a.tokens, overwrite=a.overwrite,
            source_file=os.path.basename(a.file))
@@ -382,8 +380,6 @@ def cmd_export(a):
     k = 20 if a.k is None else a.k
     _check_k(k)
     check_report_output(a.json, a.overwrite)
-    if not os.path.isfile(a.file):
-        raise UsageError(f"graph file {a.file} does not exist")
     g = _load(a.file)
     kw = {"flow_threshold": a.flow_threshold} if a.flow_threshold is not None else {"k": k, "order": a.order}
     data = write_json(g, a.json, overwrite=a.overwrite, **kw)

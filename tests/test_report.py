@@ -203,6 +203,33 @@ def test_layer_heatmaps_have_one_cell_per_layer_and_component(page, model):
     assert branch["images"] >= 1 and branch["ticks"] == LABELS
 
 
+def test_layer_flow_against_brute_force(page, g, model):
+    """Each cell of the flow heatmap is the flow through its tensor, recomputed here on the networkx
+    scalar graph; the tensors are found by module path."""
+    drv, _ = page
+    z = np.asarray(_trace(drv, "flow-heatmap")["z"], dtype=float)[0]      # the only layer
+    text = np.asarray(drv.execute_script("return document.getElementById('flow-heatmap')._fullData[0].text;"))[0]
+    ref = g.to_networkx(level="scalar")
+    flow = brute_force_flow(ref, (g.sink, 0))
+    Z = sum(flow[(i, j)] for i in g.sources.values() for j in range(g.nodes[i].numel))
+
+    def tensor_flow(t):
+        return np.array([flow[(t, j)] for j in range(g.nodes[t].numel)]).reshape(g.nodes[t].shape)
+
+    layer = "bert.encoder.layer.0."
+    softmax = [i for i, n in enumerate(g.nodes) if n.op_name == "_softmax" and n.module.startswith(layer)]
+    attn = [i for i, n in enumerate(g.nodes) if n.module == layer + "attention.output.dense" and n.op_name == "addmm"]
+    mlp = [i for i, n in enumerate(g.nodes) if n.module == layer + "output.dense" and n.op_name == "addmm"]
+    block_in = [i for i, n in enumerate(g.nodes) if n.module == "bert.embeddings.LayerNorm" and not n.is_view][-1]
+    heads = tensor_flow(softmax[0]).sum(axis=(0, 2, 3))
+    a, m, x = tensor_flow(attn[0]).sum(), tensor_flow(mlp[0]).sum(), tensor_flow(block_in).sum()
+    expected = list(heads) + [a, x - a, m, x - m]
+    assert len(z) == len(expected) == model.config.num_attention_heads + 4
+    # the model is float32; the page shows flow / Z, and the exact flow (6 digits) on hover
+    np.testing.assert_allclose(z, np.array(expected) / Z, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(text.astype(float), expected, rtol=1e-5, atol=1e-9 * Z)
+
+
 def test_token_strips(page, model):
     drv, _ = page
     gxi = _trace(drv, "tok-gxi-0")
@@ -332,13 +359,13 @@ def one_line_error(rc, err):
 
 def test_cli_user_errors(graph_file, tmp_path, capsys):
     r = run("report", tmp_path / "missing.safetensors", "-o", tmp_path / "r.html")
-    assert "does not exist" in one_line_error(r.returncode, r.stderr)
+    assert "no such file" in one_line_error(r.returncode, r.stderr)
     cases = [
         (["report", str(graph_file), "-o", str(tmp_path / "r.html"), "--k", "0"], "--k must be >= 1"),
         (["report", str(graph_file), "-o", str(tmp_path / "no" / "r.html")], "does not exist"),
         (["report", str(graph_file), "-o", str(graph_file)], "exists"),
         (["report", str(graph_file), "-o", str(tmp_path / "r.html"), "--tokens", "a", "b"], "token labels"),
-        (["export", str(tmp_path / "missing.safetensors"), "--json", str(tmp_path / "a.json")], "does not exist"),
+        (["export", str(tmp_path / "missing.safetensors"), "--json", str(tmp_path / "a.json")], "no such file"),
         (["export", str(graph_file), "--json", str(tmp_path / "a.json"), "--k", "-1"], "--k must be >= 1"),
         (["export", str(graph_file), "--json", str(tmp_path / "no" / "a.json")], "does not exist"),
         (["export", str(graph_file), "--json", str(tmp_path / "a.json"), "--k", "2",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import numpy as np
 
@@ -213,11 +212,8 @@ def write_json(g, out_path, *, overwrite=False, **kw):
 
     Raises :class:`QueryError` if ``out_path`` exists and ``overwrite`` is false.
     """
-    from .report import check_report_output
+    from .report import _write_atomically, check_report_output
     out_path = check_report_output(out_path, overwrite)
     data = to_json(g, **kw)
-    tmp = os.fspath(out_path) + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f)
-    os.replace(tmp, out_path)
+    _write_atomically(out_path, json.dumps(data))
     return data

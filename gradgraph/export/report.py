@@ -180,7 +180,7 @@ def _plotly():
 
 def _fig_html(fig, div_id):
     return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id,
-                       config={"displaylogo": False, "responsive": True})
+                       config={"displaylogo": False, "displayModeBar": False, "responsive": True})
 
 
 def _heat_strip(go, values, labels, title, colorscale, zmid=None, fmt=".4g"):
@@ -253,7 +253,7 @@ def _branch_name(label):
     return "skip" if op == "add" else (module.rsplit(".", 1)[-1] or op)
 
 
-def _layers_section(g, go, flows, k_tokens):
+def _layers_section(g, go, flows, Z, k_tokens):
     layers = layer_structure(g)
     if not layers:
         return None
@@ -276,7 +276,6 @@ def _layers_section(g, go, flows, k_tokens):
             # clipped at 0 against rounding
             row.append(None if f is None or through is None else max(through - f, 0.0))
         z.append(row)
-    Z = float(g.path_lengths().sum())
     names = [lay.prefix for lay in layers]
     flow_fig = _flow_figure(go, names, cols, z, Z)
 
@@ -402,10 +401,11 @@ def report_html(g, k=20, *, order="signed", paths=None, tokens=None, source_file
         return next((tv["labels"] for tv in token_views if len(tv["labels"]) == count),
                     [str(i) for i in range(count)])
 
+    mass = g.path_lengths()
     flows = g.flow(by="element")
-    layers = _layers_section(g, go, flows, labels_for)
+    layers = _layers_section(g, go, flows, float(mass.sum()), labels_for)
     del flows
-    lengths = _fig_html(_lengths_figure(go, g.path_lengths()), "path-lengths")
+    lengths = _fig_html(_lengths_figure(go, mass), "path-lengths")
     env = Environment(loader=PackageLoader("gradgraph", "export/templates"),
                       autoescape=select_autoescape(["html", "j2"]))
     page = env.get_template("report.html.j2").render(
@@ -471,9 +471,20 @@ def report(g, out_path, k=20, *, order="signed", paths=None, tokens=None, overwr
     """
     out_path = check_report_output(out_path, overwrite)
     page = report_html(g, k, order=order, paths=paths, tokens=tokens, source_file=source_file, title=title)
-    tmp = out_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(page)
-    os.replace(tmp, out_path)
+    _write_atomically(out_path, page)
     return out_path
+
+
+def _write_atomically(out_path, text):
+    """Write ``text`` to a temporary file beside ``out_path`` and rename it over ``out_path``, so
+    the target is either untouched or complete."""
+    tmp = os.fspath(out_path) + ".tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, out_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
