@@ -250,6 +250,19 @@ def test_path_length_plot(page, g):
     assert sum(bars["y"]) == pytest.approx(1.0, rel=1e-9)
 
 
+def test_branches_of_several_nodes_at_once(g):
+    """The report asks for the branches of several tensors with one pair of passes; each equals
+    the query of that tensor alone."""
+    names = [WORD_EMB] + [n.name for n in g.nodes if n.op_name == "native_layer_norm"]
+    together = g.branches(names, groups=1)
+    for name, br in zip(names, together):
+        alone = g.branches(name, groups=1)
+        assert br.node == alone.node == name and br.labels == alone.labels
+        np.testing.assert_array_equal(br.best, alone.best)
+        np.testing.assert_array_equal(br.log_abs, alone.log_abs)
+        np.testing.assert_array_equal(br.sign, alone.sign)
+
+
 # ------------------------------------------------------------------ notebook display
 def test_notebook_display(g):
     text = g._repr_html_()

@@ -253,8 +253,7 @@ def _branch_name(label):
     return "skip" if op == "add" else (module.rsplit(".", 1)[-1] or op)
 
 
-def _layers_section(g, go, flows, Z, k_tokens):
-    layers = layer_structure(g)
+def _layers_section(g, go, layers, flows, Z, best_branches, k_tokens):
     if not layers:
         return None
     node_flow = {i: float(np.sum(flows[g.nodes[i].name])) for lay in layers
@@ -285,8 +284,7 @@ def _layers_section(g, go, flows, Z, k_tokens):
     for lay in layers:
         if lay.input is None or len(g.nodes[lay.input].shape) < 2:
             continue
-        node = g.nodes[lay.input]
-        br = g.branches(node.name, groups=len(node.shape) - 2)
+        br = best_branches[g.nodes[lay.input].name]
         vals = br.values
         bnames = [_branch_name(lab) for lab in br.labels]
         for nm in bnames:
@@ -300,6 +298,19 @@ def _layers_section(g, go, flows, Z, k_tokens):
         labels = k_tokens(width)
         branch = _branch_figure(go, rows, cats, best_rows, value_rows, labels)
     return {"flow": flow_fig, "branch": branch, "layers": names, "components": cols}
+
+
+def _all_branches(g, queries):
+    """``{node name: Branches}`` for ``(node name, token axis)`` queries: one pair of max passes
+    per distinct axis (in practice one), not one per node."""
+    by_axis = {}
+    for name, axis in queries:
+        by_axis.setdefault(axis, []).append(name)
+    out = {}
+    for axis, names in by_axis.items():
+        names = list(dict.fromkeys(names))
+        out.update(zip(names, g.branches(names, groups=axis)))
+    return out
 
 
 def _summary(g, k, entropy, source_file):
@@ -352,7 +363,7 @@ def _diagram(g, paths):
     return svg[svg.index("<svg"):], notes
 
 
-def _tokens_section(g, go, tokens):
+def _tokens_section(g, go, tokens, best_branches):
     grads = None
     out = []
     for name, axis in token_sources(g).items():
@@ -362,7 +373,7 @@ def _tokens_section(g, go, tokens):
         if grads is None:
             grads = g.gradient()
         gxi = _per_axis(grads[name].double().numpy() * np.asarray(node.value, dtype=float), axis)
-        br = g.branches(name, groups=axis)
+        br = best_branches[name]
         vals = br.values
         best = [float(vals[t, b]) if b >= 0 else float("nan") for t, b in enumerate(br.best)]
         H = np.asarray(g.entropy(groups={name: axis})[name], dtype=float)
@@ -393,7 +404,11 @@ def report_html(g, k=20, *, order="signed", paths=None, tokens=None, source_file
     k = len(paths)
     entropy = float(g.entropy())
     svg, notes = _diagram(g, paths)
-    token_views = _tokens_section(g, go, tokens)
+    layers = layer_structure(g)
+    best_branches = _all_branches(g, list(token_sources(g).items()) + [
+        (g.nodes[lay.input].name, len(g.nodes[lay.input].shape) - 2) for lay in layers
+        if lay.input is not None and len(g.nodes[lay.input].shape) >= 2])
+    token_views = _tokens_section(g, go, tokens, best_branches)
 
     def labels_for(count):
         """Token labels for a block input with ``count`` positions: those of a token input of
@@ -403,7 +418,7 @@ def report_html(g, k=20, *, order="signed", paths=None, tokens=None, source_file
 
     mass = g.path_lengths()
     flows = g.flow(by="element")
-    layers = _layers_section(g, go, flows, float(mass.sum()), labels_for)
+    layers = _layers_section(g, go, layers, flows, float(mass.sum()), best_branches, labels_for)
     del flows
     lengths = _fig_html(_lengths_figure(go, mass), "path-lengths")
     env = Environment(loader=PackageLoader("gradgraph", "export/templates"),
