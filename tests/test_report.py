@@ -390,3 +390,29 @@ def test_cli_user_errors(graph_file, tmp_path, capsys):
         rc = main(argv)
         assert msg in one_line_error(rc, capsys.readouterr().err), argv
     assert not (tmp_path / "r.html").exists() and not (tmp_path / "a.json").exists()
+
+
+def test_layer_structure_of_gpt2():
+    """GPT-2 names its blocks transformer.h.N with attn / mlp sublayers: each block's attention and
+    MLP outputs are their c_proj linear maps, its heads the softmax, its input the residual stream
+    (the embeddings' sum, then the previous block's last residual add)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gradgraph.export.report import layer_structure
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2, bos_token_id=0,
+                     eos_token_id=0, attn_implementation="eager")
+    model = GPT2LMHeadModel(cfg).double().eval()
+    ids = torch.randint(0, 50, (1, 6))
+    g = gg.capture(model, (ids,), output=lambda o: o.logits[0, -1, 3] - o.logits[0, -1, 4])
+    layers = layer_structure(g)
+    assert [lay.prefix for lay in layers] == ["transformer.h.0", "transformer.h.1"]
+    adds = [i for i, n in enumerate(g.nodes) if n.op_name == "add" and not n.is_view]
+    for N, lay in enumerate(layers):
+        att, mlp = g.nodes[lay.attention], g.nodes[lay.mlp]
+        assert (att.module, att.op_name) == (f"transformer.h.{N}.attn.c_proj", "addmm")
+        assert (mlp.module, mlp.op_name) == (f"transformer.h.{N}.mlp.c_proj", "addmm")
+        assert [tuple(g.nodes[s].shape) for s in lay.softmax] == [(1, 2, 6, 6)]
+        # the block input: the last residual-stream add before the block's first op
+        first = min(i for i, n in enumerate(g.nodes) if n.module.startswith(f"transformer.h.{N}."))
+        assert lay.input == max(i for i in adds if i < first)
