@@ -65,7 +65,7 @@ class Layer:
         self.attention = None
         self.mlp = None
         self.softmax = []
-        self.first = None
+        self.first = None      # its first non-view op
 
 
 def _layer_prefix(module):
@@ -253,7 +253,7 @@ def _branch_name(label):
     return "skip" if op == "add" else (module.rsplit(".", 1)[-1] or op)
 
 
-def _layers_section(g, go, layers, flows, Z, best_branches, k_tokens):
+def _layers_section(g, go, layers, flows, Z, best_branches, token_labels):
     if not layers:
         return None
     node_flow = {i: float(np.sum(flows[g.nodes[i].name])) for lay in layers
@@ -280,7 +280,7 @@ def _layers_section(g, go, layers, flows, Z, best_branches, k_tokens):
 
     # the paper's Fig. 4: the branch carrying the best path through each token at each block input
     branch = None
-    rows, best_rows, value_rows, cats, labels = [], [], [], [], None
+    rows, best_rows, value_rows, cats = [], [], [], []
     for lay in layers:
         if lay.input is None or len(g.nodes[lay.input].shape) < 2:
             continue
@@ -295,7 +295,7 @@ def _layers_section(g, go, layers, flows, Z, best_branches, k_tokens):
         value_rows.append([float(vals[t, b]) if b >= 0 else float("nan") for t, b in enumerate(br.best)])
     if rows:
         width = max(len(r) for r in best_rows)
-        labels = k_tokens(width)
+        labels = token_labels(width)
         branch = _branch_figure(go, rows, cats, best_rows, value_rows, labels)
     return {"flow": flow_fig, "branch": branch, "layers": names, "components": cols}
 
@@ -313,7 +313,7 @@ def _all_branches(g, queries):
     return out
 
 
-def _summary(g, k, entropy, source_file):
+def _summary(g, entropy, source_file):
     sink = g.sink_node
     rows = [("model", g.meta.get("model", "(not recorded)")),
             ("sink", f"{sink.name} = {g.sink_value:.6g}" + (f"  [{sink.module}]" if sink.module else "")),
@@ -425,7 +425,7 @@ def report_html(g, k=20, *, order="signed", paths=None, tokens=None, source_file
                       autoescape=select_autoescape(["html", "j2"]))
     page = env.get_template("report.html.j2").render(
         title=title or f"gradgraph report: {g.meta.get('model', 'graph')}",
-        plotly_js=offline.get_plotlyjs(), summary=_summary(g, k, entropy, source_file),
+        plotly_js=offline.get_plotlyjs(), summary=_summary(g, entropy, source_file),
         paths=_paths_section(g, paths), chosen=chosen, svg=svg, notes=notes, k=k, order=order,
         tokens=token_views,
         flow_html=_fig_html(layers["flow"], "flow-heatmap") if layers else None,
