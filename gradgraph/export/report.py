@@ -120,23 +120,17 @@ def layer_structure(g):
 
 
 def _block_input(g, layer):
-    """The non-view tensor outside the block that its first op reads (through views)."""
-    v = layer.first
+    """The non-view tensor outside the block that its first op reads (looking back through
+    views), or None."""
+    u = layer.first
     while True:
-        srcs = [g.edges[k].src for k in g.in_edges[v]]
-        if not srcs:
-            return None
-        # the first tensor argument that leads back out of the block
-        u = srcs[0]
-        while True:
-            n = g.nodes[u]
-            inside = _layer_prefix(n.module)[0] == layer.prefix
-            if not n.is_view and not inside:
-                return u
-            prev = [g.edges[k].src for k in g.in_edges[u]]
-            if not prev:
-                return u
-            u = prev[0]
+        prev = [g.edges[k].src for k in g.in_edges[u]]
+        if not prev:
+            return None if u == layer.first else u
+        u = prev[0]
+        n = g.nodes[u]
+        if not n.is_view and _layer_prefix(n.module)[0] != layer.prefix:
+            return u
 
 
 def token_sources(g):
@@ -156,8 +150,8 @@ def _per_axis(arr, axis, reduce=np.sum):
 
 
 def _token_labels(g, tokens, count):
-    """Token strings for ``count`` positions: from ``tokens`` (list, or dict by count), else from
-    ``g.meta["tokens"]``, else the positions."""
+    """(token strings for ``count`` positions, whether they were given): from ``tokens``, else
+    from ``g.meta["tokens"]``, else the positions."""
     given = tokens if tokens is not None else g.meta.get("tokens")
     if given is None:
         return [str(i) for i in range(count)], False
