@@ -38,7 +38,7 @@ def _svg(g, paths):
         return '<p><i>(diagram: install Graphviz to see it)</i></p>'
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        dot = to_dot(g, paths, collapse="module")
+        dot = to_dot(g, paths, collapse="module", path_classes=True)
     try:
         svg = dot.create(prog="dot", format="svg").decode("utf-8")
     except Exception as exc:     # pydot raises bare exceptions with Graphviz's stderr in them

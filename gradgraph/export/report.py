@@ -346,7 +346,7 @@ def _diagram(g, paths):
     """(inline SVG text or None, notes)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
-        dot = to_dot(g, paths, collapse="module")
+        dot = to_dot(g, paths, collapse="module", path_classes=True)
     notes = [" ".join(str(w.message).split()) for w in caught]
     if shutil.which("dot") is None:
         return None, notes + ["the diagram needs the Graphviz 'dot' program, which is not installed"]
