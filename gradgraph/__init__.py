@@ -7,12 +7,16 @@
 from .capture import Capturer, capture, register_rule
 from .errors import CaptureError, GradGraphError, GraphFormatError, QueryError, UnsupportedOpError
 from .export.dot import render, to_dot
+from .export.graphjson import to_json, write_json
+from .export.notebook import PathList
+from .export.report import report
 from .graph import GradGraph
 
 __version__ = "0.1.0"
 
 __all__ = ["capture", "Capturer", "register_rule", "load", "GradGraph", "GradGraphError",
-           "CaptureError", "UnsupportedOpError", "GraphFormatError", "QueryError", "to_dot", "render", "__version__"]
+           "CaptureError", "UnsupportedOpError", "GraphFormatError", "QueryError", "to_dot", "render", "__version__",
+           "report", "to_json", "write_json", "PathList"]
 
 
 def load(path):

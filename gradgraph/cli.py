@@ -8,6 +8,8 @@
     gradgraph entropy bert.safetensors --per-source
     gradgraph flow bert.safetensors --by module --top 20
     gradgraph render bert.safetensors --k 5 --collapse module -o top.svg
+    gradgraph report bert.safetensors -o report.html
+    gradgraph export bert.safetensors --json top.json --k 20
 
 Every query reads only the saved file: no model code, no ``torch.export``. ``--json`` output
 follows the schemas in ``docs/cli.md``. User errors print one line, ``gradgraph: error: ...``,
@@ -377,6 +379,39 @@ def cmd_render(a):
     return 0
 
 
+def _check_k(k):
+    if k < 1:
+        raise UsageError(f"--k must be >= 1, got {k}")
+
+
+def cmd_report(a):
+    from .export.report import check_report_output, report
+    _check_k(a.k)
+    check_report_output(a.out, a.overwrite)
+    g = _load(a.file)
+    report(g, a.out, a.k, order=a.order, tokens=a.tokens, overwrite=a.overwrite,
+           source_file=os.path.basename(a.file))
+    print(f"wrote {a.out} ({os.path.getsize(a.out) / 1e6:.2f} MB): top {a.k} paths of "
+          f"{g.sink_node.name} = {g.sink_value:.6g}")
+    return 0
+
+
+def cmd_export(a):
+    from .export.graphjson import write_json
+    from .export.report import check_report_output
+    if a.flow_threshold is not None and a.k is not None:
+        raise UsageError("pass either --k or --flow-threshold, not both")
+    k = 20 if a.k is None else a.k
+    _check_k(k)
+    check_report_output(a.json, a.overwrite)
+    g = _load(a.file)
+    kw = {"flow_threshold": a.flow_threshold} if a.flow_threshold is not None else {"k": k, "order": a.order}
+    data = write_json(g, a.json, overwrite=a.overwrite, **kw)
+    print(f"wrote {a.json} ({os.path.getsize(a.json) / 1e6:.2f} MB): {len(data['nodes'])} nodes, "
+          f"{len(data['links'])} links")
+    return 0
+
+
 # ============================================================================ parser
 _EPILOG = {
     "capture": """examples:
@@ -404,6 +439,17 @@ output_fn maps the model's output to the scalar to explain (None if it already i
   gradgraph render bert.safetensors --k 5 -o top.dot        # needs no Graphviz
 
 .svg, .png and .pdf need the Graphviz 'dot' program (apt-get install graphviz / brew install graphviz).""",
+    "report": """examples:
+  gradgraph report bert.safetensors -o report.html
+  gradgraph report bert.safetensors -o report.html --k 10 --tokens "[CLS]" the cat sat "[SEP]"
+
+One HTML file that opens offline: summary, top paths beside their diagram, per-token views,
+layer x component flow, path lengths (docs/user-guide.md).""",
+    "export": """examples:
+  gradgraph export bert.safetensors --json top.json --k 20
+  gradgraph export bert.safetensors --json flow.json --flow-threshold 0.01
+
+The pruned scalar graph in networkx's node-link layout (docs/file-format.md).""",
 }
 
 
@@ -475,6 +521,26 @@ def build_parser():
     c.add_argument("--max-nodes", type=int, default=200, help="cap on boxes, >= 3 (default 200)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     c.set_defaults(func=cmd_render)
+
+    c = cmd("report", "write an interactive HTML report of a graph (one self-contained file)")
+    c.add_argument("file", metavar="FILE")
+    c.add_argument("--out", "-o", required=True, metavar="OUT", help="the .html file to write")
+    c.add_argument("--k", "-k", type=int, default=20, help="number of top paths (default 20)")
+    c.add_argument("--order", choices=["signed", "magnitude"], default="signed")
+    c.add_argument("--tokens", nargs="+", metavar="TOKEN",
+                   help="one label per token position (default: labels saved with the graph, else positions)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    c.set_defaults(func=cmd_report)
+
+    c = cmd("export", "export the pruned graph of the top paths (or of high-flow elements) as JSON")
+    c.add_argument("file", metavar="FILE")
+    c.add_argument("--json", required=True, metavar="OUT", help="the .json file to write")
+    c.add_argument("--k", "-k", type=int, default=None, help="number of top paths (default 20)")
+    c.add_argument("--order", choices=["signed", "magnitude"], default="signed")
+    c.add_argument("--flow-threshold", type=float, metavar="X",
+                   help="instead of paths: the elements carrying at least this fraction of all |gradient|")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    c.set_defaults(func=cmd_export)
     return p
 
 

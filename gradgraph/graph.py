@@ -128,6 +128,11 @@ class GradGraph:
                 f"{sum(n.numel for n in self.nodes)} scalars, sources={list(self.sources)}, "
                 f"sink={self.sink_node.name!r}, granularity={self.granularity!r})")
 
+    def _repr_html_(self):
+        """Jupyter's display: a compact summary and the diagram of the top paths."""
+        from .export.notebook import graph_html
+        return graph_html(self)
+
     # ------------------------------------------------------------------ queries
     def gradient(self):
         """d(sink)/d(source) for every source, by the real (+, x) semiring.
@@ -159,11 +164,14 @@ class GradGraph:
 
         Returns
         -------
-        list[Path]
+        PathList
+            A list of :class:`~gradgraph.algorithms.paths.Path` that Jupyter shows as a table and
+            a diagram.
         """
         from .algorithms.paths import top_paths
-        return top_paths(self, k=k, order=order, source=source, include_views=include_views,
-                         progress=progress)
+        from .export.notebook import PathList
+        return PathList(top_paths(self, k=k, order=order, source=source, include_views=include_views,
+                                  progress=progress), graph=self)
 
     def entropy(self, per_source=False, *, groups=None):
         """Entropy (nats) of the path distribution p(path) = |g(path)| / Z (paper Eq. 6-7).
@@ -199,6 +207,16 @@ class GradGraph:
         """A networkx view: ``level="tensor"`` (nodes = tensors) or ``"scalar"`` (small graphs)."""
         from .export.nx import to_networkx
         return to_networkx(self, level=level)
+
+    def report(self, path, k=20, **kw):
+        """Write an interactive HTML report (see :func:`gradgraph.report`)."""
+        from .export.report import report
+        return report(self, path, k, **kw)
+
+    def to_json(self, paths=None, **kw):
+        """The pruned graph of some paths as node-link JSON (see :func:`gradgraph.to_json`)."""
+        from .export.graphjson import to_json
+        return to_json(self, paths, **kw)
 
     def save(self, path, *, overwrite=False):
         """Write the graph to one safetensors file (see ``docs/file-format.md``)."""

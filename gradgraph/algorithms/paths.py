@@ -639,8 +639,9 @@ def branches(g, node, order="signed", groups=None):
 
     Parameters
     ----------
-    node : str
-        A tensor node name (or source name).
+    node : str or list[str]
+        A tensor node name (or source name); a list gives one :class:`Branches` per node, all from
+        one backward and one forward pass.
     order : {"signed", "magnitude"}
     groups : None, int or array
         None: one row per element (flat C order). An int ``axis``: one row per index along that axis
@@ -649,12 +650,23 @@ def branches(g, node, order="signed", groups=None):
 
     Returns
     -------
-    Branches
+    Branches (a list of them for a list of nodes)
     """
     signed = _check_order(order)
+    nodes = list(node) if isinstance(node, (list, tuple)) else [node]
+    prepared = [_branch_groups(g, v, groups) for v in nodes]      # bad input fails before the passes
+    sr = MAX_SIGNED if signed else MAX_ABS
+    B = backward(g, sr)
+    _refuse_nan(g, B)
+    D = forward(g, sr)
+    found = [_branches_at(g, t, group_of, B, D, sr, signed, order) for t, group_of in prepared]
+    return found if isinstance(node, (list, tuple)) else found[0]
+
+
+def _branch_groups(g, node, groups):
+    """(node index, group id of every element) of one :func:`branches` query."""
     t = g.node_index(node)
     nd = g.nodes[t]
-    sr = MAX_SIGNED if signed else MAX_ABS
     n = nd.numel
     if groups is None:
         group_of = np.arange(n).reshape(nd.shape)
@@ -666,12 +678,15 @@ def branches(g, node, order="signed", groups=None):
                 or (group_of.size and group_of.min() < 0):
             raise QueryError(f"groups must be None, an axis, or non-negative integer ids shaped "
                              f"{nd.shape}; got {getattr(groups, 'shape', groups)!r}")
+    return t, group_of
+
+
+def _branches_at(g, t, group_of, B, D, sr, signed, order):
+    """:func:`branches` at tensor ``t`` from the backward and forward max passes ``B``, ``D``."""
+    nd = g.nodes[t]
+    n = nd.numel
     gflat = np.ascontiguousarray(group_of).reshape(-1)
     G = int(gflat.max()) + 1 if n else 0
-
-    B = backward(g, sr)
-    _refuse_nan(g, B)
-    D = forward(g, sr)
     sources = set(g.sources.values())
     # branches: the (non-view) consumers reached from t, grouped by (op, module)
     labels, consumers, members = [], [], []
