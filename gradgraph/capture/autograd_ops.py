@@ -26,6 +26,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import UnsupportedOpError
 from ..jacobians import SparseJacobian
+from . import registry
 
 __all__ = ["STOP_GRADIENT", "AUTOGRAD_FUNCTION", "cut_gradients", "routed_autograd_functions",
            "autograd_function_jacobians", "function_name"]
@@ -127,10 +128,10 @@ def _(tensors, application):
 AUTOGRAD_FUNCTION = torch.ops.gradgraph.autograd_function.default
 
 
-def function_name(application_id):
-    """``module.QualName`` of the Function of an :data:`AUTOGRAD_FUNCTION` call."""
+def function_name(application_id, qualified=True):
+    """``module.QualName`` (or ``QualName``) of the Function of an :data:`AUTOGRAD_FUNCTION` call."""
     cls = _APPLICATIONS[application_id].cls
-    return f"{cls.__module__}.{cls.__qualname__}"
+    return f"{cls.__module__}.{cls.__qualname__}" if qualified else cls.__qualname__
 
 
 def _routed(cls, *args, **kwargs):
@@ -159,10 +160,12 @@ def routed_autograd_functions():
         torch.autograd.Function.apply = _ORIGINAL_APPLY
 
 
-def autograd_function_jacobians(ctx, max_entries):
+def autograd_function_jacobians(ctx):
     """The rule of :data:`AUTOGRAD_FUNCTION`: d(output ``ctx.output_index``)/d(tensor argument)
     for each wanted key ``(0, k)``, row by row by ``torch.autograd.grad`` through the Function's
-    own ``backward`` (one backward call per output element)."""
+    own ``backward`` (one backward call per output element). Dense, so capped like the dense
+    fallback (:data:`~gradgraph.capture.registry.DENSE_FALLBACK_MAX_ENTRIES`)."""
+    max_entries = registry.DENSE_FALLBACK_MAX_ENTRIES
     app_id = ctx.args[1]
     app = _APPLICATIONS[app_id]
     wants = sorted(k for k in ctx.wants if isinstance(k, tuple) and k[0] == 0)

@@ -26,8 +26,8 @@ from ..errors import CaptureError, CaptureWarning, GradGraphError, UnsupportedOp
 from ..graph import Edge, GradGraph, Node
 from . import rules as _rules  # noqa: F401  (registers the library's rules)
 from .autograd_ops import (AUTOGRAD_FUNCTION, STOP_GRADIENT, autograd_function_jacobians, cut_gradients,
-                           routed_autograd_functions)
-from .registry import DENSE_FALLBACK_MAX_ENTRIES, RuleContext, dense_jacobian, get_rule
+                           function_name, routed_autograd_functions)
+from .registry import RuleContext, dense_jacobian, get_rule
 
 __all__ = ["capture", "Capturer", "GRANULARITIES"]
 
@@ -185,19 +185,23 @@ def _np_value(t):
 
 
 def _run_program(ep, args, kwargs):
-    """Run the exported program on these inputs, keeping every value: (env, output fx node)."""
+    """Run the exported program on these inputs, keeping every value: (env, the fx nodes or
+    values of the user's outputs; buffer updates such as batch norm statistics are left out)."""
     gm = ep.graph_module
     flat = ep._graph_module_flat_inputs(tuple(args), kwargs)
     interp = torch.fx.Interpreter(gm, garbage_collect_values=False)
     with torch.no_grad():
         interp.run(*flat, enable_io_processing=False)
-    return interp.env, next(n for n in gm.graph.nodes if n.op == "output")
-
-
-def _output_value(out_node, env):
-    """The program's one tensor output (None if it has another structure)."""
-    outs = out_node.args[0]
+    outs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     outs = outs if isinstance(outs, (list, tuple)) else (outs,)
+    kinds = [spec.kind for spec in ep.graph_signature.output_specs]
+    if len(kinds) == len(outs):
+        outs = [o for o, kind in zip(outs, kinds) if kind == torch.export.graph_signature.OutputKind.USER_OUTPUT]
+    return interp.env, list(outs)
+
+
+def _output_value(outs, env):
+    """The program's one tensor output (None if it has another structure)."""
     return env[outs[0]] if len(outs) == 1 and isinstance(outs[0], torch.fx.Node) else None
 
 
@@ -279,15 +283,15 @@ def _diagnostics(gnodes, edges, source_ids, dense_ids):
     for i, n in enumerate(gnodes):
         value = np.asarray(n.value)
         why = ("holds NaN" if value.dtype.kind == "f" and np.isnan(value).any() else
-               "has a non-finite local Jacobian" if i in bad_jacobian else
+               "has a non-finite local derivative" if i in bad_jacobian else
                "is infinite" if n.role == "sink" and not np.isfinite(value).all() else "")
         if why:
             out["first_non_finite"] = _node_summary(n, problem=why)
             _warn(CaptureWarning(
                 f"node {n.name} ({n.op}, module {n.module or '<top>'}"
-                + (f", at {n.source_line}" if n.source_line else "") + f") {why}: the gradient "
-                "and the weights of paths through it are not finite; the first non-finite value "
-                "in the forward run is here"))
+                + (f", at {n.source_line}" if n.source_line else "") + f") {why}, the first "
+                "non-finite value of the graph in execution order: paths through it may have "
+                "non-finite weights, and the gradient of sources they reach is not finite"))
             break
     return out
 
@@ -413,27 +417,25 @@ class Capturer:
         kwargs = dict(kwargs or {})
         n_exports = self.n_exports
         ep = self._program(args, kwargs)
-        env, out_node = _run_program(ep, args, kwargs)
+        env, outs = _run_program(ep, args, kwargs)
         # the program must compute what the model computes now: a Python attribute the forward
         # branches on is not in the cache key, so a changed one shows as a different output
         eager = self._eager_output(args, kwargs)
-        if not _same_value(eager, _output_value(out_node, env)) and self.n_exports == n_exports:
+        if not _same_value(eager, _output_value(outs, env)) and self.n_exports == n_exports:
             ep = self._program(args, kwargs, refresh=True)
-            env, out_node = _run_program(ep, args, kwargs)
-        if not _same_value(eager, _output_value(out_node, env)):
+            env, outs = _run_program(ep, args, kwargs)
+        if not _same_value(eager, _output_value(outs, env)):
             _warn(CaptureWarning(
-                f"the captured program gives {_output_value(out_node, env)} where the model gives "
+                f"the captured program gives {_output_value(outs, env)} where the model gives "
                 f"{eager} on the same input: the model is not deterministic (dropout in training "
                 f"mode? call model.eval()), so the graph explains one run of it"))
         gm = ep.graph_module
         nodes = list(gm.graph.nodes)
         placeholders = [n for n in nodes if n.op == "placeholder"]
         user_inputs = set(ep.graph_signature.user_inputs)
-        return self._build(ep, nodes, env, placeholders, user_inputs, out_node)
+        return self._build(ep, nodes, env, placeholders, user_inputs, outs)
 
-    def _sink(self, out_node, env):
-        outs = out_node.args[0]
-        outs = outs if isinstance(outs, (list, tuple)) else (outs,)
+    def _sink(self, outs, env):
         tensors = [o for o in outs if isinstance(o, torch.fx.Node)]
         if len(outs) != 1 or len(tensors) != 1:
             raise CaptureError(
@@ -524,8 +526,8 @@ class Capturer:
                                    + (" ..." if len(valid) > 40 else ""))
         return found
 
-    def _build(self, ep, nodes, env, placeholders, user_inputs, out_node):
-        sink = self._sink(out_node, env)
+    def _build(self, ep, nodes, env, placeholders, user_inputs, outs):
+        sink = self._sink(outs, env)
         defaults = self._default_sources(nodes, env, user_inputs)
         sources = defaults if self.sources is None else self._named_sources(
             self.sources, nodes, env, user_inputs, defaults)
@@ -626,6 +628,8 @@ class Capturer:
 
     def _op_name(self, n):
         p, _ = self._producer(n)
+        if p.op == "call_function" and p.target is AUTOGRAD_FUNCTION:
+            return f"{function_name(p.args[1], qualified=False)}.apply"
         return str(p.target) if p.op == "call_function" else p.op
 
     def _jacobians(self, n, env, wants):
@@ -636,9 +640,8 @@ class Capturer:
         args = pytree.tree_map(lambda a: env[a] if isinstance(a, torch.fx.Node) else a, p.args)
         kwargs = pytree.tree_map(lambda a: env[a] if isinstance(a, torch.fx.Node) else a, dict(p.kwargs))
         ctx = RuleContext(op, tuple(args), kwargs, env[n], idx, set(wants))
-        rule = get_rule(op)
-        if op is AUTOGRAD_FUNCTION:     # from the Function's own backward, not its forward's ops
-            rule = lambda c: autograd_function_jacobians(c, DENSE_FALLBACK_MAX_ENTRIES)  # noqa: E731
+        # a Function's Jacobian comes from its own backward, not from the ops of its forward
+        rule = autograd_function_jacobians if op is AUTOGRAD_FUNCTION else get_rule(op)
         try:
             with torch.no_grad():
                 jacs = rule(ctx) if rule is not None else {k: dense_jacobian(ctx, k) for k in wants}
