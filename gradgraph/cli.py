@@ -24,7 +24,7 @@ import os
 import sys
 import warnings
 
-from .errors import GradGraphError
+from .errors import GradGraphError, GradGraphWarning
 
 __all__ = ["main", "load_spec"]
 
@@ -479,11 +479,24 @@ def _version():
     return __version__
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """gradgraph's own warnings (non-finite values, no path) as one line, like its errors."""
+    if issubclass(category, GradGraphWarning):
+        print(f"gradgraph: warning: {' '.join(str(message).split())}", file=sys.stderr)
+    else:
+        _SHOW_WARNING(message, category, filename, lineno, file, line)
+
+
+_SHOW_WARNING = warnings.showwarning
+
+
 def main(argv=None):
     """Run the command line; returns the exit status (0 ok, 2 user error)."""
     try:
         a = build_parser().parse_args(argv)
-        return a.func(a)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return a.func(a)
     except GradGraphError as exc:
         msg = " ".join(str(exc).split()) or type(exc).__name__
         print(f"gradgraph: error: {msg}", file=sys.stderr)

@@ -428,3 +428,30 @@ def test_export_error_keeps_the_chain_of_causes():
     assert "ValueError: the model's own message" in msg and "KeyError: 'missing'" in msg
     assert msg.index("ValueError") < msg.index("KeyError")
     assert '{}["missing"]' in msg                # the user's line of the deepest cause
+
+
+NAN_SPEC = '''
+import torch
+
+class MakesNaN(torch.nn.Module):
+    def forward(self, x):
+        return (torch.tanh(x) + torch.log(x - 100.0)).sum()
+
+def build():
+    return MakesNaN(), (torch.randn(2, 3, dtype=torch.float64),), None, None
+'''
+
+
+def test_cli_prints_a_capture_warning_as_one_line_and_info_shows_it(tmp_path):
+    spec = tmp_path / "nan_spec.py"
+    spec.write_text(NAN_SPEC)
+    out = tmp_path / "nan.safetensors"
+    cli = [sys.executable, "-m", "gradgraph"]
+    r = subprocess.run(cli + ["capture", f"{spec}:build", "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if "gradgraph: warning:" in ln]
+    assert len(lines) == 1 and "node log (aten.log.default" in lines[0] and "holds NaN" in lines[0]
+    assert "Traceback" not in r.stderr
+    text = subprocess.run(cli + ["info", str(out)], capture_output=True, text=True, check=True).stdout
+    assert "non-finite   node log (aten.log.default) holds NaN at " in text
+    assert "nan_spec.py:6 in forward" in text
