@@ -3,7 +3,8 @@
 ``run_decompositions`` lowers the exported program to ATen ops that say nothing about autograd:
 ``x.detach()`` becomes ``aten.alias`` (a view), a ``torch.no_grad()`` block inside ``forward``
 becomes plain ops, and a custom ``torch.autograd.Function`` is inlined as the ops of its
-``forward`` with its ``backward`` dropped. Differentiating those ops would give gradients autograd
+``forward`` with its ``backward`` dropped (torch 2.13's non-strict export leaves no mark of it in
+the graph or in ``node.meta``). Differentiating those ops would give gradients autograd
 does not (a straight-through ``round`` would get gradient 0). So, before the decomposition:
 
 * :func:`cut_gradients` replaces every ``detach`` and the outputs of every ``no_grad`` block by

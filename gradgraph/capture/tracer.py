@@ -382,7 +382,8 @@ class Capturer:
         """Capture the gradient graph of the model at these inputs.
 
         Exports the model only for an input signature (tensor shapes and dtypes, other argument
-        values, train / eval mode) not seen before; :attr:`n_exports` counts the exports.
+        values, train / eval mode) not seen before, or when the cached program's output differs
+        from the model's own (Python-side state changed); :attr:`n_exports` counts the exports.
 
         Parameters
         ----------
@@ -402,6 +403,12 @@ class Capturer:
             source name is unknown.
         UnsupportedOpError
             An op has no rule and is too large for the dense fallback.
+
+        Warns
+        -----
+        CaptureWarning
+            A node holds a NaN or has a non-finite local derivative (the first one is named), or
+            the model does not give the same output twice (see ``docs/capture.md``).
 
         Examples
         --------
