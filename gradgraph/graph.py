@@ -177,7 +177,7 @@ class GradGraph:
         """
         from .algorithms.entropy import entropy
         h = entropy(self, per_source=per_source, groups=groups)
-        if not per_source and math.isnan(h):
+        if isinstance(h, (float, np.floating)) and math.isnan(h):
             self._warn_no_path("entropy() is NaN", None)
         return h
 

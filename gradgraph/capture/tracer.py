@@ -237,6 +237,7 @@ def _export_failure(exc):
     return ("torch.export could not trace the model" + (f" at {where}" if where else "") + "\n"
             + "\nwhich was caused by\n".join(f"{type(e).__name__}: {str(e).strip()}" for e in chain))
 
+
 def _warn(warning):
     """``warnings.warn`` attributed to the first caller outside gradgraph."""
     frame, level = sys._getframe(1), 2
@@ -245,7 +246,7 @@ def _warn(warning):
     warnings.warn(warning, stacklevel=level)
 
 
-def _uses_dense_jacobian(n, env):
+def _uses_dense_jacobian(n):
     """Whether the Jacobian of fx node ``n`` is a dense matrix: the jacrev fallback of an op
     without a rule, or a ``torch.autograd.Function`` (from its backward)."""
     p = n.args[0] if n.target is operator.getitem and isinstance(n.args[0], torch.fx.Node) else n
@@ -268,12 +269,13 @@ def _diagnostics(gnodes, edges, source_ids, dense_ids):
     float64 model). ``first_non_finite``: the first node, in execution order, holding a NaN or
     whose incoming Jacobian holds a NaN or infinity, or the sink when it is infinite; paths
     through it have non-finite weights."""
-    float_size = lambda n: np.dtype(n.dtype).itemsize if n.dtype in ("float64", "float32", "float16") \
-        else (2 if n.dtype == "bfloat16" else None)  # noqa: E731
+    def float_size(node):
+        dtype = getattr(torch, node.dtype, None)
+        return dtype.itemsize if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
     model_size = max((float_size(gnodes[i]) or 0) for i in source_ids)
     out = {"dense_jacobians": [_node_summary(gnodes[i]) for i in dense_ids],
            "lower_precision": [_node_summary(n, dtype=n.dtype) for n in gnodes
-                               if float_size(n) is not None and float_size(n) < model_size]}
+                               if (float_size(n) or model_size) < model_size]}
     bad_jacobian = set()
     for e in edges:
         if e.dst not in bad_jacobian and not all(
@@ -607,7 +609,7 @@ class Capturer:
                        (env[p] for p in placeholders if p.name in user_inputs) if isinstance(v, torch.Tensor)],
         }
         meta.update(_diagnostics(gnodes, edges, [index[n] for n in sources.values()],
-                                 [i for i, n in enumerate(order) if _uses_dense_jacobian(n, env)]))
+                                 [i for i, n in enumerate(order) if _uses_dense_jacobian(n)]))
         sources_idx = {name: index[n] for name, n in sources.items()}
         return GradGraph(gnodes, edges, sources_idx, index[sink], self.granularity, meta)
 
