@@ -2,18 +2,20 @@
 
 ``run_decompositions`` lowers the exported program to ATen ops that say nothing about autograd:
 ``x.detach()`` becomes ``aten.alias`` (a view), a ``torch.no_grad()`` block inside ``forward``
-becomes plain ops, and a custom ``torch.autograd.Function`` is inlined as the ops of its
-``forward`` with its ``backward`` dropped (torch 2.13's non-strict export leaves no mark of it in
-the graph or in ``node.meta``). Differentiating those ops would give gradients autograd
-does not (a straight-through ``round`` would get gradient 0). So, before the decomposition:
+becomes plain ops (an ``inference_mode`` block leaves no mark at all), and a custom
+``torch.autograd.Function`` is inlined as the ops of its ``forward`` with its ``backward`` dropped
+(torch 2.13's non-strict export leaves no mark of it in the graph or in ``node.meta``).
+Differentiating those ops would give gradients autograd does not (a straight-through ``round``
+would get gradient 0). So:
 
-* :func:`cut_gradients` replaces every ``detach`` and the outputs of every ``no_grad`` block by
-  :data:`STOP_GRADIENT` (``gradgraph::stop_gradient``, a copy): the capture does not differentiate
-  through it, exactly as autograd does not;
 * :func:`routed_autograd_functions`, active while ``torch.export`` traces the model, turns each
   application of a user-defined ``torch.autograd.Function`` into one :data:`AUTOGRAD_FUNCTION` op
   (``gradgraph::autograd_function``) whose local Jacobian, :func:`autograd_function_jacobians`,
-  is computed by autograd through the Function's own ``backward``.
+  is computed by autograd through the Function's own ``backward``; and it traces
+  ``inference_mode`` blocks as ``no_grad`` blocks;
+* :func:`cut_gradients`, before the decomposition, replaces every ``detach`` and the outputs of
+  every ``no_grad`` block by :data:`STOP_GRADIENT` (``gradgraph::stop_gradient``, a copy): the
+  capture does not differentiate through it, exactly as autograd does not.
 """
 from __future__ import annotations
 
@@ -150,15 +152,28 @@ def _routed(cls, *args, **kwargs):
     return pytree.tree_unflatten(out, app.out_spec)
 
 
+def _inference_mode_as_no_grad(self):
+    # export leaves no mark of inference mode at all; for gradients it means no_grad, which
+    # export does record (and cut_gradients cuts)
+    self._inference_mode_context = torch.no_grad() if self.mode else contextlib.nullcontext()
+    self._inference_mode_context.__enter__()
+
+
+_INFERENCE_MODE_ENTER = torch.inference_mode.__enter__
+
+
 @contextlib.contextmanager
 def routed_autograd_functions():
-    """While active, ``SomeFunction.apply(...)`` of a ``torch.autograd.Function`` not defined in
-    torch itself records one :data:`AUTOGRAD_FUNCTION` op (use it around ``torch.export``)."""
+    """While active (around ``torch.export``), ``SomeFunction.apply(...)`` of a
+    ``torch.autograd.Function`` not defined in torch itself records one :data:`AUTOGRAD_FUNCTION`
+    op, and ``torch.inference_mode()`` blocks are traced as ``torch.no_grad()`` blocks."""
     torch.autograd.Function.apply = classmethod(_routed)
+    torch.inference_mode.__enter__ = _inference_mode_as_no_grad
     try:
         yield
     finally:
         torch.autograd.Function.apply = _ORIGINAL_APPLY
+        torch.inference_mode.__enter__ = _INFERENCE_MODE_ENTER
 
 
 def autograd_function_jacobians(ctx):
