@@ -200,6 +200,17 @@ def test_a_tiny_change_of_a_float64_constant_is_seen():
     assert cap.n_exports == 2
 
 
+def test_a_replaced_parameter_is_used():
+    model, x = Switchable(), x64(2, 3)
+    out = lambda y: y[0, 1]   # noqa: E731
+    cap = gg.Capturer(model, out)
+    cap.capture((x,))
+    # a new Parameter object: the program's own reference would still be the old one
+    model.lin.weight = torch.nn.Parameter(torch.randn(3, 3, dtype=torch.float64))
+    g = cap.capture((x,))
+    close(g.gradient()["x"], autograd_gradient(model, (x,), {}, out)["x"])
+
+
 def test_a_nan_output_is_not_taken_for_a_stale_program():
     class NaNOut(torch.nn.Module):
         def forward(self, x):
