@@ -428,12 +428,14 @@ class Capturer:
         ep = self._program(args, kwargs)
         env, outs = _run_program(ep, args, kwargs)
         # the program must compute what the model computes now: a Python attribute the forward
-        # branches on is not in the cache key, so a changed one shows as a different output
+        # branches on is not in the cache key, so a changed one shows as a different output (an
+        # output that is not one tensor is refused by _sink below)
         eager = self._eager_output(args, kwargs)
-        if not _same_value(eager, _output_value(outs, env)) and self.n_exports == n_exports:
+        if eager is not None and not _same_value(eager, _output_value(outs, env)) \
+                and self.n_exports == n_exports:
             ep = self._program(args, kwargs, refresh=True)
             env, outs = _run_program(ep, args, kwargs)
-        if not _same_value(eager, _output_value(outs, env)):
+        if eager is not None and not _same_value(eager, _output_value(outs, env)):
             _warn(CaptureWarning(
                 f"the captured program gives {_output_value(outs, env)} where the model gives "
                 f"{eager} on the same input: the model is not deterministic (dropout in training "
