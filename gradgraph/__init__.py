@@ -6,13 +6,15 @@
 """
 from .capture import Capturer, capture, register_rule
 from .errors import CaptureError, GradGraphError, GraphFormatError, QueryError, UnsupportedOpError
+from .errors import CaptureWarning, GradGraphWarning, QueryWarning
 from .export.dot import render, to_dot
 from .graph import GradGraph
 
 __version__ = "0.1.0"
 
 __all__ = ["capture", "Capturer", "register_rule", "load", "GradGraph", "GradGraphError",
-           "CaptureError", "UnsupportedOpError", "GraphFormatError", "QueryError", "to_dot", "render", "__version__"]
+           "CaptureError", "UnsupportedOpError", "GraphFormatError", "QueryError", "to_dot", "render", "__version__",
+           "GradGraphWarning", "CaptureWarning", "QueryWarning"]
 
 
 def load(path):
