@@ -6,6 +6,7 @@
 """
 from .capture import Capturer, capture, register_rule
 from .errors import CaptureError, GradGraphError, GraphFormatError, QueryError, UnsupportedOpError
+from .errors import CaptureWarning, GradGraphWarning, QueryWarning
 from .export.dot import render, to_dot
 from .export.graphjson import to_json, write_json
 from .export.notebook import PathList
@@ -16,7 +17,8 @@ __version__ = "0.1.0"
 
 __all__ = ["capture", "Capturer", "register_rule", "load", "GradGraph", "GradGraphError",
            "CaptureError", "UnsupportedOpError", "GraphFormatError", "QueryError", "to_dot", "render", "__version__",
-           "report", "to_json", "write_json", "PathList"]
+           "report", "to_json", "write_json", "PathList",
+           "GradGraphWarning", "CaptureWarning", "QueryWarning"]
 
 
 def load(path):

@@ -26,7 +26,7 @@ import os
 import sys
 import warnings
 
-from .errors import GradGraphError
+from .errors import GradGraphError, GradGraphWarning
 
 __all__ = ["main", "load_spec"]
 
@@ -259,10 +259,30 @@ def cmd_info(a):
         if "model" in g.meta:
             lines.append(f"model        {g.meta['model']}")
         lines.append("ops          " + ", ".join(f"{k} {v}" for k, v in ops.items()))
+        lines += _capture_notes(g.meta)
         return "\n".join(lines)
 
     _emit(info, a.json, text)
     return 0
+
+
+def _capture_notes(meta):
+    """``info`` lines for what capture recorded about the graph's exactness (docs/capture.md)."""
+    def ops(entries):
+        return ", ".join(dict.fromkeys(e["op"] for e in entries))
+    lines = []
+    dense = meta.get("dense_jacobians") or []
+    if dense:
+        lines.append(f"dense        {len(dense)} node{'s' if len(dense) > 1 else ''}: {ops(dense)}")
+    low = meta.get("lower_precision") or []
+    if low:
+        dtypes = ", ".join(dict.fromkeys(e["dtype"] for e in low))
+        lines.append(f"lower prec.  {len(low)} node{'s' if len(low) > 1 else ''} ({dtypes}): {ops(low)}")
+    bad = meta.get("first_non_finite")
+    if bad:
+        lines.append(f"non-finite   node {bad['node']} ({bad['op']}) {bad['problem']}"
+                     + (f" at {bad['source_line']}" if bad.get("source_line") else ""))
+    return lines
 
 
 def cmd_paths(a):
@@ -549,11 +569,24 @@ def _version():
     return __version__
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """gradgraph's own warnings (non-finite values, no path) as one line, like its errors."""
+    if issubclass(category, GradGraphWarning):
+        print(f"gradgraph: warning: {' '.join(str(message).split())}", file=sys.stderr)
+    else:
+        _SHOW_WARNING(message, category, filename, lineno, file, line)
+
+
+_SHOW_WARNING = warnings.showwarning
+
+
 def main(argv=None):
     """Run the command line; returns the exit status (0 ok, 2 user error)."""
     try:
         a = build_parser().parse_args(argv)
-        return a.func(a)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return a.func(a)
     except GradGraphError as exc:
         msg = " ".join(str(exc).split()) or type(exc).__name__
         print(f"gradgraph: error: {msg}", file=sys.stderr)

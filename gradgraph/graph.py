@@ -9,11 +9,12 @@ Queries (gradient, top paths, entropy, flow, ...) are thin front ends over the s
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import QueryError
+from .errors import QueryError, QueryWarning
 from .jacobians import Jacobian
 
 __all__ = ["Node", "Edge", "GradGraph", "VIEW_OPS"]
@@ -170,8 +171,11 @@ class GradGraph:
         """
         from .algorithms.paths import top_paths
         from .export.notebook import PathList
-        return PathList(top_paths(self, k=k, order=order, source=source, include_views=include_views,
-                                  progress=progress), graph=self)
+        paths = top_paths(self, k=k, order=order, source=source, include_views=include_views,
+                          progress=progress)
+        if not paths:
+            self._warn_no_path("top_paths() is empty", source)
+        return PathList(paths, graph=self)
 
     def entropy(self, per_source=False, *, groups=None):
         """Entropy (nats) of the path distribution p(path) = |g(path)| / Z (paper Eq. 6-7).
@@ -180,7 +184,20 @@ class GradGraph:
         ``{source name: array shaped like the source}``; ``groups`` aggregates elements first.
         """
         from .algorithms.entropy import entropy
-        return entropy(self, per_source=per_source, groups=groups)
+        h = entropy(self, per_source=per_source, groups=groups)
+        if isinstance(h, (float, np.floating)) and math.isnan(h):
+            self._warn_no_path("entropy() is NaN", None)
+        return h
+
+    def _warn_no_path(self, what, source):
+        """A :class:`~gradgraph.errors.QueryWarning` that a query found no path, and why."""
+        bad = self.meta.get("first_non_finite")
+        why = (f"node {bad['node']} ({bad['op']}) {bad['problem']}" if bad else
+               "every path has weight zero: the gradient is zero, the output does not depend on "
+               + (f"source {source!r}" if source is not None else "the sources")
+               + " through non-zero derivatives")
+        warnings.warn(QueryWarning(f"{what}: no path from the sources to the sink has a non-zero "
+                                   f"finite weight ({why})"), stacklevel=3)
 
     def flow(self, by="element", *, log=False):
         """Total |path weight| through each scalar node (inside-outside).

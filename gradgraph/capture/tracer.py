@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import time
+import traceback
 import warnings
 import weakref
 
@@ -21,9 +22,11 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from ..errors import CaptureError, GradGraphError, UnsupportedOpError
+from ..errors import CaptureError, CaptureWarning, GradGraphError, UnsupportedOpError
 from ..graph import Edge, GradGraph, Node
 from . import rules as _rules  # noqa: F401  (registers the library's rules)
+from .autograd_ops import (AUTOGRAD_FUNCTION, STOP_GRADIENT, autograd_function_jacobians, cut_gradients,
+                           function_name, routed_autograd_functions)
 from .registry import RuleContext, dense_jacobian, get_rule
 
 __all__ = ["capture", "Capturer", "GRANULARITIES"]
@@ -181,6 +184,120 @@ def _np_value(t):
     return t.detach().cpu().numpy()
 
 
+def _run_program(ep, args, kwargs):
+    """Run the exported program on these inputs, keeping every value: (env, the fx nodes or
+    values of the user's outputs; buffer updates such as batch norm statistics are left out)."""
+    gm = ep.graph_module
+    flat = ep._graph_module_flat_inputs(tuple(args), kwargs)
+    interp = torch.fx.Interpreter(gm, garbage_collect_values=False)
+    with torch.no_grad():
+        interp.run(*flat, enable_io_processing=False)
+    outs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    outs = outs if isinstance(outs, (list, tuple)) else (outs,)
+    kinds = [spec.kind for spec in ep.graph_signature.output_specs]
+    if len(kinds) == len(outs):
+        outs = [o for o, kind in zip(outs, kinds) if kind == torch.export.graph_signature.OutputKind.USER_OUTPUT]
+    return interp.env, list(outs)
+
+
+def _output_value(outs, env):
+    """The program's one tensor output (None if it has another structure)."""
+    return env[outs[0]] if len(outs) == 1 and isinstance(outs[0], torch.fx.Node) else None
+
+
+def _same_value(a, b):
+    """Whether two outputs are the same computation's: same dtype and shape, and equal up to
+    256 units of roundoff of their dtype (reordered sums in decompositions differ by a few);
+    NaN equals NaN."""
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.dtype != b.dtype \
+            or a.shape != b.shape:
+        return False
+    if not a.dtype.is_floating_point:
+        return bool(torch.equal(a, b))
+    tol = 256 * torch.finfo(a.dtype).eps
+    return bool(torch.allclose(a, b, rtol=tol, atol=tol, equal_nan=True))
+
+
+def _export_failure(exc):
+    """A failed ``torch.export``'s whole message, with each exception it was caused by, and the
+    innermost line of the user's code where it happened (from the tracebacks, else from
+    torch's message)."""
+    chain, e = [], exc
+    while e is not None and all(e is not c for c in chain):
+        chain.append(e)
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    where = ""
+    for e in chain:       # the deepest cause with a user frame wins: it is nearest the fault
+        frames = [f for f in traceback.extract_tb(e.__traceback__)
+                  if not f.filename.startswith((_TORCH_DIR, _OWN_DIR))]
+        if frames:
+            f = frames[-1]
+            where = f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+    where = where or _user_line(str(exc))
+    return ("torch.export could not trace the model" + (f" at {where}" if where else "") + "\n"
+            + "\nwhich was caused by\n".join(f"{type(e).__name__}: {str(e).strip()}" for e in chain))
+
+
+def _warn(warning):
+    """``warnings.warn`` attributed to the first caller outside gradgraph."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_OWN_DIR):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(warning, stacklevel=level)
+
+
+def _uses_dense_jacobian(n):
+    """Whether the Jacobian of fx node ``n`` is a dense matrix: the jacrev fallback of an op
+    without a rule, or a ``torch.autograd.Function`` (from its backward)."""
+    p = n.args[0] if n.target is operator.getitem and isinstance(n.args[0], torch.fx.Node) else n
+    if p.op != "call_function" or not isinstance(p.target, torch._ops.OpOverload):
+        return False
+    return p.target is AUTOGRAD_FUNCTION or get_rule(p.target) is None
+
+
+def _node_summary(node, **extra):
+    return {"node": node.name, "op": node.op, "module": node.module, "source_line": node.source_line,
+            **extra}
+
+
+def _diagnostics(gnodes, edges, source_ids, dense_ids):
+    """What a user should know about a captured graph, for ``GradGraph.meta``, and a
+    :class:`CaptureWarning` for non-finite values.
+
+    ``dense_jacobians``: the nodes whose Jacobian is a dense matrix. ``lower_precision``: the
+    nodes computed in a floating type narrower than the sources' widest (a float32 softmax in a
+    float64 model). ``first_non_finite``: the first node, in execution order, holding a NaN or
+    whose incoming Jacobian holds a NaN or infinity, or the sink when it is infinite; paths
+    through it have non-finite weights."""
+    def float_size(node):
+        dtype = getattr(torch, node.dtype, None)
+        return dtype.itemsize if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+    model_size = max((float_size(gnodes[i]) or 0) for i in source_ids)
+    out = {"dense_jacobians": [_node_summary(gnodes[i]) for i in dense_ids],
+           "lower_precision": [_node_summary(n, dtype=n.dtype) for n in gnodes
+                               if (float_size(n) or model_size) < model_size]}
+    bad_jacobian = set()
+    for e in edges:
+        if e.dst not in bad_jacobian and not all(
+                np.isfinite(np.asarray(a)).all() for a in e.jac.state()[1].values()
+                if np.asarray(a).dtype.kind == "f"):
+            bad_jacobian.add(e.dst)
+    for i, n in enumerate(gnodes):
+        value = np.asarray(n.value)
+        why = ("holds NaN" if value.dtype.kind == "f" and np.isnan(value).any() else
+               "has a non-finite local derivative" if i in bad_jacobian else
+               "is infinite" if n.role == "sink" and not np.isfinite(value).all() else "")
+        if why:
+            out["first_non_finite"] = _node_summary(n, problem=why)
+            _warn(CaptureWarning(
+                f"node {n.name} ({n.op}, module {n.module or '<top>'}"
+                + (f", at {n.source_line}" if n.source_line else "") + f") {why}, the first "
+                "non-finite value of the graph in execution order: paths through it may have "
+                "non-finite weights, and the gradient of sources they reach is not finite"))
+            break
+    return out
+
+
 class Capturer:
     """Captures gradient graphs of one model and ``output`` for many inputs, exporting once per
     input signature.
@@ -220,35 +337,55 @@ class Capturer:
         self.n_exports = 0
 
     # ------------------------------------------------------------------ export
-    def _program(self, args, kwargs):
+    def _program(self, args, kwargs, refresh=False):
+        """The exported program for this input signature; ``refresh``: export again even if one
+        is cached (the cached one no longer computes what the model does)."""
         # train / eval mode is traced into the program (dropout, batch norm): part of the key
         key = (_signature(args, kwargs), tuple(m.training for m in self.model.modules()))
-        ep = self._programs.get(key)
+        ep = None if refresh else self._programs.get(key)
         if ep is None:
             t0 = time.perf_counter()
             wrapper = _Explained(self.model, self.output)
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", FutureWarning)
-                    ep = torch.export.export(wrapper, tuple(args), dict(kwargs), strict=False)
+                    with routed_autograd_functions():
+                        ep = torch.export.export(wrapper, tuple(args), dict(kwargs), strict=False)
+                    cut_gradients(ep)
                     ep = ep.run_decompositions(_decomposition_table(self.granularity))
             except GradGraphError:
                 raise
-            except Exception as exc:  # torch.export errors are long; keep their first lines
-                msg = str(exc).strip().splitlines()
-                raise CaptureError(f"torch.export could not trace the model: {type(exc).__name__}: "
-                                   f"{' '.join(msg[:3])}") from exc
+            except Exception as exc:
+                raise CaptureError(_export_failure(exc)) from exc
             self._programs[key] = ep
             self.n_exports += 1
             self.last_export_seconds = time.perf_counter() - t0
         return ep
+
+    def _eager_output(self, args, kwargs):
+        """``output(model(*args, **kwargs))`` run by PyTorch itself, leaving the model's buffers
+        as they were (a training-mode batch norm would update its running statistics)."""
+        training = any(m.training for m in self.model.modules())
+        saved = [(b, b.detach().clone()) for b in self.model.buffers()] if training else []
+        try:
+            with torch.no_grad():
+                out = _Explained(self.model, self.output)(*args, **kwargs)
+        except Exception as exc:
+            raise CaptureError(f"running the model eagerly failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            with torch.no_grad():
+                for b, v in saved:
+                    b.copy_(v)
+        leaves = [v for v in pytree.tree_leaves(out) if isinstance(v, torch.Tensor)]
+        return leaves[0] if len(leaves) == 1 else None
 
     # ------------------------------------------------------------------ capture
     def capture(self, args, kwargs=None):
         """Capture the gradient graph of the model at these inputs.
 
         Exports the model only for an input signature (tensor shapes and dtypes, other argument
-        values, train / eval mode) not seen before; :attr:`n_exports` counts the exports.
+        values, train / eval mode) not seen before, or when the cached program's output differs
+        from the model's own (Python-side state changed); :attr:`n_exports` counts the exports.
 
         Parameters
         ----------
@@ -269,6 +406,12 @@ class Capturer:
         UnsupportedOpError
             An op has no rule and is too large for the dense fallback.
 
+        Warns
+        -----
+        CaptureWarning
+            A node holds a NaN or has a non-finite local derivative (the first one is named), or
+            the model does not give the same output twice (see ``docs/capture.md``).
+
         Examples
         --------
         >>> import torch, gradgraph as gg
@@ -281,22 +424,29 @@ class Capturer:
         if not isinstance(args, (tuple, list)):
             args = (args,)
         kwargs = dict(kwargs or {})
+        n_exports = self.n_exports
         ep = self._program(args, kwargs)
+        env, outs = _run_program(ep, args, kwargs)
+        # the program must compute what the model computes now: a Python attribute the forward
+        # branches on is not in the cache key, so a changed one shows as a different output (an
+        # output that is not one tensor is refused by _sink below)
+        eager = self._eager_output(args, kwargs)
+        if eager is not None and not _same_value(eager, _output_value(outs, env)) \
+                and self.n_exports == n_exports:
+            ep = self._program(args, kwargs, refresh=True)
+            env, outs = _run_program(ep, args, kwargs)
+        if eager is not None and not _same_value(eager, _output_value(outs, env)):
+            _warn(CaptureWarning(
+                f"the captured program gives {_output_value(outs, env)} where the model gives "
+                f"{eager} on the same input: the model is not deterministic (dropout in training "
+                f"mode? call model.eval()), so the graph explains one run of it"))
         gm = ep.graph_module
-        flat = ep._graph_module_flat_inputs(tuple(args), kwargs)
-        interp = torch.fx.Interpreter(gm, garbage_collect_values=False)
-        with torch.no_grad():
-            interp.run(*flat, enable_io_processing=False)
-        env = interp.env
         nodes = list(gm.graph.nodes)
         placeholders = [n for n in nodes if n.op == "placeholder"]
         user_inputs = set(ep.graph_signature.user_inputs)
-        out_node = next(n for n in nodes if n.op == "output")
-        return self._build(ep, nodes, env, placeholders, user_inputs, out_node)
+        return self._build(ep, nodes, env, placeholders, user_inputs, outs)
 
-    def _sink(self, out_node, env):
-        outs = out_node.args[0]
-        outs = outs if isinstance(outs, (list, tuple)) else (outs,)
+    def _sink(self, outs, env):
         tensors = [o for o in outs if isinstance(o, torch.fx.Node)]
         if len(outs) != 1 or len(tensors) != 1:
             raise CaptureError(
@@ -387,8 +537,8 @@ class Capturer:
                                    + (" ..." if len(valid) > 40 else ""))
         return found
 
-    def _build(self, ep, nodes, env, placeholders, user_inputs, out_node):
-        sink = self._sink(out_node, env)
+    def _build(self, ep, nodes, env, placeholders, user_inputs, outs):
+        sink = self._sink(outs, env)
         defaults = self._default_sources(nodes, env, user_inputs)
         sources = defaults if self.sources is None else self._named_sources(
             self.sources, nodes, env, user_inputs, defaults)
@@ -397,10 +547,11 @@ class Capturer:
                                "of integer inputs; name them with sources=[...]")
         source_of = {n: name for name, n in sources.items()}
 
-        # forward liveness from the sources (through floating tensors only), sources cut
+        # forward liveness from the sources (through floating tensors only), sources and
+        # detach / no_grad (STOP_GRADIENT) cut
         live = set(sources.values())
         for n in nodes:
-            if n.op == "call_function" and n not in live:
+            if n.op == "call_function" and n not in live and n.target is not STOP_GRADIENT:
                 if any(a in live for _, a in _tensor_args(n)) and self._differentiable_value(env.get(n)):
                     live.add(n)
         for name, n in sources.items():
@@ -459,6 +610,8 @@ class Capturer:
             "inputs": [[list(v.shape), str(v.dtype)] for v in
                        (env[p] for p in placeholders if p.name in user_inputs) if isinstance(v, torch.Tensor)],
         }
+        meta.update(_diagnostics(gnodes, edges, [index[n] for n in sources.values()],
+                                 [i for i, n in enumerate(order) if _uses_dense_jacobian(n)]))
         sources_idx = {name: index[n] for name, n in sources.items()}
         return GradGraph(gnodes, edges, sources_idx, index[sink], self.granularity, meta)
 
@@ -486,6 +639,8 @@ class Capturer:
 
     def _op_name(self, n):
         p, _ = self._producer(n)
+        if p.op == "call_function" and p.target is AUTOGRAD_FUNCTION:
+            return f"{function_name(p.args[1], qualified=False)}.apply"
         return str(p.target) if p.op == "call_function" else p.op
 
     def _jacobians(self, n, env, wants):
@@ -496,7 +651,8 @@ class Capturer:
         args = pytree.tree_map(lambda a: env[a] if isinstance(a, torch.fx.Node) else a, p.args)
         kwargs = pytree.tree_map(lambda a: env[a] if isinstance(a, torch.fx.Node) else a, dict(p.kwargs))
         ctx = RuleContext(op, tuple(args), kwargs, env[n], idx, set(wants))
-        rule = get_rule(op)
+        # a Function's Jacobian comes from its own backward, not from the ops of its forward
+        rule = autograd_function_jacobians if op is AUTOGRAD_FUNCTION else get_rule(op)
         try:
             with torch.no_grad():
                 jacs = rule(ctx) if rule is not None else {k: dense_jacobian(ctx, k) for k in wants}
