@@ -1,6 +1,7 @@
 """Exceptions raised by gradgraph. Every user error derives from :class:`GradGraphError`."""
 
-__all__ = ["GradGraphError", "CaptureError", "UnsupportedOpError", "GraphFormatError", "QueryError"]
+__all__ = ["GradGraphError", "CaptureError", "UnsupportedOpError", "GraphFormatError", "QueryError",
+           "BatchError"]
 
 
 class GradGraphError(Exception):
@@ -21,3 +22,7 @@ class GraphFormatError(GradGraphError):
 
 class QueryError(GradGraphError):
     """A query on a captured graph has invalid arguments (unknown source, k < 1, ...)."""
+
+
+class BatchError(GradGraphError):
+    """A batch run cannot start or resume as asked (bad items, queries or results folder)."""
