@@ -61,3 +61,12 @@ class MLPBuilder:
 
 def worker_pid(_item=None):
     return os.getpid()
+
+
+class FailsOnS2(MLPBuilder):
+    """A build class for the command line (instantiated without arguments); item "s2" raises."""
+
+    def inputs(self, item):
+        if item["id"] == "s2":
+            raise KeyError("s2 has no input")
+        return (tiny_input(int(item["id"][1:])),), {}, sink

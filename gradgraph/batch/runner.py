@@ -75,11 +75,9 @@ def _is_builder_object(build):
 
 
 def _check_build(build):
-    if _is_builder_object(build):
-        return
     if isinstance(build, type):
         raise BatchError(f"build is the class {build.__name__}; pass an instance ({build.__name__}())")
-    if not callable(build):
+    if not _is_builder_object(build) and not callable(build):
         raise BatchError("build must be a function item -> (model, args, kwargs, output_fn), or an object "
                          "with setup() -> model and inputs(item) -> (args, kwargs, output_fn)")
 
@@ -330,6 +328,7 @@ def run(items, build, queries, out, *, engine="local", workers=None, scheduler=N
                                                                           else [v] for k, v in dynamic.items()}}
     os.makedirs(os.path.join(out, store.RESULTS), exist_ok=True)
     os.makedirs(os.path.join(out, store.GRAPHS), exist_ok=True)
+    store.remove_temporaries(out)       # left by a run that was killed while writing
     old = store.read_config(out)
     if old is None and any(f.endswith(".parquet") for f in os.listdir(os.path.join(out, store.RESULTS))):
         raise BatchError(f"{out} holds results but no {store.CONFIG}; choose another out")

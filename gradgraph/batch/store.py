@@ -76,6 +76,14 @@ def write_atomic(path, data):
         raise
 
 
+def remove_temporaries(out):
+    """Delete temporary files a killed run left behind (never a complete result)."""
+    for folder in (out, os.path.join(out, RESULTS), os.path.join(out, GRAPHS)):
+        for name in os.listdir(folder) if os.path.isdir(folder) else ():
+            if name.startswith(".tmp-"):
+                os.unlink(os.path.join(folder, name))
+
+
 def write_rows(out, item_id, rows):
     """One item's rows as ``out/results/<stem>.parquet`` (replacing an earlier result of it)."""
     import pyarrow as pa
