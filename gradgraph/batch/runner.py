@@ -319,7 +319,12 @@ def run(items, build, queries, out, *, engine="local", workers=None, scheduler=N
     queries = normalize_queries(queries)
     items = _items(items)
     _check_build(build)
-    import cloudpickle
+    try:
+        import cloudpickle
+        import pyarrow  # noqa: F401
+    except ImportError as exc:
+        raise BatchError(f"gradgraph.batch needs pyarrow and cloudpickle ({exc}): "
+                         f"pip install 'gradgraph[distributed]'") from None
     import torch
 
     from .. import __version__
