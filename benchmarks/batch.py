@@ -5,8 +5,9 @@ local worker processes; per-item time against torch forward + backward on the sa
     python benchmarks/batch.py --n 1000          # the full study
     python benchmarks/batch.py --n 100           # a sample; the 1,000-item time is extrapolated
 
-Items per second include each worker's start-up (import, model set-up, the one export); the
-extrapolation adds the measured start-up once to 1,000 items at the steady rate.
+Items per second (wall) include each worker's start-up (import, model set-up, the one export) and
+whatever else runs on the machine; the 1,000-item estimate is for an idle machine: the export plus
+1,000 items at the median CPU time per item (from the table's cpu_seconds) shared by the workers.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import MASK_ID, MASK_POS, bert_mlm, logit_diff, machine, print_table, torch_fwd_bwd_time  # noqa: E402
+from common import MASK_ID, MASK_POS, bert_mlm, embedding_forward, logit_diff, machine, print_table  # noqa: E402
 
 QUERIES = [
     {"query": "top_paths", "k": 1},
@@ -78,30 +79,34 @@ def main(argv=None):
         finally:
             shutil.rmtree(out, ignore_errors=True)
         assert s.failed == 0, t[t["status"] != "ok"]["error"].iloc[0]
-        first = t[t["query"] == QUERIES[0]["query"]]
-        per = t.groupby("item")["seconds"].sum() + first.set_index("item")["capture_seconds"]
-        startup = first[first["exported"]]["capture_seconds"].max()
-        steady = [v for k, v in per.items() if not first.set_index("item").loc[k, "exported"]]
-        worker_rate = 1 / statistics.mean(steady)                  # one worker, after its export
-        est_1000 = startup + 1000 / (worker_rate * w)
-        rows.append((w, f"{wall:.0f} s", f"{a.n / wall:.2f}", f"{statistics.median(steady):.2f} s",
-                     f"{startup:.0f} s", f"{est_1000 / 60:.1f} min", t["exported"].sum() // len(QUERIES)))
+        first = t[t["query"] == QUERIES[0]["query"]].set_index("item")
+        steady = first[~first["exported"]]
+        cpu = statistics.median(steady["cpu_seconds"])          # one item, after the worker's export
+        export = first[first["exported"]]["capture_seconds"].max()
+        # on an idle machine the study is CPU-bound: 1,000 items share w workers
+        est = export + 1000 * cpu / w
+        rows.append((w, f"{wall:.0f} s", f"{a.n / wall:.3f}", f"{cpu:.2f} s", f"{export:.0f} s",
+                     f"{est / 60:.1f} min", int(first["exported"].sum())))
         if per_item is None:
-            per_item = per
-    print_table(rows, ("workers", "wall", "items/s", "median per item", "export", "1,000 items (est.)",
-                       "exports"))
-    # torch forward + backward (to the word embeddings) on the same items, with the threads of a
-    # worker of the first run (the local engine gives each worker cores / workers threads)
+            per_item = steady["cpu_seconds"]
+    print_table(rows, ("workers", "wall", "items/s (wall)", "CPU per item (median)", "export (wall)",
+                       "1,000 items, idle (est.)", "exports"))
+    # torch forward + backward (to the word embeddings) on the same items, CPU time, with the
+    # threads of a worker of the first run (the local engine gives each worker cores / workers)
     threads = max(1, (os.cpu_count() or 1) // a.workers[0])
     torch.set_num_threads(threads)
     model = Study().setup()
     ratios = []
-    for it in items[:a.torch_sample]:
+    for it in [it for it in items if str(it["id"]) in per_item.index][:a.torch_sample]:
         args, kwargs, out = Study().inputs(it)
-        ref = torch_fwd_bwd_time(model, kwargs, out, repeats=3)
-        ratios.append(per_item.loc[str(it["id"])] / ref)
-    print(f"per item (capture + 3 queries) / torch forward + backward, median over {len(ratios)} items: "
-          f"{statistics.median(ratios):.1f}x (run with {a.workers[0]} worker(s); {threads} torch thread(s))")
+        torch.autograd.grad(*embedding_forward(model, kwargs, out))      # warm-up
+        c0 = time.process_time()
+        for _ in range(3):
+            torch.autograd.grad(*embedding_forward(model, kwargs, out))
+        ratios.append(per_item.loc[str(it["id"])] / ((time.process_time() - c0) / 3))
+    print(f"per item (capture + 3 queries) / torch forward + backward, CPU time, median over "
+          f"{len(ratios)} items: {statistics.median(ratios):.0f}x ({threads} torch thread(s) on both sides; "
+          f"items after the worker's export)")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from models import autograd_gradient
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 #: columns that depend on timing and scheduling, not on the item
-VOLATILE = ["capture_seconds", "seconds", "worker", "exported", "notes"]
+VOLATILE = ["capture_seconds", "seconds", "cpu_seconds", "worker", "exported", "notes"]
 
 
 @pytest.fixture(scope="module")

@@ -143,7 +143,7 @@ class _Worker:
                         error_type=type(exc).__name__, error=" ".join(str(exc).split()) or type(exc).__name__,
                         value=math.nan, **extra)
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             model, args, kwargs, output = self._inputs(value)
             cap = self._capturer(model, output, args, kwargs)
@@ -169,6 +169,8 @@ class _Worker:
                                  result=json.dumps(res), seconds=time.perf_counter() - t1))
             except Exception as exc:
                 rows.append(failed(exc, spec, seconds=time.perf_counter() - t1))
+        for r in rows:
+            r["cpu_seconds"] = time.process_time() - c0
         return item_id, rows, files
 
 

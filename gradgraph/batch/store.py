@@ -43,6 +43,7 @@ COLUMNS = {
     "n_scalars": "int64",        # scalar nodes of the captured graph
     "capture_seconds": "float64",
     "seconds": "float64",        # time of this query
+    "cpu_seconds": "float64",    # CPU time of the whole item in its worker (all threads)
     "exported": "bool_",         # this item's capture ran torch.export (depends on scheduling)
     "notes": "string",           # e.g. why the program could not serve every sentence length
     "worker": "string",          # host:pid that computed the row
