@@ -130,21 +130,26 @@ def _grouped(values, axis):
     return values.sum(axis=tuple(d for d in range(values.ndim) if d != axis % values.ndim))
 
 
+def _inside(module, m):
+    return module == m or module.startswith(m + ".")
+
+
 def _module_inputs(g, patterns):
-    """Tensors outside a module matching ``patterns`` that feed a node inside it, per module."""
+    """``[(tensor, module)]``: for each module path matching a glob pattern, the tensors outside
+    it that feed a node inside it (e.g. the residual stream entering a layer's attention)."""
     out = []
-    inside = lambda mod, m: mod == m or mod.startswith(m + ".")   # noqa: E731
-    modules = sorted({n.module for n in g.nodes if n.module}, key=lambda m: (m.count("."), m))
     candidates = set()
-    for m in modules:      # every module path and its ancestors
+    for m in {n.module for n in g.nodes if n.module and not n.module.startswith("<")}:
+        # every module path and its ancestors
         parts = m.split(".")
         candidates.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
     for pat in [patterns] if isinstance(patterns, str) else patterns:
-        for m in sorted(c for c in candidates if fnmatch.fnmatchcase(c, pat)):
+        matches = [c for c in candidates if fnmatch.fnmatchcase(c, pat)]
+        for m in sorted(matches, key=lambda c: [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in c.split(".")]):
             found = []
             for e in g.edges:
                 src, dst = g.nodes[e.src], g.nodes[e.dst]
-                if inside(dst.module, m) and not inside(src.module, m) and src.name not in found:
+                if _inside(dst.module, m) and not _inside(src.module, m) and src.name not in found:
                     found.append(src.name)
             out.extend((name, m) for name in found)
     if not out:
