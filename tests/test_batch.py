@@ -130,7 +130,6 @@ def test_killed_dask_worker_loses_and_duplicates_nothing(cluster, tmp_path):
         assert first.computed == 40     # Dask reran the dead worker's tasks elsewhere (or recorded them failed)
         again = gg.batch.run(items, MLPBuilder(), queries, out, engine="dask", scheduler=cluster.scheduler_address)
         assert again.computed == first.failed
-        client.wait_for_workers(2, timeout=60)   # the nanny restarts the killed worker for the next test
     t = pd.read_parquet(out)
     assert sorted(t.groupby(["item", "query"]).size().items()) == \
         sorted(((str(i), q["name"]), 1) for i in range(40) for q in gg.batch.normalize_queries(queries))
