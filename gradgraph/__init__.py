@@ -4,6 +4,7 @@
 >>> g = gg.capture(model, args, output=lambda out: out.logits[0, 5, is_id] - out.logits[0, 5, are_id])
 >>> g.gradient(); g.top_paths(k=5); g.entropy(); g.flow(by="module")
 """
+from . import batch
 from .capture import Capturer, capture, register_rule
 from .errors import CaptureError, GradGraphError, GraphFormatError, QueryError, UnsupportedOpError
 from .errors import CaptureWarning, GradGraphWarning, QueryWarning
@@ -15,7 +16,7 @@ from .graph import GradGraph
 
 __version__ = "0.1.0"
 
-__all__ = ["capture", "Capturer", "register_rule", "load", "GradGraph", "GradGraphError",
+__all__ = ["capture", "Capturer", "register_rule", "load", "batch", "GradGraph", "GradGraphError",
            "CaptureError", "UnsupportedOpError", "GraphFormatError", "QueryError", "to_dot", "render", "__version__",
            "report", "to_json", "write_json", "PathList",
            "GradGraphWarning", "CaptureWarning", "QueryWarning"]

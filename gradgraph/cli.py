@@ -561,7 +561,122 @@ def build_parser():
                    help="instead of paths: the elements carrying at least this fraction of all |gradient|")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     c.set_defaults(func=cmd_export)
+
+    _add_batch_commands(sub)
     return p
+
+
+# ============================================================================ batch, batch-status
+_BATCH_EPILOG = """examples:
+  gradgraph batch study.py:Builder --items items.jsonl --queries queries.json --out results/
+  gradgraph batch study.py:build --items items.json --queries queries.yaml --out results/ --engine dask --workers 4
+  gradgraph batch study.py:Builder --items items.jsonl --queries queries.json --out results/ \\
+      --engine dask --scheduler tcp://10.0.0.5:8786
+  gradgraph batch-status results/
+
+SPEC names a function item -> (model, args, kwargs, output_fn), or a class whose instance has
+setup() -> model and inputs(item) -> (args, kwargs, output_fn). Items: a JSON list or JSON lines,
+each a dict with an "id". Queries: a JSON or YAML list of query specs (docs/batch.md). A re-run
+with the same --out computes only missing or failed items."""
+
+
+def _load_build(spec):
+    """The build named by ``path/to/file.py:name`` or ``package.module:name`` (a class is instantiated)."""
+    target, sep, name = spec.rpartition(":")
+    if not sep or not target or not name:
+        raise UsageError(f"bad spec {spec!r}: use path/to/file.py:name or package.module:name")
+    try:
+        if target.endswith(".py") or os.sep in target or "/" in target:
+            if not os.path.isfile(target):
+                raise UsageError(f"bad spec {spec!r}: file {target} does not exist")
+            modname = "_gradgraph_spec_" + os.path.splitext(os.path.basename(target))[0]
+            mspec = importlib.util.spec_from_file_location(modname, target)
+            module = importlib.util.module_from_spec(mspec)
+            sys.modules[modname] = module
+            mspec.loader.exec_module(module)
+            import cloudpickle    # workers cannot import this file by name: send its code along
+            cloudpickle.register_pickle_by_value(module)
+        else:
+            module = importlib.import_module(target)
+    except GradGraphError:
+        raise
+    except Exception as exc:
+        raise UsageError(f"bad spec {spec!r}: importing {target} failed: {type(exc).__name__}: {exc}") from exc
+    build = getattr(module, name, None)
+    if build is None:
+        raise UsageError(f"bad spec {spec!r}: {target} has no {name!r}")
+    if isinstance(build, type):
+        try:
+            build = build()
+        except Exception as exc:
+            raise UsageError(f"bad spec {spec!r}: {name}() failed: {type(exc).__name__}: {exc}") from exc
+    return build
+
+
+def _load_items(path):
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read --items {path}: {exc.strerror or exc}") from None
+    try:
+        if text.lstrip().startswith("["):
+            return json.loads(text)
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--items {path} is neither a JSON list nor JSON lines: {exc}") from None
+
+
+def cmd_batch(a):
+    from .batch import load_queries, run
+    if a.workers is not None and a.workers < 0:
+        raise UsageError("--workers must be >= 0")
+    queries = load_queries(a.queries)
+    items = _load_items(a.items)
+    build = _load_build(a.spec)
+    s = run(items, build, queries, a.out, engine=a.engine, workers=a.workers, scheduler=a.scheduler,
+            resume=not a.no_resume, force=a.force, progress=True if a.progress else None)
+    for note in s.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"{s.computed} computed ({s.failed} failed), {s.skipped} already done, {s.items} items; "
+          f"{s.seconds:.1f} s; results in {a.out}")
+    return 0
+
+
+def cmd_batch_status(a):
+    from .batch import status
+    st = status(a.dir)
+    if a.json:
+        json.dump(st, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    print(f"{st['items']} items: {st['done']} done, {st['failed']} failed, {st['missing']} missing")
+    for item, et, err in st["failures"]:
+        print(f"failed {item}: {et}: {err}")
+    return 0
+
+
+def _add_batch_commands(sub):
+    fmt = argparse.RawDescriptionHelpFormatter
+    h = "capture and query many inputs (local processes or Dask), resumably, into a Parquet table"
+    c = sub.add_parser("batch", help=h, description=h, epilog=_BATCH_EPILOG, formatter_class=fmt)
+    c.add_argument("spec", metavar="SPEC", help="path/to/file.py:name or package.module:name (function or class)")
+    c.add_argument("--items", required=True, metavar="FILE", help="JSON list or JSON lines of items with an 'id'")
+    c.add_argument("--queries", required=True, metavar="FILE", help="JSON or YAML list of query specs")
+    c.add_argument("--out", "-o", required=True, metavar="DIR", help="results folder (resumed if it exists)")
+    c.add_argument("--engine", choices=["local", "dask"], default="local")
+    c.add_argument("--workers", type=int, metavar="N", help="worker processes (default: one per CPU; 0: this process)")
+    c.add_argument("--scheduler", metavar="ADDR", help="Dask scheduler, e.g. tcp://host:8786 (default: a local cluster)")
+    c.add_argument("--force", action="store_true", help="accept a folder written with other queries: recompute every item")
+    c.add_argument("--no-resume", action="store_true", help="recompute items already done")
+    c.add_argument("--progress", action="store_true", help="always show the progress bar (default: on a terminal)")
+    c.set_defaults(func=cmd_batch)
+    h = "done / failed / missing counts of a batch results folder, and the failures' messages"
+    c = sub.add_parser("batch-status", help=h, description=h, formatter_class=fmt,
+                       epilog="example:\n  gradgraph batch-status results/")
+    c.add_argument("dir", metavar="DIR")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.set_defaults(func=cmd_batch_status)
 
 
 def _version():

@@ -1,7 +1,8 @@
 """Exceptions raised by gradgraph. Every user error derives from :class:`GradGraphError`."""
 
 __all__ = ["GradGraphError", "CaptureError", "UnsupportedOpError", "GraphFormatError", "QueryError",
-           "GradGraphWarning", "CaptureWarning", "QueryWarning"]
+           "GradGraphWarning", "CaptureWarning", "QueryWarning",
+           "BatchError"]
 
 
 class GradGraphError(Exception):
@@ -36,3 +37,7 @@ class CaptureWarning(GradGraphWarning):
 
 class QueryWarning(GradGraphWarning):
     """A query has no meaningful answer on this graph (no path from the sources to the sink)."""
+
+
+class BatchError(GradGraphError):
+    """A batch run cannot start or resume as asked (bad items, queries or results folder)."""

@@ -63,6 +63,31 @@ class _Explained(torch.nn.Module):
         return self.output(out) if self.output is not None else out
 
 
+class _ExplainedPacked(_Explained):
+    """:class:`_Explained` taking ``(args, kwargs)`` as two arguments: ``torch.export`` maps
+    ``dynamic_shapes`` onto a forward with ``**kwargs`` inconsistently (torch 2.13), onto this one
+    correctly. Placeholders are named ``args_<i>`` and ``kwargs_<name>``."""
+
+    def forward(self, args, kwargs):
+        return super().forward(*args, **kwargs)
+
+
+def _dynamic_spec(dynamic):
+    """Validate ``Capturer(dynamic=...)``: ``{input: dims}`` -> ``{input: tuple of ints}``."""
+    if dynamic is None:
+        return None
+    if not isinstance(dynamic, dict):
+        raise CaptureError("dynamic must be a dict {input name or position: dims}, e.g. "
+                           "{'input_ids': [1], 'attention_mask': [1]} for a variable sequence length")
+    out = {}
+    for key, dims in dynamic.items():
+        dims = (dims,) if isinstance(dims, int) else tuple(dims)
+        if not isinstance(key, (str, int)) or not all(isinstance(d, int) and d >= 0 for d in dims):
+            raise CaptureError(f"dynamic[{key!r}] must list non-negative dimension indices, got {dims!r}")
+        out[key] = dims
+    return out
+
+
 def _decomposition_table(granularity):
     from torch._decomp import get_decompositions
     table = torch.export.default_decompositions()
@@ -184,11 +209,12 @@ def _np_value(t):
     return t.detach().cpu().numpy()
 
 
-def _run_program(ep, args, kwargs):
+def _run_program(ep, args, kwargs, packed=False):
     """Run the exported program on these inputs, keeping every value: (env, the fx nodes or
-    values of the user's outputs; buffer updates such as batch norm statistics are left out)."""
+    values of the user's outputs; buffer updates such as batch norm statistics are left out).
+    ``packed``: the program was exported from ``_ExplainedPacked`` (one (args, kwargs) input)."""
     gm = ep.graph_module
-    flat = ep._graph_module_flat_inputs(tuple(args), kwargs)
+    flat = ep._graph_module_flat_inputs(*(((tuple(args), kwargs), {}) if packed else (tuple(args), kwargs)))
     interp = torch.fx.Interpreter(gm, garbage_collect_values=False)
     with torch.no_grad():
         interp.run(*flat, enable_io_processing=False)
@@ -319,9 +345,17 @@ class Capturer:
         decomposes them into core ATen ops (the paper's own convention).
     progress : bool, optional
         Show a progress bar (default: when stderr is a terminal and the graph is large).
+    dynamic : dict, optional
+        ``{input: dims}``: dimensions whose size varies between captures (``input`` a keyword
+        name or a positional index), e.g. ``{"input_ids": [1], "attention_mask": [1]}`` for
+        sentences of different lengths. The model is exported once with these dimensions
+        symbolic (``torch.export.Dim.AUTO``) and the program serves every size in its range. Where
+        the model fixes a size (or the symbolic export fails) it is exported once per size
+        instead, and :attr:`notes` says why.
     """
 
-    def __init__(self, model, output=None, *, sources=None, granularity="function", progress=None):
+    def __init__(self, model, output=None, *, sources=None, granularity="function", progress=None,
+                 dynamic=None):
         if not isinstance(model, torch.nn.Module):
             raise CaptureError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if granularity not in GRANULARITIES:
@@ -335,32 +369,108 @@ class Capturer:
         self.progress = progress
         self._programs = {}
         self.n_exports = 0
+        self.dynamic = _dynamic_spec(dynamic)
+        self.notes = []              # why a dynamic export fell back to one export per size
+        self._packed = set()         # ids of programs exported from _ExplainedPacked
+        self._packed_now = False     # the program of the capture in progress is one of them
 
     # ------------------------------------------------------------------ export
     def _program(self, args, kwargs, refresh=False):
         """The exported program for this input signature; ``refresh``: export again even if one
         is cached (the cached one no longer computes what the model does)."""
         # train / eval mode is traced into the program (dropout, batch norm): part of the key
-        key = (_signature(args, kwargs), tuple(m.training for m in self.model.modules()))
+        mode = tuple(m.training for m in self.model.modules())
+        if self.dynamic and not refresh:
+            ep = self._dynamic_program(args, kwargs, mode)
+            if ep is not None:
+                return ep
+        key = (_signature(args, kwargs), mode)
         ep = None if refresh else self._programs.get(key)
         if ep is None:
-            t0 = time.perf_counter()
-            wrapper = _Explained(self.model, self.output)
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", FutureWarning)
-                    with routed_autograd_functions():
-                        ep = torch.export.export(wrapper, tuple(args), dict(kwargs), strict=False)
-                    cut_gradients(ep)
-                    ep = ep.run_decompositions(_decomposition_table(self.granularity))
-            except GradGraphError:
-                raise
-            except Exception as exc:
-                raise CaptureError(_export_failure(exc)) from exc
-            self._programs[key] = ep
-            self.n_exports += 1
-            self.last_export_seconds = time.perf_counter() - t0
+            ep = self._programs[key] = self._export(args, kwargs)
         return ep
+
+    def _export(self, args, kwargs, dynamic_shapes=None):
+        t0 = time.perf_counter()
+        packed = dynamic_shapes is not None
+        wrapper = (_ExplainedPacked if packed else _Explained)(self.model, self.output)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                with routed_autograd_functions():
+                    if packed:
+                        ep = torch.export.export(wrapper, (tuple(args), dict(kwargs)), strict=False,
+                                                 dynamic_shapes=dynamic_shapes)
+                    else:
+                        ep = torch.export.export(wrapper, tuple(args), dict(kwargs), strict=False)
+                cut_gradients(ep)
+                ep = ep.run_decompositions(_decomposition_table(self.granularity))
+        except GradGraphError:
+            raise
+        except Exception as exc:
+            raise CaptureError(_export_failure(exc)) from exc
+        if packed:
+            self._packed.add(id(ep))
+        self.n_exports += 1
+        self.last_export_seconds = time.perf_counter() - t0
+        return ep
+
+    def _dynamic_program(self, args, kwargs, mode):
+        """The program exported with ``self.dynamic``'s dimensions symbolic, if it serves these
+        inputs (exported on first use); None where it cannot (then one program per size)."""
+        dims = {}    # (placeholder name, dim) -> size
+        for name, key, v in [(f"args_{i}", i, a) for i, a in enumerate(args)] + \
+                            [(f"kwargs_{k}", k, v) for k, v in kwargs.items()]:
+            for d in self.dynamic.get(key, ()) if isinstance(v, torch.Tensor) else ():
+                if d < v.dim():
+                    dims[(name, d)] = v.shape[d]
+        if not dims:
+            return None
+
+        def general(key, v):   # the input with its dynamic sizes left out of the cache key
+            if not isinstance(v, torch.Tensor) or key not in self.dynamic:
+                return v
+            shape = [0 if d in self.dynamic[key] else n for d, n in enumerate(v.shape)]
+            return torch.empty(shape, dtype=v.dtype, device="meta")
+        key = ("dynamic", _signature(tuple(general(i, a) for i, a in enumerate(args)),
+                                     {k: general(k, v) for k, v in kwargs.items()}), mode)
+        ep = self._programs.get(key)
+        if ep is None:
+            auto = torch.export.Dim.AUTO
+            spec = (tuple({d: auto for (n, d) in dims if n == f"args_{i}"} or None for i in range(len(args))),
+                    {k: {d: auto for (n, d) in dims if n == f"kwargs_{k}"} or None for k in kwargs})
+            label = {n: (f"positional input {n[5:]}" if n.startswith("args_") else n[7:]) for n, _ in dims}
+            what = ", ".join(f"{label[n]} dim {d}" for n, d in dims)
+            try:
+                ep = self._export(args, kwargs, dynamic_shapes=spec)
+            except CaptureError as exc:
+                self.notes.append(f"exporting with a variable size of {what} failed ({exc}); "
+                                  f"exporting once per size instead")
+                ep = False
+            if ep is not False:
+                fixed = [f"{label[n]} dim {d}" for (n, d) in dims
+                         if self._size_symbol(ep, n, d) is None]
+                if fixed:
+                    self.notes.append(f"torch.export fixed the size of {', '.join(fixed)} (the model "
+                                      f"depends on it); exporting once per size instead")
+                    self._programs[(_signature(args, kwargs), mode)] = ep   # still right for this size
+                    ep = False
+            self._programs[key] = ep
+        if ep is False:
+            return None
+        for (n, d), size in dims.items():
+            r = ep.range_constraints.get(self._size_symbol(ep, n, d))
+            if r is not None and not int(r.lower) <= size <= r.upper:
+                return None   # outside the sizes the program is valid for: one program for this size
+        return ep
+
+    @staticmethod
+    def _size_symbol(ep, placeholder, dim):
+        """The symbol (sympy) of a placeholder's dimension; None where its size is fixed."""
+        node = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == placeholder)
+        size = node.meta["val"].shape[dim]
+        expr = size.node.expr if isinstance(size, torch.SymInt) else None
+        return None if expr is None or expr.is_number else expr
 
     def _eager_output(self, args, kwargs):
         """``output(model(*args, **kwargs))`` run by PyTorch itself, leaving the model's buffers
@@ -426,7 +536,7 @@ class Capturer:
         kwargs = dict(kwargs or {})
         n_exports = self.n_exports
         ep = self._program(args, kwargs)
-        env, outs = _run_program(ep, args, kwargs)
+        env, outs = _run_program(ep, args, kwargs, id(ep) in self._packed)
         # the program must compute what the model computes now: a Python attribute the forward
         # branches on is not in the cache key, so a changed one shows as a different output (an
         # output that is not one tensor is refused by _sink below)
@@ -434,13 +544,14 @@ class Capturer:
         if eager is not None and not _same_value(eager, _output_value(outs, env)) \
                 and self.n_exports == n_exports:
             ep = self._program(args, kwargs, refresh=True)
-            env, outs = _run_program(ep, args, kwargs)
+            env, outs = _run_program(ep, args, kwargs, id(ep) in self._packed)
         if eager is not None and not _same_value(eager, _output_value(outs, env)):
             _warn(CaptureWarning(
                 f"the captured program gives {_output_value(outs, env)} where the model gives "
                 f"{eager} on the same input: the model is not deterministic (dropout in training "
                 f"mode? call model.eval()), so the graph explains one run of it"))
         gm = ep.graph_module
+        self._packed_now = id(ep) in self._packed
         nodes = list(gm.graph.nodes)
         placeholders = [n for n in nodes if n.op == "placeholder"]
         user_inputs = set(ep.graph_signature.user_inputs)
@@ -484,6 +595,8 @@ class Capturer:
 
     def _input_name(self, name):
         """``args_0`` -> the name of the model's first positional parameter (``x``, ``input``)."""
+        if self._packed_now and name.startswith("kwargs_"):
+            return name[len("kwargs_"):]     # a keyword input of a program with variable sizes
         m = re.fullmatch(r"args_(\d+)", name)
         if m:
             import inspect
