@@ -1,6 +1,6 @@
 """Train the 1-layer BERT of paper §5.1 on FirstTokenRepeatedOnce and save the bundled weights.
 
-    .venv/bin/python experiments/first_token_repeated_once.py [--epochs 42] [--out gradgraph/data/ftro_bert.safetensors]
+    python -m gradgraph.experiments.train_first_token [--epochs 42] [--out gradgraph/data/ftro_bert.safetensors]
 
 10,000 balanced examples split 0.7 / 0.1 / 0.2; batch 32, Adam lr 1e-3, dropout 0.2 (the paper's code).
 The bundled weights were trained with `--epochs 80` (OMP_NUM_THREADS=1): validation accuracy reached
