@@ -170,7 +170,7 @@ def run(out, *, quick=False, workers=1, overwrite=False, checkpoint=None, log=pr
     from .sva_model import DEFAULT_CHECKPOINT, encode_pair, load_checkpoint
     checkpoint = checkpoint or DEFAULT_CHECKPOINT
     prepare_out(out, OUTPUTS, overwrite)
-    epochs, n_inputs = (3, 4) if quick else (30, 50)
+    epochs, n_inputs = (3, 4) if quick else (30, 20)
     hidden = (4, 16, 64) if quick else HIDDEN_SIZES
     depths = (1, 2) if quick else DEPTHS
     configs = [(h, 1, epochs, n_inputs) for h in hidden] + \
@@ -180,7 +180,7 @@ def run(out, *, quick=False, workers=1, overwrite=False, checkpoint=None, log=pr
     mlp_figure(mlp_rows, os.path.join(out, OUTPUTS[1]))
 
     _, tok = load_checkpoint(checkpoint)
-    pairs = make_pairs(8 if quick else 150, seed=20_000)
+    pairs = make_pairs(8 if quick else 100, seed=20_000)
     encoded = [(i, p, e) for i, (p, e) in enumerate((p, encode_pair(tok, p)) for p in pairs)
                if e is not None]
     length = max(e.ids.shape[1] for _, _, e in encoded)
