@@ -119,8 +119,8 @@ def mlp_figure(rows, path):
         ax.set_ylabel("Entropy (nats)")
         if key == "hidden":
             ax.set_xscale("log", base=2)
-            ax.set_xticks(v)
-            ax.set_xticklabels([str(i) for i in v])
+        ax.set_xticks(v)
+        ax.set_xticklabels([str(i) for i in v])
         ax.set_title(f"MLP on the 4-feature task: entropy vs {key}")
         ax.legend(fontsize=7)
     return save_figure(fig, path)

@@ -232,6 +232,7 @@ def entropy_figure(rows, table, path):
         ax.plot(ks, [np.mean([r["entropy"] for r in sel if r["n_attractors"] == k]) for k in ks],
                 marker="o", label=f"{lo}-{hi - 1} words")
     ax.set_xlabel("Number of attractors")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("Entropy of the path distribution (nats)")
     ax.set_title("Entropy vs attractors, by sentence length")
     ax.legend(fontsize=8)
