@@ -273,11 +273,14 @@ def head_figure(table, n_layers, n_heads, path):
 
 
 def ablation(model, encoded, head_rank, *, ns=ABLATION_N, seeds=5, log=print):
-    """Agreement accuracy with the top-n, bottom-n and n random heads masked."""
+    """Agreement accuracy (and the mean margin log p(good) - log p(bad)) with the top-n, bottom-n
+    and n random heads masked."""
     from .heads import mask_heads
     from .sva_model import verb_scores
-    base = float(np.mean(verb_scores(model, encoded) > 0))
-    rows = [{"selection": "none", "n": 0, "seed": None, "heads": "", "accuracy": base}]
+    scores = verb_scores(model, encoded)
+    base = float(np.mean(scores > 0))
+    rows = [{"selection": "none", "n": 0, "seed": None, "heads": "", "accuracy": base,
+             "mean_margin": float(np.mean(scores))}]
     all_heads = [(r["layer"], r["head"]) for r in sorted(head_rank, key=lambda r: r["rank"])]
     rng = np.random.default_rng(0)
     jobs = []
@@ -292,9 +295,10 @@ def ablation(model, encoded, head_rank, *, ns=ABLATION_N, seeds=5, log=print):
     from tqdm import tqdm
     for sel, n, s, heads in tqdm(jobs, desc="head ablation", unit="mask"):
         with mask_heads(model, heads):
-            acc = float(np.mean(verb_scores(model, encoded) > 0))
+            scores = verb_scores(model, encoded)
         rows.append({"selection": sel, "n": n, "seed": s,
-                     "heads": " ".join(f"{L}.{h}" for L, h in heads), "accuracy": acc})
+                     "heads": " ".join(f"{L}.{h}" for L, h in heads),
+                     "accuracy": float(np.mean(scores > 0)), "mean_margin": float(np.mean(scores))})
     return rows
 
 
