@@ -303,24 +303,26 @@ def ablation(model, encoded, head_rank, *, ns=ABLATION_N, seeds=5, log=print):
 
 
 def ablation_figure(rows, path):
-    fig, axes = new_figure(1, width=5.5)
-    ax = axes[0]
-    base = rows[0]["accuracy"]
+    """Accuracy and mean margin against the number of heads masked, per selection."""
+    fig, axes = new_figure(2, width=5.2)
     ns = sorted({r["n"] for r in rows if r["n"]})
-    for sel, color in (("top", "#C44E52"), ("bottom", "#4C72B0")):
-        ax.plot(ns, [next(r["accuracy"] for r in rows if r["selection"] == sel and r["n"] == n)
-                     for n in ns], marker="o", color=color, label=f"{sel}-n by flow")
-    rnd = [[r["accuracy"] for r in rows if r["selection"] == "random" and r["n"] == n] for n in ns]
-    ax.errorbar(ns, [np.mean(v) for v in rnd], yerr=[np.std(v) for v in rnd], marker="s",
-                color="gray", capsize=3, label="n random (mean ± sd over seeds)")
-    ax.axhline(base, color="black", linestyle=":", label="no head masked")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(ns)
-    ax.set_xticklabels([str(n) for n in ns])
-    ax.set_xlabel("Number of heads masked")
-    ax.set_ylabel("Agreement accuracy")
-    ax.set_title("Masking heads ranked by gradient flow")
-    ax.legend(fontsize=8)
+    for ax, key, label in ((axes[0], "accuracy", "Agreement accuracy"),
+                           (axes[1], "mean_margin", "Mean log p(good) - log p(bad)")):
+        base = rows[0][key]
+        for sel, color in (("top", "#C44E52"), ("bottom", "#4C72B0")):
+            ax.plot(ns, [next(r[key] for r in rows if r["selection"] == sel and r["n"] == n)
+                         for n in ns], marker="o", color=color, label=f"{sel}-n by flow")
+        rnd = [[r[key] for r in rows if r["selection"] == "random" and r["n"] == n] for n in ns]
+        ax.errorbar(ns, [np.mean(v) for v in rnd], yerr=[np.std(v) for v in rnd], marker="s",
+                    color="gray", capsize=3, label="n random (mean ± sd over seeds)")
+        ax.axhline(base, color="black", linestyle=":", label="no head masked")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ns)
+        ax.set_xticklabels([str(n) for n in ns])
+        ax.set_xlabel("Number of heads masked")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    fig.suptitle("Masking attention heads ranked by gradient flow", fontsize=10)
     return save_figure(fig, path)
 
 
