@@ -49,10 +49,24 @@ def _finite(x):
     return x if math.isfinite(x) else None
 
 
+def _strict_json(obj):
+    """``obj`` with every non-finite float (Python or numpy, at any depth) replaced by None and
+    numpy scalars by Python ones: what strict JSON (RFC 8259, no NaN or Infinity) can hold."""
+    if isinstance(obj, dict):
+        return {k: _strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict_json(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:    # numpy scalars
+        obj = obj.item()
+    if isinstance(obj, float):
+        return _finite(obj)
+    return obj
+
+
 def _emit(obj, as_json, text):
     if as_json:
-        json.dump(obj, sys.stdout, indent=2, sort_keys=False)
-        sys.stdout.write("\n")
+        # allow_nan=False: a non-finite number that escaped the mapping is a bug, not bad JSON
+        sys.stdout.write(json.dumps(_strict_json(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
     else:
         sys.stdout.write(text() + "\n")
 
@@ -95,6 +109,8 @@ def load_spec(spec):
             module = importlib.import_module(target)
     except GradGraphError:
         raise
+    except SystemExit as exc:
+        raise UsageError(f"bad spec {spec!r}: importing {target} called sys.exit({exc.code!r})") from None
     except ModuleNotFoundError as exc:
         raise UsageError(f"bad spec {spec!r}: cannot import {target}: {exc}") from exc
     except Exception as exc:
@@ -104,6 +120,8 @@ def load_spec(spec):
         raise UsageError(f"bad spec {spec!r}: {target} has no function {func!r}")
     try:
         built = fn()
+    except SystemExit as exc:
+        raise UsageError(f"bad spec {spec!r}: {func}() called sys.exit({exc.code!r})") from None
     except Exception as exc:
         raise UsageError(f"bad spec {spec!r}: {func}() failed: {type(exc).__name__}: {exc}") from exc
     import torch
@@ -183,8 +201,12 @@ def cmd_capture(a):
     if tty:
         print("gradgraph: tracing the model with torch.export ...", file=sys.stderr, flush=True)
     # progress=None: the capture's own bar appears on a terminal for large graphs, never in pipes
-    g = capture(model, args, kwargs, output=output, sources=a.sources or None,
-                granularity=a.granularity, progress=True if a.progress else None)
+    try:
+        g = capture(model, args, kwargs, output=output, sources=a.sources or None,
+                    granularity=a.granularity, progress=True if a.progress else None)
+    except SystemExit as exc:   # the model's code, run by the capture, asked to exit
+        raise UsageError(f"capturing {a.spec} failed: the model or output function called "
+                         f"sys.exit({exc.code!r})") from None
     g.save(a.out, overwrite=a.overwrite)
     size = os.path.getsize(a.out)
     print(f"wrote {a.out} ({size / 1e6:.2f} MB): {len(g.nodes)} tensors, "
@@ -336,6 +358,8 @@ def cmd_flow(a):
 
 def cmd_render(a):
     from .export.dot import check_output, render
+    if a.max_nodes < 3:
+        raise UsageError(f"--max-nodes must be >= 3 (a sink, a source and an ellipsis), got {a.max_nodes}")
     _check_new_file(a.out, a.overwrite)
     fmt = check_output(a.out, None, overwrite=a.overwrite)
     g = _load(a.file)
@@ -448,7 +472,7 @@ def build_parser():
     c.add_argument("--collapse", choices=["module", "op", "none"], default="module",
                    help="one box per module run (default), per tensor, or per scalar element")
     c.add_argument("--include-views", action="store_true", help="draw pure data-movement hops too")
-    c.add_argument("--max-nodes", type=int, default=200, help="cap on boxes (default 200)")
+    c.add_argument("--max-nodes", type=int, default=200, help="cap on boxes, >= 3 (default 200)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     c.set_defaults(func=cmd_render)
     _add_experiment_command(sub)
@@ -524,6 +548,10 @@ def main(argv=None):
         return 0
     except OSError as exc:   # an unwritable output path and the like
         print(f"gradgraph: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_USAGE
+    except MemoryError:
+        print("gradgraph: error: out of memory: the graph or the query needs more memory than this "
+              "machine has", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("gradgraph: interrupted", file=sys.stderr)

@@ -396,3 +396,121 @@ def test_render_node_cap_is_a_plain_note(capsys, captured, tmp_path):
     assert err.startswith("gradgraph: note: ") and "max_nodes=6" in err and "Warning" not in err
     (dot,) = pydot.graph_from_dot_file(str(tmp_path / "cap.dot"))
     assert dot.get_node("note")
+
+
+# ============================================================================ hardening
+def _nonfinite_graph_file(path):
+    """A three-node graph whose values, gradient and flows hold inf and NaN: x -> x * w -> sum,
+    w = (1e300, inf, -2), the sink value NaN. Built by hand (the values are the point)."""
+    from gradgraph.graph import Edge, GradGraph, Node
+    from gradgraph.jacobians import SparseJacobian
+    x, w = np.array([1.0, 2.0, 3.0]), np.array([1e300, np.inf, -2.0])
+    nodes = [Node("x", "input", (3,), "float64", value=x, role="source"),
+             Node("mul", "aten.mul.Tensor", (3,), "float64", value=x * w, module="scale"),
+             Node("sum", "aten.sum.default", (), "float64", value=np.array(np.nan), role="sink")]
+    edges = [Edge(0, 1, SparseJacobian((3,), (3,), None, None, w)),
+             Edge(1, 2, SparseJacobian((), (3,), np.zeros(3, dtype=int), None, None))]
+    g = GradGraph(nodes, edges, {"x": 0}, 2, "function", {"sink_value": float("nan"), "scale": [np.inf]})
+    g.save(str(path))
+    return gg.load(str(path))
+
+
+def _strict_loads(text):
+    """json.loads that refuses NaN and Infinity (Python's json accepts them; JSON does not)."""
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("argv", [
+    ["info"], ["entropy", "--per-source"], ["flow", "--by", "node"], ["flow", "--by", "module"],
+    ["flow", "--by", "element", "--top", "7"], ["paths", "--k", "2"],
+    ["paths", "--k", "2", "--order", "magnitude"]])
+def test_json_output_is_strict_with_inf_and_nan(capsys, tmp_path, argv):
+    """Every --json output is RFC 8259 JSON: non-finite numbers are null, as docs/cli.md says."""
+    g = _nonfinite_graph_file(tmp_path / "nonfinite.safetensors")
+    rc, out, err = cli(capsys, *argv[:1], tmp_path / "nonfinite.safetensors", *argv[1:], "--json")
+    assert rc == 0, err
+    doc = _strict_loads(out)
+    if argv[0] == "info":
+        assert doc["sink"]["value"] is None and doc["meta"] == {"sink_value": None, "scale": [None]}
+    if argv[0] == "flow":
+        by = argv[2]
+        api = g.flow(by=by)
+        # the premise: this graph has infinite flows
+        assert any(not np.all(np.isfinite(v)) for v in api.values())
+        for item in doc["top"]:
+            want = (np.asarray(api[item["node"]])[tuple(item["index"])] if by == "element"
+                    else api[item[by]])
+            assert item["flow"] == (float(want) if np.isfinite(want) else None)
+    if argv[0] == "entropy":
+        want = g.entropy(per_source=True)["x"]
+        assert doc["per_source"]["x"]["values"] == [float(v) if np.isfinite(v) else None for v in want]
+
+
+def test_strict_json_mapping_covers_numpy_and_nesting():
+    from gradgraph.cli import _strict_json
+    obj = {"a": [1.5, float("inf"), np.float32("nan"), np.float64(-np.inf), (np.int64(3), "s", None)],
+           "b": {"c": np.float64(2.0), "d": True}}
+    assert _strict_json(obj) == {"a": [1.5, None, None, None, [3, "s", None]], "b": {"c": 2.0, "d": True}}
+    assert _strict_loads(json.dumps(_strict_json(obj), allow_nan=False))
+
+
+@pytest.mark.parametrize("max_nodes", ["0", "-1", "2"])
+def test_render_max_nodes_below_three_is_an_error(capsys, tmp_path, max_nodes):
+    g = _nonfinite_graph_file(tmp_path / "g.safetensors")
+    assert g is not None
+    out = tmp_path / "top.dot"
+    msg = one_line_error(*cli(capsys, "render", tmp_path / "g.safetensors", "--max-nodes", max_nodes,
+                              "-o", out)[::2])
+    assert "--max-nodes" in msg and max_nodes in msg
+    assert not out.exists()
+
+
+def test_spec_calling_sys_exit_is_a_one_line_error(capsys, tmp_path):
+    """sys.exit in a spec (at import, in the function, or in the model while capturing) is a bad
+    spec: one line and status 2, never a silent exit with the spec's own status."""
+    out = tmp_path / "g.safetensors"
+    (tmp_path / "exits_on_import.py").write_text("import sys\nsys.exit(5)\n")
+    (tmp_path / "exits.py").write_text(textwrap.dedent("""
+        import sys
+        import torch
+        def build():
+            sys.exit(7)
+        def build_quiet():
+            sys.exit()
+        class Quits(torch.nn.Module):
+            def forward(self, x):
+                sys.exit(3)
+        def build_model_exits():
+            return Quits(), (torch.randn(2),), None, None
+    """))
+    cases = {f"{tmp_path / 'exits_on_import.py'}:build": "sys.exit(5)",
+             f"{tmp_path / 'exits.py'}:build": "sys.exit(7)",
+             f"{tmp_path / 'exits.py'}:build_quiet": "sys.exit(None)",
+             f"{tmp_path / 'exits.py'}:build_model_exits": "sys.exit(3)"}
+    for spec, expected in cases.items():
+        msg = one_line_error(*cli(capsys, "capture", spec, "--out", out)[::2])
+        assert expected in msg, (spec, msg)
+        assert not out.exists()
+    # and in a real process: the exit status is 2, not the spec's
+    r = run("capture", f"{tmp_path / 'exits.py'}:build", "--out", out)
+    assert "sys.exit(7)" in one_line_error(r.returncode, r.stderr)
+
+
+def test_broken_graph_file_is_one_line(capsys, tmp_path):
+    """A file that breaks the graph's invariants (here: no sources) is a one-line error in every
+    command, not a traceback from inside a query."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+    _nonfinite_graph_file(tmp_path / "g.safetensors")
+    with safe_open(str(tmp_path / "g.safetensors"), framework="np") as f:
+        meta, arrays = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    doc = json.loads(meta["graph"])
+    doc["sources"] = {}
+    meta["graph"] = json.dumps(doc)
+    bad = tmp_path / "nosources.safetensors"
+    save_file(arrays, str(bad), metadata=meta)
+    for argv in (["info"], ["paths"], ["entropy"], ["flow"], ["render", "-o", tmp_path / "x.dot"]):
+        msg = one_line_error(*cli(capsys, argv[0], bad, *argv[1:])[::2])
+        assert "no sources" in msg, msg

@@ -5,10 +5,12 @@ Jacobians must survive bit for bit), and the raw safetensors reader (what the fi
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from safetensors.numpy import save_file
 
 import gradgraph as gg
 from gradgraph.errors import GradGraphError, GraphFormatError
+from gradgraph.export import fileformat
 from gradgraph.export.fileformat import GraphFileExistsError
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -362,13 +365,10 @@ def test_refuses_to_overwrite(captured, tmp_path):
 
 
 def test_failed_save_leaves_nothing(captured, tmp_path, monkeypatch):
-    import safetensors.numpy
-
-    def broken(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"partial")
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(safetensors.numpy, "save_file", broken)
+    def broken(f, arrays, metadata):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(fileformat, "_write_safetensors", broken)
     g = captured["mlp_tanh"][0]
     p = tmp_path / "g.safetensors"
     with pytest.raises(GradGraphError, match="No space left"):
@@ -378,8 +378,8 @@ def test_failed_save_leaves_nothing(captured, tmp_path, monkeypatch):
     monkeypatch.undo()
     g.save(str(p))
     before = p.read_bytes()
-    monkeypatch.setattr(safetensors.numpy, "save_file", broken)
-    with pytest.raises(GradGraphError):
+    monkeypatch.setattr(fileformat, "_write_safetensors", broken)
+    with pytest.raises(GradGraphError, match="cannot write"):
         g.save(str(p), overwrite=True)
     assert p.read_bytes() == before and os.listdir(tmp_path) == ["g.safetensors"]
 
@@ -418,3 +418,348 @@ def test_saved_file_has_ordinary_permissions(captured, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(p).st_mode & 0o777 == 0o666 & ~umask
+
+
+# ============================================================================ hardening: loading
+def _tiny(n=3, w=None):
+    """x (n,) -> x * w -> sum: a hand-built graph (source, op, scalar sink), exact by construction."""
+    from gradgraph.graph import Edge, GradGraph, Node
+    from gradgraph.jacobians import SparseJacobian
+    x = np.linspace(1.0, 2.0, n)
+    w = np.linspace(-1.0, 3.0, n) if w is None else w
+    nodes = [Node("x", "input", (n,), "float64", value=x, role="source"),
+             Node("mul", "aten.mul.Tensor", (n,), "float64", value=x * w, module="scale"),
+             Node("sum", "aten.sum.default", (), "float64", value=np.array((x * w).sum()), role="sink")]
+    edges = [Edge(0, 1, SparseJacobian((n,), (n,), None, None, w)),
+             Edge(1, 2, SparseJacobian((), (n,), np.zeros(n, dtype=np.int32), None, None))]
+    return GradGraph(nodes, edges, {"x": 0}, 2, "function", {"note": "tiny"})
+
+
+def _write_unchecked(g, path):
+    """Write ``g`` in the file format without the checks of ``save`` (to make broken files)."""
+    table = fileformat._ArrayTable()
+    doc = fileformat._document(g, table)
+    save_file(dict(table.arrays), str(path),
+              metadata={"format": "gradgraph", "version": "1", "graph": json.dumps(doc)})
+    return str(path)
+
+
+@pytest.fixture
+def tiny_file(tmp_path):
+    return _write_unchecked(_tiny(), tmp_path / "tiny.safetensors")
+
+
+def _load_peak(path):
+    """(graph or the GraphFormatError, peak bytes traced while loading)."""
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        try:
+            out = gg.load(path)
+        except GraphFormatError as exc:
+            out = exc
+        return out, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_tiny_graph_premise(tiny_file):
+    h = gg.load(tiny_file)
+    g = _tiny()
+    torch.testing.assert_close(h.gradient()["x"], torch.from_numpy(g.edges[0].jac.vals), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("declared", [3 * 10**8, 10**12])
+def test_declared_sizes_need_data(tiny_file, tmp_path, declared):
+    """A few bytes of JSON cannot declare gigabytes: a node without a value, a node or a reference
+    larger than its array, an arange longer than its Jacobian's data -- each is a GraphFormatError,
+    found before anything of the declared size is allocated."""
+    MB = 2**20
+
+    def no_value(d):             # a node of `declared` elements and no value
+        d["nodes"][1].update(shape=[declared], value=None)
+
+    def bigger_shape(d):         # a value reference larger than its tensor
+        d["nodes"][1].update(shape=[declared])
+        d["nodes"][1]["value"]["shape"] = [declared]
+
+    def long_arange(d):          # an index map of `declared` entries for 3-element nodes
+        d["edges"][1]["arrays"]["rows"] = {"arange": [0, 0], "dtype": "<i4", "shape": [declared]}
+        d["edges"][1]["params"]["n"] = declared
+
+    for edit, words in [(no_value, ("node 1", "no value")), (bigger_shape, ("node 1", "elements")),
+                        (long_arange, ("edge 1.rows", "arange"))]:
+        p = _rewrite(tiny_file, str(tmp_path / "big.safetensors"), edit_doc=edit)
+        out, peak = _load_peak(p)
+        assert isinstance(out, GraphFormatError), (edit.__name__, out)
+        assert all(w in str(out) for w in words), (edit.__name__, str(out))
+        assert peak < 16 * MB, (edit.__name__, peak)
+
+
+def test_only_referenced_tensors_are_read(tmp_path):
+    """An unreferenced tensor costs nothing to load; referenced ones are read once, at their size."""
+    MB = 2**20
+    path = _write_unchecked(_tiny(), tmp_path / "plain.safetensors")
+    meta, arrays = _raw(path)
+    padded = str(tmp_path / "padded.safetensors")
+    save_file({**arrays, "unreferenced": np.ones(8 * MB // 8)}, padded, metadata=meta)
+    (_, plain_peak), (h, padded_peak) = _load_peak(path), _load_peak(padded)
+    assert isinstance(h, gg.GradGraph)
+    assert padded_peak < plain_peak + MB
+    # a graph of 3 x 4 MB of float64 values and weights (and a 2 MB index map, stored as an arange):
+    # loading allocates those arrays, not twice their size
+    n = MB // 2
+    big = _write_unchecked(_tiny(n), tmp_path / "big.safetensors")
+    h, peak = _load_peak(big)
+    assert isinstance(h, gg.GradGraph) and h.nodes[0].numel == n
+    assert peak < (3 * 8 + 4) * n * 1.15 + MB, peak
+
+
+def test_loaded_graph_outlives_its_file(tmp_path):
+    """Loading reads what the graph needs into memory: deleting or replacing the file later does
+    not change (or break) the loaded graph."""
+    p = str(tmp_path / "g.safetensors")
+    _tiny().save(p)
+    h = gg.load(p)
+    want = h.gradient()["x"].clone()
+    _tiny(w=np.full(3, 7.0)).save(p, overwrite=True)
+    torch.testing.assert_close(h.gradient()["x"], want, rtol=0, atol=0)
+    os.remove(p)
+    torch.testing.assert_close(h.gradient()["x"], want, rtol=0, atol=0)
+    assert h.top_paths(k=1)[0].weight == pytest.approx(3.0, rel=1e-12)
+
+
+def _rebuilt(**change):
+    """The tiny graph with some of its parts replaced (and no check on them)."""
+    from gradgraph.graph import GradGraph
+    g = _tiny()
+    parts = dict(nodes=g.nodes, edges=g.edges, sources=g.sources, sink=g.sink, granularity=g.granularity)
+    parts.update(change)
+    return GradGraph(parts["nodes"], parts["edges"], parts["sources"], parts["sink"], parts["granularity"], g.meta)
+
+
+def _broken_graphs():
+    from gradgraph.graph import Edge, Node
+    from gradgraph.jacobians import SparseJacobian
+    g = _tiny()
+    x, mul, s = g.nodes
+    e0, e1 = g.edges
+    two = Node("two", "aten.mul.Tensor", (3,), "float64", value=2 * x.value)
+    vec_sink = Node("vec", "aten.mul.Tensor", (2,), "float64", value=np.ones(2), role="sink")
+    int_x = Node("x", "input", (3,), "int64", value=np.arange(3), role="source")
+    return {
+        "no sources": (_rebuilt(sources={}), "no sources"),
+        "sink not last": (_rebuilt(nodes=[x, mul, s, two], edges=[e0, e1, Edge(0, 3, e0.jac)]), "not the last node"),
+        "sink not a scalar": (_rebuilt(nodes=[x, mul, vec_sink], edges=[
+            e0, Edge(1, 2, SparseJacobian((2,), (3,), [0, 1], [0, 1], None))]), "one floating-point number"),
+        "sink of integers": (_rebuilt(nodes=[x, mul, Node("sum", "aten.sum.default", (), "int64", value=np.array(3),
+                                                          role="sink")]), "one floating-point number"),
+        "null sink value": (_rebuilt(nodes=[x, mul, Node("sum", "aten.sum.default", (), "float64", role="sink")]),
+                            "no value"),
+        "unknown dtype": (_rebuilt(nodes=[x, Node("mul", "aten.mul.Tensor", (3,), "float65", value=mul.value), s]),
+                          "unknown dtype 'float65'"),
+        "integer source": (_rebuilt(nodes=[int_x, mul, s]), "not floating point"),
+        "source with an edge into it": (_rebuilt(sources={"x": 0, "mul": 1}), "edge into it"),
+        "one node, two sources": (_rebuilt(sources={"x": 0, "again": 0}), "same node"),
+        "source is the sink": (_rebuilt(sources={"x": 0, "sum": 2}), "is the sink"),
+        "unknown granularity": (_rebuilt(granularity="fine"), "granularity"),
+        "edge backward": (_rebuilt(edges=[e0, e1, Edge(2, 1, e1.jac)]), "topological"),
+        "negative argument": (_rebuilt(edges=[e0, Edge(1, 2, e1.jac, -1)]), "arg"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_broken_graphs()))
+def test_broken_invariants_are_format_errors(case, tmp_path):
+    """Every invariant the queries rely on is checked at load time (GraphFormatError naming it), and
+    ``save`` refuses to write such a graph in the first place."""
+    g, words = _broken_graphs()[case]
+    p = _write_unchecked(g, tmp_path / "broken.safetensors")
+    _assert_format_error(p, words)
+    with pytest.raises(GradGraphError, match="cannot save"):
+        g.save(str(tmp_path / "refused.safetensors"))
+    assert not (tmp_path / "refused.safetensors").exists()
+
+
+def test_edge_past_the_last_node(tiny_file, tmp_path):
+    p = _rewrite(tiny_file, str(tmp_path / "past.safetensors"), edit_doc=lambda d: d["edges"][1].update(dst=3))
+    _assert_format_error(p, "edge 1", "out of range")
+
+
+def test_header_dtype_shape_and_offsets_are_checked(tiny_file, tmp_path):
+    """Edits of the safetensors header (an unusable dtype, a shape that does not match its bytes)
+    are format errors, whatever safetensors itself accepts."""
+    data = open(tiny_file, "rb").read()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    name = next(k for k in header if k != "__metadata__" and header[k]["dtype"] == "F64")
+    for change, words in [({"dtype": "BF16", "shape": header[name]["shape"][:-1] + [header[name]["shape"][-1] * 4]},
+                           ("dtype 'BF16'",)),
+                          ({"dtype": "F8_E4M3", "shape": header[name]["shape"][:-1] + [header[name]["shape"][-1] * 8]},
+                           ("dtype",))]:
+        h = json.loads(json.dumps(header))
+        h[name].update(change)
+        text = json.dumps(h).encode()
+        text += b" " * (-len(text) % 8)
+        p = tmp_path / "header.safetensors"
+        p.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n:])
+        _assert_format_error(str(p), *words)
+
+
+# ============================================================================ hardening: saving
+def test_save_is_byte_reproducible(captured, tmp_path):
+    """The same graph gives the same bytes: twice in one process, after a load, and in a fresh
+    process (which hashes and orders dictionaries differently)."""
+    for name in ("mlp_tanh", "bert_mlm_mask"):
+        g = captured[name][0]
+        a, b, c = (str(tmp_path / f"{name}.{k}.safetensors") for k in "abc")
+        g.save(a)
+        g.save(b)
+        gg.load(a).save(c)
+        first = open(a, "rb").read()
+        assert open(b, "rb").read() == first, name
+        assert open(c, "rb").read() == first, name
+    d = str(tmp_path / "fresh.safetensors")
+    code = f"import gradgraph as gg; gg.load({a!r}).save({d!r})"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert open(d, "rb").read() == open(a, "rb").read()
+
+
+def _competitor(monkeypatch, target):
+    """Make another 'process' create ``target`` just after save has checked that it does not exist
+    (while its temporary file is being written)."""
+    import tempfile
+    real = tempfile.mkstemp
+
+    def mkstemp(*a, **k):
+        out = real(*a, **k)
+        with open(target, "xb") as f:
+            f.write(b"the other process's graph")
+        return out
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+
+@pytest.mark.parametrize("links", [True, False])
+def test_no_overwrite_is_atomic(tmp_path, monkeypatch, links):
+    """Without overwrite=True a file that appears while saving is never replaced, on file systems
+    with hard links (link, then unlink) and without (exclusive create, then rename)."""
+    if not links:
+        def no_link(src, dst, *a, **k):
+            raise OSError(errno.EPERM, "Operation not permitted")
+        monkeypatch.setattr(os, "link", no_link)
+    target = tmp_path / "g.safetensors"
+    _competitor(monkeypatch, target)
+    with pytest.raises(GraphFileExistsError):
+        _tiny().save(str(target))
+    assert target.read_bytes() == b"the other process's graph"
+    assert os.listdir(tmp_path) == ["g.safetensors"]
+    monkeypatch.undo()
+    if not links:
+        monkeypatch.setattr(os, "link", no_link)
+    fresh = tmp_path / "fresh.safetensors"
+    _tiny().save(str(fresh))
+    assert sorted(os.listdir(tmp_path)) == ["fresh.safetensors", "g.safetensors"]
+    assert torch.equal(gg.load(str(fresh)).gradient()["x"], _tiny().gradient()["x"])
+
+
+def test_racing_saves_one_wins(tmp_path):
+    """Threads saving different graphs to one new path at once: in every round exactly one save
+    succeeds, the others get GraphFileExistsError, and the file is the winner's graph."""
+    import threading
+    graphs = [_tiny(w=np.full(3, float(k + 1))) for k in range(3)]
+    for rnd in range(15):
+        target = str(tmp_path / f"r{rnd}.safetensors")
+        barrier, results = threading.Barrier(len(graphs)), [None] * len(graphs)
+
+        def run(k):
+            barrier.wait()
+            try:
+                graphs[k].save(target)
+                results[k] = "ok"
+            except GraphFileExistsError:
+                results[k] = "exists"
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(len(graphs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(results) == ["exists"] * (len(graphs) - 1) + ["ok"], results
+        winner = results.index("ok")
+        assert gg.load(target).nodes[1].value.tolist() == (graphs[winner].nodes[1].value).tolist()
+    assert all(".gradgraph-tmp-" not in f for f in os.listdir(tmp_path))
+
+
+def test_write_error_is_a_gradgraph_error_in_a_real_process(tmp_path):
+    """A real write failure (the file-size limit, as a full disk would) is GradGraphError('cannot
+    write ...'), and leaves no file behind."""
+    code = textwrap.dedent(f"""
+        import resource, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import numpy as np
+        from test_fileformat import _tiny
+        from gradgraph.errors import GradGraphError
+        g = _tiny(4096)                                   # about 100 KB
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        try:
+            g.save({str(tmp_path / 'g.safetensors')!r})
+        except GradGraphError as exc:
+            print(type(exc).__name__, exc)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("GradGraphError cannot write") and "File too large" in r.stdout, r.stdout
+    assert os.listdir(tmp_path) == []
+
+
+def test_killed_save_leaves_a_recognisable_temporary_that_the_next_save_removes(tmp_path):
+    """kill -9 during a save leaves ``.NAME.gradgraph-tmp-PID-XXXXXXXX``; the next save to the folder
+    removes it (its process is gone) but not the temporary of a save still running."""
+    import re
+    code = textwrap.dedent(f"""
+        import os, sys, time
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from test_fileformat import _tiny
+        real_chmod = os.chmod
+        def chmod(path, mode):          # the temporary is written: stop here, to be killed
+            real_chmod(path, mode)
+            print("written", flush=True)
+            time.sleep(600)
+        os.chmod = chmod
+        _tiny().save({str(tmp_path / 'g.safetensors')!r})
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "written"
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    left = os.listdir(tmp_path)
+    assert len(left) == 1 and re.fullmatch(rf"\.g\.safetensors\.gradgraph-tmp-{proc.pid}-[a-z0-9_]{{8}}", left[0]), left
+    running = tmp_path / f".h.safetensors.gradgraph-tmp-{os.getpid()}-abcd1234"   # a live save's
+    running.write_bytes(b"in progress")
+    unrelated = tmp_path / ".notes.gradgraph-tmp-x"
+    unrelated.write_bytes(b"mine")
+    _tiny().save(str(tmp_path / "other.safetensors"))
+    assert sorted(os.listdir(tmp_path)) == sorted(["other.safetensors", running.name, unrelated.name])
+
+
+def test_layout_is_the_documented_one(tmp_path):
+    """Header: sorted keys, no spaces, padded to 8 bytes; tensors by decreasing item size, then
+    name, back to back; any safetensors reader reads the same arrays."""
+    p = str(tmp_path / "g.safetensors")
+    _tiny(40).save(p)
+    data = open(p, "rb").read()
+    n = int.from_bytes(data[:8], "little")
+    assert n % 8 == 0
+    text = data[8:8 + n].decode().rstrip(" ")
+    header = json.loads(text)
+    assert text == json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    size = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "BOOL": 1}
+    names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    assert names == sorted(names, key=lambda k: (-size[header[k]["dtype"]], k))
+    ends = [0] + [header[k]["data_offsets"][1] for k in names]
+    assert [header[k]["data_offsets"][0] for k in names] == ends[:-1] and ends[-1] == len(data) - 8 - n
+    _, arrays = _raw(p)
+    doc = json.loads(header["__metadata__"]["graph"])
+    assert np.array_equal(arrays[doc["nodes"][0]["value"]["a"]], _tiny(40).nodes[0].value)
