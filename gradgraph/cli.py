@@ -563,6 +563,7 @@ def build_parser():
     c.set_defaults(func=cmd_export)
 
     _add_batch_commands(sub)
+    _add_experiment_command(sub)
     return p
 
 
@@ -677,6 +678,56 @@ def _add_batch_commands(sub):
     c.add_argument("dir", metavar="DIR")
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.set_defaults(func=cmd_batch_status)
+
+
+# ============================================================================ experiment
+_EXPERIMENTS = ("first-token", "sva", "entropy-checks")
+
+
+def cmd_experiment(a):
+    """Run one of the paper's studies (gradgraph.experiments) and write its tables and figures."""
+    import importlib
+    module = {"first-token": "first_token", "sva": "sva", "entropy-checks": "entropy_checks"}[a.name]
+    study = importlib.import_module(f"gradgraph.experiments.{module}")
+    if a.workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {a.workers}")
+    out = a.out or os.path.join("out", "experiments", a.name)
+    kwargs = {}
+    if a.name in ("sva", "entropy-checks") and a.checkpoint:
+        kwargs["checkpoint"] = a.checkpoint
+    if a.name == "sva":
+        kwargs.update(sink=a.sink, tsv=a.tsv)
+    elif a.sink != "logprob" or a.tsv:
+        raise UsageError(f"--sink and --tsv apply to the sva study only, not {a.name}")
+    if a.checkpoint and a.name == "first-token":
+        raise UsageError("--checkpoint applies to sva and entropy-checks, not first-token")
+    study.run(out, quick=a.quick, workers=a.workers, overwrite=a.overwrite, **kwargs)
+    return 0
+
+
+def _add_experiment_command(sub):
+    help_ = "run one of the paper's studies and write its tables (CSV) and figures (PNG)"
+    c = sub.add_parser("experiment", help=help_, description=help_,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="""examples:
+  gradgraph experiment first-token --out out/first-token
+  gradgraph experiment sva --quick
+  gradgraph experiment sva --checkpoint path/to/bert_uncased_L-6_H-512_A-8 --tsv lgd_dataset.tsv
+  gradgraph experiment entropy-checks --workers 2
+
+Studies and their outputs: docs/experiments.md.""")
+    c.add_argument("name", choices=_EXPERIMENTS, metavar="NAME", help=", ".join(_EXPERIMENTS))
+    c.add_argument("--quick", action="store_true", help="a small version (about a minute or two)")
+    c.add_argument("--out", "-o", metavar="DIR", help="output folder (default: out/experiments/NAME)")
+    c.add_argument("--workers", type=int, default=1, help="local processes for the per-item loop (default 1)")
+    c.add_argument("--overwrite", action="store_true", help="replace the study's files in --out")
+    c.add_argument("--checkpoint", metavar="DIR",
+                   help="sva, entropy-checks: a local BertForMaskedLM checkpoint directory "
+                        "(default: the bundled agreement model)")
+    c.add_argument("--sink", choices=["logprob", "logit"], default="logprob",
+                   help="sva: difference of the verb forms' log-probabilities (default) or logits")
+    c.add_argument("--tsv", metavar="FILE", help="sva: agreement pairs in the Goldberg (2019) TSV format")
+    c.set_defaults(func=cmd_experiment)
 
 
 def _version():
