@@ -88,6 +88,21 @@ def main(argv=None):
         repeated.append(time.perf_counter() - t0)
     t_rep = statistics.median(repeated)
 
+    # the checks every capture makes (docs/capture.md, "Guarantees"): the eager run compared with
+    # the cached program's output, and the scan for non-finite values and dense / lower-precision
+    # nodes
+    from gradgraph.capture.tracer import _diagnostics
+    eager = []
+    for kw in inputs[1:args.repeats + 1]:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            logit_diff(model(**kw))
+        eager.append(time.perf_counter() - t0)
+    t_eager = statistics.median(eager)
+    t0 = time.perf_counter()
+    _diagnostics(g2.nodes, g2.edges, list(g2.sources.values()), [])
+    t_diag = time.perf_counter() - t0
+
     if args.profile:
         import cProfile
         import pstats
@@ -122,6 +137,8 @@ def main(argv=None):
         ("torch forward + backward (median)", fmt_seconds(t_torch), ""),
         ("first capture (with torch.export)", fmt_seconds(t_first), ""),
         (f"repeated capture, new input (median of {len(repeated)})", fmt_seconds(t_rep), ""),
+        ("  of which the eager check run (median)", fmt_seconds(t_eager), ""),
+        ("  of which the non-finite / precision scan", fmt_seconds(t_diag), ""),
         ("repeated capture / (forward + backward)", f"{ratio:.1f}x",
          f"target <= {TARGET_CAPTURE_RATIO:.0f}x: {ok(ratio <= TARGET_CAPTURE_RATIO)}"),
         ("weights referenced", fmt_bytes(weights), ""),

@@ -5,15 +5,22 @@
 >>> g.gradient(); g.top_paths(k=5); g.entropy(); g.flow(by="module")
 """
 from . import capture          # the package, callable as the capture function
+from . import batch
 from .capture import Capturer, register_rule
 from .errors import CaptureError, GradGraphError, GraphFormatError, QueryError, UnsupportedOpError
+from .errors import CaptureWarning, GradGraphWarning, QueryWarning
 from .export.dot import render, to_dot
+from .export.graphjson import to_json, write_json
+from .export.notebook import PathList
+from .export.report import report
 from .graph import GradGraph
 
 __version__ = "0.1.0"
 
-__all__ = ["capture", "Capturer", "register_rule", "load", "GradGraph", "GradGraphError",
-           "CaptureError", "UnsupportedOpError", "GraphFormatError", "QueryError", "to_dot", "render", "__version__"]
+__all__ = ["capture", "Capturer", "register_rule", "load", "batch", "GradGraph", "GradGraphError",
+           "CaptureError", "UnsupportedOpError", "GraphFormatError", "QueryError", "to_dot", "render", "__version__",
+           "report", "to_json", "write_json", "PathList",
+           "GradGraphWarning", "CaptureWarning", "QueryWarning"]
 
 
 def load(path):

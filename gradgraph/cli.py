@@ -8,6 +8,8 @@
     gradgraph entropy bert.safetensors --per-source
     gradgraph flow bert.safetensors --by module --top 20
     gradgraph render bert.safetensors --k 5 --collapse module -o top.svg
+    gradgraph report bert.safetensors -o report.html
+    gradgraph export bert.safetensors --json top.json --k 20
 
 Every query reads only the saved file: no model code, no ``torch.export``. ``--json`` output
 follows the schemas in ``docs/cli.md``. User errors print one line, ``gradgraph: error: ...``,
@@ -24,7 +26,7 @@ import os
 import sys
 import warnings
 
-from .errors import GradGraphError
+from .errors import GradGraphError, GradGraphWarning
 
 __all__ = ["main", "load_spec"]
 
@@ -257,10 +259,30 @@ def cmd_info(a):
         if "model" in g.meta:
             lines.append(f"model        {g.meta['model']}")
         lines.append("ops          " + ", ".join(f"{k} {v}" for k, v in ops.items()))
+        lines += _capture_notes(g.meta)
         return "\n".join(lines)
 
     _emit(info, a.json, text)
     return 0
+
+
+def _capture_notes(meta):
+    """``info`` lines for what capture recorded about the graph's exactness (docs/capture.md)."""
+    def ops(entries):
+        return ", ".join(dict.fromkeys(e["op"] for e in entries))
+    lines = []
+    dense = meta.get("dense_jacobians") or []
+    if dense:
+        lines.append(f"dense        {len(dense)} node{'s' if len(dense) > 1 else ''}: {ops(dense)}")
+    low = meta.get("lower_precision") or []
+    if low:
+        dtypes = ", ".join(dict.fromkeys(e["dtype"] for e in low))
+        lines.append(f"lower prec.  {len(low)} node{'s' if len(low) > 1 else ''} ({dtypes}): {ops(low)}")
+    bad = meta.get("first_non_finite")
+    if bad:
+        lines.append(f"non-finite   node {bad['node']} ({bad['op']}) {bad['problem']}"
+                     + (f" at {bad['source_line']}" if bad.get("source_line") else ""))
+    return lines
 
 
 def cmd_paths(a):
@@ -377,6 +399,39 @@ def cmd_render(a):
     return 0
 
 
+def _check_k(k):
+    if k < 1:
+        raise UsageError(f"--k must be >= 1, got {k}")
+
+
+def cmd_report(a):
+    from .export.report import check_report_output, report
+    _check_k(a.k)
+    check_report_output(a.out, a.overwrite)
+    g = _load(a.file)
+    report(g, a.out, a.k, order=a.order, tokens=a.tokens, overwrite=a.overwrite,
+           source_file=os.path.basename(a.file))
+    print(f"wrote {a.out} ({os.path.getsize(a.out) / 1e6:.2f} MB): top {a.k} paths of "
+          f"{g.sink_node.name} = {g.sink_value:.6g}")
+    return 0
+
+
+def cmd_export(a):
+    from .export.graphjson import write_json
+    from .export.report import check_report_output
+    if a.flow_threshold is not None and a.k is not None:
+        raise UsageError("pass either --k or --flow-threshold, not both")
+    k = 20 if a.k is None else a.k
+    _check_k(k)
+    check_report_output(a.json, a.overwrite)
+    g = _load(a.file)
+    kw = {"flow_threshold": a.flow_threshold} if a.flow_threshold is not None else {"k": k, "order": a.order}
+    data = write_json(g, a.json, overwrite=a.overwrite, **kw)
+    print(f"wrote {a.json} ({os.path.getsize(a.json) / 1e6:.2f} MB): {len(data['nodes'])} nodes, "
+          f"{len(data['links'])} links")
+    return 0
+
+
 # ============================================================================ parser
 _EPILOG = {
     "capture": """examples:
@@ -404,6 +459,17 @@ output_fn maps the model's output to the scalar to explain (None if it already i
   gradgraph render bert.safetensors --k 5 -o top.dot        # needs no Graphviz
 
 .svg, .png and .pdf need the Graphviz 'dot' program (apt-get install graphviz / brew install graphviz).""",
+    "report": """examples:
+  gradgraph report bert.safetensors -o report.html
+  gradgraph report bert.safetensors -o report.html --k 10 --tokens "[CLS]" the cat sat "[SEP]"
+
+One HTML file that opens offline: summary, top paths beside their diagram, per-token views,
+layer x component flow, path lengths (docs/user-guide.md).""",
+    "export": """examples:
+  gradgraph export bert.safetensors --json top.json --k 20
+  gradgraph export bert.safetensors --json flow.json --flow-threshold 0.01
+
+The pruned scalar graph in networkx's node-link layout (docs/file-format.md).""",
 }
 
 
@@ -475,7 +541,193 @@ def build_parser():
     c.add_argument("--max-nodes", type=int, default=200, help="cap on boxes, >= 3 (default 200)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     c.set_defaults(func=cmd_render)
+
+    c = cmd("report", "write an interactive HTML report of a graph (one self-contained file)")
+    c.add_argument("file", metavar="FILE")
+    c.add_argument("--out", "-o", required=True, metavar="OUT", help="the .html file to write")
+    c.add_argument("--k", "-k", type=int, default=20, help="number of top paths (default 20)")
+    c.add_argument("--order", choices=["signed", "magnitude"], default="signed")
+    c.add_argument("--tokens", nargs="+", metavar="TOKEN",
+                   help="one label per token position (default: labels saved with the graph, else positions)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    c.set_defaults(func=cmd_report)
+
+    c = cmd("export", "export the pruned graph of the top paths (or of high-flow elements) as JSON")
+    c.add_argument("file", metavar="FILE")
+    c.add_argument("--json", required=True, metavar="OUT", help="the .json file to write")
+    c.add_argument("--k", "-k", type=int, default=None, help="number of top paths (default 20)")
+    c.add_argument("--order", choices=["signed", "magnitude"], default="signed")
+    c.add_argument("--flow-threshold", type=float, metavar="X",
+                   help="instead of paths: the elements carrying at least this fraction of all |gradient|")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    c.set_defaults(func=cmd_export)
+
+    _add_batch_commands(sub)
+    _add_experiment_command(sub)
     return p
+
+
+# ============================================================================ batch, batch-status
+_BATCH_EPILOG = """examples:
+  gradgraph batch study.py:Builder --items items.jsonl --queries queries.json --out results/
+  gradgraph batch study.py:build --items items.json --queries queries.yaml --out results/ --engine dask --workers 4
+  gradgraph batch study.py:Builder --items items.jsonl --queries queries.json --out results/ \\
+      --engine dask --scheduler tcp://10.0.0.5:8786
+  gradgraph batch-status results/
+
+SPEC names a function item -> (model, args, kwargs, output_fn), or a class whose instance has
+setup() -> model and inputs(item) -> (args, kwargs, output_fn). Items: a JSON list or JSON lines,
+each a dict with an "id". Queries: a JSON or YAML list of query specs (docs/batch.md). A re-run
+with the same --out computes only missing or failed items."""
+
+
+def _load_build(spec):
+    """The build named by ``path/to/file.py:name`` or ``package.module:name`` (a class is instantiated)."""
+    target, sep, name = spec.rpartition(":")
+    if not sep or not target or not name:
+        raise UsageError(f"bad spec {spec!r}: use path/to/file.py:name or package.module:name")
+    try:
+        if target.endswith(".py") or os.sep in target or "/" in target:
+            if not os.path.isfile(target):
+                raise UsageError(f"bad spec {spec!r}: file {target} does not exist")
+            modname = "_gradgraph_spec_" + os.path.splitext(os.path.basename(target))[0]
+            mspec = importlib.util.spec_from_file_location(modname, target)
+            module = importlib.util.module_from_spec(mspec)
+            sys.modules[modname] = module
+            mspec.loader.exec_module(module)
+            import cloudpickle    # workers cannot import this file by name: send its code along
+            cloudpickle.register_pickle_by_value(module)
+        else:
+            module = importlib.import_module(target)
+    except GradGraphError:
+        raise
+    except Exception as exc:
+        raise UsageError(f"bad spec {spec!r}: importing {target} failed: {type(exc).__name__}: {exc}") from exc
+    build = getattr(module, name, None)
+    if build is None:
+        raise UsageError(f"bad spec {spec!r}: {target} has no {name!r}")
+    if isinstance(build, type):
+        try:
+            build = build()
+        except Exception as exc:
+            raise UsageError(f"bad spec {spec!r}: {name}() failed: {type(exc).__name__}: {exc}") from exc
+    return build
+
+
+def _load_items(path):
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read --items {path}: {exc.strerror or exc}") from None
+    try:
+        if text.lstrip().startswith("["):
+            return json.loads(text)
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--items {path} is neither a JSON list nor JSON lines: {exc}") from None
+
+
+def cmd_batch(a):
+    from .batch import load_queries, run
+    if a.workers is not None and a.workers < 0:
+        raise UsageError("--workers must be >= 0")
+    queries = load_queries(a.queries)
+    items = _load_items(a.items)
+    build = _load_build(a.spec)
+    s = run(items, build, queries, a.out, engine=a.engine, workers=a.workers, scheduler=a.scheduler,
+            resume=not a.no_resume, force=a.force, progress=True if a.progress else None)
+    for note in s.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"{s.computed} computed ({s.failed} failed), {s.skipped} already done, {s.items} items; "
+          f"{s.seconds:.1f} s; results in {a.out}")
+    return 0
+
+
+def cmd_batch_status(a):
+    from .batch import status
+    st = status(a.dir)
+    if a.json:
+        json.dump(st, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    print(f"{st['items']} items: {st['done']} done, {st['failed']} failed, {st['missing']} missing")
+    for item, et, err in st["failures"]:
+        print(f"failed {item}: {et}: {err}")
+    return 0
+
+
+def _add_batch_commands(sub):
+    fmt = argparse.RawDescriptionHelpFormatter
+    h = "capture and query many inputs (local processes or Dask), resumably, into a Parquet table"
+    c = sub.add_parser("batch", help=h, description=h, epilog=_BATCH_EPILOG, formatter_class=fmt)
+    c.add_argument("spec", metavar="SPEC", help="path/to/file.py:name or package.module:name (function or class)")
+    c.add_argument("--items", required=True, metavar="FILE", help="JSON list or JSON lines of items with an 'id'")
+    c.add_argument("--queries", required=True, metavar="FILE", help="JSON or YAML list of query specs")
+    c.add_argument("--out", "-o", required=True, metavar="DIR", help="results folder (resumed if it exists)")
+    c.add_argument("--engine", choices=["local", "dask"], default="local")
+    c.add_argument("--workers", type=int, metavar="N", help="worker processes (default: one per CPU; 0: this process)")
+    c.add_argument("--scheduler", metavar="ADDR", help="Dask scheduler, e.g. tcp://host:8786 (default: a local cluster)")
+    c.add_argument("--force", action="store_true", help="accept a folder written with other queries: recompute every item")
+    c.add_argument("--no-resume", action="store_true", help="recompute items already done")
+    c.add_argument("--progress", action="store_true", help="always show the progress bar (default: on a terminal)")
+    c.set_defaults(func=cmd_batch)
+    h = "done / failed / missing counts of a batch results folder, and the failures' messages"
+    c = sub.add_parser("batch-status", help=h, description=h, formatter_class=fmt,
+                       epilog="example:\n  gradgraph batch-status results/")
+    c.add_argument("dir", metavar="DIR")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.set_defaults(func=cmd_batch_status)
+
+
+# ============================================================================ experiment
+_EXPERIMENTS = ("first-token", "sva", "entropy-checks")
+
+
+def cmd_experiment(a):
+    """Run one of the paper's studies (gradgraph.experiments) and write its tables and figures."""
+    import importlib
+    module = {"first-token": "first_token", "sva": "sva", "entropy-checks": "entropy_checks"}[a.name]
+    study = importlib.import_module(f"gradgraph.experiments.{module}")
+    if a.workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {a.workers}")
+    out = a.out or os.path.join("out", "experiments", a.name)
+    kwargs = {}
+    if a.name in ("sva", "entropy-checks") and a.checkpoint:
+        kwargs["checkpoint"] = a.checkpoint
+    if a.name == "sva":
+        kwargs.update(sink=a.sink, tsv=a.tsv)
+    elif a.sink != "logprob" or a.tsv:
+        raise UsageError(f"--sink and --tsv apply to the sva study only, not {a.name}")
+    if a.checkpoint and a.name == "first-token":
+        raise UsageError("--checkpoint applies to sva and entropy-checks, not first-token")
+    study.run(out, quick=a.quick, workers=a.workers, overwrite=a.overwrite, **kwargs)
+    return 0
+
+
+def _add_experiment_command(sub):
+    help_ = "run one of the paper's studies and write its tables (CSV) and figures (PNG)"
+    c = sub.add_parser("experiment", help=help_, description=help_,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="""examples:
+  gradgraph experiment first-token --out out/first-token
+  gradgraph experiment sva --quick
+  gradgraph experiment sva --checkpoint path/to/bert_uncased_L-6_H-512_A-8 --tsv lgd_dataset.tsv
+  gradgraph experiment entropy-checks --workers 2
+
+Studies and their outputs: docs/experiments.md.""")
+    c.add_argument("name", choices=_EXPERIMENTS, metavar="NAME", help=", ".join(_EXPERIMENTS))
+    c.add_argument("--quick", action="store_true", help="a small version (about a minute or two)")
+    c.add_argument("--out", "-o", metavar="DIR", help="output folder (default: out/experiments/NAME)")
+    c.add_argument("--workers", type=int, default=1, help="local processes for the per-item loop (default 1)")
+    c.add_argument("--overwrite", action="store_true", help="replace the study's files in --out")
+    c.add_argument("--checkpoint", metavar="DIR",
+                   help="sva, entropy-checks: a local BertForMaskedLM checkpoint directory "
+                        "(default: the bundled agreement model)")
+    c.add_argument("--sink", choices=["logprob", "logit"], default="logprob",
+                   help="sva: difference of the verb forms' log-probabilities (default) or logits")
+    c.add_argument("--tsv", metavar="FILE", help="sva: agreement pairs in the Goldberg (2019) TSV format")
+    c.set_defaults(func=cmd_experiment)
 
 
 def _version():
@@ -483,11 +735,24 @@ def _version():
     return __version__
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """gradgraph's own warnings (non-finite values, no path) as one line, like its errors."""
+    if issubclass(category, GradGraphWarning):
+        print(f"gradgraph: warning: {' '.join(str(message).split())}", file=sys.stderr)
+    else:
+        _SHOW_WARNING(message, category, filename, lineno, file, line)
+
+
+_SHOW_WARNING = warnings.showwarning
+
+
 def main(argv=None):
     """Run the command line; returns the exit status (0 ok, 2 user error)."""
     try:
         a = build_parser().parse_args(argv)
-        return a.func(a)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return a.func(a)
     except GradGraphError as exc:
         msg = " ".join(str(exc).split()) or type(exc).__name__
         print(f"gradgraph: error: {msg}", file=sys.stderr)

@@ -1,6 +1,8 @@
 """Exceptions raised by gradgraph. Every user error derives from :class:`GradGraphError`."""
 
-__all__ = ["GradGraphError", "CaptureError", "UnsupportedOpError", "GraphFormatError", "QueryError"]
+__all__ = ["GradGraphError", "CaptureError", "UnsupportedOpError", "GraphFormatError", "QueryError",
+           "GradGraphWarning", "CaptureWarning", "QueryWarning",
+           "BatchError"]
 
 
 class GradGraphError(Exception):
@@ -21,3 +23,21 @@ class GraphFormatError(GradGraphError):
 
 class QueryError(GradGraphError):
     """A query on a captured graph has invalid arguments (unknown source, k < 1, ...)."""
+
+
+class GradGraphWarning(UserWarning):
+    """Base class of every warning gradgraph gives: a result that is valid but probably not what
+    was meant (a non-finite value in the graph, a gradient that is zero everywhere)."""
+
+
+class CaptureWarning(GradGraphWarning):
+    """A captured graph holds non-finite values, or the model did not compute the same output
+    twice (see ``docs/capture.md``)."""
+
+
+class QueryWarning(GradGraphWarning):
+    """A query has no meaningful answer on this graph (no path from the sources to the sink)."""
+
+
+class BatchError(GradGraphError):
+    """A batch run cannot start or resume as asked (bad items, queries or results folder)."""

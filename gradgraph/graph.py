@@ -9,11 +9,12 @@ Queries (gradient, top paths, entropy, flow, ...) are thin front ends over the s
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import QueryError
+from .errors import QueryError, QueryWarning
 from .jacobians import Jacobian
 
 __all__ = ["Node", "Edge", "GradGraph", "VIEW_OPS"]
@@ -128,6 +129,11 @@ class GradGraph:
                 f"{sum(n.numel for n in self.nodes)} scalars, sources={list(self.sources)}, "
                 f"sink={self.sink_node.name!r}, granularity={self.granularity!r})")
 
+    def _repr_html_(self):
+        """Jupyter's display: a compact summary and the diagram of the top paths."""
+        from .export.notebook import graph_html
+        return graph_html(self)
+
     # ------------------------------------------------------------------ queries
     def gradient(self):
         """d(sink)/d(source) for every source, by the real (+, x) semiring.
@@ -159,11 +165,17 @@ class GradGraph:
 
         Returns
         -------
-        list[Path]
+        PathList
+            A list of :class:`~gradgraph.algorithms.paths.Path` that Jupyter shows as a table and
+            a diagram.
         """
         from .algorithms.paths import top_paths
-        return top_paths(self, k=k, order=order, source=source, include_views=include_views,
-                         progress=progress)
+        from .export.notebook import PathList
+        paths = top_paths(self, k=k, order=order, source=source, include_views=include_views,
+                          progress=progress)
+        if not paths:
+            self._warn_no_path("top_paths() is empty", source)
+        return PathList(paths, graph=self)
 
     def entropy(self, per_source=False, *, groups=None):
         """Entropy (nats) of the path distribution p(path) = |g(path)| / Z (paper Eq. 6-7).
@@ -172,7 +184,20 @@ class GradGraph:
         ``{source name: array shaped like the source}``; ``groups`` aggregates elements first.
         """
         from .algorithms.entropy import entropy
-        return entropy(self, per_source=per_source, groups=groups)
+        h = entropy(self, per_source=per_source, groups=groups)
+        if isinstance(h, (float, np.floating)) and math.isnan(h):
+            self._warn_no_path("entropy() is NaN", None)
+        return h
+
+    def _warn_no_path(self, what, source):
+        """A :class:`~gradgraph.errors.QueryWarning` that a query found no path, and why."""
+        bad = self.meta.get("first_non_finite")
+        why = (f"node {bad['node']} ({bad['op']}) {bad['problem']}" if bad else
+               "every path has weight zero: the gradient is zero, the output does not depend on "
+               + (f"source {source!r}" if source is not None else "the sources")
+               + " through non-zero derivatives")
+        warnings.warn(QueryWarning(f"{what}: no path from the sources to the sink has a non-zero "
+                                   f"finite weight ({why})"), stacklevel=3)
 
     def flow(self, by="element", *, log=False):
         """Total |path weight| through each scalar node (inside-outside).
@@ -199,6 +224,16 @@ class GradGraph:
         """A networkx view: ``level="tensor"`` (nodes = tensors) or ``"scalar"`` (small graphs)."""
         from .export.nx import to_networkx
         return to_networkx(self, level=level)
+
+    def report(self, path, k=20, **kw):
+        """Write an interactive HTML report (see :func:`gradgraph.report`)."""
+        from .export.report import report
+        return report(self, path, k, **kw)
+
+    def to_json(self, paths=None, **kw):
+        """The pruned graph of some paths as node-link JSON (see :func:`gradgraph.to_json`)."""
+        from .export.graphjson import to_json
+        return to_json(self, paths, **kw)
 
     def save(self, path, *, overwrite=False):
         """Write the graph to one safetensors file (see ``docs/file-format.md``)."""

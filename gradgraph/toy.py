@@ -2,7 +2,7 @@
 
 A sequence of 10 tokens over a vocabulary of 20 is labelled 1 when its first token appears again
 (exactly once more), else 0. The bundled weights (``gradgraph/data/ftro_bert.safetensors``) come
-from ``experiments/first_token_repeated_once.py``; :func:`load_model` rebuilds the model from them
+from ``python -m gradgraph.experiments.train_first_token``; :func:`load_model` rebuilds the model from them
 without any download.
 """
 from __future__ import annotations

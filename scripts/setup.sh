@@ -37,3 +37,16 @@ if ! command -v dot >/dev/null 2>&1; then
     echo "gradgraph setup: please install Graphviz (https://graphviz.org); .dot output works without it" >&2
   fi
 fi
+
+# the HTML report's browser test drives headless Chromium through its own driver
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  echo "gradgraph setup: installing Chromium and its driver (for the HTML report's browser test)"
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo"
+  if command -v apt-get >/dev/null 2>&1; then
+    ($SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null) \
+      || echo "gradgraph setup: could not install chromium; the browser test of the report will be skipped" >&2
+  else
+    echo "gradgraph setup: please install Chromium and chromedriver to run the report's browser test" >&2
+  fi
+fi

@@ -55,6 +55,18 @@ class Scaled:
             return np.log(np.abs(self.arr)) + self.log_scale
 
 
+def _rescaled(arr, log_factor):
+    """arr * e^log_factor (log_factor <= 0) for moving a value to a larger common scale. When the
+    factor underflows to 0, finite entries become 0 and infinite ones stay: a max semiring's
+    "no path" (-inf, +inf) must not turn into NaN (inf * 0)."""
+    if log_factor == 0:
+        return arr
+    f = math.exp(log_factor)
+    if f > 0:
+        return arr * f
+    return np.where(np.isinf(arr), arr, 0.0)
+
+
 def backward(g, sr, seed=None, stop_at_sources=True, keep=None, visit=None):
     """Run Algorithm 2 over graph ``g`` in semiring ``sr``.
 

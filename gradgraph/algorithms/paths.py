@@ -21,6 +21,7 @@ See ``docs/paths.md``.
 """
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 import numbers
@@ -168,6 +169,59 @@ def _source_masks(g, source):
                      f"valid sources: {sorted(g.sources)}")
 
 
+# ============================================================================ NaN
+def _nan_edges(g):
+    """Indices of the edges whose Jacobian holds a NaN (cached on the graph: one scan of the
+    Jacobians' arrays, which is cheap next to a value pass)."""
+    found = g._cache.get("paths.nan_edges")
+    if found is None:
+        found = []
+        for k, e in enumerate(g.edges):
+            try:
+                arrays = e.jac.state()[1].values()    # the arrays the Jacobian is computed from
+            except (AttributeError, NotImplementedError):
+                arrays = [e.jac.to_dense()]            # a kind without a saved form: its entries
+            if any(np.issubdtype(np.asarray(a).dtype, np.floating) and np.isnan(a).any() for a in arrays):
+                found.append(k)
+        g._cache["paths.nan_edges"] = found
+    return found
+
+
+def _refuse_nan(g, B):
+    """QueryError if a NaN local derivative lies between two tensors on sink-to-source paths.
+
+    A path through a NaN entry has weight NaN, which no order can rank, so "the k best paths" are
+    undefined (the sum queries -- gradient, flow, entropy -- report NaN instead). The check is per
+    tensor: a NaN on an edge whose consumer is reached from the sink (``B``: the value pass) and
+    whose input reaches a source counts, even if the NaN entry itself sits on no path.
+    """
+    bad = [k for k in _nan_edges(g) if B[g.edges[k].dst] is not None]
+    if not bad:
+        return
+    reaches = _reaches_source(g)
+    bad = [k for k in bad if reaches[g.edges[k].src]]
+    if bad:
+        names = ", ".join(f"{g.nodes[g.edges[k].dst].name!r} <- {g.nodes[g.edges[k].src].name!r}"
+                          for k in bad[:3])
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise QueryError(
+            f"the gradient graph has NaN local derivatives on paths to the sink (Jacobian {names}{more}): "
+            f"path weights through them are NaN and cannot be ranked. g.gradient() and g.flow() show "
+            f"where the NaN goes; capture with inputs and parameters whose forward values are finite")
+
+
+def _reaches_source(g):
+    """Per tensor node: does some edge chain lead from it to a source (it lies below the sink
+    on a path)?"""
+    reach = [False] * len(g.nodes)
+    for i in g.sources.values():
+        reach[i] = True
+    for v in range(len(g.nodes)):          # topological order: inputs come first
+        if not reach[v]:
+            reach[v] = any(reach[g.edges[k].src] for k in g.in_edges[v])
+    return reach
+
+
 # ============================================================================ value pass
 class _Values:
     """The backward max pass, read as per-element (sign, log|.|) scores of one polarity.
@@ -179,6 +233,7 @@ class _Values:
     def __init__(self, g, order):
         self.signed = order.signed
         self.B = backward(g, order.semiring)
+        _refuse_nan(g, self.B)
 
     def scores(self, t, idx, p):
         """(valid, sign, log|score|) of elements ``idx`` of tensor ``t`` for polarity ``p`` (one
@@ -192,7 +247,9 @@ class _Values:
                 x = np.where(p == 0, b.arr[0][idx], -b.arr[1][idx])
             else:
                 x = b.arr[0][idx] if p == 0 else -b.arr[1][idx]
-            valid = x > -np.inf
+            # (max, min) = (-inf, +inf) is "no prefix"; a max of -inf with a min of -inf is a
+            # prefix of weight -inf, which the list of polarity 0 ranks last
+            valid = (b.arr[0][idx] > -np.inf) | (b.arr[1][idx] < np.inf)
         else:
             x = b.arr[0][idx]
             valid = x > 0
@@ -376,15 +433,27 @@ class _Enumerator:
 
 # ============================================================================ results
 def _exact_product(ws):
-    """sign, mantissa, binary exponent of prod(ws), multiplied sink to source without underflow."""
+    """sign, mantissa, binary exponent of prod(ws), multiplied sink to source without underflow
+    or overflow. An infinite weight makes the exponent ``inf`` (mantissa 1): such a path is
+    larger in magnitude than every finite one, and its infinite peers tie."""
     sign, m, e = 1, 1.0, 0
     for w in ws:
         if w < 0:
             sign = -sign
+        if math.isinf(w):
+            e = math.inf
+            continue
         fm, fe = math.frexp(abs(w))
         m, de = math.frexp(m * fm)
         e += fe + de
-    return sign, m, e
+    return (sign, 1.0, math.inf) if e == math.inf else (sign, m, e)
+
+
+def _to_float(sign, m, e):
+    """sign * m * 2**e as float64: +-inf beyond its range, 0.0 below it."""
+    if e > 1024:                  # m in [0.5, 1): 2**1024 * m overflows
+        return sign * math.inf
+    return sign * math.ldexp(m, e)
 
 
 def _view_flags(g):
@@ -406,7 +475,7 @@ def _make_path(g, hops, edges, include_views):
     """Path from hops (source -> sink) and their edges; weights recomputed as an exact product."""
     hops, ws = hops[::-1], [w for _, w in edges][::-1]
     sign, m, e = _exact_product(ws)
-    weight = sign * math.ldexp(m, e)
+    weight = _to_float(sign, m, e)
     log_abs = math.log(m) + e * math.log(2.0)
     nodes, views = g.nodes, _view_flags(g)
     length = sum(1 for t, _ in hops[:-1] if not views[t])
@@ -447,6 +516,14 @@ def top_paths(g, k=1, order="signed", source=None, include_views=False, progress
     list[Path]
         Best first. Paths of exactly equal weight are ordered by their hop sequence read from the
         source towards the sink, as (node index, flat index, edge index) triples, smallest first.
+        An infinite local derivative gives ``weight = +-inf`` (the largest magnitude); a weight
+        beyond float64's range is reported as ``+-inf`` with its exact ``log_abs_weight``.
+
+    Raises
+    ------
+    QueryError
+        For bad arguments, and when a NaN local derivative lies on the graph's paths (NaN weights
+        cannot be ranked; ``docs/paths.md``).
 
     Examples
     --------
@@ -466,35 +543,63 @@ def top_paths(g, k=1, order="signed", source=None, include_views=False, progress
     if progress or (progress is None and k >= 100):
         from tqdm.auto import tqdm
         bar = tqdm(total=k, desc="top paths", unit="path", disable=None if progress is None else False)
-    found = []
+    best = []         # (exact order key, tie key, hops, edges): the best k so far, and near ties
     try:
-        # enumerate in the pass's order; keep going while the next path is within rounding of the
-        # k-th, so that exact ties are resolved below on exactly recomputed weights
-        r = 0
+        r, kth = 0, None  # kth: the search key of the k-th path enumerated
         while True:
             d = en.get(_ROOT, r)
             if d is None:
                 break
-            if len(found) >= k:
-                kth = found[k - 1][0]
-                tol = 1e-9 * (1.0 + abs(kth.log_abs))
-                if d.sign != kth.sign or abs(d.log_abs - kth.log_abs) > tol:
-                    break
-            found.append((d, en.path(r)))
+            if kth is not None and not _near(d, kth):
+                break
+            hops, edges = en.path(r)
+            entry = _ranked(order, hops, edges)
             r += 1
-            if bar is not None and len(found) <= k:
+            if kth is not None:
+                # past the k-th path the search only looks for paths its rounded keys may have
+                # misplaced. Paths of one exact weight come out of the search in tie order, so
+                # the first exact tie of the k-th best path (after it) ends the search: it and
+                # everything after it rank below.
+                kbest = best[-1]
+                if entry[0] == kbest[0] and entry[1] > kbest[1]:
+                    break
+                if entry[:2] < kbest[:2]:
+                    bisect.insort(best, entry, key=_rank)
+                    best.pop()
+                continue
+            best.append(entry)
+            if bar is not None:
                 bar.update(1)
+            if len(best) == k:
+                kth = (d[7], d[8])
+                best.sort(key=_rank)
     finally:
         if bar is not None:
             bar.close()
+    best.sort(key=_rank)
+    return [_make_path(g, hops, edges, include_views)[0] for _, _, hops, edges in best[:k]]
 
-    results = []
-    for _, (hops, edges) in found:
-        path, (s, m, e) = _make_path(g, hops, edges, include_views)
-        tie = tuple((t, i, kk) for (t, i), kk in zip(hops, [-1] + [kk for kk, _ in edges]))
-        results.append((order.key(s, (e, m)), tie, path))   # exact: (exponent, mantissa)
-    results.sort(key=lambda x: (x[0], x[1]))
-    return [p for _, _, p in results[:k]]
+
+def _near(d, kth):
+    """Is derivation ``d``'s search key within rounding of the k-th path's? Rounded log keys
+    agree to ~1e-12 relative; an infinite key is near only an equal one."""
+    s, la = kth
+    if d.sign != s:
+        return False
+    if math.isinf(la) or math.isinf(d.log_abs):
+        return d.log_abs == la
+    return abs(d.log_abs - la) <= 1e-9 * (1.0 + abs(la))
+
+
+def _rank(entry):
+    return entry[:2]
+
+
+def _ranked(order, hops, edges):
+    """(exact order key, tie key, hops, edges) of an enumerated path (ascending = best first)."""
+    sign, m, e = _exact_product([w for _, w in edges][::-1])
+    tie = tuple((t, i, kk) for (t, i), kk in zip(hops, [-1] + [kk for kk, _ in edges]))
+    return order.key(sign, (e, m)), tie, hops, edges   # exact: (exponent, mantissa)
 
 
 # ============================================================================ branches
@@ -564,9 +669,12 @@ def _branch_chains(g, t, B, sources):
 
 
 def _signed_pairs(scaled, signed):
-    """(hi, lo) as (sign, log|.|) arrays from a Scaled max-pass value (lo None if unsigned)."""
+    """(hi, lo) as (sign, log|.|) arrays from a Scaled max-pass value (lo None if unsigned).
+    An infinite value is a path (log|.| = inf); only the pair (-inf, +inf) means "no path"."""
+    reached = ((scaled.arr[0] > -np.inf) | (scaled.arr[1] < np.inf)) if signed else scaled.arr[0] > 0
+
     def split(x):
-        ok = np.isfinite(x) & (x != 0)
+        ok = reached & (x != 0)
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(ok, np.sign(x), 0.0), np.where(ok, np.log(np.abs(x)) + scaled.log_scale, -np.inf)
     hi = split(scaled.arr[0])
@@ -586,8 +694,9 @@ def branches(g, node, order="signed", groups=None):
 
     Parameters
     ----------
-    node : str
-        A tensor node name (or source name).
+    node : str or list[str]
+        A tensor node name (or source name); a list gives one :class:`Branches` per node, all from
+        one backward and one forward pass.
     order : {"signed", "magnitude"}
     groups : None, int or array
         None: one row per element (flat C order). An int ``axis``: one row per index along that axis
@@ -596,13 +705,32 @@ def branches(g, node, order="signed", groups=None):
 
     Returns
     -------
-    Branches
+    Branches (a list of them for a list of nodes)
     """
     rank = _check_order(order)
-    signed = rank.signed
+    nodes = list(node) if isinstance(node, (list, tuple)) else [node]
+    prepared = [_branch_groups(g, v, groups) for v in nodes]      # bad input fails before the passes
+    sr = rank.semiring
+    B = outside(g, sr)            # the outside values of every node, kept until the inside pass meets them
+    _refuse_nan(g, B)
+    queries = [_branches_at(g, t, group_of, B, sr, rank, order) for t, group_of in prepared]
+    visitors = {}
+    for t, (visit, _) in zip((t for t, _ in prepared), queries):
+        visitors.setdefault(t, []).append(visit)
+
+    def at_node(v, _, Dt):
+        for visit in visitors.get(v, ()):
+            visit(Dt)
+
+    inside_outside(g, sr, list(B), at_node)      # one inside pass, met with B at every queried node
+    found = [finish() for _, finish in queries]
+    return found if isinstance(node, (list, tuple)) else found[0]
+
+
+def _branch_groups(g, node, groups):
+    """(node index, group id of every element) of one :func:`branches` query."""
     t = g.node_index(node)
     nd = g.nodes[t]
-    sr = rank.semiring
     n = nd.numel
     if groups is None:
         group_of = np.arange(n).reshape(nd.shape)
@@ -614,10 +742,18 @@ def branches(g, node, order="signed", groups=None):
                 or (group_of.size and group_of.min() < 0):
             raise QueryError(f"groups must be None, an axis, or non-negative integer ids shaped "
                              f"{nd.shape}; got {getattr(groups, 'shape', groups)!r}")
+    return t, group_of
+
+
+def _branches_at(g, t, group_of, B, sr, rank, order):
+    """:func:`branches` at tensor ``t``: (visit, finish). ``B`` holds the outside (backward max)
+    values; ``visit(Dt)`` takes t's inside (forward max) value from the shared inside pass, and
+    ``finish()`` then gives the :class:`Branches`."""
+    signed = rank.signed
+    nd = g.nodes[t]
+    n = nd.numel
     gflat = np.ascontiguousarray(group_of).reshape(-1)
     G = int(gflat.max()) + 1 if n else 0
-
-    B = outside(g, sr)            # the outside values of every node, kept until the inside pass meets them
     sources = set(g.sources.values())
     # branches: the (non-view) consumers reached from t, grouped by (op, module)
     labels, consumers, members = [], [], []
@@ -637,8 +773,8 @@ def branches(g, node, order="signed", groups=None):
     log_abs = np.full((G, nb), -np.inf)
     sign = np.zeros((G, nb), dtype=np.int8)
 
-    def at_node(v, _, Dt):
-        if v != t or not nb:
+    def visit(Dt):
+        if not nb:
             return
         (fs_hi, fl_hi), lo = _signed_pairs(Dt, signed)
         for b, chains in enumerate(members):
@@ -671,7 +807,11 @@ def branches(g, node, order="signed", groups=None):
             sign[grp, b] = best_s[pick].astype(np.int8)
             log_abs[grp, b] = np.where(best_s[pick] != 0, best_l[pick], -np.inf)
 
-    inside_outside(g, sr, list(B), at_node)      # the inside pass, met with B at node t
+    return visit, lambda: _branches_result(nd, order, labels, consumers, log_abs, sign, group_of, rank)
+
+
+def _branches_result(nd, order, labels, consumers, log_abs, sign, group_of, rank):
+    G, nb = log_abs.shape
     best = np.full(G, -1)
     bs, bl = np.zeros(G), np.full(G, -np.inf)
     for b in range(nb):            # strict improvement only: ties keep the lower branch index

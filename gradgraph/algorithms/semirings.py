@@ -29,7 +29,7 @@ import math
 import numpy as np
 
 from ..jacobians import JACOBIAN_KINDS, WeightMap
-from .dp import Scaled
+from .dp import Scaled, _rescaled
 from .kernels import maxmin_plus
 from .products import product, register_product
 
@@ -116,9 +116,8 @@ class Semiring:
         if acc is None:
             return y
         L = max(acc.log_scale, y.log_scale)
-        a = acc.arr * math.exp(acc.log_scale - L) if acc.log_scale != L else acc.arr
-        b = y.arr * math.exp(y.log_scale - L) if y.log_scale != L else y.arr
-        return Scaled(self.plus(a, b), L)
+        # _rescaled: a factor that underflows keeps a max semiring's "no path" (+-inf) from NaN
+        return Scaled(self.plus(_rescaled(acc.arr, acc.log_scale - L), _rescaled(y.arr, y.log_scale - L)), L)
 
     def __repr__(self):
         return f"Semiring({self.name})"

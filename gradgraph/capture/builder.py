@@ -13,6 +13,8 @@ from torch.utils import _pytree as pytree
 from ..errors import CaptureError, GradGraphError, UnsupportedOpError
 from ..graph import Edge, GradGraph, Node
 from . import rules as _rules  # noqa: F401  (registers the library's rules)
+from .autograd_ops import AUTOGRAD_FUNCTION, STOP_GRADIENT, autograd_function_jacobians
+from .diagnostics import diagnostics, uses_dense_jacobian
 from .fxnodes import is_float_tensor, module_of, op_name, producer, tensor_args, user_line
 from .registry import RuleContext, dense_jacobian, get_rule
 
@@ -41,10 +43,11 @@ class GraphBuilder:
         nodes, env = rec.nodes, rec.env
         source_of = {n: name for name, n in sources.items()}
 
-        # forward liveness from the sources (through floating tensors only), sources cut
+        # forward liveness from the sources (through floating tensors only), sources and
+        # detach / no_grad (STOP_GRADIENT) cut
         live = set(sources.values())
         for n in nodes:
-            if n.op == "call_function" and n not in live:
+            if n.op == "call_function" and n not in live and n.target is not STOP_GRADIENT:
                 if any(a in live for _, a in tensor_args(n)) and self._differentiable_value(env.get(n)):
                     live.add(n)
         for name, n in sources.items():
@@ -103,6 +106,8 @@ class GraphBuilder:
             "inputs": [[list(v.shape), str(v.dtype)] for v in
                        (env[p] for p in rec.placeholders if p.name in rec.user_inputs) if isinstance(v, torch.Tensor)],
         }
+        meta.update(diagnostics(gnodes, edges, [index[n] for n in sources.values()],
+                                [i for i, n in enumerate(order) if uses_dense_jacobian(n)]))
         sources_idx = {name: index[n] for name, n in sources.items()}
         return GradGraph(gnodes, edges, sources_idx, index[sink], self.granularity, meta)
 
@@ -129,7 +134,8 @@ class GraphBuilder:
         args = pytree.tree_map(lambda a: env[a] if isinstance(a, torch.fx.Node) else a, p.args)
         kwargs = pytree.tree_map(lambda a: env[a] if isinstance(a, torch.fx.Node) else a, dict(p.kwargs))
         ctx = RuleContext(op, tuple(args), kwargs, env[n], idx, set(wants))
-        rule = get_rule(op)
+        # a Function's Jacobian comes from its own backward, not from the ops of its forward
+        rule = autograd_function_jacobians if op is AUTOGRAD_FUNCTION else get_rule(op)
         try:
             with torch.no_grad():
                 jacs = rule(ctx) if rule is not None else {k: dense_jacobian(ctx, k) for k in wants}

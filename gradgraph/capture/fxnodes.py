@@ -8,6 +8,8 @@ import re
 import torch
 import torch.fx
 
+from .autograd_ops import AUTOGRAD_FUNCTION, function_name
+
 __all__ = ["module_of", "tensor_args", "is_float_tensor", "user_line", "producer", "op_name"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -65,4 +67,6 @@ def producer(n):
 def op_name(n):
     """The ATen op computing fx node ``n`` (through ``getitem``), as a string."""
     p, _ = producer(n)
+    if p.op == "call_function" and p.target is AUTOGRAD_FUNCTION:
+        return f"{function_name(p.args[1], qualified=False)}.apply"
     return str(p.target) if p.op == "call_function" else p.op

@@ -23,6 +23,12 @@ class Recording:
     user_inputs : set[str]
         Names of the placeholders that are the user's inputs (not parameters or buffers).
     out_node : torch.fx.Node
+    outs : list
+        The fx nodes or values of the user's outputs (buffer updates such as batch norm
+        statistics are left out).
+    packed : bool
+        The program was exported with one ``(args, kwargs)`` input (variable sizes): its keyword
+        placeholders are named ``kwargs_<name>``.
     """
 
     nodes: list
@@ -30,16 +36,30 @@ class Recording:
     placeholders: list
     user_inputs: set
     out_node: object
+    outs: list = None
+    packed: bool = False
+
+    def output_value(self):
+        """The program's one tensor output (None if it has another structure)."""
+        outs = self.outs
+        return self.env[outs[0]] if len(outs) == 1 and isinstance(outs[0], torch.fx.Node) else None
 
 
-def record(ep, args, kwargs):
+def record(ep, args, kwargs, packed=False):
     """Run ``ep`` (an ``ExportedProgram``) on these inputs with a ``torch.fx.Interpreter`` that keeps
-    every value, without autograd."""
+    every value, without autograd. ``packed``: the program was exported from
+    ``programs._ExplainedPacked`` (one (args, kwargs) input)."""
     gm = ep.graph_module
-    flat = ep._graph_module_flat_inputs(tuple(args), kwargs)
+    flat = ep._graph_module_flat_inputs(*(((tuple(args), kwargs), {}) if packed else (tuple(args), kwargs)))
     interp = torch.fx.Interpreter(gm, garbage_collect_values=False)
     with torch.no_grad():
         interp.run(*flat, enable_io_processing=False)
     nodes = list(gm.graph.nodes)
+    out_node = next(n for n in nodes if n.op == "output")
+    outs = out_node.args[0]
+    outs = outs if isinstance(outs, (list, tuple)) else (outs,)
+    kinds = [spec.kind for spec in ep.graph_signature.output_specs]
+    if len(kinds) == len(outs):
+        outs = [o for o, kind in zip(outs, kinds) if kind == torch.export.graph_signature.OutputKind.USER_OUTPUT]
     return Recording(nodes, interp.env, [n for n in nodes if n.op == "placeholder"],
-                     set(ep.graph_signature.user_inputs), next(n for n in nodes if n.op == "output"))
+                     set(ep.graph_signature.user_inputs), out_node, list(outs), packed)

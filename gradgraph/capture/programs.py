@@ -7,7 +7,9 @@ model -- :class:`ExportCache` is handed the model at each call.
 """
 from __future__ import annotations
 
+import os
 import time
+import traceback
 import warnings
 import weakref
 
@@ -16,8 +18,13 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..errors import CaptureError, GradGraphError
+from .autograd_ops import cut_gradients, routed_autograd_functions
+from .fxnodes import user_line
 
 __all__ = ["ExportCache", "shared_cache", "FUNCTION_OPS", "DECOMPOSED_OPS", "decomposition_table"]
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 aten = torch.ops.aten
 #: Ops kept whole at ``granularity="function"`` (each has an exact structured rule).
@@ -32,6 +39,7 @@ DECOMPOSED_OPS = (aten.native_group_norm.default, aten._native_batch_norm_legit.
                   aten.upsample_bilinear2d.vec, aten.upsample_bilinear2d.default,
                   aten.linalg_vector_norm.default)
 
+
 class _Explained(torch.nn.Module):
     """model followed by the user's ``output`` callable; traced together."""
 
@@ -43,6 +51,51 @@ class _Explained(torch.nn.Module):
     def forward(self, *args, **kwargs):
         out = self.model(*args, **kwargs)
         return self.output(out) if self.output is not None else out
+
+
+class _ExplainedPacked(_Explained):
+    """:class:`_Explained` taking ``(args, kwargs)`` as two arguments: ``torch.export`` maps
+    ``dynamic_shapes`` onto a forward with ``**kwargs`` inconsistently (torch 2.13), onto this one
+    correctly. Placeholders are named ``args_<i>`` and ``kwargs_<name>``."""
+
+    def forward(self, args, kwargs):
+        return super().forward(*args, **kwargs)
+
+
+def dynamic_spec(dynamic):
+    """Validate ``Capturer(dynamic=...)``: ``{input: dims}`` -> ``{input: tuple of ints}``."""
+    if dynamic is None:
+        return None
+    if not isinstance(dynamic, dict):
+        raise CaptureError("dynamic must be a dict {input name or position: dims}, e.g. "
+                           "{'input_ids': [1], 'attention_mask': [1]} for a variable sequence length")
+    out = {}
+    for key, dims in dynamic.items():
+        dims = (dims,) if isinstance(dims, int) else tuple(dims)
+        if not isinstance(key, (str, int)) or not all(isinstance(d, int) and d >= 0 for d in dims):
+            raise CaptureError(f"dynamic[{key!r}] must list non-negative dimension indices, got {dims!r}")
+        out[key] = dims
+    return out
+
+
+def export_failure(exc):
+    """A failed ``torch.export``'s whole message, with each exception it was caused by, and the
+    innermost line of the user's code where it happened (from the tracebacks, else from
+    torch's message)."""
+    chain, e = [], exc
+    while e is not None and all(e is not c for c in chain):
+        chain.append(e)
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    where = ""
+    for e in chain:       # the deepest cause with a user frame wins: it is nearest the fault
+        frames = [f for f in traceback.extract_tb(e.__traceback__)
+                  if not f.filename.startswith((_TORCH_DIR, _OWN_DIR))]
+        if frames:
+            f = frames[-1]
+            where = f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+    where = where or user_line(str(exc))
+    return ("torch.export could not trace the model" + (f" at {where}" if where else "") + "\n"
+            + "\nwhich was caused by\n".join(f"{type(e).__name__}: {str(e).strip()}" for e in chain))
 
 
 def decomposition_table(granularity):
@@ -124,42 +177,127 @@ class ExportCache:
     """Exported programs of one (output, sources, granularity) by input signature (the structure,
     shapes, dtypes and non-tensor values of the inputs, and the train / eval mode of every module).
 
+    ``dynamic`` (validated by :func:`dynamic_spec`): ``{input: dims}`` exported symbolic, one
+    program for every size in its range (see :class:`~gradgraph.capture.Capturer`).
+
     Attributes
     ----------
     n_exports : int
         How many times ``torch.export`` ran.
     last_export_seconds : float
         Wall time of the last export.
+    notes : list[str]
+        Why a dynamic export fell back to one export per size.
     """
 
-    def __init__(self):
+    def __init__(self, dynamic=None):
         self._programs = {}
         self.n_exports = 0
         self.last_export_seconds = None
+        self.dynamic = dynamic
+        self.notes = []
+        self._packed = set()         # ids of programs exported from _ExplainedPacked
 
-    def program(self, model, output, granularity, args, kwargs):
-        """The decomposed exported program of ``output(model(*args, **kwargs))``."""
+    def is_packed(self, ep):
+        """Whether ``ep`` was exported from :class:`_ExplainedPacked` (one (args, kwargs) input)."""
+        return id(ep) in self._packed
+
+    def program(self, model, output, granularity, args, kwargs, refresh=False):
+        """The decomposed exported program of ``output(model(*args, **kwargs))``; ``refresh``:
+        export again even if one is cached (the cached one no longer computes what the model does)."""
         # train / eval mode is traced into the program (dropout, batch norm): part of the key
-        key = (_signature(args, kwargs), tuple(m.training for m in model.modules()))
+        mode = tuple(m.training for m in model.modules())
+        if self.dynamic and not refresh:
+            ep = self._dynamic_program(model, output, granularity, args, kwargs, mode)
+            if ep is not None:
+                return ep
+        key = (_signature(args, kwargs), mode)
+        ep = None if refresh else self._programs.get(key)
+        if ep is None:
+            ep = self._programs[key] = self._export(model, output, granularity, args, kwargs)
+        return ep
+
+    def _export(self, model, output, granularity, args, kwargs, dynamic_shapes=None):
+        t0 = time.perf_counter()
+        packed = dynamic_shapes is not None
+        wrapper = (_ExplainedPacked if packed else _Explained)(model, output)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                with routed_autograd_functions():
+                    if packed:
+                        ep = torch.export.export(wrapper, (tuple(args), dict(kwargs)), strict=False,
+                                                 dynamic_shapes=dynamic_shapes)
+                    else:
+                        ep = torch.export.export(wrapper, tuple(args), dict(kwargs), strict=False)
+                cut_gradients(ep)
+                ep = ep.run_decompositions(decomposition_table(granularity))
+        except GradGraphError:
+            raise
+        except Exception as exc:
+            raise CaptureError(export_failure(exc)) from exc
+        if packed:
+            self._packed.add(id(ep))
+        self.n_exports += 1
+        self.last_export_seconds = time.perf_counter() - t0
+        return ep
+
+    def _dynamic_program(self, model, output, granularity, args, kwargs, mode):
+        """The program exported with ``self.dynamic``'s dimensions symbolic, if it serves these
+        inputs (exported on first use); None where it cannot (then one program per size)."""
+        dims = {}    # (placeholder name, dim) -> size
+        for name, key, v in [(f"args_{i}", i, a) for i, a in enumerate(args)] + \
+                            [(f"kwargs_{k}", k, v) for k, v in kwargs.items()]:
+            for d in self.dynamic.get(key, ()) if isinstance(v, torch.Tensor) else ():
+                if d < v.dim():
+                    dims[(name, d)] = v.shape[d]
+        if not dims:
+            return None
+
+        def general(key, v):   # the input with its dynamic sizes left out of the cache key
+            if not isinstance(v, torch.Tensor) or key not in self.dynamic:
+                return v
+            shape = [0 if d in self.dynamic[key] else n for d, n in enumerate(v.shape)]
+            return torch.empty(shape, dtype=v.dtype, device="meta")
+        key = ("dynamic", _signature(tuple(general(i, a) for i, a in enumerate(args)),
+                                     {k: general(k, v) for k, v in kwargs.items()}), mode)
         ep = self._programs.get(key)
         if ep is None:
-            t0 = time.perf_counter()
-            wrapper = _Explained(model, output)
+            auto = torch.export.Dim.AUTO
+            spec = (tuple({d: auto for (n, d) in dims if n == f"args_{i}"} or None for i in range(len(args))),
+                    {k: {d: auto for (n, d) in dims if n == f"kwargs_{k}"} or None for k in kwargs})
+            label = {n: (f"positional input {n[5:]}" if n.startswith("args_") else n[7:]) for n, _ in dims}
+            what = ", ".join(f"{label[n]} dim {d}" for n, d in dims)
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", FutureWarning)
-                    ep = torch.export.export(wrapper, tuple(args), dict(kwargs), strict=False)
-                    ep = ep.run_decompositions(decomposition_table(granularity))
-            except GradGraphError:
-                raise
-            except Exception as exc:  # torch.export errors are long; keep their first lines
-                msg = str(exc).strip().splitlines()
-                raise CaptureError(f"torch.export could not trace the model: {type(exc).__name__}: "
-                                   f"{' '.join(msg[:3])}") from exc
+                ep = self._export(model, output, granularity, args, kwargs, dynamic_shapes=spec)
+            except CaptureError as exc:
+                self.notes.append(f"exporting with a variable size of {what} failed ({exc}); "
+                                  f"exporting once per size instead")
+                ep = False
+            if ep is not False:
+                fixed = [f"{label[n]} dim {d}" for (n, d) in dims
+                         if self._size_symbol(ep, n, d) is None]
+                if fixed:
+                    self.notes.append(f"torch.export fixed the size of {', '.join(fixed)} (the model "
+                                      f"depends on it); exporting once per size instead")
+                    self._programs[(_signature(args, kwargs), mode)] = ep   # still right for this size
+                    ep = False
             self._programs[key] = ep
-            self.n_exports += 1
-            self.last_export_seconds = time.perf_counter() - t0
+        if ep is False:
+            return None
+        for (n, d), size in dims.items():
+            r = ep.range_constraints.get(self._size_symbol(ep, n, d))
+            if r is not None and not int(r.lower) <= size <= r.upper:
+                return None   # outside the sizes the program is valid for: one program for this size
         return ep
+
+    @staticmethod
+    def _size_symbol(ep, placeholder, dim):
+        """The symbol (sympy) of a placeholder's dimension; None where its size is fixed."""
+        node = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == placeholder)
+        size = node.meta["val"].shape[dim]
+        expr = size.node.expr if isinstance(size, torch.SymInt) else None
+        return None if expr is None or expr.is_number else expr
 
 
 #: model -> {(output key, sources, granularity): ExportCache}; weak in the model, and the values

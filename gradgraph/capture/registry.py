@@ -238,7 +238,14 @@ def dense_jacobian(ctx, key, max_entries=None):
     if n_entries == 0:          # an empty tensor on either side: no entries (jacrev cannot batch 0)
         none = np.zeros(0, dtype=np.int64)
         return SparseJacobian(ctx.out.shape, x.shape, none, none, np.zeros(0))
-    J = torch.func.jacrev(lambda t: ctx.call_with(key, t))(xd).reshape(ctx.out.numel(), x.numel())
+    try:
+        J = torch.func.jacrev(lambda t: ctx.call_with(key, t))(xd)
+    except RuntimeError:
+        # ops whose derivative is an autograd.Function functorch cannot transform (a custom op's
+        # ``register_autograd``): plain autograd, one backward per output element
+        with torch.enable_grad():
+            J = torch.autograd.functional.jacobian(lambda t: ctx.call_with(key, t), xd)
+    J = J.reshape(ctx.out.numel(), x.numel())
     J = J.detach().cpu().numpy()
     rows, cols = np.nonzero(J)
     return SparseJacobian(ctx.out.shape, x.shape, rows, cols, J[rows, cols])

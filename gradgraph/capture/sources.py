@@ -18,7 +18,7 @@ aten = torch.ops.aten
 def resolve_sources(model, requested, rec):
     """{source name: fx node} for a :class:`.interpreter.Recording`: the defaults (floating-point
     inputs, embedding lookups of integer inputs) or the ``requested`` names."""
-    defaults = _default_sources(model, rec.nodes, rec.env, rec.user_inputs)
+    defaults = _default_sources(model, rec.nodes, rec.env, rec.user_inputs, rec.packed)
     sources = defaults if requested is None else _named_sources(requested, rec.nodes, rec.env, defaults)
     if not sources:
         raise CaptureError("no sources: the model has no floating-point inputs and no embedding lookups "
@@ -26,10 +26,9 @@ def resolve_sources(model, requested, rec):
     return sources
 
 
-def find_sink(out_node, env):
-    """The fx node of the explained scalar (checked: one floating-point scalar)."""
-    outs = out_node.args[0]
-    outs = outs if isinstance(outs, (list, tuple)) else (outs,)
+def find_sink(outs, env):
+    """The fx node of the explained scalar (checked: one floating-point scalar) among the
+    program's user outputs ``outs`` (:attr:`.interpreter.Recording.outs`)."""
     tensors = [o for o in outs if isinstance(o, torch.fx.Node)]
     if len(outs) != 1 or len(tensors) != 1:
         raise CaptureError(
@@ -46,14 +45,14 @@ def find_sink(out_node, env):
     return sink
 
 
-def _default_sources(model, nodes, env, user_inputs):
+def _default_sources(model, nodes, env, user_inputs, packed=False):
     found = {}
     int_from_input = set()
     for n in nodes:
         if n.op == "placeholder" and n.name in user_inputs:
             v = env.get(n)
             if is_float_tensor(v):
-                found[_input_name(model, n.name)] = n
+                found[_input_name(model, n.name, packed)] = n
             elif isinstance(v, torch.Tensor):
                 int_from_input.add(n)
         elif n.op == "call_function":
@@ -67,8 +66,10 @@ def _default_sources(model, nodes, env, user_inputs):
     return found
 
 
-def _input_name(model, name):
+def _input_name(model, name, packed=False):
     """``args_0`` -> the name of the model's first positional parameter (``x``, ``input``)."""
+    if packed and name.startswith("kwargs_"):
+        return name[len("kwargs_"):]     # a keyword input of a program with variable sizes
     m = re.fullmatch(r"args_(\d+)", name)
     if m:
         try:

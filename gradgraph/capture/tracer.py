@@ -14,12 +14,15 @@ weakly keyed by the model: a model the user drops is freed with its programs.
 from __future__ import annotations
 
 import torch
+from torch.utils import _pytree as pytree
 
-from ..errors import CaptureError
+from ..errors import CaptureError, CaptureWarning
 from .builder import GraphBuilder
+from .diagnostics import same_value, warn
 from .fxnodes import module_of as _module_of  # noqa: F401  (tests/oracle.py reads it here)
 from .interpreter import record
 from .programs import DECOMPOSED_OPS, FUNCTION_OPS, ExportCache, _Explained, shared_cache  # noqa: F401
+from .programs import _ExplainedPacked, dynamic_spec  # noqa: F401
 from .programs import decomposition_table as _decomposition_table  # noqa: F401
 from .sources import find_sink, resolve_sources
 
@@ -49,10 +52,17 @@ class Capturer:
         decomposes them into core ATen ops (the paper's own convention).
     progress : bool, optional
         Show a progress bar (default: when stderr is a terminal and the graph is large).
+    dynamic : dict, optional
+        ``{input: dims}``: dimensions whose size varies between captures (``input`` a keyword
+        name or a positional index), e.g. ``{"input_ids": [1], "attention_mask": [1]}`` for
+        sentences of different lengths. The model is exported once with these dimensions
+        symbolic (``torch.export.Dim.AUTO``) and the program serves every size in its range. Where
+        the model fixes a size (or the symbolic export fails) it is exported once per size
+        instead, and :attr:`notes` says why.
     """
 
     def __init__(self, model, output=None, *, sources=None, granularity="function", progress=None,
-                 _exports=None):
+                 dynamic=None, _exports=None):
         if not isinstance(model, torch.nn.Module):
             raise CaptureError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if granularity not in GRANULARITIES:
@@ -64,7 +74,10 @@ class Capturer:
         self.model, self.output, self.granularity = model, output, granularity
         self.sources = None if sources is None else list(sources)
         self.progress = progress
-        self._exports = ExportCache() if _exports is None else _exports
+        self.dynamic = dynamic_spec(dynamic)
+        if _exports is not None and _exports.dynamic != self.dynamic:
+            raise CaptureError("a shared export cache must have the Capturer's dynamic dimensions")
+        self._exports = ExportCache(self.dynamic) if _exports is None else _exports
 
     @property
     def n_exports(self):
@@ -75,17 +88,45 @@ class Capturer:
     def last_export_seconds(self):
         return self._exports.last_export_seconds
 
-    def program(self, args, kwargs=None):
+    @property
+    def notes(self):
+        """Why a dynamic export fell back to one export per size (a list of str)."""
+        return self._exports.notes
+
+    def program(self, args, kwargs=None, refresh=False):
         """The decomposed ``torch.export`` program for inputs of this signature (exported on first
-        use, then cached)."""
+        use, then cached); ``refresh``: export again even if one is cached."""
         args = args if isinstance(args, (tuple, list)) else (args,)
-        return self._exports.program(self.model, self.output, self.granularity, args, dict(kwargs or {}))
+        return self._exports.program(self.model, self.output, self.granularity, args, dict(kwargs or {}),
+                                     refresh=refresh)
+
+    def _record(self, args, kwargs, refresh=False):
+        ep = self.program(args, kwargs, refresh=refresh)
+        return record(ep, args, kwargs, self._exports.is_packed(ep))
+
+    def _eager_output(self, args, kwargs):
+        """``output(model(*args, **kwargs))`` run by PyTorch itself, leaving the model's buffers
+        as they were (a training-mode batch norm would update its running statistics)."""
+        training = any(m.training for m in self.model.modules())
+        saved = [(b, b.detach().clone()) for b in self.model.buffers()] if training else []
+        try:
+            with torch.no_grad():
+                out = _Explained(self.model, self.output)(*args, **kwargs)
+        except Exception as exc:
+            raise CaptureError(f"running the model eagerly failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            with torch.no_grad():
+                for b, v in saved:
+                    b.copy_(v)
+        leaves = [v for v in pytree.tree_leaves(out) if isinstance(v, torch.Tensor)]
+        return leaves[0] if len(leaves) == 1 else None
 
     def capture(self, args, kwargs=None):
         """Capture the gradient graph of the model at these inputs.
 
         Exports the model only for an input signature (tensor shapes and dtypes, other argument
-        values, train / eval mode) not seen before; :attr:`n_exports` counts the exports.
+        values, train / eval mode) not seen before, or when the cached program's output differs
+        from the model's own (Python-side state changed); :attr:`n_exports` counts the exports.
 
         Parameters
         ----------
@@ -106,6 +147,12 @@ class Capturer:
         UnsupportedOpError
             An op has no rule and is too large for the dense fallback.
 
+        Warns
+        -----
+        CaptureWarning
+            A node holds a NaN or has a non-finite local derivative (the first one is named), or
+            the model does not give the same output twice (see ``docs/capture.md``).
+
         Examples
         --------
         >>> import torch, gradgraph as gg
@@ -118,9 +165,20 @@ class Capturer:
         if not isinstance(args, (tuple, list)):
             args = (args,)
         kwargs = dict(kwargs or {})
-        ep = self.program(args, kwargs)
-        rec = record(ep, args, kwargs)
-        sink = find_sink(rec.out_node, rec.env)
+        n_exports = self.n_exports
+        rec = self._record(args, kwargs)
+        # the program must compute what the model computes now: a Python attribute the forward
+        # branches on is not in the cache key, so a changed one shows as a different output (an
+        # output that is not one tensor is refused by find_sink below)
+        eager = self._eager_output(args, kwargs)
+        if eager is not None and not same_value(eager, rec.output_value()) and self.n_exports == n_exports:
+            rec = self._record(args, kwargs, refresh=True)
+        if eager is not None and not same_value(eager, rec.output_value()):
+            warn(CaptureWarning(
+                f"the captured program gives {rec.output_value()} where the model gives "
+                f"{eager} on the same input: the model is not deterministic (dropout in training "
+                f"mode? call model.eval()), so the graph explains one run of it"))
+        sink = find_sink(rec.outs, rec.env)
         sources = resolve_sources(self.model, self.sources, rec)
         model_name = type(self.model).__module__ + "." + type(self.model).__qualname__
         return GraphBuilder(self.granularity, model_name, self.progress).build(rec, sink, sources)

@@ -156,7 +156,8 @@ def _scalar_label(h):
     return lines
 
 
-def to_dot(g, paths, collapse="module", include_views=False, max_nodes=200, title=None):
+def to_dot(g, paths, collapse="module", include_views=False, max_nodes=200, title=None,
+           path_classes=False):
     """A Graphviz diagram (a :class:`pydot.Dot`) of the union of ``paths``.
 
     Parameters
@@ -176,6 +177,9 @@ def to_dot(g, paths, collapse="module", include_views=False, max_nodes=200, titl
         :class:`UserWarning` say what was left out.
     title : str, optional
         Graph label; default names the sink and its value.
+    path_classes : bool
+        Give every box and edge the SVG classes of the paths through it (``path1 path3``, ranks
+        from 1), so that a page showing the SVG can highlight one path.
 
     Returns
     -------
@@ -275,6 +279,8 @@ def to_dot(g, paths, collapse="module", include_views=False, max_nodes=200, titl
             attrs.update(shape="doubleoctagon", fillcolor="#fde0dd", style="filled")
         elif role == "source":
             attrs.update(shape="invhouse", fillcolor="#deebf7", style="filled")
+        if path_classes:
+            attrs["class"] = _path_classes(box["ranks"])
         dot.add_node(pydot.Node(ids[key], label="\\n".join(_esc(s) for s in lines), **attrs))
     if any(k == ("ellipsis",) for pair in edges for k in pair):
         ids[("ellipsis",)] = f"n{len(ids)}"
@@ -294,6 +300,8 @@ def to_dot(g, paths, collapse="module", include_views=False, max_nodes=200, titl
         attrs = {}
         if ranks:
             attrs["color"] = ":".join(PATH_COLORS[r % len(PATH_COLORS)] for r in ranks)
+            if path_classes:
+                attrs["class"] = _path_classes(ranks)
             attrs["penwidth"] = f"{max(width(r) for r in ranks):.2f}"
             vals = []
             for r in ranks:
@@ -318,6 +326,12 @@ def to_dot(g, paths, collapse="module", include_views=False, max_nodes=200, titl
         dot.add_node(pydot.Node("note", label="\\n".join(_esc(n) for n in notes), shape="note",
                                 fillcolor="#fff7bc", style="filled"))
     return dot
+
+
+def _path_classes(ranks):
+    """SVG classes naming the paths through a box or edge (``path1 path3``: ranks from 1), so that
+    a page showing the SVG can highlight one path (see :mod:`gradgraph.export.report`)."""
+    return " ".join(f"path{r + 1}" for r in sorted(ranks))
 
 
 def _html(text):

@@ -1,0 +1,116 @@
+"""HTML report benchmark: how long writing the report of a BERT-base-sized graph takes, how large
+the file is, and how fast it opens in headless Chromium.
+
+Model: random-init BertForMaskedLM with 12 layers, hidden size 768, 12 heads, intermediate 3072,
+eager attention, vocabulary 30522 (float32, eval mode), one 64-token input; sink = a logit
+difference at the [MASK] position (see ``common.py``).
+
+Reported, all measured in this run: the capture (for context), ``gg.report`` wall time (target:
+< 30 s) and CPU time (which other processes on a shared machine do not inflate), the report's file
+size, and the page load time in headless Chromium (navigation start to the load event, target:
+< 5 s; median of ``--loads`` fresh page loads).
+
+Run: ``.venv/bin/python benchmarks/report.py [--layers 12] [--hidden 768] [--tokens 64] [--k 20]
+[--threads 1] [--loads 3]``. Needs ``chromium`` and ``chromedriver`` on PATH for the load time.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import bert_inputs, bert_mlm, fmt_bytes, fmt_seconds, logit_diff, machine, print_table  # noqa: E402
+
+import gradgraph as gg  # noqa: E402
+
+TARGET_WRITE_S = 30.0
+TARGET_LOAD_S = 5.0
+
+
+def cpu_seconds():
+    """CPU time of this process and its finished children (Graphviz runs as one)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def page_load_seconds(path, loads):
+    """Median seconds from navigation start to the load event over ``loads`` fresh loads."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium") or shutil.which("chromium-browser")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1400,1800"):
+        opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    drv = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+    try:
+        times, errors = [], []
+        for _ in range(loads):
+            drv.get("about:blank")
+            drv.get("file://" + os.path.abspath(path))     # returns after the load event
+            ms = drv.execute_script(
+                "var t = performance.getEntriesByType('navigation')[0]; return t.loadEventEnd - t.startTime;")
+            times.append(ms / 1e3)
+            errors += [e for e in drv.get_log("browser") if e["level"] == "SEVERE"]
+        return statistics.median(times), times, errors
+    finally:
+        drv.quit()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--k", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--loads", type=int, default=3)
+    ap.add_argument("--out", default=None, help="keep the report here (default: a temporary folder)")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    print(machine())
+    model = bert_mlm(num_hidden_layers=a.layers, hidden_size=a.hidden, num_attention_heads=a.heads,
+                     intermediate_size=4 * a.hidden)
+    inputs = bert_inputs(a.tokens)
+    t0 = time.perf_counter()
+    g = gg.capture(model, (), inputs, output=logit_diff)
+    t_capture = time.perf_counter() - t0
+    print(f"captured in {fmt_seconds(t_capture)}: {g}")
+
+    folder = a.out or tempfile.mkdtemp(prefix="gradgraph-report-")
+    out = os.path.join(folder, "report.html")
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    gg.report(g, out, k=a.k, overwrite=True)
+    t_write, c_write = time.perf_counter() - t0, cpu_seconds() - c0
+    size = os.path.getsize(out)
+    rows = [("graph", f"{a.layers} layers, hidden {a.hidden}, {a.tokens} tokens: {len(g.nodes)} tensors, "
+                      f"{sum(n.numel for n in g.nodes):,} scalars"),
+            ("capture (with torch.export)", fmt_seconds(t_capture)),
+            ("report written, wall time", f"{fmt_seconds(t_write)} (target < {TARGET_WRITE_S:.0f} s: "
+                                          f"{'met' if t_write < TARGET_WRITE_S else 'NOT met'})"),
+            ("report written, CPU time (process + Graphviz)", f"{fmt_seconds(c_write)} (equals the wall time "
+             f"on an idle machine with --threads 1)"),
+            ("report file size", f"{fmt_bytes(size)} ({size:,} bytes)")]
+    if shutil.which("chromedriver") and (shutil.which("chromium") or shutil.which("chromium-browser")):
+        med, times, errors = page_load_seconds(out, a.loads)
+        rows.append(("page load (navigation start -> load event)",
+                     f"{fmt_seconds(med)} median of {', '.join(fmt_seconds(t) for t in times)} "
+                     f"(target < {TARGET_LOAD_S:.0f} s: {'met' if med < TARGET_LOAD_S else 'NOT met'})"))
+        rows.append(("browser console errors", str(len(errors))))
+    else:
+        rows.append(("page load", "not measured: chromium / chromedriver not found"))
+    print_table(rows)
+    print(f"report: {out}")
+
+
+if __name__ == "__main__":
+    main()

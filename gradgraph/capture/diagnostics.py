@@ -1,0 +1,93 @@
+"""What a user should know about a capture: the dense Jacobians, the lower-precision nodes, the
+first non-finite value (``GradGraph.meta``), and the warnings attributed to the user's own code."""
+from __future__ import annotations
+
+import operator
+import os
+import sys
+import warnings
+
+import numpy as np
+import torch
+import torch.fx
+
+from ..errors import CaptureWarning
+from .autograd_ops import AUTOGRAD_FUNCTION
+from .registry import get_rule
+
+__all__ = ["diagnostics", "uses_dense_jacobian", "same_value", "warn"]
+
+_OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # gradgraph/
+
+
+def warn(warning):
+    """``warnings.warn`` attributed to the first caller outside gradgraph."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_OWN_DIR):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(warning, stacklevel=level)
+
+
+def same_value(a, b):
+    """Whether two outputs are the same computation's: same dtype and shape, and equal up to
+    256 units of roundoff of their dtype (reordered sums in decompositions differ by a few);
+    NaN equals NaN."""
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.dtype != b.dtype \
+            or a.shape != b.shape:
+        return False
+    if not a.dtype.is_floating_point:
+        return bool(torch.equal(a, b))
+    tol = 256 * torch.finfo(a.dtype).eps
+    return bool(torch.allclose(a, b, rtol=tol, atol=tol, equal_nan=True))
+
+
+def uses_dense_jacobian(n):
+    """Whether the Jacobian of fx node ``n`` is a dense matrix: the jacrev fallback of an op
+    without a rule, or a ``torch.autograd.Function`` (from its backward)."""
+    p = n.args[0] if n.target is operator.getitem and isinstance(n.args[0], torch.fx.Node) else n
+    if p.op != "call_function" or not isinstance(p.target, torch._ops.OpOverload):
+        return False
+    return p.target is AUTOGRAD_FUNCTION or get_rule(p.target) is None
+
+
+def _node_summary(node, **extra):
+    return {"node": node.name, "op": node.op, "module": node.module, "source_line": node.source_line,
+            **extra}
+
+
+def diagnostics(gnodes, edges, source_ids, dense_ids):
+    """What a user should know about a captured graph, for ``GradGraph.meta``, and a
+    :class:`CaptureWarning` for non-finite values.
+
+    ``dense_jacobians``: the nodes whose Jacobian is a dense matrix. ``lower_precision``: the
+    nodes computed in a floating type narrower than the sources' widest (a float32 softmax in a
+    float64 model). ``first_non_finite``: the first node, in execution order, holding a NaN or
+    whose incoming Jacobian holds a NaN or infinity, or the sink when it is infinite; paths
+    through it have non-finite weights."""
+    def float_size(node):
+        dtype = getattr(torch, node.dtype, None)
+        return dtype.itemsize if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+    model_size = max((float_size(gnodes[i]) or 0) for i in source_ids)
+    out = {"dense_jacobians": [_node_summary(gnodes[i]) for i in dense_ids],
+           "lower_precision": [_node_summary(n, dtype=n.dtype) for n in gnodes
+                               if (float_size(n) or model_size) < model_size]}
+    bad_jacobian = set()
+    for e in edges:
+        if e.dst not in bad_jacobian and not all(
+                np.isfinite(np.asarray(a)).all() for a in e.jac.state()[1].values()
+                if np.asarray(a).dtype.kind == "f"):
+            bad_jacobian.add(e.dst)
+    for i, n in enumerate(gnodes):
+        value = np.asarray(n.value)
+        why = ("holds NaN" if value.dtype.kind == "f" and np.isnan(value).any() else
+               "has a non-finite local derivative" if i in bad_jacobian else
+               "is infinite" if n.role == "sink" and not np.isfinite(value).all() else "")
+        if why:
+            out["first_non_finite"] = _node_summary(n, problem=why)
+            warn(CaptureWarning(
+                f"node {n.name} ({n.op}, module {n.module or '<top>'}"
+                + (f", at {n.source_line}" if n.source_line else "") + f") {why}, the first "
+                "non-finite value of the graph in execution order: paths through it may have "
+                "non-finite weights, and the gradient of sources they reach is not finite"))
+            break
+    return out

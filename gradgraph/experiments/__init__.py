@@ -1,0 +1,1 @@
+"""The paper's studies, reproduced with gradgraph (see docs/experiments.md)."""
