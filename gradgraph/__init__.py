@@ -15,7 +15,7 @@ from .export.notebook import PathList
 from .export.report import report
 from .graph import GradGraph
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = ["capture", "Capturer", "register_rule", "load", "batch", "GradGraph", "GradGraphError",
            "CaptureError", "UnsupportedOpError", "GraphFormatError", "QueryError", "to_dot", "render", "__version__",

@@ -115,7 +115,8 @@ class _Worker:
     def _capturer(self, model, output, args, kwargs):
         import torch
 
-        from ..capture.tracer import Capturer, _callable_key
+        from ..capture.programs import _callable_key
+        from ..capture.tracer import Capturer
         per_model = self.capturers.setdefault(model, {})
         key = _callable_key(output)
         cap = per_model.get(key)
@@ -329,7 +330,7 @@ def run(items, build, queries, out, *, engine="local", workers=None, scheduler=N
                          f"pip install 'gradgraph[distributed]'") from None
     import torch
 
-    from .. import __version__
+    from .._version import __version__
     capture_opts = {"sources": sources, "granularity": granularity,
                     "dynamic": dynamic if dynamic in (None, "auto") else {str(k): list(v) if not isinstance(v, int)
                                                                           else [v] for k, v in dynamic.items()}}
