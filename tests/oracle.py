@@ -41,7 +41,7 @@ from gradgraph.capture.tracer import _decomposition_table, _Explained, _module_o
 from gradgraph.graph import VIEW_OPS
 
 __all__ = ["ScalarOracle", "OraclePath", "logsumexp", "captured_case", "autograd_gradient",
-           "tiny_mlp", "tiny_residual_ln", "tiny_attention", "CASES", "case_strategy", "get_case"]
+           "tiny_mlp", "tiny_residual_ln", "tiny_attention", "tiny_writes", "CASES", "case_strategy", "get_case"]
 
 
 def logsumexp(a):
@@ -69,6 +69,13 @@ class OraclePath:
     @property
     def source(self):
         return self.nodes[-1]
+
+
+#: ATen ops without an autograd formula, and a differentiable function computing the same
+_DIFFERENTIABLE = {
+    # copy(x, src): src broadcast to x's shape; nothing of x is kept
+    torch.ops.aten.copy.default: lambda x, src, non_blocking=False: x * 0 + src,
+}
 
 
 def _short(op):
@@ -212,7 +219,8 @@ class ScalarOracle:
             kw = {name: (v.double() if _is_float(v) else v) for name, v in kwargs.items()}
             if "dtype" in kw and isinstance(kw["dtype"], torch.dtype) and kw["dtype"].is_floating_point:
                 kw["dtype"] = torch.float64
-            out = producer.target(*a2, **kw)
+            target = _DIFFERENTIABLE.get(producer.target, producer.target)
+            out = target(*a2, **kw)
             return out[idx] if idx is not None else out
 
         try:
@@ -423,6 +431,31 @@ def tiny_attention(seed=0, vocab=7, d=2, tokens=3):
     return model, (ids,), {}, lambda y: y[-1, 0] - y[-1, 1]
 
 
+class _Writes(torch.nn.Module):
+    """A transposed convolution, in-place writes (a masked assignment, a column assignment) and a
+    cumulative sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.ConvTranspose1d(1, 2, 2, stride=2)
+        self.head = torch.nn.Linear(4, 2)
+        self.register_buffer("mask", torch.tensor([[True, False, True, True], [True, True, False, True]]))
+
+    def forward(self, x):
+        h = torch.tanh(self.up(x))[0] * 1.5     # (2, 4); the product keeps h free for writes
+        h[~self.mask] = 0
+        h[:, 1] = h[:, 2] * 0.5 - h[:, 3] * 0.75     # (no exact |weight| ties with the direct paths)
+        return self.head(torch.cumsum(h, -1))
+
+
+def tiny_writes(seed=0):
+    """ConvTranspose1d, ``h[~mask] = 0``, ``h[:, 1] = ...``, cumsum, a linear head; sink y[0, 0] - y[1, 1]."""
+    torch.manual_seed(seed)
+    model = _Writes().double().eval()
+    x = torch.randn(1, 1, 2, dtype=torch.float64)
+    return model, (x,), {}, lambda y: y[0, 0] - y[1, 1]
+
+
 def autograd_gradient(model, args, kwargs, output, embedding=None):
     """torch.autograd gradient of the sink wrt the float inputs, or wrt the output of the module
     ``embedding`` (an attribute name) when given. Returns a list of numpy arrays."""
@@ -471,6 +504,7 @@ CASES = [
     (tiny_attention, dict(seed=5, tokens=2, vocab=3)),
     (tiny_attention, dict(seed=6, tokens=2, granularity="primitive")),   # softmax decomposed
     (tiny_residual_ln, dict(seed=7, granularity="primitive")),          # layer norm decomposed
+    (tiny_writes, dict(seed=1)),               # conv-transpose, in-place writes, cumsum
 ]
 
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 import gradgraph as gg
 from gradgraph.errors import QueryError
-from oracle import ScalarOracle, tiny_attention, tiny_mlp, tiny_residual_ln
+from oracle import ScalarOracle, tiny_attention, tiny_mlp, tiny_residual_ln, tiny_writes
 
 SETTINGS = settings(max_examples=3, deadline=None, derandomize=True)
 ORDERS = ["signed", "magnitude"]
@@ -35,6 +35,7 @@ MODELS = {
     "mlp_relu": (tiny_mlp, dict(seed=2, widths=(2, 3, 3, 2), batch=2, act="relu")),
     "residual_ln": (tiny_residual_ln, dict(seed=1, d=3, rows=2)),
     "attention": (tiny_attention, dict(seed=1)),
+    "writes": (tiny_writes, dict(seed=1)),   # conv-transpose, in-place writes, cumsum
 }
 
 
@@ -80,6 +81,10 @@ def check_tie_rule(paths):
 @SETTINGS
 @given(kind=st.sampled_from(sorted(MODELS)), seed=st.integers(0, 3), order=st.sampled_from(ORDERS))
 def test_top_path_matches_oracle(kind, seed, order):
+    check_top_path(kind, seed, order)
+
+
+def check_top_path(kind, seed, order):
     g, o = random_case(kind, seed)
     best = g.top_paths(k=1, order=order, include_views=True)
     assert len(best) == 1
@@ -99,6 +104,18 @@ def test_top_path_matches_oracle(kind, seed, order):
 @SETTINGS
 @given(kind=st.sampled_from(sorted(MODELS)), seed=st.integers(0, 3), order=st.sampled_from(ORDERS))
 def test_k_best_is_the_whole_ranked_list(kind, seed, order):
+    check_k_best(kind, seed, order)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_paths_through_the_write_cumsum_and_conv_transpose_rules(seed, order):
+    """The model of index_put, copy, cumsum and a transposed convolution, on every draw."""
+    check_top_path("writes", seed, order)
+    check_k_best("writes", seed, order)
+
+
+def check_k_best(kind, seed, order):
     g, o = random_case(kind, seed)
     ranked = o.ranked(order)
     n = len(ranked)

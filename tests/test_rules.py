@@ -42,6 +42,24 @@ def C(*args, ref=None, id="", **kwargs):
 
 TIES = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, -1.0], [5.0, 1.0, 5.0, 5.0]], dtype=torch.float64)
 IDX = torch.tensor([2, 0, 2, 1])
+MASK = torch.tensor([[True, False, False, True], [False, False, False, False], [True, True, False, True]])
+SCATTER_IDX = torch.tensor([[0, 0, 3], [1, 1, 1], [2, 0, 2]])
+# rows with no, one and two zeros
+ZEROS = torch.tensor([[1.5, -2.0, 0.5, 3.0], [1.5, 0.0, 0.5, 3.0], [0.0, 2.0, 0.0, -1.0]], dtype=torch.float64)
+
+
+def _used_src(op):
+    """``op`` (a scatter) with src cut to the index's shape first: autograd's scatter backward
+    returns a gradient of the index's shape for a larger src and fails; the elements beyond the
+    index are not read, so their derivatives are 0."""
+    def f(x, dim, index, src, *rest, **kwargs):
+        return op(x, dim, index, src[tuple(slice(0, n) for n in index.shape)], *rest, **kwargs)
+    return f
+
+
+def _copy(x, src, non_blocking=False):
+    # aten.copy has no autograd formula: the same function, differentiable (nothing of x is kept)
+    return x * 0 + src
 
 
 def _ln_stats(x, shape, w, b, eps):
@@ -85,6 +103,13 @@ SAMPLES = {
         C(r(1, 2, 5, 5), r(3, 2, 3, 3), None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, id="2d-nobias"),
         C(r(2, 3, 9), r(4, 3, 3), r(4), [2], [1], [2], False, [0], 1, id="1d"),
         C(r(1, 2, 3, 3), r(2, 3, 2, 2), r(3), [2, 2], [0, 0], [1, 1], True, [1, 1], 1, id="transposed"),
+        C(r(2, 4, 3, 4), r(4, 1, 3, 2), r(2), [2, 1], [1, 0], [1, 2], True, [1, 0], 2,
+          id="transposed-2d-grouped-dilated-padded"),
+        C(r(2, 3, 5), r(3, 2, 3), r(2), [3], [1], [1], True, [2], 1, id="transposed-1d"),
+        C(r(1, 2, 2, 3, 2), r(2, 2, 2, 2, 3), None, [2, 1, 2], [0, 1, 1], [1, 1, 1], True, [1, 0, 0], 1,
+          id="transposed-3d"),
+        C(r(2, 2, 4, 5, 3), r(4, 1, 2, 3, 2), r(4), [1, 2, 1], [1, 0, 1], [2, 1, 1], False, [0, 0, 0], 2,
+          id="3d-grouped-strided-dilated"),
     ],
     aten.avg_pool2d.default: [
         C(r(2, 3, 6, 6), [2, 2], id="plain"),
@@ -113,6 +138,44 @@ SAMPLES = {
     aten.var.correction: [C(r(3, 4), [1]), C(r(2, 3, 4), [0, 2], correction=0, keepdim=True, id="keepdim")],
     aten.var_mean.correction: [C(r(3, 4), [1]), C(r(2, 3, 4), None, correction=0, id="all"),
                                C(r(2, 3, 4), [-1], correction=1, keepdim=True, id="keepdim")],
+    aten.prod.default: [C(r(2, 3)), C(ZEROS[1], id="one-zero"), C(ZEROS[2], id="two-zeros")],
+    aten.prod.dim_int: [C(ZEROS, 1, id="zeros-per-row"), C(r(2, 3, 4), 1, True, id="keepdim"),
+                        C(ZEROS, 0, id="dim0")],
+    aten.cumsum.default: [C(r(3, 4), 1), C(r(2, 3, 4), 0, id="dim0"), C(r(5), -1, id="1d")],
+    # --- in-place writes (as torch.export makes them functional)
+    aten.index_put.default: [
+        C(r(3, 4), [MASK], r(()), id="mask-scalar"),
+        C(r(4, 3), [torch.tensor([2, 0])], r(2, 3), id="rows"),
+        C(r(4, 3), [torch.tensor([2, 0, 2]), torch.tensor([1, 1, 1])], r(3), True, id="accumulate-duplicates"),
+        C(r(2, 4, 3), [None, torch.tensor([3, 1])], r(3), True, id="accumulate-broadcast"),
+        C(r(3, 4), [MASK], r(()), True, id="accumulate-mask")],
+    aten.scatter.src: [C(r(3, 4), 1, torch.tensor([[2, 0], [1, 3], [0, 1]]), r(3, 2)),
+                       C(r(3, 4), 1, torch.tensor([[2, 0], [1, 3], [0, 1]]), r(3, 3), ref=_used_src(aten.scatter.src),
+                         id="src-larger-than-index")],
+    aten.scatter.value: [C(r(3, 4), 0, torch.tensor([[1, 0, 2, 1]]), 2.5)],
+    aten.scatter_add.default: [C(r(3, 4), 1, SCATTER_IDX, r(3, 3)),
+                               C(r(3, 4), 1, SCATTER_IDX, r(4, 5), ref=_used_src(aten.scatter_add.default),
+                                 id="src-larger-than-index")],
+    aten.scatter_reduce.two: [C(r(3, 4), 1, SCATTER_IDX, r(3, 3), "sum"),
+                              C(r(3, 4), 1, SCATTER_IDX, r(3, 3), "sum", include_self=False, id="exclude-self"),
+                              C(r(3, 4), 1, SCATTER_IDX, r(3, 5), "sum", ref=_used_src(aten.scatter_reduce.two),
+                                id="src-larger-than-index"),
+                              C(pos(3, 4), 1, SCATTER_IDX, pos(3, 3), "prod", id="prod-dense")],
+    aten.index_add.default: [C(r(4, 3), 0, torch.tensor([1, 3, 1]), r(3, 3), alpha=0.5),
+                             C(r(2, 5), 1, torch.tensor([4, 0]), r(2, 2), id="dim1")],
+    aten.index_copy.default: [C(r(4, 3), 0, torch.tensor([2, 0]), r(2, 3))],
+    aten.copy.default: [C(r(2, 3), r(3), ref=_copy, id="broadcast"), C(r(2, 3), r(2, 3), ref=_copy)],
+    aten.slice_scatter.default: [C(r(4, 5), r(4, 2), 1, 1, 2**63 - 1, 2, id="end-max"),
+                                 C(r(5, 3), r(2, 3), 0, 1, 3, id="dim0")],
+    aten.select_scatter.default: [C(r(3, 4), r(3), 1, 2)],
+    aten.diagonal_scatter.default: [C(r(3, 3), r(3)), C(r(3, 4), r(3), 1, id="offset")],
+    aten.masked_fill.Scalar: [C(r(3, 4), MASK, -1.5)],
+    aten.masked_fill.Tensor: [C(r(3, 4), MASK, r(()))],
+    aten.masked_scatter.default: [C(r(3, 4), MASK, r(3, 4))],
+    aten.index_fill.int_Scalar: [C(r(3, 4), 1, torch.tensor([0, 2]), 2.0)],
+    aten.index_fill.int_Tensor: [C(r(3, 4), 1, torch.tensor([1]), r(()))],
+    aten.fill.Scalar: [C(r(2, 3), 1.5)],
+    aten.fill.Tensor: [C(r(2, 3), r(()))],
     # --- generic: pointwise (by the ATen pointwise tag)
     aten.add.Tensor: [C(r(2, 3), r(3), id="broadcast"), C(r(2, 1, 3), r(4, 1), alpha=2.5, id="alpha-both")],
     aten.sub.Tensor: [C(r(2, 3), r(2, 1), alpha=0.5)],
@@ -178,11 +241,82 @@ def _arg(args, key):
     return args[key] if isinstance(key, int) else args[key[0]][key[1]]
 
 
+# ----------------------------------------------------------------------------- layouts
+# Every sample is also run with its floating-point tensor arguments in other memory layouts: the
+# rules must not depend on strides. Values may change (an expanded tensor repeats a slice), the
+# shapes do not; the reference Jacobian is taken on a contiguous copy.
+def _strided(x):
+    """Same values, every element at stride 2 (a non-contiguous view)."""
+    return torch.stack([x, torch.zeros_like(x)], -1)[..., 0] if x.dim() else x
+
+
+def _transposed(x):
+    """Same values, the last two dims swapped in memory (a transposed view)."""
+    return x.mT.contiguous().mT if x.dim() >= 2 else _strided(x)
+
+
+def _expanded(x):
+    """The first dim of size > 1 is a stride-0 expansion of its first slice."""
+    for d, n in enumerate(x.shape):
+        if n > 1:
+            return x.narrow(d, 0, 1).expand(x.shape)
+    return x
+
+
+def _overlapping(x):
+    """as_strided over a 1-d buffer with stride 1 in every dim: element (i, j, ..) = base[i + j + ..]."""
+    if x.numel() <= 1 or x.dim() < 2:
+        return _expanded(x)
+    base = x.reshape(-1)[:sum(n - 1 for n in x.shape) + 1].clone()
+    return base.as_strided(x.shape, (1,) * x.dim())
+
+
+LAYOUTS = {"transposed": _transposed, "strided": _strided, "expanded": _expanded, "overlapping": _overlapping}
+
+
+def _relayout(args, fn):
+    def one(a):
+        return fn(a) if isinstance(a, torch.Tensor) and a.dtype.is_floating_point else a
+    return tuple([one(t) for t in a] if isinstance(a, (list, tuple)) else one(a) for a in args)
+
+
+def _zero_size(case):
+    """The sample with dim 0 of its first floating tensor argument cut to size 0 (None for a 0-d one)."""
+    key = _float_keys(case.args)[0]
+    first = _arg(case.args, key)
+    if first.dim() == 0:
+        return None
+    return Case(tuple(substitute(case.args, key, first[:0])), case.kwargs, case.ref, case.id)
+
+
 def _params():
     out = []
     for op, cases in SAMPLES.items():
         for n, case in enumerate(cases):
-            out.append(pytest.param(op, case, id=f"{op}-{case.id or n}"))
+            name = f"{op}-{case.id or n}"
+            out.append(pytest.param(op, case, id=name))
+            # every layout on an op's first sample, one in turn on the others (run time)
+            names = list(LAYOUTS) if n == 0 else [list(LAYOUTS)[n % len(LAYOUTS)]]
+            for layout, fn in ((k, LAYOUTS[k]) for k in names):
+                variant = Case(_relayout(case.args, fn), case.kwargs, case.ref, case.id)
+                if _accepts(op, variant):      # (view refuses strides it cannot view)
+                    out.append(pytest.param(op, variant, id=f"{name}-{layout}"))
+    return out
+
+
+def _accepts(op, case):
+    try:
+        op(*case.args, **case.kwargs)
+        return True
+    except (RuntimeError, IndexError, ValueError):
+        return False
+
+
+def _zero_size_params():
+    out = []
+    for op, cases in SAMPLES.items():
+        for n, case in enumerate(cases):
+            out.append(pytest.param(op, case, id=f"{op}-{case.id or n}-zero-size"))
     return out
 
 
@@ -197,8 +331,39 @@ def test_every_generic_family_has_a_representative():
     assert not missing, f"generic rules without a representative op in SAMPLES: {missing}"
 
 
+def _reference(f, x):
+    """d f / d x by jacrev, by reverse-mode autograd where jacrev cannot batch the op's backward."""
+    try:
+        return torch.func.jacrev(f)(x)
+    except RuntimeError:
+        return torch.autograd.functional.jacobian(f, x)
+
+
 @pytest.mark.parametrize("op, case", _params())
 def test_rule_matches_jacrev(op, case):
+    _check_rule(op, case)
+
+
+@pytest.mark.parametrize("op, case", _zero_size_params())
+def test_rule_on_zero_size_inputs(op, case):
+    """The sample with its leading dim cut to 0 (where the op accepts that): the rule returns
+    Jacobians of the right (empty) shapes, equal to jacrev's."""
+    cut = _zero_size(case)
+    try:
+        op(*cut.args, **cut.kwargs) if cut is not None else None
+    except (RuntimeError, IndexError, ValueError):
+        cut = None
+    if cut is None:
+        ZERO_SIZE_REFUSED.add(op)
+        return
+    _check_rule(op, cut, empty_outputs=True)
+
+
+#: ops whose samples all refuse a zero-size leading dim (the op itself raises)
+ZERO_SIZE_REFUSED = set()
+
+
+def _check_rule(op, case, empty_outputs=False):
     rule = get_rule(op)
     assert rule is not None, f"{op} has no rule (it would fall to the dense fallback)"
     fn = case.ref or (lambda *a, **k: op(*a, **k))
@@ -209,7 +374,7 @@ def test_rule_matches_jacrev(op, case):
     assert keys
     checked = 0
     for i, out in enumerate(outs):
-        if not (out.dtype.is_floating_point and out.numel()):
+        if not (out.dtype.is_floating_point and (out.numel() or empty_outputs)):
             continue
         ctx = RuleContext(op, case.args, case.kwargs, out, i if multi else None, set(keys))
         jacs = rule(ctx)
@@ -219,7 +384,10 @@ def test_rule_matches_jacrev(op, case):
             def f(t, key=key, i=i):
                 o = fn(*substitute(case.args, key, t), **case.kwargs)
                 return o[i] if multi else o
-            expected = torch.func.jacrev(f)(x).reshape(out.numel(), x.numel()).numpy()
+            if out.numel() * x.numel():
+                expected = _reference(f, x.contiguous()).reshape(out.numel(), x.numel()).numpy()
+            else:   # an empty matrix (autograd refuses some empty backward passes)
+                expected = np.zeros((out.numel(), x.numel()))
             assert key in jacs, f"{op}: no Jacobian for argument {key}"
             jac = jacs[key]
             assert jac.out_shape == tuple(out.shape) and jac.in_shape == tuple(x.shape)

@@ -139,7 +139,7 @@ def get_rule(op):
     >>> from gradgraph.capture.registry import get_rule
     >>> get_rule(torch.ops.aten.tanh.default).__name__          # by the pointwise tag
     'pointwise'
-    >>> get_rule(torch.ops.aten.cumsum.default) is None
+    >>> get_rule(torch.ops.aten.logcumsumexp.default) is None
     True
     """
     if op in _RULES:
@@ -175,9 +175,14 @@ def dense_jacobian(ctx, key, max_entries=None):
             f"no Jacobian rule for {ctx.op} and its dense Jacobian would have {n_entries:,} entries "
             f"(cap {cap:,}); register one with gradgraph.register_rule({ctx.op})")
 
-    xd = x.detach()
+    # a tensor whose elements share memory (expand, overlapping as_strided) gets its own: jacrev
+    # cannot write a gradient with aliasing strides
+    xd = x.detach().contiguous()
     if not xd.dtype.is_floating_point:
         raise UnsupportedOpError(f"{ctx.op}: argument {key} is not a floating-point tensor")
+    if n_entries == 0:          # an empty tensor on either side: no entries (jacrev cannot batch 0)
+        none = np.zeros(0, dtype=np.int64)
+        return SparseJacobian(ctx.out.shape, x.shape, none, none, np.zeros(0))
     J = torch.func.jacrev(lambda t: ctx.call_with(key, t))(xd).reshape(ctx.out.numel(), x.numel())
     J = J.detach().cpu().numpy()
     rows, cols = np.nonzero(J)

@@ -20,13 +20,36 @@ import numpy as np
 import torch
 
 from ..jacobians import ConvJacobian, MatmulJacobian, RowBlockJacobian, SparseJacobian
-from .registry import dense_jacobian, register_generic, register_rule
+from .registry import RuleContext, dense_jacobian, register_generic, register_rule, substitute
 
 aten = torch.ops.aten
 
 
 def _np(t):
     return t.detach().cpu().contiguous().numpy()
+
+
+def _own_memory(t):
+    """``t`` detached, copied to contiguous memory when several of its elements share one memory
+    location (``expand``'s stride 0, an overlapping ``as_strided``) or it has no dense layout.
+
+    Forward-mode AD and jacrev write tangents with the primal's strides, which is impossible when
+    elements alias; numpy views of such tensors would alias too. A tensor that is merely permuted
+    (a transposed weight) keeps its memory: rules store it by reference."""
+    t = t.detach()
+    return t if _is_dense(t) else t.contiguous()
+
+
+def _is_dense(t):
+    """True when ``t``'s elements fill a block of memory once each, in some order of dimensions."""
+    expected = 1
+    for stride, size in sorted((st, s) for st, s in zip(t.stride(), t.shape) if s != 1):
+        if size == 0:
+            return True
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _broadcast_cols(in_shape, out_shape):
@@ -57,7 +80,8 @@ def pointwise(ctx):
         def f(t, key=key):
             return ctx.call_with(key, t)
 
-        _, d = torch.func.jvp(f, (x.detach(),), (torch.ones_like(x),))
+        x = _own_memory(x)
+        _, d = torch.func.jvp(f, (x,), (torch.ones_like(x),))
         jacs[key] = _elementwise(ctx.out, x, d)
     return jacs
 
@@ -105,6 +129,10 @@ DATA_MOVEMENT = {
     "permute_copy", "unsqueeze_copy", "squeeze_copy", "slice_copy", "select_copy", "t_copy",
     "transpose_copy", "alias_copy", "pixel_shuffle", "pixel_unshuffle", "movedim", "flatten",
     "unflatten", "contiguous", "tile", "_unsafe_index",
+    # in-place writes as torch.export makes them functional (out[:, i] = y, out[1:] = y,
+    # h[mask] = v, ...): each output element is one element of the written tensor or of the values
+    "copy", "slice_scatter", "select_scatter", "diagonal_scatter", "index_copy",
+    "masked_fill", "masked_scatter", "index_fill", "fill",
 }
 
 
@@ -125,13 +153,106 @@ def data_movement(ctx):
                 args[i] = [torch.zeros(t.shape, dtype=torch.int64) if t.dtype.is_floating_point else t
                            for t in a]
         idx = torch.arange(1, x.numel() + 1, dtype=torch.int64).reshape(x.shape)
-        if ctx.op._opname == "constant_pad_nd" and len(args) > 2:
-            args[2] = 0
-        o = ctx.call_with(key, idx, args)
+        # a float scalar is a written value (a pad or fill value): 0 too, and int64 can hold it
+        args = [0 if isinstance(a, float) else a for a in args]
+        kwargs = {k: 0 if isinstance(v, float) else v for k, v in ctx.kwargs.items()}
+        o = ctx.call(*substitute(args, key, idx), **kwargs)
         cols = _np(o.reshape(-1)) - 1
         rows = np.nonzero(cols >= 0)[0]
         jacs[key] = SparseJacobian(ctx.out.shape, x.shape, rows, cols[rows], None)
     return jacs
+
+
+# ----------------------------------------------------------------------------- scatters
+# Writes that either replace (scatter, index_put) or add (scatter_add, index_put with accumulate,
+# index_add, scatter_reduce "sum"): the written tensor's elements map to the output like data
+# movement (added-to elements keep their edge, replaced ones lose it); an added value element goes
+# to the output element its index names, found by indexing the output's flat indices the way the
+# op indexes its destination.
+def _written_only(ctx):
+    """data_movement's index map for argument 0 (the written tensor) alone."""
+    return data_movement(RuleContext(ctx.op, ctx.args, ctx.kwargs, ctx.out, ctx.output_index, {0}))[0]
+
+
+def _out_indices(ctx):
+    return torch.arange(ctx.out.numel(), dtype=torch.int64).reshape(ctx.out.shape)
+
+
+def _scatter_values(ctx, src, dim, index):
+    """scatter's value element at position p (within index's shape) goes to output element
+    out[p with dim replaced by index[p]] (the gather of the output's flat indices)."""
+    rows = torch.gather(_out_indices(ctx), dim, index)
+    src_idx = torch.arange(src.numel(), dtype=torch.int64).reshape(src.shape)
+    cols = src_idx[tuple(slice(0, n) for n in index.shape)] if index.dim() else src_idx
+    return SparseJacobian(ctx.out.shape, src.shape, _np(rows.reshape(-1)), _np(cols.reshape(-1)), None)
+
+
+def _adding(ctx, values_key, values_jacobian):
+    jacs = {}
+    if 0 in ctx.wants:
+        jacs[0] = _written_only(ctx)
+    if values_key in ctx.wants:
+        jacs[values_key] = values_jacobian()
+    return jacs
+
+
+@register_rule(aten.scatter.src)
+@register_rule(aten.scatter.value)
+@register_rule(aten.index_copy.default)
+def replacing_scatter(ctx):
+    """Each output element is the written tensor's or one value element: an index map."""
+    return data_movement(ctx)
+
+
+@register_rule(aten.index_put.default)
+def index_put(ctx):
+    """``x[indices] = values`` (an index map) or, with ``accumulate``, ``x[indices] += values``:
+    values (broadcast to the indexed shape) go to the output elements ``out_indices[indices]``."""
+    accumulate = ctx.args[3] if len(ctx.args) > 3 else ctx.kwargs.get("accumulate", False)
+    if not accumulate:
+        return data_movement(ctx)
+    values = ctx.args[2]
+
+    def values_jacobian():
+        rows = aten.index.Tensor(_out_indices(ctx), ctx.args[1])
+        rows, cols = _np(rows.reshape(-1)), _broadcast_cols(tuple(values.shape), tuple(rows.shape))
+        # a broadcast value element added twice to one output (a repeated index) is one edge of
+        # weight 2: a Jacobian entry is one edge
+        pairs, count = np.unique(np.stack([rows, cols]), axis=1, return_counts=True)
+        return SparseJacobian(ctx.out.shape, values.shape, pairs[0], pairs[1], count.astype(np.float64))
+    return _adding(ctx, 2, values_jacobian)
+
+
+@register_rule(aten.scatter_add.default)
+def scatter_add(ctx):
+    x, dim, index, src = ctx.args[:4]
+    return _adding(ctx, 3, lambda: _scatter_values(ctx, src, dim, index))
+
+
+@register_rule(aten.scatter_reduce.two)
+def scatter_reduce(ctx):
+    """The "sum" reduction is scatter_add (without the written tensor's elements where
+    ``include_self=False``); other reductions use the dense fallback."""
+    x, dim, index, src, reduce = ctx.args[:5]
+    if reduce != "sum":
+        return {key: dense_jacobian(ctx, key) for key in ctx.wants}
+    return _adding(ctx, 3, lambda: _scatter_values(ctx, src, dim, index))
+
+
+@register_rule(aten.index_add.default)
+def index_add(ctx):
+    """out = x with ``alpha * source`` added along ``dim`` at ``index``: source slice i goes to
+    output slice index[i]."""
+    x, dim, index, source = ctx.args[:4]
+    alpha = ctx.args[4] if len(ctx.args) > 4 else ctx.kwargs.get("alpha", 1)
+
+    def values_jacobian():
+        if not ctx.out.numel():
+            return _zero(ctx.out, source)
+        rows = torch.index_select(_out_indices(ctx), dim, index) if x.dim() else _out_indices(ctx)
+        vals = None if alpha == 1 else np.full(rows.numel(), float(alpha))
+        return SparseJacobian(ctx.out.shape, source.shape, _np(rows.reshape(-1)), None, vals)
+    return _adding(ctx, 3, values_jacobian)
 
 
 @register_rule(aten._to_copy.default)
@@ -177,8 +298,43 @@ def sum_mean(ctx):
     vals = None
     if ctx.op._opname == "mean":
         count = math.prod(x.shape[d] for d in dims_set) if x.dim() else 1
-        vals = np.full(x.numel(), 1.0 / count)
+        vals = np.full(x.numel(), 1.0 / max(count, 1))     # (no entries when count is 0)
     return {0: SparseJacobian(ctx.out.shape, x.shape, rows, None, vals)}
+
+
+@register_rule(aten.prod.default)
+@register_rule(aten.prod.dim_int)
+def prod(ctx):
+    """d prod / d x_j is the product of the other elements of x_j's line: the product of those
+    before it times the product of those after it -- exact with zeros (one zero in a line leaves
+    only its own derivative non-zero, two zeros leave none), no division."""
+    x = ctx.args[0]
+    if ctx.op is aten.prod.default or x.dim() == 0:
+        outer, n, inner = 1, x.numel(), 1
+    else:
+        outer, n, inner = _rows_layout(tuple(x.shape), ctx.args[1])
+    line = x.detach().double().reshape(outer, n, inner)
+    ones = torch.ones(outer, 1, inner, dtype=torch.float64)
+    before = torch.cumprod(torch.cat([ones, line[:, :-1]], 1), 1)[:, :n]
+    after = torch.cumprod(torch.cat([ones, line.flip(1)[:, :-1]], 1), 1)[:, :n].flip(1)
+    rows = torch.broadcast_to(torch.arange(outer * inner).reshape(outer, 1, inner), (outer, n, inner))
+    return {0: SparseJacobian(ctx.out.shape, x.shape, _np(rows.reshape(-1)), None,
+                              _np((before * after).reshape(-1)))}
+
+
+@register_rule(aten.cumsum.default)
+def cumsum(ctx):
+    """Output i of a line is the sum of inputs j <= i: n (n + 1) / 2 unit entries per line."""
+    x = ctx.args[0]
+    if x.dim() == 0:
+        return {0: SparseJacobian(ctx.out.shape, x.shape)}
+    outer, n, inner = _rows_layout(tuple(x.shape), ctx.args[1])
+    i, j = np.tril_indices(n)
+    o = np.arange(outer)[:, None, None]
+    t = np.arange(inner)[None, None, :]
+    rows = (o * n + i[None, :, None]) * inner + t
+    cols = (o * n + j[None, :, None]) * inner + t
+    return {0: SparseJacobian(ctx.out.shape, x.shape, rows.reshape(-1), cols.reshape(-1), None)}
 
 
 @register_rule(aten.amax.default)
@@ -255,8 +411,17 @@ def convolution(ctx):
     jacs = {}
     for key in ctx.wants:
         if key == 0 and not transposed and w.dim() in (3, 4):
-            jacs[0] = ConvJacobian(ctx.out.shape, x.shape, w.detach().numpy(), stride, padding,
+            jacs[0] = ConvJacobian(ctx.out.shape, x.shape, _own_memory(w).numpy(), stride, padding,
                                    dilation, groups)
+        elif key == 0 and not transposed:
+            jacs[0] = SparseJacobian(ctx.out.shape, x.shape, *_conv_entries(
+                tuple(x.shape), tuple(ctx.out.shape), w, stride, padding, dilation, groups))
+        elif key == 0:
+            # a transposed convolution is the adjoint of the convolution from its output's shape
+            # to its input's with the same weight: the same entries, rows and columns swapped
+            to_x, from_out, vals = _conv_entries(tuple(ctx.out.shape), tuple(x.shape), w, stride,
+                                                 padding, dilation, groups)
+            jacs[0] = SparseJacobian(ctx.out.shape, x.shape, from_out, to_x, vals)
         elif key == 2:
             shape = (1, bias.shape[0]) + (1,) * (ctx.out.dim() - 2)
             cols = _broadcast_cols(shape, tuple(ctx.out.shape))
@@ -264,6 +429,35 @@ def convolution(ctx):
         else:
             jacs[key] = dense_jacobian(ctx, key)
     return jacs
+
+
+def _conv_entries(in_shape, out_shape, w, stride, padding, dilation, groups):
+    """The entries of a batched N-d convolution's Jacobian wrt its input, as index maps: (rows =
+    output flat indices, cols = input flat indices, vals = weights), one per multiply of the
+    convolution. Output (n, co, o) reads input (n, ci, o * stride - padding + k * dilation) with
+    weight w[co, ci mod (Cin / groups), k] for ci in co's group."""
+    N, Ci = in_shape[:2]
+    Co = out_shape[1]
+    Cig, kernel = w.shape[1], tuple(w.shape[2:])
+    # valid (output position, kernel offset, input position) triples, combined over the dims
+    out_sp = k_sp = in_sp = np.zeros(1, dtype=np.int64)
+    for d, K in enumerate(kernel):
+        o = np.arange(out_shape[2 + d])[:, None]
+        i = o * stride[d] - padding[d] + np.arange(K)[None, :] * dilation[d]
+        oo, kk = np.nonzero((i >= 0) & (i < in_shape[2 + d]))
+        out_sp = (out_sp[:, None] * out_shape[2 + d] + oo[None, :]).reshape(-1)
+        k_sp = (k_sp[:, None] * K + kk[None, :]).reshape(-1)
+        in_sp = (in_sp[:, None] * in_shape[2 + d] + i[oo, kk][None, :]).reshape(-1)
+    n_out, n_in = math.prod(out_shape[2:]), math.prod(in_shape[2:])
+    co = np.arange(Co)[:, None, None]
+    cl = np.arange(Cig)[None, :, None]
+    ci = (co // (Co // groups)) * Cig + cl
+    n = np.arange(N)[:, None, None, None]
+    rows = (n * Co + co[None]) * n_out + out_sp[None, None, None, :]
+    cols = (n * Ci + ci[None]) * n_in + in_sp[None, None, None, :]
+    vals = _np(w).reshape(Co, Cig, -1)[:, :, k_sp][None]
+    shape = (N, Co, Cig, len(out_sp))
+    return tuple(np.broadcast_to(a, shape).reshape(-1) for a in (rows, cols, vals))
 
 
 @register_rule(aten.avg_pool2d.default)
@@ -440,7 +634,7 @@ def var_mean(ctx):
     rows = _reduce_rows(x, dims, ks)
     n = math.prod(x.shape[d] for d in dims_set) if x.dim() else 1
     if ctx.op is aten.var_mean.correction and ctx.output_index == 1:
-        vals = np.full(x.numel(), 1.0 / n)
+        vals = np.full(x.numel(), 1.0 / max(n, 1))
     else:
         xd = x.detach().double()
         mean = xd.mean(dim=sorted(dims_set), keepdim=True) if x.dim() else xd
