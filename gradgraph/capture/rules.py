@@ -381,12 +381,12 @@ def topk(ctx):
 @register_rule(aten.bmm.default)
 def mm(ctx):
     a, b = ctx.args[0], ctx.args[1]
-    return {0: MatmulJacobian(ctx.out.shape, a.shape, b.detach().numpy(), "left"),
-            1: MatmulJacobian(ctx.out.shape, b.shape, a.detach().numpy(), "right")}
+    return {0: MatmulJacobian(ctx.out.shape, a.shape, _own_memory(b).numpy(), "left"),
+            1: MatmulJacobian(ctx.out.shape, b.shape, _own_memory(a).numpy(), "right")}
 
 
 def _scaled(t, s):
-    return t.detach().numpy() if s == 1 else _np(t * s)
+    return _own_memory(t).numpy() if s == 1 else _np(t * s)
 
 
 @register_rule(aten.addmm.default)
