@@ -126,7 +126,7 @@ def _wav2vec2():
 def _whisper_encoder():
     cfg = T.WhisperConfig(vocab_size=VOCAB, num_mel_bins=8, encoder_layers=1, encoder_attention_heads=2,
                           decoder_layers=1, decoder_attention_heads=2, d_model=16, encoder_ffn_dim=32,
-                          decoder_ffn_dim=32, max_source_positions=8, max_target_positions=16,
+                          decoder_ffn_dim=32, max_source_positions=8, max_target_positions=16, pad_token_id=0,
                           attn_implementation="eager")
     features = torch.randn(BATCH, 8, 16, generator=_gen(5), dtype=F64)
     return _hf(T.WhisperModel(cfg).get_encoder(), input_features=features)
@@ -191,7 +191,7 @@ ZOO = {
     "wav2vec2_mask": _wav2vec2,
     "whisper_encoder": _whisper_encoder,
     # vision transformers
-    "vit": _hf_vision("ViTConfig", "ViTForImageClassification", image_size=16, patch_size=4, num_channels=3,
+    "vit": _hf_vision("ViTConfig", "ViTForImageClassification", size=16, image_size=16, patch_size=4, num_channels=3,
                       num_labels=5, **{k: v for k, v in SMALL.items() if k not in ("vocab_size", "max_position_embeddings")}),
     "deit": _hf_vision("DeiTConfig", "DeiTForImageClassificationWithTeacher", size=16, image_size=16,
                        patch_size=4, num_labels=5,
@@ -202,16 +202,12 @@ ZOO = {
     # convolutional networks (HuggingFace)
     "hf_resnet": _hf_vision("ResNetConfig", "ResNetForImageClassification", embedding_size=8,
                             hidden_sizes=[8, 16], depths=[1, 1], num_labels=5),
-    "hf_convnext": _hf_vision("ConvNextConfig", "ConvNextForImageClassification", hidden_sizes=[8, 16],
+    "hf_convnext": _hf_vision("ConvNextConfig", "ConvNextForImageClassification", num_stages=2, hidden_sizes=[8, 16],
                               depths=[1, 1], num_labels=5),
-    "hf_convnext_v2": _hf_vision("ConvNextV2Config", "ConvNextV2ForImageClassification", hidden_sizes=[8, 16],
-                                 depths=[1, 1], num_labels=5),
+    "hf_convnext_v2": _hf_vision("ConvNextV2Config", "ConvNextV2ForImageClassification", num_stages=2,
+                                 hidden_sizes=[8, 16], depths=[1, 1], num_labels=5),
     "hf_regnet": _hf_vision("RegNetConfig", "RegNetForImageClassification", embedding_size=8,
                             hidden_sizes=[8, 16], depths=[1, 1], groups_width=4, num_labels=5),
-    "hf_mobilenet_v2": _hf_vision("MobileNetV2Config", "MobileNetV2ForImageClassification", image_size=32,
-                                  depth_multiplier=0.1, num_labels=5),
-    "hf_efficientnet": _hf_vision("EfficientNetConfig", "EfficientNetForImageClassification", image_size=32,
-                                  width_coefficient=0.1, depth_coefficient=0.1, hidden_dim=32, num_labels=5),
 }
 #: mixture of experts: torch.export fails on the data-dependent expert loop
 MOE = {
@@ -227,10 +223,11 @@ MOE_ERROR = "GuardOnDataDependentSymNode"
 
 #: models whose float64 forward computes part of the gradient path in float32: their code casts
 #: explicitly (``.float()`` / ``dtype=torch.float32``), e.g. Llama's ``softmax(..., dtype=float32)``
-#: in eager attention, the rotary ``cos``/``sin`` and RMSNorm's variance, Mamba's ``float()`` scan.
+#: in eager attention (also ViT's and DeiT's), the rotary ``cos``/``sin`` and RMSNorm's variance (T5's
+#: too), Mamba's ``float()`` scan.
 #: Others cast too (BLOOM's ALiBi bias, OPT's mask) but off the gradient path, and stay at 1e-10.
 FLOAT32_INSIDE = {"llama", "llama_mask", "mistral_sliding_window", "mistral_mask", "qwen2", "qwen3", "phi3",
-                  "gemma", "gemma2_softcap", "olmo", "mamba_state_space"}
+                  "gemma", "gemma2_softcap", "olmo", "mamba_state_space", "t5", "vit", "deit"}
 
 
 # ------------------------------------------------------------------------- the reference
