@@ -152,3 +152,40 @@ def test_flow_rejects_unknown_level():
     g = gg.capture(model, (torch.randn(1, 2, dtype=torch.float64),), output=lambda y: y[0, 0])
     with pytest.raises(QueryError, match="'element', 'node', 'module'"):
         g.flow(by="tensor")
+
+
+class _SqrtAndLinear(torch.nn.Module):
+    """sqrt(x) (NaN value and derivative at a negative element) next to a finite branch in z."""
+
+    def forward(self, x, z):
+        return torch.sqrt(x).sum() + (torch.tanh(z) * 2.0).sum()
+
+
+def test_nan_derivative_propagates_to_node_and_module_flow():
+    """A NaN derivative makes the flow of every node it reaches NaN, at every level (as it makes
+    the gradient NaN); nodes it does not reach keep their values. Expected values by hand (the
+    brute-force oracle's jacrev spreads a NaN across a whole Jacobian row, so it cannot serve)."""
+    x = torch.tensor([-1.0, 4.0], dtype=torch.float64)
+    z = torch.tensor([0.3, -0.7, 1.1], dtype=torch.float64)
+    g = gg.capture(_SqrtAndLinear(), (x, z), output=lambda y: y)
+    dz = 2.0 * (1.0 - torch.tanh(z).numpy() ** 2)      # |d sink / d z_j|, one path each
+    element = g.flow()
+    np.testing.assert_allclose(element["x"], [np.nan, 0.25], rtol=1e-12)
+    np.testing.assert_allclose(element["z"], dz, rtol=1e-12)
+    by_node = g.flow(by="node")
+    assert math.isnan(by_node["x"]) and math.isnan(by_node[g.sink_node.name])
+    assert math.isclose(by_node["z"], dz.sum(), rel_tol=1e-12)
+    sqrt = next(n.name for n in g.nodes if n.op_name == "sqrt")
+    tanh = next(n.name for n in g.nodes if n.op_name == "tanh")
+    assert math.isnan(by_node[sqrt]) and math.isclose(by_node[tanh], dz.sum(), rel_tol=1e-12)
+    assert math.isnan(g.flow(by="node", log=True)["x"])
+    assert all(math.isnan(v) for v in g.flow(by="module").values())      # every op is in ""
+    assert math.isnan(total_flow(g))
+    m = g.path_lengths()                     # the x paths have one length, the z paths another
+    assert np.isnan(m).sum() == 1
+    assert math.isclose(np.nansum(m), dz.sum(), rel_tol=1e-12) and np.count_nonzero(np.nan_to_num(m)) == 1
+    # entropy and gradient show the NaN where it goes, and only there
+    h = g.entropy(per_source=True)
+    assert math.isnan(h["x"][0]) and h["x"][1] == 0.0 and np.isfinite(h["z"]).all()
+    grad = {name: np.asarray(v) for name, v in g.gradient().items()}
+    assert math.isnan(grad["x"][0]) and np.isfinite(grad["z"]).all()

@@ -58,14 +58,24 @@ class Scaled:
             return np.log(np.abs(self.arr)) + self.log_scale
 
 
+def _rescaled(arr, log_factor):
+    """arr * e^log_factor (log_factor <= 0) for moving a value to a larger common scale. When the
+    factor underflows to 0, finite entries become 0 and infinite ones stay: a max semiring's
+    "no path" (-inf, +inf) must not turn into NaN (inf * 0)."""
+    if log_factor == 0:
+        return arr
+    f = math.exp(log_factor)
+    if f > 0:
+        return arr * f
+    return np.where(np.isinf(arr), arr, 0.0)
+
+
 def _accumulate(sr, acc, y):
     """acc (+) y for Scaled values (acc None: 0-bar), through ``sr.plus`` at a common scale."""
     if acc is None:
         return y
     L = max(acc.log_scale, y.log_scale)
-    a = acc.arr * math.exp(acc.log_scale - L) if acc.log_scale != L else acc.arr
-    b = y.arr * math.exp(y.log_scale - L) if y.log_scale != L else y.arr
-    return Scaled(sr.plus(a, b), L)
+    return Scaled(sr.plus(_rescaled(acc.arr, acc.log_scale - L), _rescaled(y.arr, y.log_scale - L)), L)
 
 
 def _carry(sr, jac, x, transpose, is_view):

@@ -53,8 +53,12 @@ def _finish(mantissa, log_scale, log):
 
 
 def _sum_scaled(items):
-    """Sum of values given as (mantissa sum, log scale) pairs: (mantissa, log scale)."""
-    items = [(float(m), s) for m, s in items if m > 0]
+    """Sum of values given as (mantissa sum, log scale) pairs: (mantissa, log scale). A NaN
+    mantissa (a NaN derivative on some path) makes the sum NaN, as it makes the gradient NaN."""
+    items = [(float(m), s) for m, s in items]
+    if any(math.isnan(m) for m, _ in items):
+        return math.nan, 0.0
+    items = [(m, s) for m, s in items if m > 0]
     if not items:
         return 0.0, 0.0
     top = max(s for _, s in items)

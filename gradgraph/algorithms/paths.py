@@ -21,6 +21,7 @@ See ``docs/paths.md``.
 """
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 import numbers
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import QueryError
-from .dp import Scaled, backward, forward
+from .dp import Scaled, _rescaled, backward, forward
 from .groups import labels_along
 from .semirings import MAX_ABS, MAX_SIGNED
 
@@ -123,6 +124,59 @@ def _source_masks(g, source):
                      f"valid sources: {sorted(g.sources)}")
 
 
+# ============================================================================ NaN
+def _nan_edges(g):
+    """Indices of the edges whose Jacobian holds a NaN (cached on the graph: one scan of the
+    Jacobians' arrays, which is cheap next to a value pass)."""
+    found = g._cache.get("paths.nan_edges")
+    if found is None:
+        found = []
+        for k, e in enumerate(g.edges):
+            try:
+                arrays = e.jac.state()[1].values()    # the arrays the Jacobian is computed from
+            except (AttributeError, NotImplementedError):
+                arrays = [e.jac.to_dense()]            # a kind without a saved form: its entries
+            if any(np.issubdtype(np.asarray(a).dtype, np.floating) and np.isnan(a).any() for a in arrays):
+                found.append(k)
+        g._cache["paths.nan_edges"] = found
+    return found
+
+
+def _refuse_nan(g, B):
+    """QueryError if a NaN local derivative lies between two tensors on sink-to-source paths.
+
+    A path through a NaN entry has weight NaN, which no order can rank, so "the k best paths" are
+    undefined (the sum queries -- gradient, flow, entropy -- report NaN instead). The check is per
+    tensor: a NaN on an edge whose consumer is reached from the sink (``B``: the value pass) and
+    whose input reaches a source counts, even if the NaN entry itself sits on no path.
+    """
+    bad = [k for k in _nan_edges(g) if B[g.edges[k].dst] is not None]
+    if not bad:
+        return
+    reaches = _reaches_source(g)
+    bad = [k for k in bad if reaches[g.edges[k].src]]
+    if bad:
+        names = ", ".join(f"{g.nodes[g.edges[k].dst].name!r} <- {g.nodes[g.edges[k].src].name!r}"
+                          for k in bad[:3])
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise QueryError(
+            f"the gradient graph has NaN local derivatives on paths to the sink (Jacobian {names}{more}): "
+            f"path weights through them are NaN and cannot be ranked. g.gradient() and g.flow() show "
+            f"where the NaN goes; capture with inputs and parameters whose forward values are finite")
+
+
+def _reaches_source(g):
+    """Per tensor node: does some edge chain lead from it to a source (it lies below the sink
+    on a path)?"""
+    reach = [False] * len(g.nodes)
+    for i in g.sources.values():
+        reach[i] = True
+    for v in range(len(g.nodes)):          # topological order: inputs come first
+        if not reach[v]:
+            reach[v] = any(reach[g.edges[k].src] for k in g.in_edges[v])
+    return reach
+
+
 # ============================================================================ value pass
 class _Values:
     """The backward max pass, read as per-element (sign, log|.|) scores of one polarity.
@@ -134,6 +188,7 @@ class _Values:
     def __init__(self, g, signed):
         self.signed = signed
         self.B = backward(g, MAX_SIGNED if signed else MAX_ABS)
+        _refuse_nan(g, self.B)
 
     def scores(self, t, idx, p):
         """(valid, sign, log|score|) of elements ``idx`` of tensor ``t`` for polarity ``p`` (one
@@ -147,7 +202,9 @@ class _Values:
                 x = np.where(p == 0, b.arr[0][idx], -b.arr[1][idx])
             else:
                 x = b.arr[0][idx] if p == 0 else -b.arr[1][idx]
-            valid = x > -np.inf
+            # (max, min) = (-inf, +inf) is "no prefix"; a max of -inf with a min of -inf is a
+            # prefix of weight -inf, which the list of polarity 0 ranks last
+            valid = (b.arr[0][idx] > -np.inf) | (b.arr[1][idx] < np.inf)
         else:
             x = b.arr[0][idx]
             valid = x > 0
@@ -314,15 +371,27 @@ class _Enumerator:
 
 # ============================================================================ results
 def _exact_product(ws):
-    """sign, mantissa, binary exponent of prod(ws), multiplied sink to source without underflow."""
+    """sign, mantissa, binary exponent of prod(ws), multiplied sink to source without underflow
+    or overflow. An infinite weight makes the exponent ``inf`` (mantissa 1): such a path is
+    larger in magnitude than every finite one, and its infinite peers tie."""
     sign, m, e = 1, 1.0, 0
     for w in ws:
         if w < 0:
             sign = -sign
+        if math.isinf(w):
+            e = math.inf
+            continue
         fm, fe = math.frexp(abs(w))
         m, de = math.frexp(m * fm)
         e += fe + de
-    return sign, m, e
+    return (sign, 1.0, math.inf) if e == math.inf else (sign, m, e)
+
+
+def _to_float(sign, m, e):
+    """sign * m * 2**e as float64: +-inf beyond its range, 0.0 below it."""
+    if e > 1024:                  # m in [0.5, 1): 2**1024 * m overflows
+        return sign * math.inf
+    return sign * math.ldexp(m, e)
 
 
 def _view_flags(g):
@@ -344,7 +413,7 @@ def _make_path(g, hops, edges, include_views):
     """Path from hops (source -> sink) and their edges; weights recomputed as an exact product."""
     hops, ws = hops[::-1], [w for _, w in edges][::-1]
     sign, m, e = _exact_product(ws)
-    weight = sign * math.ldexp(m, e)
+    weight = _to_float(sign, m, e)
     log_abs = math.log(m) + e * math.log(2.0)
     nodes, views = g.nodes, _view_flags(g)
     length = sum(1 for t, _ in hops[:-1] if not views[t])
@@ -392,6 +461,14 @@ def top_paths(g, k=1, order="signed", source=None, include_views=False, progress
     list[Path]
         Best first. Paths of exactly equal weight are ordered by their hop sequence read from the
         source towards the sink, as (node index, flat index, edge index) triples, smallest first.
+        An infinite local derivative gives ``weight = +-inf`` (the largest magnitude); a weight
+        beyond float64's range is reported as ``+-inf`` with its exact ``log_abs_weight``.
+
+    Raises
+    ------
+    QueryError
+        For bad arguments, and when a NaN local derivative lies on the graph's paths (NaN weights
+        cannot be ranked; ``docs/paths.md``).
 
     Examples
     --------
@@ -411,35 +488,63 @@ def top_paths(g, k=1, order="signed", source=None, include_views=False, progress
     if progress or (progress is None and k >= 100):
         from tqdm.auto import tqdm
         bar = tqdm(total=k, desc="top paths", unit="path", disable=None if progress is None else False)
-    found = []
+    best = []         # (exact order key, tie key, hops, edges): the best k so far, and near ties
     try:
-        # enumerate in the pass's order; keep going while the next path is within rounding of the
-        # k-th, so that exact ties are resolved below on exactly recomputed weights
-        r = 0
+        r, kth = 0, None  # kth: the search key of the k-th path enumerated
         while True:
             d = en.get(_ROOT, r)
             if d is None:
                 break
-            if len(found) >= k:
-                kth = found[k - 1][0]
-                tol = 1e-9 * (1.0 + abs(kth[8]))
-                if d[7] != kth[7] or abs(d[8] - kth[8]) > tol:
-                    break
-            found.append((d, en.path(r)))
+            if kth is not None and not _near(d, kth):
+                break
+            hops, edges = en.path(r)
+            entry = _ranked(signed, hops, edges)
             r += 1
-            if bar is not None and len(found) <= k:
+            if kth is not None:
+                # past the k-th path the search only looks for paths its rounded keys may have
+                # misplaced. Paths of one exact weight come out of the search in tie order, so
+                # the first exact tie of the k-th best path (after it) ends the search: it and
+                # everything after it rank below.
+                kbest = best[-1]
+                if entry[0] == kbest[0] and entry[1] > kbest[1]:
+                    break
+                if entry[:2] < kbest[:2]:
+                    bisect.insort(best, entry, key=_rank)
+                    best.pop()
+                continue
+            best.append(entry)
+            if bar is not None:
                 bar.update(1)
+            if len(best) == k:
+                kth = (d[7], d[8])
+                best.sort(key=_rank)
     finally:
         if bar is not None:
             bar.close()
+    best.sort(key=_rank)
+    return [_make_path(g, hops, edges, include_views)[0] for _, _, hops, edges in best[:k]]
 
-    results = []
-    for _, (hops, edges) in found:
-        path, (s, m, e) = _make_path(g, hops, edges, include_views)
-        tie = tuple((t, i, kk) for (t, i), kk in zip(hops, [-1] + [kk for kk, _ in edges]))
-        results.append((_order_key(signed, s, m, e), tie, path))
-    results.sort(key=lambda x: (x[0], x[1]))
-    return [p for _, _, p in results[:k]]
+
+def _near(d, kth):
+    """Is derivation ``d``'s search key within rounding of the k-th path's? Rounded log keys
+    agree to ~1e-12 relative; an infinite key is near only an equal one."""
+    s, la = kth
+    if d[7] != s:
+        return False
+    if math.isinf(la) or math.isinf(d[8]):
+        return d[8] == la
+    return abs(d[8] - la) <= 1e-9 * (1.0 + abs(la))
+
+
+def _rank(entry):
+    return entry[:2]
+
+
+def _ranked(signed, hops, edges):
+    """(exact order key, tie key, hops, edges) of an enumerated path (ascending = best first)."""
+    sign, m, e = _exact_product([w for _, w in edges][::-1])
+    tie = tuple((t, i, kk) for (t, i), kk in zip(hops, [-1] + [kk for kk, _ in edges]))
+    return _order_key(signed, sign, m, e), tie, hops, edges
 
 
 # ============================================================================ branches
@@ -509,9 +614,12 @@ def _branch_chains(g, t, B, sources):
 
 
 def _signed_pairs(scaled, signed):
-    """(hi, lo) as (sign, log|.|) arrays from a Scaled max-pass value (lo None if unsigned)."""
+    """(hi, lo) as (sign, log|.|) arrays from a Scaled max-pass value (lo None if unsigned).
+    An infinite value is a path (log|.| = inf); only the pair (-inf, +inf) means "no path"."""
+    reached = ((scaled.arr[0] > -np.inf) | (scaled.arr[1] < np.inf)) if signed else scaled.arr[0] > 0
+
     def split(x):
-        ok = np.isfinite(x) & (x != 0)
+        ok = reached & (x != 0)
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(ok, np.sign(x), 0.0), np.where(ok, np.log(np.abs(x)) + scaled.log_scale, -np.inf)
     hi = split(scaled.arr[0])
@@ -562,6 +670,7 @@ def branches(g, node, order="signed", groups=None):
     G = int(gflat.max()) + 1 if n else 0
 
     B = backward(g, sr)
+    _refuse_nan(g, B)
     D = forward(g, sr)
     sources = set(g.sources.values())
     # branches: the (non-view) consumers reached from t, grouped by (op, module)
@@ -597,8 +706,8 @@ def branches(g, node, order="signed", groups=None):
                     acc = y
                 else:
                     L = max(acc.log_scale, y.log_scale)
-                    acc = Scaled(sr.plus(acc.arr * math.exp(acc.log_scale - L),
-                                         y.arr * math.exp(y.log_scale - L)), L)
+                    acc = Scaled(sr.plus(_rescaled(acc.arr, acc.log_scale - L),
+                                         _rescaled(y.arr, y.log_scale - L)), L)
             (ps_hi, pl_hi), plo = _signed_pairs(acc, signed)
             combos = [((ps_hi, pl_hi), (fs_hi, fl_hi))]
             if signed:
