@@ -210,6 +210,11 @@ ZOO = {
                             hidden_sizes=[8, 16], depths=[1, 1], groups_width=4, num_labels=5),
 }
 #: mixture of experts: torch.export fails on the data-dependent expert loop
+#: models whose forward values carry float32 rounding off the gradient path (Swin's float32 shifted-
+#: window mask is added to the scores): the gradient is exact at 1e-10, but the finite differences
+#: need the larger step and tolerance of the float32 models
+FLOAT32_VALUES = {"swin"}
+
 MOE = {
     "mixtral_moe": _causal("MixtralConfig", "MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2,
                            experts_implementation="eager", **DECODER),
@@ -343,8 +348,9 @@ def test_zoo_model_is_exact(name, no_dense_fallback):
     assert scale > 0, f"{name}: the reference gradient is zero"
     # autograd is the reference only where central finite differences agree with it; a model with
     # float32 inside has float32 rounding in its output, so it needs a larger step and tolerance
-    fd_tol = 1e-3 if low else 1e-6
-    checks = _directional_checks(model, args, kwargs, expected, override, step=1e-3 if low else 1e-5)
+    coarse = low or name in FLOAT32_VALUES
+    fd_tol = 1e-3 if coarse else 1e-6
+    checks = _directional_checks(model, args, kwargs, expected, override, step=1e-3 if coarse else 1e-5)
     modules = dict(model.named_modules())
     embed_scale = {k: float(getattr(modules.get(k), "embed_scale", 1.0)) for k in expected}
     if all(abs(fd - ad) <= fd_tol * (abs(fd) + scale) for fd, ad, _ in checks):
