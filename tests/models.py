@@ -251,7 +251,8 @@ def _built(name, dtype):
 
 # ---------------------------------------------------------------------------- the oracle
 def _same_storage(a, b):
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)   # a Size input is no source
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
 
 
 def autograd_gradient(model, args, kwargs, output_fn, embeddings=None):
