@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import gradgraph as gg
-from gradgraph.capture import registry, rules, tracer
+from gradgraph.capture import builder, registry, rules
 
 from models import autograd_gradient
 transformers = pytest.importorskip("transformers")
@@ -329,7 +329,7 @@ def no_dense_fallback(monkeypatch):
     def spy(ctx, key, max_entries=None):
         used.append(str(ctx.op))
         return registry.dense_jacobian(ctx, key, max_entries)
-    monkeypatch.setattr(tracer, "dense_jacobian", spy)
+    monkeypatch.setattr(builder, "dense_jacobian", spy)
     monkeypatch.setattr(rules, "dense_jacobian", spy)
     yield used
     assert not used, f"ops fell to the dense fallback: {sorted(set(used))}"
@@ -342,6 +342,7 @@ def test_zoo_model_is_exact(name, no_dense_fallback):
     assert not low or _runs_float32(model, args, kwargs), f"{name}: no float32 inside; remove it from FLOAT32_INSIDE"
     rtol = 1e-5 if low else 1e-10
     g = gg.capture(model, args, kwargs, output=_sink)
+    assert g.meta["dense_jacobians"] == [], f"{name}: dense Jacobians {g.meta['dense_jacobians']}"
     got = g.gradient()
     expected, override = _reference(model, args, kwargs, got)
     scale = max(v.abs().max().item() for v in expected.values())

@@ -106,8 +106,11 @@ class GraphBuilder:
             "inputs": [[list(v.shape), str(v.dtype)] for v in
                        (env[p] for p in rec.placeholders if p.name in rec.user_inputs) if isinstance(v, torch.Tensor)],
         }
-        meta.update(diagnostics(gnodes, edges, [index[n] for n in sources.values()],
-                                [i for i, n in enumerate(order) if uses_dense_jacobian(n)]))
+        source_ids = [index[n] for n in sources.values()]
+        # a source's own op (an embedding lookup) is not differentiated: only its consumers are
+        computed = {e.dst for e in edges}
+        meta.update(diagnostics(gnodes, edges, source_ids,
+                                [i for i, n in enumerate(order) if i in computed and uses_dense_jacobian(n)]))
         sources_idx = {name: index[n] for name, n in sources.items()}
         return GradGraph(gnodes, edges, sources_idx, index[sink], self.granularity, meta)
 
