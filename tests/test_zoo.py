@@ -321,6 +321,12 @@ def _reference(model, args, kwargs, sources):
     return expected, override
 
 
+#: Models whose code calls a custom ``torch.autograd.Function``: gradgraph honours its own
+#: ``backward``, which gives a dense Jacobian (capped, see docs/capture.md). BLOOM's GeLU is one;
+#: a structured (elementwise) form for such Functions is still to be built.
+DENSE_AUTOGRAD_FUNCTIONS = {"bloom_alibi": ["GeLUFunction.apply"]}
+
+
 @pytest.fixture
 def no_dense_fallback(monkeypatch):
     """Fail if any op of the model needs the dense jacrev fallback: every op must have a rule."""
@@ -342,7 +348,8 @@ def test_zoo_model_is_exact(name, no_dense_fallback):
     assert not low or _runs_float32(model, args, kwargs), f"{name}: no float32 inside; remove it from FLOAT32_INSIDE"
     rtol = 1e-5 if low else 1e-10
     g = gg.capture(model, args, kwargs, output=_sink)
-    assert g.meta["dense_jacobians"] == [], f"{name}: dense Jacobians {g.meta['dense_jacobians']}"
+    dense = sorted({d["op"] for d in g.meta["dense_jacobians"]})
+    assert dense == DENSE_AUTOGRAD_FUNCTIONS.get(name, []), f"{name}: dense Jacobians {dense}"
     got = g.gradient()
     expected, override = _reference(model, args, kwargs, got)
     scale = max(v.abs().max().item() for v in expected.values())
