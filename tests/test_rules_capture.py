@@ -9,8 +9,6 @@ import torch.nn.functional as F
 
 import gradgraph as gg
 
-from test_capture_models import no_dense_fallback  # noqa: F401  (a fixture)
-
 
 class RepeatKV(torch.nn.Module):
     """Grouped-query attention's key/value repetition: expand then reshape (a stride-0 input)."""
@@ -114,7 +112,7 @@ OPS = {
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_gradient_matches_autograd(name, no_dense_fallback):  # noqa: F811
+def test_gradient_matches_autograd(name, no_dense_fallback):
     torch.manual_seed(0)
     model, x = MODELS[name]()
     model = model.double().eval()
