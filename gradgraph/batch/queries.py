@@ -86,13 +86,19 @@ def normalize_queries(queries):
     return out
 
 
-def load_queries(path):
-    """Read query specs from a JSON or YAML file (a list, or ``{"queries": [...]}``)."""
+def read_text(path, what, error=BatchError):
+    """The text of a study's input file ``path``; ``error("cannot read <what> <path>: <why>")``
+    (one line) when it cannot be read. The command line reads its items file the same way."""
     try:
         with open(path) as f:
-            text = f.read()
+            return f.read()
     except OSError as exc:
-        raise BatchError(f"cannot read queries file {path}: {exc.strerror or exc}") from None
+        raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def load_queries(path):
+    """Read query specs from a JSON or YAML file (a list, or ``{"queries": [...]}``)."""
+    text = read_text(path, "queries file")
     if path.endswith((".yaml", ".yml")):
         try:
             import yaml
