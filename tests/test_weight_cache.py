@@ -12,15 +12,15 @@ import gradgraph as gg
 from gradgraph.algorithms.products import product
 from gradgraph.algorithms.semirings import ENTROPY, MAGNITUDE, MAX_SIGNED
 from gradgraph.jacobians import MatmulJacobian
-from gradgraph.jacobians._weightcache import WEIGHTS, WeightCache
+from gradgraph.jacobians import WEIGHT_CACHE, WeightCache
 from oracle import ScalarOracle, tiny_mlp
 
 
 @pytest.fixture(autouse=True)
 def fresh_cache():
-    WEIGHTS.clear()
+    WEIGHT_CACHE.clear()
     yield
-    WEIGHTS.clear()
+    WEIGHT_CACHE.clear()
 
 
 def _linear_jacobian(weight, rows=3):
@@ -70,9 +70,9 @@ def test_a_weight_changed_in_place_is_computed_again(change):
     z, r, x = _inputs(3 * 4, 1)
     first = _linear_jacobian(layer.weight)
     _check(first, z, r, x)
-    hits = WEIGHTS.hits
+    hits = WEIGHT_CACHE.hits
     _check(_linear_jacobian(layer.weight), z, r, x)          # same weight: from the cache
-    assert WEIGHTS.hits > hits
+    assert WEIGHT_CACHE.hits > hits
     before = _products(first, z, r, x)
     with torch.no_grad():
         if change == "mul_":
@@ -95,7 +95,7 @@ def test_write_behind_the_version_counter_needs_clear():
     z, r, x = _inputs(3 * 4, 2)
     _check(_linear_jacobian(layer.weight), z, r, x)
     layer.weight.data.mul_(3.0)
-    WEIGHTS.clear()
+    WEIGHT_CACHE.clear()
     _check(_linear_jacobian(layer.weight), z, r, x)
 
 
@@ -115,10 +115,10 @@ def test_graphs_of_one_model_share_transforms_and_see_a_changed_weight():
         return g.entropy()
 
     h1 = check(gg.capture(model, (x,), output=out), x)
-    hits = WEIGHTS.hits
+    hits = WEIGHT_CACHE.hits
     x2 = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     check(gg.capture(model, (x2,), output=out), x2)
-    assert WEIGHTS.hits > hits
+    assert WEIGHT_CACHE.hits > hits
     with torch.no_grad():
         model.layers[0].weight[1].mul_(-2.0)
         model.layers[1].weight.add_(0.3)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-__all__ = ["WeightCache", "WEIGHTS"]
+__all__ = ["WeightCache", "WEIGHT_CACHE"]
 
 
 def _tensor_of(array):
@@ -116,5 +116,5 @@ class WeightCache:
             self.nbytes = 0
 
 
-#: The process's cache of weight transforms (``WEIGHTS.max_bytes = 0`` turns it off).
-WEIGHTS = WeightCache()
+#: The process's cache of weight transforms (``WEIGHT_CACHE.max_bytes = 0`` turns it off).
+WEIGHT_CACHE = WeightCache()

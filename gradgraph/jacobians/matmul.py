@@ -9,7 +9,7 @@ import torch
 from numba import njit
 
 from ._intrinsics import _FM, WeightMap, flog, fmax, fmin, max_support, weight_map
-from ._weightcache import WEIGHTS
+from ._weightcache import WEIGHT_CACHE
 from .base import Jacobian, _numel
 
 # ----------------------------------------------------------------------------- contraction
@@ -204,8 +204,8 @@ class MatmulJacobian(Jacobian):
         dot-product form reads the other one (a copy of a linear layer's weight, kept)."""
         if which not in self._cache:
             M = self._M
-            # the same for every graph of the model: kept per process (WEIGHTS), keyed by the weight
-            self._cache[which] = WEIGHTS.get(self.other, (self.wrt, which), lambda: np.ascontiguousarray(
+            # the same for every graph of the model: kept per process (WEIGHT_CACHE), keyed by the weight
+            self._cache[which] = WEIGHT_CACHE.get(self.other, (self.wrt, which), lambda: np.ascontiguousarray(
                 M if which == "M" else np.swapaxes(M, 1, 2)))
         return self._cache[which]
 
@@ -266,7 +266,7 @@ class MatmulJacobian(Jacobian):
         at, P, where = self._support(x, transpose)
         t = weight_map(weight)
         if where is None and t != WeightMap.SIGNED:    # the whole operand: its |P| is kept per weight
-            return self._product(at, WEIGHTS.get(self.other, (self.wrt, t, transpose),
+            return self._product(at, WEIGHT_CACHE.get(self.other, (self.wrt, t, transpose),
                                                  lambda: _transform_t(P, t)), where)
         return self._product(at, _transform_t(P, t), where)
 
@@ -274,7 +274,7 @@ class MatmulJacobian(Jacobian):
         at, P, where = self._support(x, transpose)
         # over the whole operand the pair is the same for every graph of the model: kept per
         # weight; over the columns one pass reaches it costs what that pass costs
-        A, H = _abs_xlogx_t(P) if where is not None else WEIGHTS.get(
+        A, H = _abs_xlogx_t(P) if where is not None else WEIGHT_CACHE.get(
             self.other, (self.wrt, "abs_xlogx", transpose), lambda: _abs_xlogx_t(P))
         y = self._product(at, A, where)
         y[1] += self._product(at[:1], H, where)[0]
@@ -355,7 +355,7 @@ class MatmulJacobian(Jacobian):
         key = ("zero_cols", which)
         if key not in self._cache:
             P = self._P(which)
-            self._cache[key] = WEIGHTS.get(self.other, (self.wrt,) + key,
+            self._cache[key] = WEIGHT_CACHE.get(self.other, (self.wrt,) + key,
                                            lambda: np.flatnonzero((P == 0).any(axis=(0, 1))))
         return self._cache[key]
 
