@@ -172,9 +172,29 @@ def _plotly():
     return go, plotly.offline
 
 
-def _fig_html(fig, div_id):
-    return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id,
-                       config={"displaylogo": False, "displayModeBar": False, "responsive": True})
+class _Figures:
+    """The page's plotly figures, drawn by the page after its load event (see the template).
+
+    :meth:`add` returns an empty ``<div>`` of the figure's height (so the page does not jump when
+    the figure appears); :meth:`json` gives every figure's data and layout as one compact JSON
+    object, with plotly's layout template, which is the same for every figure, stored once."""
+
+    CONFIG = {"displaylogo": False, "displayModeBar": False, "responsive": True}
+
+    def __init__(self):
+        self.figures, self.template = {}, None
+
+    def add(self, fig, div_id):
+        spec = fig.to_plotly_json()
+        self.template = spec["layout"].pop("template", self.template)
+        self.figures[div_id] = spec
+        height = spec["layout"].get("height") or 450
+        return f'<div class="plot" id="{div_id}" style="height: {int(height)}px"></div>'
+
+    def json(self):
+        from plotly.io.json import to_json_plotly
+        # to_json_plotly escapes "/" (as \u002f), so the text cannot close its <script> element
+        return to_json_plotly({"template": self.template, "config": self.CONFIG, "figures": self.figures})
 
 
 def _heat_strip(go, values, labels, title, colorscale, zmid=None, fmt=".4g"):
@@ -357,7 +377,30 @@ def _diagram(g, paths):
     return svg[svg.index("<svg"):], notes
 
 
-def _tokens_section(g, go, tokens, best_branches):
+def _entropies(g, flows):
+    """(entropy of all paths, ``{token source: entropy per token}``) from one entropy pass.
+
+    The pass is asked for the entropy of each group of source elements (a token's hidden units;
+    all of a source that is not a token input), and the total follows by the chain rule of
+    entropy: with p_G = Z_G / Z the share of the |gradient| mass ending in group G (its flow),
+    H = sum_G p_G H_G - sum_G p_G log p_G."""
+    tok = token_sources(g)
+    groups = {name: tok.get(name, np.zeros(g.nodes[i].shape, dtype=np.int64)) for name, i in g.sources.items()}
+    H = g.entropy(groups=groups)
+    mass = {name: (_per_axis(flows[g.nodes[i].name], tok[name]) if name in tok
+                   else np.array([float(np.sum(flows[g.nodes[i].name]))])) for name, i in g.sources.items()}
+    Z = sum(float(np.sum(m)) for m in mass.values())
+    if not Z > 0:
+        return math.nan, {name: np.asarray(H[name], dtype=float) for name in tok}
+    total = 0.0
+    for name in g.sources:
+        p = mass[name] / Z
+        live = p > 0
+        total += float(np.sum(p[live] * np.asarray(H[name], dtype=float)[live]) - np.sum(p[live] * np.log(p[live])))
+    return total, {name: np.asarray(H[name], dtype=float) for name in tok}
+
+
+def _tokens_section(g, go, figures, tokens, best_branches, entropies):
     grads = None
     out = []
     for name, axis in token_sources(g).items():
@@ -370,10 +413,10 @@ def _tokens_section(g, go, tokens, best_branches):
         br = best_branches[name]
         vals = br.values
         best = [float(vals[t, b]) if b >= 0 else float("nan") for t, b in enumerate(br.best)]
-        H = np.asarray(g.entropy(groups={name: axis})[name], dtype=float)
-        figs = [_fig_html(_heat_strip(go, gxi, labels, "gradient x input", "RdBu_r", zmid=0.0), f"tok-gxi-{len(out)}"),
-                _fig_html(_heat_strip(go, best, labels, "best path value", "RdBu_r", zmid=0.0), f"tok-best-{len(out)}"),
-                _fig_html(_heat_strip(go, H, labels, "entropy (nats)", "Viridis"), f"tok-entropy-{len(out)}")]
+        H = entropies[name]
+        figs = [figures.add(_heat_strip(go, gxi, labels, "gradient x input", "RdBu_r", zmid=0.0), f"tok-gxi-{len(out)}"),
+                figures.add(_heat_strip(go, best, labels, "best path value", "RdBu_r", zmid=0.0), f"tok-best-{len(out)}"),
+                figures.add(_heat_strip(go, H, labels, "entropy (nats)", "Viridis"), f"tok-entropy-{len(out)}")]
         out.append({"name": name, "shape": list(node.shape), "labels_given": given, "figures": figs,
                     "labels": labels})
     return out
@@ -396,13 +439,16 @@ def report_html(g, k=20, *, order="signed", paths=None, tokens=None, source_file
     elif not len(paths):
         raise QueryError("no paths to report; pass e.g. paths=g.top_paths(k=5, include_views=True)")
     k = len(paths)
-    entropy = float(g.entropy())
     svg, notes = _diagram(g, paths)
     layers = layer_structure(g)
+    # the branches of every token input and block input share one pair of max passes
     best_branches = _all_branches(g, list(token_sources(g).items()) + [
         (g.nodes[lay.input].name, len(g.nodes[lay.input].shape) - 2) for lay in layers
         if lay.input is not None and len(g.nodes[lay.input].shape) >= 2])
-    token_views = _tokens_section(g, go, tokens, best_branches)
+    flows = g.flow(by="element")
+    entropy, token_entropies = _entropies(g, flows)
+    figures = _Figures()
+    token_views = _tokens_section(g, go, figures, tokens, best_branches, token_entropies)
 
     def labels_for(count):
         """Token labels for a block input with ``count`` positions: those of a token input of
@@ -411,19 +457,19 @@ def report_html(g, k=20, *, order="signed", paths=None, tokens=None, source_file
                     [str(i) for i in range(count)])
 
     mass = g.path_lengths()
-    flows = g.flow(by="element")
     layers = _layers_section(g, go, layers, flows, float(mass.sum()), best_branches, labels_for)
     del flows
-    lengths = _fig_html(_lengths_figure(go, mass), "path-lengths")
+    flow_html = figures.add(layers["flow"], "flow-heatmap") if layers else None
+    branch_html = figures.add(layers["branch"], "branch-heatmap") if layers and layers["branch"] else None
+    lengths = figures.add(_lengths_figure(go, mass), "path-lengths")
     env = Environment(loader=PackageLoader("gradgraph", "export/templates"),
                       autoescape=select_autoescape(["html", "j2"]))
     page = env.get_template("report.html.j2").render(
         title=title or f"gradgraph report: {g.meta.get('model', 'graph')}",
-        plotly_js=offline.get_plotlyjs(), summary=_summary(g, entropy, source_file),
+        plotly_js=offline.get_plotlyjs(), figures_json=figures.json(),
+        summary=_summary(g, entropy, source_file),
         paths=_paths_section(g, paths), chosen=chosen, svg=svg, notes=notes, k=k, order=order,
-        tokens=token_views,
-        flow_html=_fig_html(layers["flow"], "flow-heatmap") if layers else None,
-        branch_html=_fig_html(layers["branch"], "branch-heatmap") if layers and layers["branch"] else None,
+        tokens=token_views, flow_html=flow_html, branch_html=branch_html,
         layer_names=layers["layers"] if layers else [], components=layers["components"] if layers else [],
         lengths_html=lengths)
     return page
