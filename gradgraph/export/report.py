@@ -20,9 +20,11 @@ Every plot is a plotly figure; hovering a cell shows its exact number.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
+import time
 import warnings
 
 import numpy as np
@@ -422,33 +424,68 @@ def _tokens_section(g, go, figures, tokens, best_branches, entropies):
     return out
 
 
+class _Timer:
+    """``with timed(name): ...`` adds (CPU seconds, wall seconds) of the block to ``timings[name]``
+    (nothing when ``timings`` is None)."""
+
+    def __init__(self, timings):
+        self.timings = timings
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        if self.timings is None:
+            yield
+            return
+        t = os.times()
+        c0, w0 = t.user + t.system + t.children_user + t.children_system, time.perf_counter()
+        try:
+            yield
+        finally:
+            t = os.times()
+            c1 = t.user + t.system + t.children_user + t.children_system
+            c, w = self.timings.get(name, (0.0, 0.0))
+            self.timings[name] = (c + c1 - c0, w + time.perf_counter() - w0)
+
+
 # ============================================================================ the report
-def report_html(g, k=20, *, order="signed", paths=None, tokens=None, source_file=None, title=None):
+def report_html(g, k=20, *, order="signed", paths=None, tokens=None, source_file=None, title=None,
+                timings=None):
     """The report of :func:`report` as one HTML string (see the module docstring).
 
-    Parameters are those of :func:`report`.
+    Parameters are those of :func:`report`, and:
+
+    timings : dict, optional
+        Filled with ``{section: (CPU seconds, wall seconds)}`` of each step (CPU time of this
+        process and of finished child processes, i.e. Graphviz), for ``benchmarks/report.py``.
     """
     from jinja2 import Environment, PackageLoader, select_autoescape
 
     from ..algorithms.paths import _check_k, _check_order
     _check_order(order)
     go, offline = _plotly()
+    timed = _Timer(timings)
     chosen = paths is not None
     if paths is None:
-        paths = g.top_paths(k=_check_k(k), order=order, include_views=True)
+        with timed("top paths"):
+            paths = g.top_paths(k=_check_k(k), order=order, include_views=True)
     elif not len(paths):
         raise QueryError("no paths to report; pass e.g. paths=g.top_paths(k=5, include_views=True)")
     k = len(paths)
-    svg, notes = _diagram(g, paths)
+    with timed("diagram (to_dot and Graphviz)"):
+        svg, notes = _diagram(g, paths)
     layers = layer_structure(g)
-    # the branches of every token input and block input share one pair of max passes
-    best_branches = _all_branches(g, list(token_sources(g).items()) + [
-        (g.nodes[lay.input].name, len(g.nodes[lay.input].shape) - 2) for lay in layers
-        if lay.input is not None and len(g.nodes[lay.input].shape) >= 2])
-    flows = g.flow(by="element")
-    entropy, token_entropies = _entropies(g, flows)
+    with timed("branches (one pair of max passes)"):
+        # the branches of every token input and block input share one pair of max passes
+        best_branches = _all_branches(g, list(token_sources(g).items()) + [
+            (g.nodes[lay.input].name, len(g.nodes[lay.input].shape) - 2) for lay in layers
+            if lay.input is not None and len(g.nodes[lay.input].shape) >= 2])
+    with timed("flow (one inside-outside pass)"):
+        flows = g.flow(by="element")
+    with timed("entropy (one pass, per token and total)"):
+        entropy, token_entropies = _entropies(g, flows)
     figures = _Figures()
-    token_views = _tokens_section(g, go, figures, tokens, best_branches, token_entropies)
+    with timed("gradient and token figures"):
+        token_views = _tokens_section(g, go, figures, tokens, best_branches, token_entropies)
 
     def labels_for(count):
         """Token labels for a block input with ``count`` positions: those of a token input of
@@ -456,22 +493,25 @@ def report_html(g, k=20, *, order="signed", paths=None, tokens=None, source_file
         return next((tv["labels"] for tv in token_views if len(tv["labels"]) == count),
                     [str(i) for i in range(count)])
 
-    mass = g.path_lengths()
-    layers = _layers_section(g, go, layers, flows, float(mass.sum()), best_branches, labels_for)
+    with timed("path lengths (one polynomial pass)"):
+        mass = g.path_lengths()
+    with timed("layer figures"):
+        layers = _layers_section(g, go, layers, flows, float(mass.sum()), best_branches, labels_for)
     del flows
-    flow_html = figures.add(layers["flow"], "flow-heatmap") if layers else None
-    branch_html = figures.add(layers["branch"], "branch-heatmap") if layers and layers["branch"] else None
-    lengths = figures.add(_lengths_figure(go, mass), "path-lengths")
-    env = Environment(loader=PackageLoader("gradgraph", "export/templates"),
-                      autoescape=select_autoescape(["html", "j2"]))
-    page = env.get_template("report.html.j2").render(
-        title=title or f"gradgraph report: {g.meta.get('model', 'graph')}",
-        plotly_js=offline.get_plotlyjs(), figures_json=figures.json(),
-        summary=_summary(g, entropy, source_file),
-        paths=_paths_section(g, paths), chosen=chosen, svg=svg, notes=notes, k=k, order=order,
-        tokens=token_views, flow_html=flow_html, branch_html=branch_html,
-        layer_names=layers["layers"] if layers else [], components=layers["components"] if layers else [],
-        lengths_html=lengths)
+    with timed("HTML (figures' JSON, template)"):
+        flow_html = figures.add(layers["flow"], "flow-heatmap") if layers else None
+        branch_html = figures.add(layers["branch"], "branch-heatmap") if layers and layers["branch"] else None
+        lengths = figures.add(_lengths_figure(go, mass), "path-lengths")
+        env = Environment(loader=PackageLoader("gradgraph", "export/templates"),
+                          autoescape=select_autoescape(["html", "j2"]))
+        page = env.get_template("report.html.j2").render(
+            title=title or f"gradgraph report: {g.meta.get('model', 'graph')}",
+            plotly_js=offline.get_plotlyjs(), figures_json=figures.json(),
+            summary=_summary(g, entropy, source_file),
+            paths=_paths_section(g, paths), chosen=chosen, svg=svg, notes=notes, k=k, order=order,
+            tokens=token_views, flow_html=flow_html, branch_html=branch_html,
+            layer_names=layers["layers"] if layers else [], components=layers["components"] if layers else [],
+            lengths_html=lengths)
     return page
 
 
@@ -490,7 +530,7 @@ def check_report_output(out_path, overwrite=False):
 
 
 def report(g, out_path, k=20, *, order="signed", paths=None, tokens=None, overwrite=False,
-           source_file=None, title=None):
+           source_file=None, title=None, timings=None):
     """Write an interactive, self-contained HTML report of ``g`` to ``out_path``.
 
     Parameters
@@ -513,6 +553,8 @@ def report(g, out_path, k=20, *, order="signed", paths=None, tokens=None, overwr
     source_file : str, optional
         The graph file the report was made from, shown in the summary.
     title : str, optional
+    timings : dict, optional
+        Filled with the CPU and wall seconds of each step (see :func:`report_html`).
 
     Returns
     -------
@@ -525,7 +567,8 @@ def report(g, out_path, k=20, *, order="signed", paths=None, tokens=None, overwr
     'report.html'
     """
     out_path = check_report_output(out_path, overwrite)
-    page = report_html(g, k, order=order, paths=paths, tokens=tokens, source_file=source_file, title=title)
+    page = report_html(g, k, order=order, paths=paths, tokens=tokens, source_file=source_file, title=title,
+                       timings=timings)
     _write_atomically(out_path, page)
     return out_path
 
