@@ -16,7 +16,11 @@ and the Graphviz SVG are inlined, nothing is fetched. Sections:
   number their layers and name their branches (see :func:`layer_structure`);
 * **path lengths** -- the |gradient| mass of the paths by length.
 
-Every plot is a plotly figure; hovering a cell shows its exact number.
+Every plot is a plotly figure; hovering a cell shows its exact number. The page is light to open:
+plotly.js and the figures (one compact JSON object) are inlined as inert text, and the page runs
+plotly and draws the figures one by one after its load event (``window.gradgraphReport.drawn``
+is then the time in milliseconds from navigation start), so the summary, the path list and the
+diagram show at once.
 """
 from __future__ import annotations
 
