@@ -229,7 +229,7 @@ def child_point(args):
 
 
 def sweep(args):
-    points = [(t, None) for t in SWEEP_TOKENS] + [(args.sweep_tokens, layer) for layer in SWEEP_LAYERS]
+    points = [(t, None) for t in args.sweep_token_counts] + [(args.sweep_tokens, n) for n in args.sweep_layer_counts]
     results = []
     for tokens, layers in points:
         extra = ["--tokens", tokens] + (["--layers", layers] if layers else [])
@@ -291,6 +291,56 @@ def build_depth(name):
     return {"gpt2": 12, "bert-small-vocab": 6, "llama-1b": 16, "tiny": 2}[name]
 
 
+# ---------------------------------------------------------------------------- profile
+def profile(model, inputs, output, tokens, clock, top=25):
+    """Where each query's time goes: per Jacobian kind (the semiring products, timed by wrapping
+    the product dispatch) and a cProfile of one run (sorted by internal time)."""
+    import collections
+    import cProfile
+    import pstats
+
+    from gradgraph.algorithms import semirings
+    g = gg.capture(model, (), inputs(tokens, seed=0), output=output)
+    g = gg.capture(model, (), inputs(tokens, seed=1), output=output)
+    prof = cProfile.Profile(clock)
+    prof.enable()
+    gg.capture(model, (), inputs(tokens, seed=2), output=output)
+    prof.disable()
+    print("\n### capture of a new input")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+    inner = semirings.product
+    per_kind = collections.defaultdict(lambda: [0, 0.0])
+
+    def timed(sr, jac, x, transpose):
+        t0 = clock()
+        try:
+            return inner(sr, jac, x, transpose)
+        finally:
+            cell = per_kind[(sr.name, type(jac).__name__)]
+            cell[0] += 1
+            cell[1] += clock() - t0
+    for name, fn in queries(g).items():
+        fn()                                   # warm-up: numba kernels, cached transposes
+        per_kind.clear()
+        semirings.product = timed
+        t0 = clock()
+        try:
+            fn()
+        finally:
+            semirings.product = inner
+        total = clock() - t0
+        print(f"\n### {name}: {fmt_seconds(total)}")
+        rows = sorted(per_kind.items(), key=lambda kv: -kv[1][1])
+        print_table([(sr, kind, n, fmt_seconds(t), f"{100 * t / total:.0f}%") for (sr, kind), (n, t) in rows]
+                    + [("(outside products)", "", "", fmt_seconds(total - sum(t for _, t in per_kind.values())), "")],
+                    headers=("semiring", "Jacobian kind", "calls", "time", "share"))
+        prof = cProfile.Profile(clock)
+        prof.enable()
+        fn()
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+
+
 # ---------------------------------------------------------------------------- main
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -302,9 +352,12 @@ def main(argv=None):
                                                 "sides; default: the environment's")
     ap.add_argument("--sweep", action="store_true", help="tokens 16 -> 1,024 and depth 2 -> 24, plotted")
     ap.add_argument("--sweep-tokens", type=int, default=64, help="tokens of the depth sweep")
+    ap.add_argument("--sweep-token-counts", type=int, nargs="*", default=list(SWEEP_TOKENS), help=argparse.SUPPRESS)
+    ap.add_argument("--sweep-layer-counts", type=int, nargs="*", default=list(SWEEP_LAYERS), help=argparse.SUPPRESS)
     ap.add_argument("--plot", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                    "docs", "img", "scaling.png"))
     ap.add_argument("--no-memory", action="store_true", help="sweep: skip the peak-memory subprocesses")
+    ap.add_argument("--profile", action="store_true", help="where the time goes, for the first --tokens")
     ap.add_argument("--point", choices=("time", "torch", "gradgraph"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.threads:
@@ -313,6 +366,9 @@ def main(argv=None):
         return child_point(args)
     if args.sweep:
         return sweep(args)
+    if args.profile:
+        model, inputs, output = build(args.model, args.layers, args.tokens[0])
+        return profile(model, inputs, output, args.tokens[0], clock_for(THREADS))
     print(f"# Speed at scale -- {datetime.datetime.now():%Y-%m-%d %H:%M} -- {machine()}")
     print(f"timing: {'process CPU time (1 thread)' if THREADS == '1' else 'wall time'}; "
           f"load average {os.getloadavg()[0]:.1f} at the start")
