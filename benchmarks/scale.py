@@ -25,12 +25,12 @@ processes on a shared machine do not inflate; otherwise in wall time (the defaul
 torch's and numpy's own thread pools).
 
 ``--sweep`` runs one fresh subprocess per point -- tokens 16 -> 1,024 at the model's depth, then
-depth 2 -> 24 layers at ``--sweep-tokens`` -- timing torch's backward and forward + backward, the
-capture of a new input and the gradient, top-path and entropy queries; and, unless
-``--no-memory``, two more subprocesses per point for the peak resident memory above the loaded
-model and its input (``VmHWM``): torch's forward + backward, and gradgraph's capture (with the
-export) plus a top-path query. It writes a log-log plot to ``--plot`` (default
-``docs/img/scaling.png``) and the figures as JSON next to it.
+depth 2 -> 24 layers at ``--sweep-tokens`` (``--sweep-token-counts``, ``--sweep-layer-counts``) --
+timing torch's backward and forward + backward, the capture of a new input and the gradient,
+top-path and entropy queries; and, unless ``--no-memory``, first the peak resident memory above
+the loaded model and its input (``VmHWM``, reset in between): torch's forward + backward, then
+gradgraph's first capture (with the export) plus a top-path query. It writes a log-log plot to
+``--plot`` (default ``docs/img/scaling.png``) and the figures as JSON next to it.
 
 Run::
 
@@ -51,7 +51,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (BERT_CONFIG, THREADS, bert_inputs, clock_for, embedding_forward, fmt_bytes,  # noqa: E402
+from common import (BERT_CONFIG, THREADS, bert_inputs, clock_for, embedding_forward,  # noqa: E402
                     fmt_seconds, machine, paired, print_table, reset_peak, status_bytes, torch_backward)
 
 import torch  # noqa: E402
@@ -208,35 +208,39 @@ def _run_child(cmd):
 
 
 def child_point(args):
-    """One sweep point in this (fresh) process: times, or the peak memory of one side."""
+    """One sweep point in this (fresh) process: peak memory (unless ``--no-memory``), then times."""
     tokens, layers = args.tokens[0], args.layers
     model, inputs, output = build(args.model, layers, tokens)
-    if args.point == "time":
-        times, _ = measure(model, inputs, output, tokens, args.repeats, clock_for(THREADS), names=SWEEP_QUERIES,
-                           log=lambda *a: None)
-        print(json.dumps(times))
-        return
-    kwargs = inputs(tokens, seed=0)
-    gc.collect()
-    base = status_bytes("VmRSS")       # the interpreter, the libraries, the model and its input
-    reset_peak()
-    if args.point == "torch":
+    point = {}
+    if not args.no_memory:
+        # peaks above the loaded model and its input: torch's forward + backward first, then
+        # gradgraph's first capture (which includes the export) and a top-path query. The second
+        # can only be overstated by memory torch's run left to the allocator.
+        kwargs = inputs(tokens, seed=0)
+        gc.collect()
+        base = status_bytes("VmRSS")
+        reset_peak()
         torch.autograd.grad(*embedding_forward(model, kwargs, output))
-    else:
+        point["torch peak"] = status_bytes("VmHWM") - base
+        gc.collect()
+        reset_peak()
         g = gg.capture(model, (), kwargs, output=output)
         g.top_paths(k=1, order="signed")
-    print(json.dumps({"peak": status_bytes("VmHWM") - base}))
+        point["gradgraph peak"] = status_bytes("VmHWM") - base
+        del g
+        gc.collect()
+    times, _ = measure(model, inputs, output, tokens, args.repeats, clock_for(THREADS), names=SWEEP_QUERIES,
+                       log=lambda *a: None)
+    print(json.dumps({**times, **point}))
 
 
 def sweep(args):
     points = [(t, None) for t in args.sweep_token_counts] + [(args.sweep_tokens, n) for n in args.sweep_layer_counts]
     results = []
     for tokens, layers in points:
-        extra = ["--tokens", tokens] + (["--layers", layers] if layers else [])
-        point = {"tokens": tokens, "layers": layers, **_run_child(_child_cmd(args, "--point", "time", *extra))}
-        if not args.no_memory:
-            for side in ("torch", "gradgraph"):
-                point[f"{side} peak"] = _run_child(_child_cmd(args, "--point", side, *extra)).get("peak")
+        extra = ["--tokens", tokens] + (["--layers", layers] if layers else []) + \
+            (["--no-memory"] if args.no_memory else [])
+        point = {"tokens": tokens, "layers": layers, **_run_child(_child_cmd(args, "--point", *extra))}
         results.append(point)
         print(json.dumps(point), flush=True)
     out = os.path.splitext(args.plot)[0] + ".json"
@@ -273,7 +277,7 @@ def plot(results, args, path):
         if memory:
             ax = axes[1][col]
             for name, style, legend in (("torch peak", "k-", "torch fwd + bwd"),
-                                        ("gradgraph peak", "C2-", "capture + top path")):
+                                        ("gradgraph peak", "C2-", "capture (with export) + top path")):
                 pts = [(r[key] if key == "tokens" else r["layers"], r[name] / 2 ** 20) for r in rows if r.get(name)]
                 if pts:
                     ax.plot(*zip(*pts), style, marker="o", label=legend)
@@ -352,13 +356,15 @@ def main(argv=None):
                                                 "sides; default: the environment's")
     ap.add_argument("--sweep", action="store_true", help="tokens 16 -> 1,024 and depth 2 -> 24, plotted")
     ap.add_argument("--sweep-tokens", type=int, default=64, help="tokens of the depth sweep")
-    ap.add_argument("--sweep-token-counts", type=int, nargs="*", default=list(SWEEP_TOKENS), help=argparse.SUPPRESS)
-    ap.add_argument("--sweep-layer-counts", type=int, nargs="*", default=list(SWEEP_LAYERS), help=argparse.SUPPRESS)
+    ap.add_argument("--sweep-token-counts", type=int, nargs="*", default=list(SWEEP_TOKENS),
+                    help="numbers of tokens of the tokens sweep (default: %(default)s)")
+    ap.add_argument("--sweep-layer-counts", type=int, nargs="*", default=list(SWEEP_LAYERS),
+                    help="numbers of layers of the depth sweep (default: %(default)s)")
     ap.add_argument("--plot", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                    "docs", "img", "scaling.png"))
     ap.add_argument("--no-memory", action="store_true", help="sweep: skip the peak-memory subprocesses")
     ap.add_argument("--profile", action="store_true", help="where the time goes, for the first --tokens")
-    ap.add_argument("--point", choices=("time", "torch", "gradgraph"), help=argparse.SUPPRESS)
+    ap.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -62,8 +62,9 @@ def _broadcast_cols(in_shape, out_shape):
 def _elementwise(out, x, deriv):
     """Output element i depends on the broadcast element of x with derivative deriv[i]."""
     d = torch.broadcast_to(torch.as_tensor(deriv, dtype=out.dtype), out.shape)
-    return SparseJacobian(out.shape, x.shape, None, _broadcast_cols(tuple(x.shape), tuple(out.shape)),
-                          _np(d.reshape(-1)))
+    # no broadcast: element i of x (no index array to build, store and check)
+    cols = None if tuple(x.shape) == tuple(out.shape) else _broadcast_cols(tuple(x.shape), tuple(out.shape))
+    return SparseJacobian(out.shape, x.shape, None, cols, _np(d.reshape(-1)))
 
 
 # ----------------------------------------------------------------------------- pointwise
