@@ -164,8 +164,13 @@ def _strided_index_map(ctx, key, x):
         return False                  # reaches beyond x (an as_strided view of its storage)
     if offset == 0 and out.numel() == x.numel() and out.is_contiguous():
         return None
-    idx = torch.arange(x.numel(), dtype=torch.int64)
-    return _np(idx.as_strided(tuple(out.shape), tuple(out.stride()), offset).reshape(-1))
+    # offset + sum_d i_d stride_d over the output's index grid: the cost follows the output (one
+    # element selected from a vocabulary-sized tensor costs nothing)
+    cols = torch.tensor(offset, dtype=torch.int64)
+    for d, (n, st) in enumerate(zip(out.shape, out.stride())):
+        if n > 1:
+            cols = cols + (torch.arange(n, dtype=torch.int64) * st).reshape((n,) + (1,) * (out.dim() - d - 1))
+    return _np(torch.broadcast_to(cols, out.shape).reshape(-1))
 
 
 @register_generic(lambda op: op._opname in DATA_MOVEMENT)
