@@ -244,6 +244,7 @@ def sweep(args):
         results.append(point)
         print(json.dumps(point), flush=True)
     out = os.path.splitext(args.plot)[0] + ".json"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump({"model": args.model, "threads": THREADS, "date": str(datetime.datetime.now()),
                    "machine": machine(), "load": os.getloadavg(), "points": results}, f, indent=1)
@@ -286,7 +287,6 @@ def plot(results, args, path):
             ax.legend(fontsize=8)
     fig.suptitle(f"{MODELS[args.model][0]}: time and memory against torch")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=90)
 
 
