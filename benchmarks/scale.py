@@ -236,6 +236,8 @@ def child_point(args):
 
 def sweep(args):
     points = [(t, None) for t in args.sweep_token_counts] + [(args.sweep_tokens, n) for n in args.sweep_layer_counts]
+    out = os.path.splitext(args.plot)[0] + ".json"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     results = []
     for tokens, layers in points:
         extra = ["--tokens", tokens] + (["--layers", layers] if layers else []) + \
@@ -243,12 +245,11 @@ def sweep(args):
         point = {"tokens": tokens, "layers": layers, **_run_child(_child_cmd(args, "--point", *extra))}
         results.append(point)
         print(json.dumps(point), flush=True)
-    out = os.path.splitext(args.plot)[0] + ".json"
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"model": args.model, "threads": THREADS, "date": str(datetime.datetime.now()),
-                   "machine": machine(), "load": os.getloadavg(), "points": results}, f, indent=1)
-    plot(results, args, args.plot)
+        # written after every point, so that a long sweep leaves what it has measured
+        with open(out, "w") as f:
+            json.dump({"model": args.model, "threads": THREADS, "date": str(datetime.datetime.now()),
+                       "machine": machine(), "load": os.getloadavg(), "points": results}, f, indent=1)
+        plot(results, args, args.plot)
     print(f"wrote {args.plot} and {out}")
 
 
