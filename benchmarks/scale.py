@@ -258,8 +258,11 @@ def plot(results, args, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     default_layers = build_depth(args.model)
+    # the tokens sweep's point at the depth sweep's tokens is a point of the depth sweep too
+    by_depth = [r for r in results if r["layers"] is not None] + \
+        [{**r, "layers": default_layers} for r in results if r["layers"] is None and r["tokens"] == args.sweep_tokens]
     panels = [("tokens", [r for r in results if r["layers"] is None], f"tokens ({default_layers} layers)"),
-              ("layers", [r for r in results if r["layers"] is not None], f"layers ({args.sweep_tokens} tokens)")]
+              ("layers", sorted(by_depth, key=lambda r: r["layers"]), f"layers ({args.sweep_tokens} tokens)")]
     memory = not args.no_memory
     fig, axes = plt.subplots(2 if memory else 1, 2, figsize=(11, 8.5 if memory else 4.5), squeeze=False)
     series = [("torch backward", "k-", "torch backward"), ("torch forward + backward", "k--", "torch fwd + bwd"),
@@ -274,6 +277,7 @@ def plot(results, args, path):
                 ax.plot(*zip(*pts), style, marker="o", label=legend)
         ax.set(xscale="log", yscale="log", xlabel=label,
                ylabel="seconds (" + ("CPU, 1 thread" if THREADS == "1" else "wall") + ")")
+        _ticks(ax, rows, key)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         if memory:
@@ -284,11 +288,22 @@ def plot(results, args, path):
                 if pts:
                     ax.plot(*zip(*pts), style, marker="o", label=legend)
             ax.set(xscale="log", yscale="log", xlabel=label, ylabel="peak RSS above the model (MB)")
+            _ticks(ax, rows, key)
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
     fig.suptitle(f"{MODELS[args.model][0]}: time and memory against torch")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
+
+
+def _ticks(ax, rows, key):
+    """Label the measured x values plainly (log axes would label powers of ten)."""
+    from matplotlib.ticker import NullFormatter
+    xs = sorted({r[key] for r in rows})
+    if xs:
+        ax.set_xticks(xs)
+        ax.set_xticklabels([str(x) for x in xs])
+        ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def build_depth(name):
@@ -365,6 +380,7 @@ def main(argv=None):
                                                    "docs", "img", "scaling.png"))
     ap.add_argument("--no-memory", action="store_true", help="sweep: skip the peak-memory subprocesses")
     ap.add_argument("--profile", action="store_true", help="where the time goes, for the first --tokens")
+    ap.add_argument("--replot", metavar="JSON", help="redraw --plot from the figures a sweep wrote")
     ap.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.threads:
@@ -373,6 +389,11 @@ def main(argv=None):
         return child_point(args)
     if args.sweep:
         return sweep(args)
+    if args.replot:
+        with open(args.replot) as f:
+            saved = json.load(f)
+        args.model = saved["model"]
+        return plot(saved["points"], args, args.plot)
     if args.profile:
         model, inputs, output = build(args.model, args.layers, args.tokens[0])
         return profile(model, inputs, output, args.tokens[0], clock_for(THREADS))
