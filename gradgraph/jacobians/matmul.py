@@ -98,6 +98,34 @@ def mm_maxmin_dense(Amax, Amin, P, Ymax, Ymin):
 
 
 @njit(cache=True, fastmath=_FM, error_model="numpy")
+def mm_maxmin_masked(Amax, Amin, P, Ymax, Ymin):
+    """:func:`mm_maxmin` for a P with many zeros (a causal attention pattern), branch-free:
+    a zero weight is no edge, so a select keeps the output as it was, which
+    vectorises where :func:`mm_maxmin`'s branch on the sign does not. Works in the arrays'
+    dtype (float32 or float64)."""
+    B, I, T = Amax.shape
+    J = P.shape[2]
+    for b in range(B):
+        for t in range(T):
+            p = P[b, t]
+            for i in range(I):
+                amax = Amax[b, i, t]
+                if amax == -np.inf:
+                    continue
+                amin = Amin[b, i, t]
+                ymx = Ymax[b, i]
+                ymn = Ymin[b, i]
+                for j in range(J):
+                    w = p[j]
+                    u = w * amax
+                    v = w * amin
+                    hi = ymx[j]
+                    lo = ymn[j]
+                    ymx[j] = fmax(hi, fmax(u, v)) if w != 0.0 else hi
+                    ymn[j] = fmin(lo, fmin(u, v)) if w != 0.0 else lo
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy")
 def mm_maxmin_dot(Amax, Amin, PT, Ymax, Ymin):
     """:func:`mm_maxmin_dense` in dot-product form, for an A without "no path" entries: PT is P
     transposed (B, J, T), so each output pair is a max / min reduction along contiguous rows,
@@ -290,7 +318,7 @@ class MatmulJacobian(Jacobian):
         dense = len(zero_cols) <= P.shape[2] // 8 or not signed
         # Contract only the live rows and columns of the input (entries with a path): a pass from one
         # logit reaches a vocabulary-sized product through a couple of entries. The same scan gives
-        # the smallest live magnitude: float32 weights run the branch-free kernel in float32 (twice
+        # the smallest live magnitude: float32 weights run the branch-free kernels in float32 (twice
         # the SIMD width) unless some value is below 1e-20 -- values are renormalised per tensor
         # (largest 1), and path weights are recomputed exactly in float64 afterwards.
         A = self._canon(xmax, shape_src, 1)[0]
@@ -299,7 +327,7 @@ class MatmulJacobian(Jacobian):
         rows = np.zeros((B_, I_), dtype=np.bool_)
         cols = np.zeros(T_, dtype=np.bool_)
         nlive, smallest = max_support(A, Amin, -np.inf if signed else 0.0, rows, cols)
-        dt = np.float32 if dense and P.dtype == np.float32 and smallest >= 1e-20 else np.float64
+        dt = np.float32 if P.dtype == np.float32 and smallest >= 1e-20 else np.float64
         ri = np.flatnonzero(rows.any(axis=0))
         ci = np.flatnonzero(cols)
         # every remaining entry live and a long enough contraction: the dot-product kernel (twice
@@ -337,7 +365,7 @@ class MatmulJacobian(Jacobian):
             elif dense:
                 mm_maxmin_dense(A, Amin, P, Ymax, Ymin)
             else:
-                mm_maxmin(A, Amin, P, Ymax, Ymin)
+                mm_maxmin_masked(A, Amin, P, Ymax, Ymin)
             if dense and len(zero_cols):
                 if dot and len(ci) < T_:
                     P = np.ascontiguousarray(P[:, ci, :])
