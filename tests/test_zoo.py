@@ -339,10 +339,10 @@ def _reference(model, args, kwargs, sources):
     return expected, override
 
 
-#: Models whose code calls a custom ``torch.autograd.Function``: gradgraph honours its own
-#: ``backward``, which gives a dense Jacobian (capped, see docs/capture.md). BLOOM's GeLU is one;
-#: a structured (elementwise) form for such Functions is still to be built.
-DENSE_AUTOGRAD_FUNCTIONS = {"bloom_alibi": ["GeLUFunction.apply"]}
+#: Models whose code calls a custom ``torch.autograd.Function`` with a backward that is not
+#: elementwise (gradgraph honours it with a dense Jacobian, see docs/capture.md). None today:
+#: BLOOM's ``GeLUFunction`` has an elementwise backward and a diagonal Jacobian.
+DENSE_AUTOGRAD_FUNCTIONS = {}
 
 
 

@@ -14,7 +14,7 @@ from ..errors import CaptureError, GradGraphError, UnsupportedOpError
 from ..graph import Edge, GradGraph, Node
 from . import rules as _rules  # noqa: F401  (registers the library's rules)
 from .autograd_ops import AUTOGRAD_FUNCTION, STOP_GRADIENT, autograd_function_jacobians
-from .diagnostics import diagnostics, uses_dense_jacobian
+from .diagnostics import diagnostics
 from .fxnodes import is_float_tensor, module_of, op_name, producer, tensor_args, user_line
 from .registry import RuleContext, dense_jacobian, get_rule
 
@@ -84,6 +84,7 @@ class GraphBuilder:
                                value=v.detach().cpu().numpy(), role=role, fx_name=n.name))
 
         edges = []
+        self._dense = set()       # nodes whose Jacobian came out a dense matrix
         todo = [n for n in order if n not in source_of]
         bar = self._bar(len(todo))
         for n in todo:
@@ -110,7 +111,7 @@ class GraphBuilder:
         # a source's own op (an embedding lookup) is not differentiated: only its consumers are
         computed = {e.dst for e in edges}
         meta.update(diagnostics(gnodes, edges, source_ids,
-                                [i for i, n in enumerate(order) if i in computed and uses_dense_jacobian(n)]))
+                                [i for i, n in enumerate(order) if i in computed and n in self._dense]))
         sources_idx = {name: index[n] for name, n in sources.items()}
         return GradGraph(gnodes, edges, sources_idx, index[sink], self.granularity, meta)
 
@@ -142,6 +143,8 @@ class GraphBuilder:
         try:
             with torch.no_grad():
                 jacs = rule(ctx) if rule is not None else {k: dense_jacobian(ctx, k) for k in wants}
+            if rule is None or getattr(ctx, "dense_keys", None):
+                self._dense.add(n)
         except GradGraphError as exc:
             raise type(exc)(self._where(n, str(exc))) from None
         except Exception as exc:
