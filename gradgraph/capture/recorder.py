@@ -26,13 +26,13 @@ import torch
 import torch.fx
 from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
 from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.overrides import TorchFunctionMode
 
 from .autograd_ops import STOP_GRADIENT, routed_autograd_functions
 
 __all__ = ["RecordedProgram", "record_program", "is_data_dependent_failure"]
 
-_DETACH = (torch.ops.aten.detach.default, torch.ops.aten.detach_.default)
+_DETACH = (torch.Tensor.detach, torch.Tensor.detach_, torch.detach)
 _CUT = "gradgraph_no_grad"      # node.meta key: computed with grad mode off, or a detach
 
 
@@ -65,16 +65,20 @@ def _tensor_leaves(args, kwargs):
     return [v for v in pytree.tree_leaves((tuple(args), dict(kwargs))) if isinstance(v, torch.Tensor)]
 
 
-class _MarkNoGrad(TorchDispatchMode):
-    """Above the tracer's proxy mode: marks the fx nodes it records for an op run with grad mode
-    off, or for a ``detach``, so the capture does not differentiate through them (as autograd
-    does not)."""
+class _MarkNoGrad(TorchFunctionMode):
+    """Marks the fx nodes the tracer records for a torch function the model calls with grad mode
+    off (inside ``torch.no_grad()`` / ``inference_mode``), or for a ``detach``, so the capture does
+    not differentiate through them, as autograd does not.
+
+    A torch-function mode sees the model's own calls with the model's own grad mode; a dispatch
+    mode would not (an op whose autograd kernel is an ``autograd.Function``, such as a custom op
+    with ``register_autograd``, runs its forward below autograd with grad mode off)."""
 
     def __init__(self, graph):
         super().__init__()
         self.graph = graph
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if torch.is_grad_enabled() and func not in _DETACH:
             return func(*args, **kwargs)
