@@ -20,6 +20,19 @@ from .registry import RuleContext, dense_jacobian, get_rule
 
 __all__ = ["GraphBuilder"]
 
+#: Floating types narrower than float32: held (node values) and differentiated (rule inputs) in
+#: float32.
+HALF_TYPES = (torch.float16, torch.bfloat16)
+
+
+def _widened(v):
+    """``v`` with half-precision tensors (and dtype arguments) widened to float32."""
+    if isinstance(v, torch.Tensor) and v.dtype in HALF_TYPES:
+        return v.float()
+    if isinstance(v, torch.dtype) and v in HALF_TYPES:
+        return torch.float32
+    return v
+
 
 class GraphBuilder:
     """Builds a :class:`~gradgraph.graph.GradGraph` from a :class:`.interpreter.Recording`.
@@ -81,7 +94,7 @@ class GraphBuilder:
             gnodes.append(Node(name=name, op=op, shape=tuple(v.shape), dtype=str(v.dtype).replace("torch.", ""),
                                module=module, module_type=mtype,
                                source_line=user_line(n.meta.get("stack_trace")),
-                               value=v.detach().cpu().numpy(), role=role, fx_name=n.name))
+                               value=_widened(v.detach()).cpu().numpy(), role=role, fx_name=n.name))
 
         edges = []
         self._dense = set()       # nodes whose Jacobian came out a dense matrix
@@ -135,9 +148,11 @@ class GraphBuilder:
         op = p.target
         if not isinstance(op, torch._ops.OpOverload):
             raise UnsupportedOpError(self._where(n, f"cannot differentiate through {op!r} (not an ATen op)"))
-        args = pytree.tree_map(lambda a: env[a] if isinstance(a, torch.fx.Node) else a, p.args)
-        kwargs = pytree.tree_map(lambda a: env[a] if isinstance(a, torch.fx.Node) else a, dict(p.kwargs))
-        ctx = RuleContext(op, tuple(args), kwargs, env[n], idx, set(wants))
+        # a half-precision model's values enter the rules in float32: local derivatives are
+        # evaluated at the values the model computed, in float32 (numpy has no bfloat16)
+        args = pytree.tree_map(lambda a: _widened(env[a] if isinstance(a, torch.fx.Node) else a), p.args)
+        kwargs = pytree.tree_map(lambda a: _widened(env[a] if isinstance(a, torch.fx.Node) else a), dict(p.kwargs))
+        ctx = RuleContext(op, tuple(args), kwargs, _widened(env[n]), idx, set(wants))
         # a Function's Jacobian comes from its own backward, not from the ops of its forward
         rule = autograd_function_jacobians if op is AUTOGRAD_FUNCTION else get_rule(op)
         try:
