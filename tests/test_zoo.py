@@ -457,3 +457,35 @@ def test_half_precision_model_captures_and_queries(name, dtype, no_dense_fallbac
     paths = g.top_paths(3)
     assert len(paths) == 3 and all(torch.isfinite(torch.tensor(p.weight)) for p in paths)
     assert torch.isfinite(torch.tensor(g.entropy()))
+
+
+def test_left_padded_causal_lm_with_nan_is_reported_not_silent():
+    """A left-padded Llama in float64 with eager attention produces NaN itself: the padded query rows
+    are fully masked with float64's minimum, which its float32 softmax turns into -inf everywhere
+    (0/0). The eager model is the oracle that the NaN is the model's. Capture warns naming the
+    softmax and HF's source line; every query that meets the NaN says so (a warning, or an error
+    where ranking paths is impossible); the gradient's NaNs are exactly autograd's."""
+    model = T.LlamaForCausalLM(T.LlamaConfig(**dict(DECODER, num_hidden_layers=2))).to(F64).eval()
+    kwargs = _tokens()
+    kwargs["attention_mask"] = torch.ones_like(kwargs["input_ids"])
+    kwargs["attention_mask"][1, :3] = 0                 # left padding of the second sequence
+    kwargs["use_cache"] = False
+    sink = lambda o: o.logits[1, -1, 5] - o.logits[1, -1, 7]   # noqa: E731
+    with torch.no_grad():
+        assert torch.isnan(model(**kwargs).logits[1]).any(), "the model itself should produce NaN here"
+    with pytest.warns(gg.errors.CaptureWarning, match=r"_softmax.*modeling_llama\.py:\d+.*holds NaN"):
+        g = gg.capture(model, (), kwargs, output=sink)
+    assert g.meta["first_non_finite"]["op"] == "aten._softmax.default"
+    with pytest.warns(gg.errors.QueryWarning, match=r"gradient\(\).*not finite.*_softmax"):
+        got = g.gradient()["model.embed_tokens"]
+    expected = autograd_gradient(model, (), kwargs, sink)["model.embed_tokens"]
+    assert torch.isnan(expected).any()
+    assert torch.equal(torch.isnan(got), torch.isnan(expected))
+    finite = ~torch.isnan(expected)
+    torch.testing.assert_close(got[finite], expected[finite], rtol=1e-5, atol=1e-5 * expected[finite].abs().max())
+    with pytest.raises(gg.errors.QueryError, match="NaN"):
+        g.top_paths(3)
+    with pytest.warns(gg.errors.QueryWarning, match=r"entropy\(\) is NaN.*_softmax"):
+        assert torch.isnan(torch.tensor(g.entropy()))
+    with pytest.warns(gg.errors.QueryWarning, match=r"flow\(\).*not finite"):
+        g.flow()
