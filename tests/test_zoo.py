@@ -14,7 +14,10 @@ that exactly these models run float32 ops, so the list cannot silently go stale.
 
 Sources are the defaults (word embeddings of integer inputs, floating-point inputs); the sink is a
 difference of two output entries in different batch rows. No op may use the dense fallback.
-Mixture-of-experts models fail to export on their data-dependent routing and are strict xfails.
+Mixture-of-experts models and Longformer cannot be exported (data-dependent control flow): they are
+captured by recording the ops their input runs (``tracer="auto"`` falls back to it) and held to
+the same standard. Half-precision models are compared with autograd in their own precision, and a
+left-padded causal LM whose forward produces NaN must be reported, not silent.
 """
 import re
 
