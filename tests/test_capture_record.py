@@ -125,3 +125,15 @@ def test_recorded_program_is_never_reused_for_another_input():
         x = x64(2, 4, seed=seed)
         close(cap.capture((x,)).gradient()["x"], autograd_gradient(model, (x,), {}, lambda y: y[0, 1])["x"])
     assert cap.n_records == 3 and cap.n_exports == 0
+
+
+def test_info_says_the_graph_was_recorded(tmp_path):
+    import subprocess
+    import sys
+    g = gg.capture(Branching(), (x64(3, 4),))
+    path = tmp_path / "recorded.safetensors"
+    g.save(path)
+    assert gg.load(path).meta["tracer"] == "record"
+    text = subprocess.run([sys.executable, "-m", "gradgraph", "info", str(path)], capture_output=True, text=True,
+                          check=True).stdout
+    assert "captured by   recording this input's ops (torch.export failed on data-dependent control flow)" in text

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import sys
 import time
@@ -229,9 +230,14 @@ class ExportCache:
             return self._record(model, output, granularity, args, kwargs)
         # torch.export prints the partial graph of a failed trace to stderr; where recording
         # takes over, that failure is not the user's concern, so its output is held back
+        # (and its shape logger warns about the unbacked sizes it could not place)
         held = io.StringIO()
+        shapes_log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+        level = shapes_log.level
         try:
             with contextlib.redirect_stderr(held) if tracer == "auto" else contextlib.nullcontext():
+                if tracer == "auto":
+                    shapes_log.setLevel(logging.ERROR)
                 return self._exported(model, output, granularity, args, kwargs, refresh, mode)
         except CaptureError as exc:
             if tracer != "auto" or not is_data_dependent_failure(exc.__cause__):
@@ -243,6 +249,7 @@ class ExportCache:
                               f"runs instead (tracer='record')")
             return self._record(model, output, granularity, args, kwargs)
         finally:
+            shapes_log.setLevel(level)
             if held is not None and held.getvalue():
                 sys.stderr.write(held.getvalue())
 
