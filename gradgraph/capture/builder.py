@@ -16,7 +16,7 @@ from . import rules as _rules  # noqa: F401  (registers the library's rules)
 from .autograd_ops import AUTOGRAD_FUNCTION, STOP_GRADIENT, autograd_function_jacobians
 from .diagnostics import diagnostics, uses_dense_jacobian
 from .fxnodes import is_float_tensor, module_of, op_name, producer, tensor_args, user_line
-from .registry import RuleContext, dense_jacobian, get_rule
+from .registry import RuleContext, dense_jacobian, get_rule, is_data_movement
 
 __all__ = ["GraphBuilder"]
 
@@ -81,7 +81,8 @@ class GraphBuilder:
             gnodes.append(Node(name=name, op=op, shape=tuple(v.shape), dtype=str(v.dtype).replace("torch.", ""),
                                module=module, module_type=mtype,
                                source_line=user_line(n.meta.get("stack_trace")),
-                               value=v.detach().cpu().numpy(), role=role, fx_name=n.name))
+                               value=v.detach().cpu().numpy(), role=role, fx_name=n.name,
+                               data_movement=self._data_movement(n)))
 
         edges = []
         todo = [n for n in order if n not in source_of]
@@ -113,6 +114,14 @@ class GraphBuilder:
                                 [i for i, n in enumerate(order) if i in computed and uses_dense_jacobian(n)]))
         sources_idx = {name: index[n] for name, n in sources.items()}
         return GradGraph(gnodes, edges, sources_idx, index[sink], self.granularity, meta)
+
+    @staticmethod
+    def _data_movement(n):
+        """The data movement flag of the rule that explains fx node ``n`` (False for inputs,
+        Functions and ops left to the dense fallback)."""
+        p, _ = producer(n)
+        op = p.target if p.op == "call_function" else None
+        return isinstance(op, torch._ops.OpOverload) and is_data_movement(op)
 
     @staticmethod
     def _upstream(n):
