@@ -87,6 +87,25 @@ def pointwise(ctx):
     return jacs
 
 
+@register_rule(aten.mul.Tensor)
+def mul(ctx):
+    """d(x y)/dx = y. When y has the output's shape, dtype and a contiguous layout, the Jacobian's
+    weights are y's own memory (no copy of a value the graph keeps anyway, e.g. the two factors
+    of GELU); otherwise as every pointwise op (a constant factor is kept once, see
+    :class:`~gradgraph.jacobians.SparseJacobian`)."""
+    jacs, rest = {}, set()
+    for key in ctx.wants:
+        x, other = ctx.arg(key), ctx.args[1 - key] if key in (0, 1) else None
+        if (isinstance(other, torch.Tensor) and tuple(other.shape) == tuple(x.shape) == tuple(ctx.out.shape)
+                and other.dtype == ctx.out.dtype and other.is_contiguous()):
+            jacs[key] = SparseJacobian(ctx.out.shape, x.shape, None, None, _np(other).reshape(-1))
+        else:
+            rest.add(key)
+    if rest:
+        jacs.update(pointwise(RuleContext(ctx.op, ctx.args, ctx.kwargs, ctx.out, ctx.output_index, rest)))
+    return jacs
+
+
 def _zero(out, x):
     """A Jacobian with no scalar edges: ``out`` does not depend on the values of ``x``."""
     none = np.zeros(0, dtype=np.int64)

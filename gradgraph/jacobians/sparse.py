@@ -133,7 +133,8 @@ class SparseJacobian(Jacobian):
 
     Index arrays that are ``arange(nnz)`` and weights that are all one are not kept (they are
     stored as None): the index maps of reshapes, contiguous slices and elementwise ops, and the
-    weights of additions and copies, cost no memory. ``n`` gives the entry count when no array
+    weights of additions and copies, cost no memory. Weights that are all equal are kept as one
+    number (a read-only broadcast view). ``n`` gives the entry count when no array
     does (default: the tensors' common size)."""
 
     kind = "sparse"
@@ -161,6 +162,9 @@ class SparseJacobian(Jacobian):
                 n = len(vals)
             if n and bool(np.all(vals == 1)):
                 vals = None
+            elif n > 1 and vals.strides[0] != 0 and bool(np.all(vals == vals[0])):
+                # one derivative for every entry (a product with a constant): kept once
+                vals = np.broadcast_to(vals[:1].copy(), (n,))
         rows, cols = (None if _is_arange(a) else a for a in (rows, cols))
         if max(n, 0) > min(self.out_numel if rows is None else n, self.in_numel if cols is None else n):
             raise ValueError(f"{n} entries with implicit indices run past the tensors' sizes")
