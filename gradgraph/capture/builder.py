@@ -68,6 +68,7 @@ class GraphBuilder:
                         keep.add(a)
         order = [n for n in nodes if n in keep and isinstance(env.get(n), torch.Tensor)]
         index = {n: i for i, n in enumerate(order)}
+        self._release(rec, order)
 
         gnodes = []
         for n in order:
@@ -114,6 +115,19 @@ class GraphBuilder:
                                 [i for i, n in enumerate(order) if i in computed and uses_dense_jacobian(n)]))
         sources_idx = {name: index[n] for name, n in sources.items()}
         return GradGraph(gnodes, edges, sources_idx, index[sink], self.granularity, meta)
+
+    @staticmethod
+    def _release(rec, order):
+        """Drop from the recording every value no node or rule of the graph needs (activations
+        off the source-to-sink paths, such as the logits of other tokens' positions when only
+        one is explained), so they are freed before the Jacobians are built."""
+        needed = set(order) | set(rec.placeholders)
+        for n in order:
+            p, _ = producer(n)
+            needed.add(p)
+            needed.update(p.all_input_nodes)
+        for n in [n for n in rec.env if n not in needed]:
+            del rec.env[n]
 
     @staticmethod
     def _data_movement(n):
