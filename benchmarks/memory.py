@@ -22,7 +22,14 @@ The ratio is gradgraph's figure over torch's; the target is <= 2. ``--lazy`` add
 graph saved to a file and loaded again (``gg.load``, memory-mapped) in the subprocess: the peak of
 load + query above the loaded model.
 
-Run: ``.venv/bin/python benchmarks/memory.py [--models gpt2-64,gpt2-256,bert-32] [--queries ...] [--lazy]``.
+``--breakdown MODEL`` instead captures once in this process and prints where the graph's memory
+goes: the RSS of the capture (peak and held), and the bytes of the graph's arrays by kind (node
+values, each Jacobian kind's arrays, path recovery's column index), by op and by array, each byte
+counted once (arrays sharing memory are attributed to their first user; the model's parameters,
+which Jacobians reference, are counted apart).
+
+Run: ``.venv/bin/python benchmarks/memory.py [--models gpt2-64,gpt2-256,bert-32] [--queries ...] [--lazy]``
+or ``.venv/bin/python benchmarks/memory.py --breakdown gpt2-256``.
 """
 from __future__ import annotations
 
@@ -125,6 +132,72 @@ def child(model_name, what, graph_file=None):
     print(json.dumps({"peak": peak}))
 
 
+def _extent(a):
+    """(first, last + 1) address of array ``a``'s memory, or None when it has none."""
+    import numpy as np
+    if not isinstance(a, np.ndarray) or a.nbytes == 0:
+        return None
+    lo = a.__array_interface__["data"][0] + sum(min(0, (n - 1) * st) for n, st in zip(a.shape, a.strides))
+    return lo, lo + sum((n - 1) * abs(st) for n, st in zip(a.shape, a.strides)) + a.itemsize
+
+
+def _merged(intervals):
+    """Disjoint sorted (start, end) intervals covering the same bytes as ``intervals``."""
+    out = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def breakdown(model_name, top=20):
+    """Capture once here; print the RSS of the capture and the graph's bytes by kind, op and array."""
+    import collections
+    import gradgraph as gg
+    torch.set_num_threads(1)
+    model, inputs, sink, tokens = _model(model_name)
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status("VmRSS")
+    g = gg.capture(model, (), inputs(tokens), output=sink)
+    print(f"{model_name}: {g}")
+    print(f"capture: peak {fmt_bytes(_status('VmHWM') - before)}, held {fmt_bytes(_status('VmRSS') - before)} "
+          f"above the loaded model")
+    for name, query in QUERIES.items():      # path recovery's index is built by a query
+        if name == "top_paths(k=1)":
+            query(g)
+    seen = _merged(e for e in (_extent(p.detach().numpy()) for p in model.parameters()) if e)
+    params = sum(b - a for a, b in seen)
+    items = [(("node value", n.op_name, "value"), n.value) for n in g.nodes]
+    for e in g.edges:
+        op = g.nodes[e.dst].op_name
+        items += [((f"{e.jac.kind} Jacobian", op, k), a) for k, a in e.jac.state()[1].items()]
+        csc = getattr(e.jac, "_csc", None)
+        if csc:
+            items += [(("path recovery index", op, "csc"), a) for a in csc]
+    by_key, by_kind, shared = collections.Counter(), collections.Counter(), 0
+    for key, a in items:
+        ext = _extent(a)
+        if ext is None:
+            continue
+        lo, hi = ext
+        overlap = sum(max(0, min(hi, b) - max(lo, a_)) for a_, b in seen)
+        new = (hi - lo) - overlap
+        shared += overlap
+        by_key[key] += new
+        by_kind[key[0]] += new
+        seen = _merged(seen + [ext])
+    print(f"graph arrays: {fmt_bytes(sum(by_kind.values()))} of their own; the model's parameters "
+          f"({fmt_bytes(params)}) are referenced, not copied")
+    print_table([(k, fmt_bytes(v)) for k, v in by_kind.most_common()], headers=("kind", "bytes"))
+    print()
+    print_table([(k, op, arr, fmt_bytes(v)) for (k, op, arr), v in by_key.most_common(top)],
+                headers=("kind", "op", "array", "bytes"))
+
+
 def _run_child(model_name, what, graph_file=None):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", model_name, what]
     if graph_file:
@@ -148,11 +221,14 @@ def main(argv=None):
     ap.add_argument("--queries", default=",".join(QUERIES))
     ap.add_argument("--lazy", action="store_true", help="also measure gg.load (memory-mapped) + query")
     ap.add_argument("--json", help="append the results as JSON lines to this file")
+    ap.add_argument("--breakdown", metavar="MODEL", help="where the graph's memory goes, for one model")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "WHAT"), help=argparse.SUPPRESS)
     ap.add_argument("--graph", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         return child(*args.child, graph_file=args.graph)
+    if args.breakdown:
+        return breakdown(args.breakdown)
     print(machine(), "| load:", os.getloadavg())
     queries = [q for q in args.queries.split(",") if q]
     for name in args.models.split(","):
