@@ -34,6 +34,31 @@ def coo_sum(x, src, dst, w, t, y, n):
 
 
 @njit(cache=True)
+def coo_sum_channels(x, src, dst, w, t, y, n):
+    """:func:`coo_sum` for values with several channels (the LENGTH semiring's polynomials),
+    channel by channel: each sweep reads one row of ``x`` and writes one row of ``y``, where the
+    channel-inner loop of :func:`coo_sum` strides across all C rows at every entry (None arrays
+    as in :func:`coo_sum`)."""
+    C = x.shape[0]
+    live = np.zeros(x.shape[1], np.bool_)
+    for c in range(C):
+        xc = x[c]
+        for j in range(xc.shape[0]):
+            live[j] |= xc[j] != 0.0
+    f = np.zeros(n)
+    for e in range(n):
+        if live[e if src is None else src[e]]:
+            f[e] = tw(1.0 if w is None else w[e], t)
+    for c in range(C):
+        xc = x[c]
+        yc = y[c]
+        for e in range(n):
+            fe = f[e]
+            if fe != 0.0:
+                yc[e if dst is None else dst[e]] += fe * xc[e if src is None else src[e]]
+
+
+@njit(cache=True)
 def coo_entropy(x, src, dst, w, y, n):
     """The entropy product on pairs x = (Z, R): y[0, d] += |w| Z[s], y[1, d] += |w| R[s] - |w|log|w| Z[s]
     for every entry (s -> d, w), one logarithm per live entry (None arrays as in :func:`coo_sum`)."""
@@ -193,7 +218,7 @@ class SparseJacobian(Jacobian):
         x = np.ascontiguousarray(x, dtype=np.float64)
         y = np.zeros((x.shape[0], self._dims(transpose)[1]))
         src, dst = self._src_dst(transpose)
-        coo_sum(x, src, dst, self.vals, int(weight_map(weight)), y, self.n)
+        (coo_sum if x.shape[0] == 1 else coo_sum_channels)(x, src, dst, self.vals, int(weight_map(weight)), y, self.n)
         return y
 
     def entropy_product(self, x, transpose):
