@@ -23,7 +23,9 @@ __all__ = ["capture", "Capturer", "register_rule", "load", "batch", "GradGraph",
            "GradGraphWarning", "CaptureWarning", "QueryWarning"]
 
 
-def load(path):
-    """Read a graph written by :meth:`GradGraph.save`; never unpickles or executes anything."""
+def load(path, *, lazy=True):
+    """Read a graph written by :meth:`GradGraph.save`; never unpickles or executes anything.
+    ``lazy``: memory-map the arrays, so queries read only what they touch (see
+    :func:`gradgraph.export.fileformat.load`)."""
     from .export.fileformat import load as _load
-    return _load(path)
+    return _load(path, lazy=lazy)

@@ -19,7 +19,9 @@ from .jacobians import Jacobian
 
 __all__ = ["Node", "Edge", "GradGraph", "VIEW_OPS"]
 
-#: Pure data movement: weight-1 edges, transparent in reported paths unless ``include_views``.
+#: The ops that are pure data movement by name: the library registers its rules for them with
+#: ``data_movement=True``, and a node without a recorded flag (made by hand, or loaded from a file
+#: written before nodes recorded it) falls back to this list.
 VIEW_OPS = frozenset({
     "view", "_unsafe_view", "reshape", "permute", "expand", "slice", "select", "clone",
     "contiguous", "transpose", "t", "unsqueeze", "squeeze", "alias", "detach", "lift_fresh_copy",
@@ -43,6 +45,7 @@ class Node:
     value: np.ndarray | None = field(default=None, repr=False)
     role: str = "op"          # "source", "op" or "sink"
     fx_name: str = ""         # the node's name in the exported ATen fx graph
+    data_movement: bool | None = None   # its op's rule is pure data movement (None: unknown)
 
     @property
     def numel(self):
@@ -56,6 +59,12 @@ class Node:
 
     @property
     def is_view(self):
+        """Pure data movement (a weight-1 map of elements): transparent in reported paths unless
+        ``include_views``, and not counted in path lengths. As the op's rule declared it at
+        capture (``register_rule(..., data_movement=True)``); by op name (:data:`VIEW_OPS`) for
+        a node that does not record it."""
+        if self.data_movement is not None:
+            return self.data_movement
         return self.op_name in VIEW_OPS
 
 

@@ -179,7 +179,8 @@ SAMPLES = {
     # --- generic: pointwise (by the ATen pointwise tag)
     aten.add.Tensor: [C(r(2, 3), r(3), id="broadcast"), C(r(2, 1, 3), r(4, 1), alpha=2.5, id="alpha-both")],
     aten.sub.Tensor: [C(r(2, 3), r(2, 1), alpha=0.5)],
-    aten.mul.Tensor: [C(r(2, 3), r(1, 3)), C(r(3), r(2, 1), id="outer")],
+    aten.mul.Tensor: [C(r(2, 3), r(1, 3)), C(r(3), r(2, 1), id="outer"), C(r(2, 3), r(2, 3), id="same-shape"),
+                      C(r(2, 3), 0.5, id="constant")],
     aten.mul.Scalar: [C(r(2, 3), 1.5)],
     aten.div.Tensor: [C(r(2, 3), pos(3))],
     aten.where.self: [C(torch.tensor([[True, False, True]]), r(2, 3), r(3))],

@@ -12,7 +12,8 @@ __all__ = ["gradient"]
 
 def gradient(g):
     """d(sink)/d(source) by the real semiring; see :meth:`GradGraph.gradient`."""
-    B = backward(g, REAL)
+    # only the sources' values are returned: every other node's is dropped once propagated
+    B = backward(g, REAL, keep=g.sources.values())
     out = {}
     for name, i in g.sources.items():
         node = g.nodes[i]

@@ -16,7 +16,7 @@ from . import rules as _rules  # noqa: F401  (registers the library's rules)
 from .autograd_ops import AUTOGRAD_FUNCTION, STOP_GRADIENT, autograd_function_jacobians
 from .diagnostics import diagnostics
 from .fxnodes import is_float_tensor, module_of, op_name, producer, tensor_args, user_line
-from .registry import RuleContext, dense_jacobian, get_rule
+from .registry import RuleContext, dense_jacobian, get_rule, is_data_movement
 
 __all__ = ["GraphBuilder"]
 
@@ -81,6 +81,7 @@ class GraphBuilder:
                         keep.add(a)
         order = [n for n in nodes if n in keep and isinstance(env.get(n), torch.Tensor)]
         index = {n: i for i, n in enumerate(order)}
+        self._release(rec, order)
 
         gnodes = []
         for n in order:
@@ -94,7 +95,8 @@ class GraphBuilder:
             gnodes.append(Node(name=name, op=op, shape=tuple(v.shape), dtype=str(v.dtype).replace("torch.", ""),
                                module=module, module_type=mtype,
                                source_line=user_line(n.meta.get("stack_trace")),
-                               value=_widened(v.detach()).cpu().numpy(), role=role, fx_name=n.name))
+                               value=_widened(v.detach()).cpu().numpy(), role=role, fx_name=n.name,
+                               data_movement=self._data_movement(n)))
 
         edges = []
         self._dense = set()       # nodes whose Jacobian came out a dense matrix
@@ -127,6 +129,27 @@ class GraphBuilder:
                                 [i for i, n in enumerate(order) if i in computed and n in self._dense]))
         sources_idx = {name: index[n] for name, n in sources.items()}
         return GradGraph(gnodes, edges, sources_idx, index[sink], self.granularity, meta)
+
+    @staticmethod
+    def _release(rec, order):
+        """Drop from the recording every value no node or rule of the graph needs (activations
+        off the source-to-sink paths, such as the logits of other tokens' positions when only
+        one is explained), so they are freed before the Jacobians are built."""
+        needed = set(order) | set(rec.placeholders)
+        for n in order:
+            p, _ = producer(n)
+            needed.add(p)
+            needed.update(p.all_input_nodes)
+        for n in [n for n in rec.env if n not in needed]:
+            del rec.env[n]
+
+    @staticmethod
+    def _data_movement(n):
+        """The data movement flag of the rule that explains fx node ``n`` (False for inputs,
+        Functions and ops left to the dense fallback)."""
+        p, _ = producer(n)
+        op = p.target if p.op == "call_function" else None
+        return isinstance(op, torch._ops.OpOverload) and is_data_movement(op)
 
     @staticmethod
     def _upstream(n):

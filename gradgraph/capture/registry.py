@@ -24,15 +24,16 @@ import torch
 from ..errors import UnsupportedOpError
 from ..jacobians import SparseJacobian
 
-__all__ = ["RuleContext", "register_rule", "unregister_rule", "rule", "get_rule", "registered_ops",
-           "generic_rules", "DENSE_FALLBACK_MAX_ENTRIES", "dense_jacobian"]
+__all__ = ["RuleContext", "register_rule", "unregister_rule", "rule", "get_rule", "is_data_movement",
+           "registered_ops", "generic_rules", "DENSE_FALLBACK_MAX_ENTRIES", "dense_jacobian"]
 
 #: Largest dense Jacobian (out_numel * in_numel entries) the jacrev fallback will build.
 DENSE_FALLBACK_MAX_ENTRIES = 4_000_000
 
 _RULES: dict = {}
-_SHADOWED: dict = {}      # op -> the rules a later registration replaced, oldest first
-_GENERIC: list = []       # (predicate(op) -> bool, rule), consulted in order
+_DATA_MOVEMENT: dict = {} # op -> the flag its registered rule was declared with
+_SHADOWED: dict = {}      # op -> the (rule, flag) pairs a later registration replaced, oldest first
+_GENERIC: list = []       # (predicate(op) -> bool, rule, data movement flag), consulted in order
 
 
 @dataclass
@@ -86,7 +87,7 @@ def substitute(args, key, value):
     return args
 
 
-def register_rule(op, fn=None):
+def register_rule(op, fn=None, *, data_movement=False):
     """Register ``fn`` as the Jacobian rule of ATen op ``op`` (an ``OpOverload``).
 
     Usable as a decorator: ``@register_rule(torch.ops.aten.foo.default)``. A user rule replaces
@@ -99,6 +100,11 @@ def register_rule(op, fn=None):
     fn : callable, optional
         ``fn(ctx: RuleContext) -> {key: Jacobian}`` with one Jacobian d(ctx.out)/d(argument key)
         for each key in ``ctx.wants``. Omitted: return a decorator.
+    data_movement : bool
+        The op is pure data movement (a view, reshape, transpose, copy): every Jacobian it gives
+        is a weight-1 map of elements. Its nodes get ``Node.is_view`` set: they are transparent in
+        reported paths and not counted in path lengths. Recorded on each node at capture and
+        stored in graph files.
 
     Returns
     -------
@@ -118,10 +124,10 @@ def register_rule(op, fn=None):
     if not isinstance(op, torch._ops.OpOverload):
         raise TypeError(f"register_rule needs an ATen OpOverload such as torch.ops.aten.mm.default, got {op!r}")
     if fn is None:
-        return lambda f: register_rule(op, f)
+        return lambda f: register_rule(op, f, data_movement=data_movement)
     if op in _RULES:
-        _SHADOWED.setdefault(op, []).append(_RULES[op])
-    _RULES[op] = fn
+        _SHADOWED.setdefault(op, []).append((_RULES[op], _DATA_MOVEMENT[op]))
+    _RULES[op], _DATA_MOVEMENT[op] = fn, bool(data_movement)
     return fn
 
 
@@ -135,13 +141,14 @@ def unregister_rule(op, fn):
         ``fn`` is not registered for ``op``.
     """
     shadowed = _SHADOWED.get(op, [])
+    older = [pair for pair in shadowed if pair[0] is fn]
     if _RULES.get(op) is fn:
         if shadowed:
-            _RULES[op] = shadowed.pop()
+            _RULES[op], _DATA_MOVEMENT[op] = shadowed.pop()
         else:
-            del _RULES[op]
-    elif fn in shadowed:                 # replaced since: forget it, keep the newer rule
-        shadowed.remove(fn)
+            del _RULES[op], _DATA_MOVEMENT[op]
+    elif older:                          # replaced since: forget it, keep the newer rule
+        shadowed.remove(older[-1])
     else:
         raise KeyError(f"{fn!r} is not a registered rule of {op}")
     if op in _SHADOWED and not _SHADOWED[op]:
@@ -165,23 +172,35 @@ class rule:
     False
     """
 
-    def __init__(self, op, fn):
-        self.op, self.fn = op, fn
+    def __init__(self, op, fn, *, data_movement=False):
+        self.op, self.fn, self.data_movement = op, fn, data_movement
 
     def __enter__(self):
-        register_rule(self.op, self.fn)
+        register_rule(self.op, self.fn, data_movement=self.data_movement)
         return self.fn
 
     def __exit__(self, *exc):
         unregister_rule(self.op, self.fn)
 
 
-def register_generic(predicate):
-    """Decorator: a rule used for every op satisfying ``predicate(op)`` that has no rule of its own."""
+def register_generic(predicate, *, data_movement=False):
+    """Decorator: a rule used for every op satisfying ``predicate(op)`` that has no rule of its own;
+    ``data_movement`` as for :func:`register_rule`."""
     def deco(fn):
-        _GENERIC.append((predicate, fn))
+        _GENERIC.append((predicate, fn, bool(data_movement)))
         return fn
     return deco
+
+
+def _lookup(op):
+    """(rule, data movement flag) for ``op`` by the lookup order of this module; (None, False)
+    when only the dense fallback is left."""
+    if op in _RULES:
+        return _RULES[op], _DATA_MOVEMENT[op]
+    for pred, fn, flag in _GENERIC:
+        if pred(op):
+            return fn, flag
+    return None, False
 
 
 def get_rule(op):
@@ -197,12 +216,21 @@ def get_rule(op):
     >>> get_rule(torch.ops.aten.logcumsumexp.default) is None
     True
     """
-    if op in _RULES:
-        return _RULES[op]
-    for pred, fn in _GENERIC:
-        if pred(op):
-            return fn
-    return None
+    return _lookup(op)[0]
+
+
+def is_data_movement(op):
+    """Whether the rule :func:`get_rule` gives for ``op`` was registered as pure data movement
+    (False for ops left to the dense fallback).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from gradgraph.capture.registry import is_data_movement
+    >>> is_data_movement(torch.ops.aten.view.default), is_data_movement(torch.ops.aten.cat.default)
+    (True, False)
+    """
+    return _lookup(op)[1]
 
 
 def registered_ops():
@@ -214,7 +242,7 @@ def registered_ops():
 
 def generic_rules():
     """The generic rules as (predicate(op) -> bool, rule) pairs, in lookup order."""
-    return list(_GENERIC)
+    return [(pred, fn) for pred, fn, _ in _GENERIC]
 
 
 def dense_jacobian(ctx, key, max_entries=None):

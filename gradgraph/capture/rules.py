@@ -141,9 +141,9 @@ def batch_norm_eval(ctx):
 
 
 # ----------------------------------------------------------------------------- data movement
-#: Ops whose Jacobian is a weight-1 index map: the views (:data:`gradgraph.graph.VIEW_OPS`, the
-#: one list of ops transparent in paths) and the ops that rearrange, select or copy elements
-#: without being views.
+#: Ops whose Jacobian is a weight-1 index map: the views (:data:`gradgraph.graph.VIEW_OPS`,
+#: registered below as pure data movement, so their nodes are transparent in paths) and the ops
+#: that rearrange, select or copy elements without being views.
 REARRANGING_OPS = frozenset({
     "cat", "stack", "index", "gather", "index_select", "constant_pad_nd", "repeat", "flip", "roll",
     "split", "split_with_sizes", "unbind", "narrow", "diagonal", "unfold", "pixel_shuffle",
@@ -191,7 +191,8 @@ def _strided_index_map(ctx, key, x):
     return _np(torch.broadcast_to(cols, out.shape).reshape(-1))
 
 
-@register_generic(lambda op: op._opname in DATA_MOVEMENT)
+@register_generic(lambda op: op._opname in VIEW_OPS, data_movement=True)
+@register_generic(lambda op: op._opname in REARRANGING_OPS)
 def data_movement(ctx):
     """Weight-1 index map: run the op on the input's flat indices 1..n (0 marks 'no input')."""
     jacs = {}
@@ -314,9 +315,10 @@ def index_add(ctx):
     return _adding(ctx, 3, values_jacobian)
 
 
-@register_rule(aten._to_copy.default)
+@register_rule(aten._to_copy.default, data_movement=True)
+@register_rule(aten.clone.default, data_movement=True)
 def to_copy(ctx):
-    """A dtype / device copy: identity."""
+    """A dtype / device copy, or a copy of the memory: identity."""
     return {0: SparseJacobian(ctx.out.shape, ctx.args[0].shape)}
 
 

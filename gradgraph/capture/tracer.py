@@ -198,6 +198,7 @@ class Capturer:
                 f"the captured program gives {rec.output_value()} where the model gives "
                 f"{eager} on the same input: the model is not deterministic (dropout in training "
                 f"mode? call model.eval()), so the graph explains one run of it"))
+        del eager                   # (the model's own output: not kept while the graph is built)
         sink = find_sink(rec.outs, rec.env)
         sources = resolve_sources(self.model, self.sources, rec)
         model_name = type(self.model).__module__ + "." + type(self.model).__qualname__

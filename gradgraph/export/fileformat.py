@@ -43,12 +43,22 @@ def _fail(path, msg):
 
 class _StoredArrays:
     """The tensors of an open safetensors file: dtype and shape from the header at once, the data
-    of a tensor read (once) only when a reference asks for it -- unreferenced tensors are never
-    read. Reads go straight into the array (no second copy, no memory map kept)."""
+    of a tensor only when a reference asks for it -- unreferenced tensors are never read.
 
-    def __init__(self, path, f, entries, data_start):
+    With ``lazy``, a tensor is an array over a private memory map of the file (``mmap`` with
+    copy-on-write: the file is never written): its pages are read when a query first touches
+    them. Otherwise it is read at once, straight into the array (no second copy)."""
+
+    def __init__(self, path, f, entries, data_start, lazy=False):
         self.path, self._f, self._entries, self._start = path, f, entries, data_start
         self._cache = {}
+        self._map = None
+        if lazy and entries:
+            import mmap
+            try:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            except (OSError, ValueError):    # a file system without memory maps: read instead
+                self._map = None
 
     def __contains__(self, name):
         return name in self._entries
@@ -59,6 +69,11 @@ class _StoredArrays:
     def get(self, name):
         if name not in self._cache:
             dtype, shape, (begin, end) = self._entries[name]
+            offset = self._start + begin
+            if self._map is not None and end > begin and offset % dtype.itemsize == 0:
+                self._cache[name] = np.frombuffer(self._map, dtype, math.prod(shape), offset).reshape(shape)
+                return self._cache[name]
+            # eager, empty, or misaligned (not written by gradgraph): an aligned copy
             a = np.empty(shape, dtype)
             if a.nbytes:
                 self._f.seek(self._start + begin)
@@ -69,7 +84,7 @@ class _StoredArrays:
         return self._cache[name]
 
 
-def _open(path):
+def _open(path, lazy=False):
     """(metadata dict, :class:`_StoredArrays`, open file) of a safetensors file, or
     GraphFormatError. safetensors' own reader checks the header first (its message is the reason
     given); the header is then parsed again here for the byte offsets, and every tensor's dtype,
@@ -115,7 +130,7 @@ def _open(path):
     except BaseException:
         f.close()
         raise
-    return metadata, _StoredArrays(path, f, entries, 8 + n), f
+    return metadata, _StoredArrays(path, f, entries, 8 + n, lazy), f
 
 
 _INDEX_DTYPES = {np.dtype(t).str for t in (np.int32, np.int64, np.uint32, np.uint64)}
@@ -243,6 +258,10 @@ def _build(doc, stored, path):
         fields = {f: d[f] for f in _NODE_FIELDS if f in d}
         for f in ("op", "dtype", "module", "module_type", "source_line", "role", "fx_name"):
             _check(isinstance(fields.get(f, ""), str), path, f"{where}: field {f!r} must be a string")
+        # files written before nodes recorded their rule's flag have no data_movement: None makes
+        # Node.is_view fall back to the op-name list graph.VIEW_OPS
+        _check(fields.get("data_movement") in (None, True, False), path,
+               f"{where}: field 'data_movement' must be true, false or null")
         fields["shape"] = tuple(d["shape"])
         # the value bounds what queries allocate for the node: it must be there, as stored data
         _check(d.get("value") is not None, path, f"{where}: no value (a graph holds the value of every node)")
@@ -295,14 +314,23 @@ def _build(doc, stored, path):
     return GradGraph(nodes, edges, doc["sources"], doc["sink"], doc["granularity"], doc["meta"])
 
 
-def load(path):
+def load(path, *, lazy=True):
     """Read a graph written by :func:`save`.
 
     Only the safetensors header, JSON and raw arrays are read: nothing is unpickled or executed.
     Every size the file declares is checked against the data it holds before anything of that
-    size is allocated, the graph's invariants are checked (``docs/file-format.md``), and only the
-    tensors the graph references are read -- into memory, so the graph stays usable when the
-    file is deleted or replaced. The graph answers every query without the model.
+    size is allocated, and the graph's invariants are checked (``docs/file-format.md``). The
+    graph answers every query without the model.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    lazy : bool
+        True (default): the arrays are memory-mapped (copy-on-write, the file is never written),
+        so a query reads only the parts of the file it touches and memory holds only those. The
+        file may be deleted or replaced (as ``save(..., overwrite=True)`` does) while the graph is
+        in use, but must not be truncated or rewritten in place. False: every referenced tensor
+        is read into memory during ``load``; the graph is then independent of the file.
 
     Raises
     ------
@@ -312,7 +340,7 @@ def load(path):
         mismatches, indices out of range, broken invariants). The message says which.
     """
     path = os.fspath(path)
-    metadata, stored, f = _open(path)
+    metadata, stored, f = _open(path, lazy)
     with f:
         fmt = metadata.get("format")
         _check(fmt == FORMAT, path, "not a gradgraph graph (a safetensors file without gradgraph metadata"

@@ -10,12 +10,14 @@ from .base import Jacobian, _empty_max
 
 # ----------------------------------------------------------------------------- sparse (COO)
 @njit(cache=True)
-def coo_sum(x, src, dst, w, t, y):
-    """y[c, dst[e]] += f(w[e]) * x[c, src[e]]. Entries whose source values are all zero are
-    skipped before f is evaluated (near a one-logit sink most of a vocabulary-sized tensor is)."""
+def coo_sum(x, src, dst, w, t, y, n):
+    """y[c, dst[e]] += f(w[e]) * x[c, src[e]] for the n entries e. Entries whose source values are
+    all zero are skipped before f is evaluated (near a one-logit sink most of a vocabulary-sized
+    tensor is). ``src`` / ``dst`` None stand for arange(n), ``w`` None for ones (numba compiles
+    the None case without the array)."""
     C = x.shape[0]
-    for e in range(src.shape[0]):
-        s = src[e]
+    for e in range(n):
+        s = e if src is None else src[e]
         live = False
         for c in range(C):
             if x[c, s] != 0.0:
@@ -23,50 +25,51 @@ def coo_sum(x, src, dst, w, t, y):
                 break
         if not live:
             continue
-        f = tw(w[e], t)
+        f = tw(1.0 if w is None else w[e], t)
         if f == 0.0:
             continue
-        d = dst[e]
+        d = e if dst is None else dst[e]
         for c in range(C):
             y[c, d] += f * x[c, s]
 
 
 @njit(cache=True)
-def coo_sum_channels(x, src, dst, w, t, y):
+def coo_sum_channels(x, src, dst, w, t, y, n):
     """:func:`coo_sum` for values with several channels (the LENGTH semiring's polynomials),
     channel by channel: each sweep reads one row of ``x`` and writes one row of ``y``, where the
-    channel-inner loop of :func:`coo_sum` strides across all C rows at every entry."""
+    channel-inner loop of :func:`coo_sum` strides across all C rows at every entry (None arrays
+    as in :func:`coo_sum`)."""
     C = x.shape[0]
     live = np.zeros(x.shape[1], np.bool_)
     for c in range(C):
         xc = x[c]
         for j in range(xc.shape[0]):
             live[j] |= xc[j] != 0.0
-    f = np.zeros(src.shape[0])
-    for e in range(src.shape[0]):
-        if live[src[e]]:
-            f[e] = tw(w[e], t)
+    f = np.zeros(n)
+    for e in range(n):
+        if live[e if src is None else src[e]]:
+            f[e] = tw(1.0 if w is None else w[e], t)
     for c in range(C):
         xc = x[c]
         yc = y[c]
-        for e in range(src.shape[0]):
+        for e in range(n):
             fe = f[e]
             if fe != 0.0:
-                yc[dst[e]] += fe * xc[src[e]]
+                yc[e if dst is None else dst[e]] += fe * xc[e if src is None else src[e]]
 
 
 @njit(cache=True)
-def coo_entropy(x, src, dst, w, y):
+def coo_entropy(x, src, dst, w, y, n):
     """The entropy product on pairs x = (Z, R): y[0, d] += |w| Z[s], y[1, d] += |w| R[s] - |w|log|w| Z[s]
-    for every entry (s -> d, w), one logarithm per live entry."""
-    for e in range(src.shape[0]):
-        s = src[e]
+    for every entry (s -> d, w), one logarithm per live entry (None arrays as in :func:`coo_sum`)."""
+    for e in range(n):
+        s = e if src is None else src[e]
         z = x[0, s]
         r = x[1, s]
-        a = abs(w[e])
+        a = 1.0 if w is None else abs(w[e])
         if (z == 0.0 and r == 0.0) or a == 0.0:
             continue
-        d = dst[e]
+        d = e if dst is None else dst[e]
         y[0, d] += a * z
         y[1, d] += a * r
         if z != 0.0 and a != 1.0:
@@ -74,21 +77,24 @@ def coo_entropy(x, src, dst, w, y):
 
 
 @njit(cache=True)
-def coo_max(x, src, dst, w, y):
-    """y[dst[e]] = max(y[dst[e]], |w[e]| * x[src[e]])  (0 = no path)."""
-    for e in range(src.shape[0]):
-        v = abs(w[e]) * x[src[e]]
-        if v > y[dst[e]]:
-            y[dst[e]] = v
+def coo_max(x, src, dst, w, y, n):
+    """y[dst[e]] = max(y[dst[e]], |w[e]| * x[src[e]])  (0 = no path; None arrays as in :func:`coo_sum`)."""
+    for e in range(n):
+        s = e if src is None else src[e]
+        d = e if dst is None else dst[e]
+        v = (1.0 if w is None else abs(w[e])) * x[s]
+        if v > y[d]:
+            y[d] = v
 
 
 @njit(cache=True)
-def coo_maxmin(xmax, xmin, src, dst, w, ymax, ymin):
-    """Signed (max, x) and (min, x) at once; a negative weight swaps max and min."""
-    for e in range(src.shape[0]):
-        we = w[e]
-        s = src[e]
-        d = dst[e]
+def coo_maxmin(xmax, xmin, src, dst, w, ymax, ymin, n):
+    """Signed (max, x) and (min, x) at once; a negative weight swaps max and min (None arrays as
+    in :func:`coo_sum`)."""
+    for e in range(n):
+        we = 1.0 if w is None else w[e]
+        s = e if src is None else src[e]
+        d = e if dst is None else dst[e]
         if xmax[s] == -np.inf:
             continue
         if we > 0:
@@ -148,13 +154,18 @@ def diag_entropy(x, w, y):
 class SparseJacobian(Jacobian):
     """Entries ``J[rows[e], cols[e]] = vals[e]``; ``rows``/``cols`` None mean ``arange(nnz)``,
     ``vals`` None means all ones. Elementwise ops are ``rows=None`` with a broadcast ``cols``;
-    reductions are ``cols=None`` with ``rows`` mapping each input to its output."""
+    reductions are ``cols=None`` with ``rows`` mapping each input to its output.
+
+    Index arrays that are ``arange(nnz)`` and weights that are all one are not kept (they are
+    stored as None): the index maps of reshapes, contiguous slices and elementwise ops, and the
+    weights of additions and copies, cost no memory. Weights that are all equal are kept as one
+    number (a read-only broadcast view). ``n`` gives the entry count when no array
+    does (default: the tensors' common size)."""
 
     kind = "sparse"
 
-    def __init__(self, out_shape, in_shape, rows=None, cols=None, vals=None):
+    def __init__(self, out_shape, in_shape, rows=None, cols=None, vals=None, n=None):
         super().__init__(out_shape, in_shape)
-        n = None
         for a in (rows, cols, vals):
             if a is not None:
                 n = len(a)
@@ -174,13 +185,18 @@ class SparseJacobian(Jacobian):
                 cols = (np.arange(n, dtype=idx_t) if cols is None else cols)[keep]
                 vals = vals[keep]
                 n = len(vals)
+            if n and bool(np.all(vals == 1)):
+                vals = None
+            elif n > 1 and vals.strides[0] != 0 and bool(np.all(vals == vals[0])):
+                # one derivative for every entry (a product with a constant): kept once
+                vals = np.broadcast_to(vals[:1].copy(), (n,))
+        rows, cols = (None if _is_arange(a) else a for a in (rows, cols))
+        if max(n, 0) > min(self.out_numel if rows is None else n, self.in_numel if cols is None else n):
+            raise ValueError(f"{n} entries with implicit indices run past the tensors' sizes")
         self.rows, self.cols, self.vals, self.n = rows, cols, vals, n
         #: one edge j -> j per element (an elementwise op): max products need no scatter
-        self.is_diagonal = bool(
-            n == self.out_numel == self.in_numel
-            and all(a is None or (a[0] == 0 and np.array_equal(a, np.arange(n, dtype=a.dtype)))
-                    for a in (rows, cols) if a is None or len(a)))
-        self.is_identity = self.is_diagonal and (vals is None or bool(np.all(vals == 1)))
+        self.is_diagonal = bool(n == self.out_numel == self.in_numel and rows is None and cols is None)
+        self.is_identity = self.is_diagonal and vals is None
         self._csc = None
 
     def _r(self):
@@ -191,6 +207,9 @@ class SparseJacobian(Jacobian):
 
     def _v(self):
         return np.ones(self.n) if self.vals is None else self.vals
+
+    def _src_dst(self, transpose):
+        return (self.rows, self.cols) if transpose else (self.cols, self.rows)
 
     def nnz(self):
         return self.n
@@ -207,8 +226,8 @@ class SparseJacobian(Jacobian):
                 y[:, ~(x != 0).any(axis=0)] = 0.0
             return y
         y = np.zeros((x.shape[0], self._dims(transpose)[1]))
-        src, dst = (self._r(), self._c()) if transpose else (self._c(), self._r())
-        (coo_sum if x.shape[0] == 1 else coo_sum_channels)(x, src, dst, self._v(), int(weight_map(weight)), y)
+        src, dst = self._src_dst(transpose)
+        (coo_sum if x.shape[0] == 1 else coo_sum_channels)(x, src, dst, self.vals, int(weight_map(weight)), y, self.n)
         return y
 
     def entropy_product(self, x, transpose):
@@ -218,8 +237,8 @@ class SparseJacobian(Jacobian):
             diag_entropy(x, self.vals.astype(np.float64, copy=False), y)
             return y
         y = np.zeros((2, self._dims(transpose)[1]))
-        src, dst = (self._r(), self._c()) if transpose else (self._c(), self._r())
-        coo_entropy(x, src, dst, self._v(), y)
+        src, dst = self._src_dst(transpose)
+        coo_entropy(x, src, dst, self.vals, y, self.n)
         return y
 
     def max_product(self, xmax, xmin, transpose):
@@ -229,11 +248,11 @@ class SparseJacobian(Jacobian):
             diag_max(xmax, xmax if xmin is None else xmin, self.vals, signed, buf)
             return (buf[0], buf[1]) if signed else (buf[0], None)
         ymax, ymin = _empty_max(self._dims(transpose)[1], signed)
-        src, dst = (self._r(), self._c()) if transpose else (self._c(), self._r())
+        src, dst = self._src_dst(transpose)
         if signed:
-            coo_maxmin(xmax, xmin, src, dst, self._v(), ymax, ymin)
+            coo_maxmin(xmax, xmin, src, dst, self.vals, ymax, ymin, self.n)
         else:
-            coo_max(xmax, src, dst, self._v(), ymax)
+            coo_max(xmax, src, dst, self.vals, ymax, self.n)
         return ymax, ymin
 
     def entries(self):
@@ -241,13 +260,23 @@ class SparseJacobian(Jacobian):
                 self._v().astype(np.float64))
 
     def out_edges(self, j):
-        if self._csc is None:
-            c = self._c()
-            order = np.argsort(c, kind="stable")
-            starts = np.searchsorted(c[order], np.arange(self.in_numel + 1))
-            self._csc = (order, starts)
-        order, starts = self._csc
-        e = order[starts[j]:starts[j + 1]]
+        c = self.cols
+        if c is None:                                   # entry j is the one edge leaving j
+            e = np.arange(j, min(j + 1, self.n))
+        else:
+            if self._csc is None:
+                # sorted columns (slices, reductions, broadcasts) are found by bisection; other
+                # index maps get a column-sorted order once
+                if len(c) < 2 or bool(np.all(c[1:] >= c[:-1])):
+                    self._csc = False
+                else:
+                    order = np.argsort(c, kind="stable").astype(c.dtype)
+                    self._csc = (order, np.searchsorted(c[order], np.arange(self.in_numel + 1)))
+            if self._csc is False:
+                e = np.arange(*np.searchsorted(c, (j, j + 1)))
+            else:
+                order, starts = self._csc
+                e = order[starts[j]:starts[j + 1]]
         # (path recovery calls this per visited element: no arrays of the Jacobian's size)
         rows = e if self.rows is None else self.rows[e]
         vals = np.ones(len(e)) if self.vals is None else self.vals[e]
@@ -265,9 +294,17 @@ class SparseJacobian(Jacobian):
 
     @classmethod
     def from_state(cls, out_shape, in_shape, params, arrays):
-        j = cls(out_shape, in_shape, arrays.get("rows"), arrays.get("cols"), arrays.get("vals"))
+        j = cls(out_shape, in_shape, arrays.get("rows"), arrays.get("cols"), arrays.get("vals"),
+                n=params["n"])
         if j.n != params["n"]:
             raise ValueError("entry count does not match")
         return j
 
 
+
+
+def _is_arange(a):
+    """``a`` (an index array or None) is 0, 1, ..., len(a) - 1, so it need not be kept."""
+    if a is None or not len(a) or a[0] != 0 or a[-1] != len(a) - 1:
+        return False
+    return bool(np.all(np.diff(a) == 1))
