@@ -169,12 +169,13 @@ def main(argv=None):
                     help="vocabulary size of the BERT (default 30522; the small-vocabulary model: 2000)")
     ap.add_argument("--no-memory", action="store_true", help="skip the subprocess memory measurements")
     ap.add_argument("--profile", metavar="QUERY", help="cProfile one run of this query and print the top")
-    ap.add_argument("--threads", type=int, help="threads for torch and numpy's BLAS (both sides alike)")
+    ap.add_argument("--threads", type=int, help="threads for every pool, torch's and gradgraph's alike "
+                    "(default: torch's default, all cores)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--graph", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        gg.set_num_threads(args.threads)       # torch's, numba's and numpy's BLAS pools
     if args.child:
         return child(args.child, args.graph, args.seq_len, args.vocab)
 

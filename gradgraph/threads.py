@@ -20,7 +20,7 @@ ten times slower than one thread). The policy:
 * a query uses no more threads than there are cores not busy with other processes at its start
   (``/proc/loadavg``'s runnable count minus this process's own, as OpenMP's dynamic adjustment
   does with the load average): on a busy machine it runs on one thread rather than stalling at
-  barriers.
+  barriers (:func:`set_dynamic` switches this off).
 
 The ``workqueue`` layer runs one parallel region at a time per process: :func:`parallel`
 serialises the kernels' parallel calls across Python threads.
@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 import threading
 
 import numba
@@ -37,7 +38,7 @@ import torch
 
 from .errors import GradGraphError
 
-__all__ = ["set_num_threads", "get_num_threads", "query_threads", "parallel"]
+__all__ = ["set_num_threads", "get_num_threads", "set_dynamic", "free_threads", "query_threads", "parallel"]
 
 # Before numba launches its pool (the first parallel kernel call); a choice made by the user's
 # environment (NUMBA_THREADING_LAYER) is kept.
@@ -48,15 +49,17 @@ _NUMBA_MAX = numba.config.NUMBA_NUM_THREADS     # numba's pool size, fixed when 
 _kernel_lock = threading.RLock()
 _local = threading.local()
 _controller = None
+_dynamic = True
 
 
 def _blas():
-    """threadpoolctl's controller of the BLAS libraries loaded in this process (made once)."""
+    """threadpoolctl's controller of the thread-pool libraries loaded in this process: made again
+    when modules were imported since (one may have loaded another BLAS, e.g. scipy's)."""
     global _controller
-    if _controller is None:
+    if _controller is None or _controller[0] != len(sys.modules):
         from threadpoolctl import ThreadpoolController
-        _controller = ThreadpoolController()
-    return _controller
+        _controller = (len(sys.modules), ThreadpoolController())
+    return _controller[1]
 
 
 def set_num_threads(n):
@@ -88,6 +91,15 @@ def get_num_threads():
     return torch.get_num_threads()
 
 
+def set_dynamic(on):
+    """Whether a query takes fewer threads when other processes hold the cores (default True,
+    like OpenMP's ``omp_set_dynamic``). Off, every query uses :func:`get_num_threads` threads
+    (e.g. to test or time the parallel kernels on a busy machine). Returns the previous setting."""
+    global _dynamic
+    previous, _dynamic = _dynamic, bool(on)
+    return previous
+
+
 def _busy_elsewhere():
     """Threads of other processes running or waiting for a core right now (Linux; 0 elsewhere)."""
     try:
@@ -108,8 +120,8 @@ def _busy_elsewhere():
 def free_threads(n):
     """How many of ``n`` threads a query starting now gets: at most the cores of this process's
     CPU set that no other process is using, and at least one."""
-    if n <= 1:
-        return 1
+    if n <= 1 or not _dynamic:
+        return max(1, n)
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):

@@ -88,9 +88,10 @@ class _Worker:
 
     def __init__(self, payload, job):
         import cloudpickle
-        import torch
+
+        from ..threads import set_num_threads
         if job.get("threads"):
-            torch.set_num_threads(job["threads"])
+            set_num_threads(job["threads"])      # torch's, numba's and numpy's BLAS pools alike
         self.build = cloudpickle.loads(payload)
         self.job = job
         self.model = None
