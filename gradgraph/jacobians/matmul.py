@@ -176,22 +176,28 @@ def mm_max_dense(A, P, Y, nb):
 
 
 
-@njit(cache=True, fastmath={"contract", "nsz"}, error_model="numpy", parallel=True)
-def abs_xlogx(w, a, h, nb):
-    """a = |w|, h = -|w| log|w| (0 where w = 0), elementwise on 1-d arrays of w's dtype, in
-    ``nb`` blocks run in parallel."""
-    n = w.shape[0]
+@njit(cache=True, fastmath={"contract", "nsz"}, error_model="numpy")
+def _abs_xlogx_block(w, a, h):
+    """a = |w|, h = -|w| log|w| (0 where w = 0), elementwise on 1-d arrays of w's dtype."""
+    for k in range(w.shape[0]):
+        v = abs(w[k])
+        a[k] = v
+        h[k] = -v * flog(v)
     tiny = np.finfo(w.dtype).tiny
+    for k in range(w.shape[0]):
+        if a[k] < tiny:
+            h[k] = -a[k] * np.log(a[k]) if a[k] > 0 else 0.0
+
+
+@njit(cache=True, parallel=True)
+def abs_xlogx(w, a, h, nb):
+    """:func:`_abs_xlogx_block` over ``nb`` blocks of the arrays in parallel (each block a call of
+    its own, which keeps the vectorised loops of the serial kernel)."""
+    n = w.shape[0]
     for blk in prange(nb):
         k0 = blk * n // nb
         k1 = (blk + 1) * n // nb
-        for k in range(k0, k1):
-            v = abs(w[k])
-            a[k] = v
-            h[k] = -v * flog(v)
-        for k in range(k0, k1):
-            if a[k] < tiny:
-                h[k] = -a[k] * np.log(a[k]) if a[k] > 0 else 0.0
+        _abs_xlogx_block(w[k0:k1], a[k0:k1], h[k0:k1])
 
 
 

@@ -347,62 +347,68 @@ def layer_norm_entropy(A, rs, gam, rows, split, x, transpose, y):
     least 2^-24, so no subnormal reaches flog. O(live rows d^2) logarithms, as any exact product
     with log|J| needs.
     """
-    R, d = A.shape
-    dt = x.dtype
     order, lo, hi = split
+    for t in prange(rows.shape[0]):
+        _ln_entropy_row(A, rs, gam, rows[t], order, lo, hi, x, transpose, y)
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def _ln_entropy_row(A, rs, gam, r, order, lo, hi, x, transpose, y):
+    """Row ``r`` of :func:`layer_norm_entropy` (a function of its own: the parallel loop calls it
+    per row, and it keeps the serial kernel's vectorised loops and order of sums)."""
+    d = A.shape[1]
+    dt = x.dtype
     one = one_like(A[0, 0])
     nil = one - one
     inv_d = one / d
-    for t in prange(rows.shape[0]):
-        al = np.empty(d, dt)
-        be = np.empty(d, dt)
-        V0 = np.empty(d, dt)
-        V1 = np.empty(d, dt)
-        O0 = np.empty(d, dt)
-        O1 = np.empty(d, dt)
-        O2 = np.empty(d, dt)
-        pv = np.empty(d + 1)
-        pvz = np.empty(d + 1)
-        r = rows[t]
-        base = r * d
-        s = rs[r]
-        z = A[r]
-        for i in range(d):
-            ci = abs(gam[i] * s * inv_d)
-            al[i] = ci
-            be[i] = -ci * np.log(ci) if ci > nil else nil
-            zi_, ri_ = x[0, base + i], x[1, base + i]
-            V0[i] = al[i] * zi_ if transpose else zi_
-            V1[i] = al[i] * ri_ + be[i] * zi_ if transpose else ri_
-            O2[i] = nil
-        _ln_u_product(z, order[r], lo[r], hi[r], V0, pv, pvz, O0)
-        _ln_u_product(z, order[r], lo[r], hi[r], V1, pv, pvz, O1)
-        for i in range(d - 1):
-            n = d - i - 1
-            zi = z[i]
-            a0 = V0[i]
-            s2 = nil
-            zq = z[i + 1:]
-            v0 = V0[i + 1:]
-            o2 = O2[i + 1:]
-            for q in range(n):
-                u = abs(one + zi * zq[q])
-                k = -u * flog(u)
-                o2[q] += k * a0
-                s2 += k * v0[q]
-            O2[i] += s2
-        for i in range(d):
-            w = abs(gam[i] * s * (one - inv_d - z[i] * z[i] * inv_d))
-            h = -w * np.log(w) if w > nil else nil
-            zi_, ri_ = x[0, base + i], x[1, base + i]
-            if transpose:
-                yz = O0[i]
-                yr = O1[i] + O2[i]
-            else:
-                yz = al[i] * O0[i]
-                yr = al[i] * O1[i] + be[i] * O0[i] + al[i] * O2[i]
-            y[0, base + i] += yz + w * zi_
-            y[1, base + i] += yr + w * ri_ + h * zi_
+    al = np.empty(d, dt)
+    be = np.empty(d, dt)
+    V0 = np.empty(d, dt)
+    V1 = np.empty(d, dt)
+    O0 = np.empty(d, dt)
+    O1 = np.empty(d, dt)
+    O2 = np.empty(d, dt)
+    pv = np.empty(d + 1)
+    pvz = np.empty(d + 1)
+    base = r * d
+    s = rs[r]
+    z = A[r]
+    for i in range(d):
+        ci = abs(gam[i] * s * inv_d)
+        al[i] = ci
+        be[i] = -ci * np.log(ci) if ci > nil else nil
+        zi_, ri_ = x[0, base + i], x[1, base + i]
+        V0[i] = al[i] * zi_ if transpose else zi_
+        V1[i] = al[i] * ri_ + be[i] * zi_ if transpose else ri_
+        O2[i] = nil
+    _ln_u_product(z, order[r], lo[r], hi[r], V0, pv, pvz, O0)
+    _ln_u_product(z, order[r], lo[r], hi[r], V1, pv, pvz, O1)
+    for i in range(d - 1):
+        n = d - i - 1
+        zi = z[i]
+        a0 = V0[i]
+        s2 = nil
+        zq = z[i + 1:]
+        v0 = V0[i + 1:]
+        o2 = O2[i + 1:]
+        for q in range(n):
+            u = abs(one + zi * zq[q])
+            k = -u * flog(u)
+            o2[q] += k * a0
+            s2 += k * v0[q]
+        O2[i] += s2
+    for i in range(d):
+        w = abs(gam[i] * s * (one - inv_d - z[i] * z[i] * inv_d))
+        h = -w * np.log(w) if w > nil else nil
+        zi_, ri_ = x[0, base + i], x[1, base + i]
+        if transpose:
+            yz = O0[i]
+            yr = O1[i] + O2[i]
+        else:
+            yz = al[i] * O0[i]
+            yr = al[i] * O1[i] + be[i] * O0[i] + al[i] * O2[i]
+        y[0, base + i] += yz + w * zi_
+        y[1, base + i] += yr + w * ri_ + h * zi_
 
 
 # ============================================================================ row blocks
