@@ -635,11 +635,8 @@ def _load_build(spec):
 
 
 def _load_items(path):
-    try:
-        with open(path) as f:
-            text = f.read()
-    except OSError as exc:
-        raise UsageError(f"cannot read --items {path}: {exc.strerror or exc}") from None
+    from .batch.queries import read_text
+    text = read_text(path, "--items", UsageError)
     try:
         if text.lstrip().startswith("["):
             return json.loads(text)

@@ -87,6 +87,24 @@ def pointwise(ctx):
     return jacs
 
 
+# The commonest pointwise ops (residual and mask adds, scalings) have their derivative at hand: no
+# forward-mode AD call per op and argument, which is most of the pointwise family's capture time.
+@register_rule(aten.add.Tensor)
+@register_rule(aten.sub.Tensor)
+def add_sub(ctx):
+    """out = a + alpha b (sub: a - alpha b): d/da = 1, d/db = alpha (sub: -alpha)."""
+    alpha = ctx.kwargs.get("alpha", 1)
+    scale = -alpha if ctx.op is aten.sub.Tensor else alpha
+    return {key: _elementwise(ctx.out, ctx.arg(key), 1 if key == 0 else scale) for key in ctx.wants}
+
+
+@register_rule(aten.mul.Tensor)
+def mul(ctx):
+    """out = a b: d/da = b, d/db = a (broadcast to the output's shape)."""
+    a, b = ctx.args[:2]
+    return {key: _elementwise(ctx.out, ctx.arg(key), (b if key == 0 else a)) for key in ctx.wants}
+
+
 def _zero(out, x):
     """A Jacobian with no scalar edges: ``out`` does not depend on the values of ``x``."""
     none = np.zeros(0, dtype=np.int64)

@@ -10,6 +10,7 @@ from numba import njit, prange
 
 from ..threads import parallel
 from ._intrinsics import _FM, WeightMap, flog, fmax, fmin, max_support, weight_map
+from ._weightcache import WEIGHT_CACHE
 from .base import Jacobian, _numel
 
 # ----------------------------------------------------------------------------- contraction
@@ -228,7 +229,9 @@ class MatmulJacobian(Jacobian):
         dot-product form reads the other one (a copy of a linear layer's weight, kept)."""
         if which not in self._cache:
             M = self._M
-            self._cache[which] = np.ascontiguousarray(M if which == "M" else np.swapaxes(M, 1, 2))
+            # the same for every graph of the model: kept per process (WEIGHT_CACHE), keyed by the weight
+            self._cache[which] = WEIGHT_CACHE.get(self.other, (self.wrt, which), lambda: np.ascontiguousarray(
+                M if which == "M" else np.swapaxes(M, 1, 2)))
         return self._cache[which]
 
     def _canon(self, x, shape, C):
@@ -292,28 +295,27 @@ class MatmulJacobian(Jacobian):
 
     def sum_product(self, x, weight, transpose):
         at, P, where = self._support(x, transpose)
-        return self._product(at, _transform_t(P, weight_map(weight)), where)
+        t = weight_map(weight)
+        if where is None and t != WeightMap.SIGNED:    # the whole operand: its |P| is kept per weight
+            return self._product(at, WEIGHT_CACHE.get(self.other, (self.wrt, t, transpose),
+                                                 lambda: _transform_t(P, t)), where)
+        return self._product(at, _transform_t(P, t), where)
 
     def entropy_product(self, x, transpose):
         at, P, where = self._support(x, transpose)
-        # |P| and -|P| log|P| in one vectorised pass over P's own memory (a linear layer's weight
-        # is P transposed), used by two products
-        Pn = P.numpy()
-        flip = not Pn.flags.c_contiguous and np.swapaxes(Pn, 1, 2).flags.c_contiguous
-        base = np.ascontiguousarray(np.swapaxes(Pn, 1, 2) if flip else Pn)
-        A, H = np.empty_like(base), np.empty_like(base)
-        with parallel() as threads:
-            abs_xlogx(base.reshape(-1), A.reshape(-1), H.reshape(-1), _blocks(base.size, threads, 4096))
-        A, H = (np.swapaxes(A, 1, 2), np.swapaxes(H, 1, 2)) if flip else (A, H)
-        y = self._product(at, torch.from_numpy(A), where)
-        y[1] += self._product(at[:1], torch.from_numpy(H), where)[0]
+        # over the whole operand the pair is the same for every graph of the model: kept per
+        # weight; over the columns one pass reaches it costs what that pass costs
+        A, H = _abs_xlogx_t(P) if where is not None else WEIGHT_CACHE.get(
+            self.other, (self.wrt, "abs_xlogx", transpose), lambda: _abs_xlogx_t(P))
+        y = self._product(at, A, where)
+        y[1] += self._product(at[:1], H, where)[0]
         return y
 
     def max_product(self, xmax, xmin, transpose):
         signed = xmin is not None
         shape_src, shape_dst = (self.out_shape, self.in_shape) if transpose else (self.in_shape, self.out_shape)
         P = self._P("MT" if transpose else "M")
-        zero_cols = self._zero_cols(P)
+        zero_cols = self._zero_cols("MT" if transpose else "M")
         # the branch-free kernel counts zero weights as edges: it is used when few columns hold
         # zeros, which are then redone exactly
         dense = len(zero_cols) <= P.shape[2] // 8 or not signed
@@ -381,11 +383,13 @@ class MatmulJacobian(Jacobian):
         out[0][:, live] = Y
         return buf[0], None
 
-    def _zero_cols(self, P):
-        """Indices of the columns of P (B, T, N) holding a zero weight (cached per array)."""
-        key = ("zero_cols", id(P))
+    def _zero_cols(self, which):
+        """Indices of the columns of ``_P(which)`` (B, T, N) holding a zero weight (cached per weight)."""
+        key = ("zero_cols", which)
         if key not in self._cache:
-            self._cache[key] = np.flatnonzero((P == 0).any(axis=(0, 1)))
+            P = self._P(which)
+            self._cache[key] = WEIGHT_CACHE.get(self.other, (self.wrt,) + key,
+                                           lambda: np.flatnonzero((P == 0).any(axis=(0, 1))))
         return self._cache[key]
 
     def out_edges(self, j):
@@ -443,6 +447,19 @@ def _tensor(a):
             warnings.simplefilter("ignore", UserWarning)
             return torch.from_numpy(a)
     return torch.from_numpy(a)
+
+
+def _abs_xlogx_t(P):
+    """|P| and -|P| log|P| of a torch tensor P (B, T, N) in its dtype, as torch tensors, in one
+    vectorised pass over P's own memory (a linear layer's weight is P transposed)."""
+    Pn = P.numpy()
+    flip = not Pn.flags.c_contiguous and np.swapaxes(Pn, 1, 2).flags.c_contiguous
+    base = np.ascontiguousarray(np.swapaxes(Pn, 1, 2) if flip else Pn)
+    A, H = np.empty_like(base), np.empty_like(base)
+    with parallel() as threads:
+        abs_xlogx(base.reshape(-1), A.reshape(-1), H.reshape(-1), _blocks(base.size, threads, 4096))
+    A, H = (np.swapaxes(A, 1, 2), np.swapaxes(H, 1, 2)) if flip else (A, H)
+    return torch.from_numpy(A), torch.from_numpy(H)
 
 
 def _transform_t(M, t):
