@@ -119,10 +119,13 @@ def clock_for(threads):
     return time.process_time if str(threads) == "1" else time.perf_counter
 
 
-def paired(fn, make_reference, repeats, clock, warmup=1):
+def paired(fn, make_reference, repeats, clock, warmup=1, cpu_out=None):
     """Time ``fn()`` and a reference run in pairs: each repeat calls ``make_reference()`` untimed
     (e.g. torch's forward), times the callable it returns, then times ``fn()``. A load that drifts
     during the run hits both sides of a pair alike.
+
+    ``cpu_out``, a dict if given, receives the process CPU times of every run (all threads:
+    what each side costs the machine, however loaded) under ``"fn"`` and ``"reference"``.
 
     Returns
     -------
@@ -130,15 +133,19 @@ def paired(fn, make_reference, repeats, clock, warmup=1):
     """
     for _ in range(warmup):
         fn()
-    ref_times, fn_times = [], []
+    ref_times, fn_times, ref_cpu, fn_cpu = [], [], [], []
     for _ in range(repeats):
         ref = make_reference()
-        t0 = clock()
+        t0, c0 = clock(), time.process_time()
         ref()
-        t1 = clock()
+        t1, c1 = clock(), time.process_time()
         fn()
         fn_times.append(clock() - t1)
+        fn_cpu.append(time.process_time() - c1)
         ref_times.append(t1 - t0)
+        ref_cpu.append(c1 - c0)
+    if cpu_out is not None:
+        cpu_out.update(fn=fn_cpu, reference=ref_cpu)
     return statistics.median(fn_times), statistics.median(ref_times), fn_times, ref_times
 
 

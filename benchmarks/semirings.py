@@ -26,7 +26,8 @@ Three figures, each with its ratio to torch's:
   noisy on torch's side: the allocator keeps blocks between runs);
 * **total**: VmHWM itself, libraries included.
 
-Run: ``.venv/bin/python benchmarks/semirings.py [--repeats N] [--threads T] [--no-memory] [--profile QUERY]``.
+Run: ``.venv/bin/python benchmarks/semirings.py [--repeats N] [--threads T] [--vocab V] [--no-memory] [--profile QUERY]``
+(``--vocab 2000``: the small-vocabulary model).
 ``--threads 1`` gives stable figures on a busy machine (multi-threaded OpenBLAS and OpenMP degrade
 badly when the cores are oversubscribed); it applies to torch and gradgraph alike.
 """
@@ -44,7 +45,8 @@ import time
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (THREADS, bert_inputs, bert_mlm, clock_for, fmt_bytes, fmt_seconds, logit_diff, machine,  # noqa: E402
+from common import (BERT_CONFIG, MASK_POS, THREADS, TOKEN_A, TOKEN_B, bert_inputs, bert_mlm,  # noqa: E402
+                    clock_for, fmt_bytes, fmt_seconds, logit_diff, machine,
                     median_time, paired, print_table, second_run_peak, status_bytes,
                     torch_backward)
 
@@ -71,8 +73,16 @@ def queries(g):
     }
 
 
-def torch_backward_time(model, kwargs, repeats):
-    forward = torch_backward(model, kwargs)
+def sink(vocab):
+    """The logit difference of ``common.logit_diff``, its two tokens taken modulo a smaller vocabulary."""
+    if vocab > max(TOKEN_A, TOKEN_B):
+        return logit_diff
+    a, b = TOKEN_A % vocab, TOKEN_B % vocab
+    return lambda out: out.logits[0, MASK_POS, a] - out.logits[0, MASK_POS, b]
+
+
+def torch_backward_time(model, kwargs, repeats, output=logit_diff):
+    forward = torch_backward(model, kwargs, output)
     times = []
     for i in range(repeats + 2):
         bwd = forward()
@@ -84,12 +94,12 @@ def torch_backward_time(model, kwargs, repeats):
 
 
 # ---------------------------------------------------------------------------- memory (child side)
-def child(what, graph_file, seq_len):
+def child(what, graph_file, seq_len, vocab):
     base = status_bytes("VmRSS")            # the interpreter with torch and gradgraph imported
     if what == "torch":
-        model = bert_mlm()
-        kwargs = bert_inputs(seq_len)
-        forward = torch_backward(model, kwargs)
+        model = bert_mlm(vocab_size=vocab)
+        kwargs = bert_inputs(seq_len, vocab_size=vocab)
+        forward = torch_backward(model, kwargs, sink(vocab))
         extra, total = second_run_peak(lambda: forward()())
     else:
         g = gg.load(graph_file)
@@ -97,9 +107,9 @@ def child(what, graph_file, seq_len):
     print(json.dumps({"extra": extra, "total": total, "footprint": total - base}))
 
 
-def measure_memory(what, graph_file, seq_len):
+def measure_memory(what, graph_file, seq_len, vocab):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", what, "--graph", graph_file,
-           "--seq-len", str(seq_len)]
+           "--seq-len", str(seq_len), "--vocab", str(vocab)]
     if THREADS is not None:
         cmd += ["--threads", THREADS]
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -113,25 +123,29 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seq-len", type=int, default=32)
+    ap.add_argument("--vocab", type=int, default=BERT_CONFIG["vocab_size"],
+                    help="vocabulary size of the BERT (default 30522; the small-vocabulary model: 2000)")
     ap.add_argument("--no-memory", action="store_true", help="skip the subprocess memory measurements")
     ap.add_argument("--profile", metavar="QUERY", help="cProfile one run of this query and print the top")
-    ap.add_argument("--threads", type=int, help="threads for torch and numpy's BLAS (both sides alike)")
+    ap.add_argument("--threads", type=int, help="threads for every pool, torch's and gradgraph's alike "
+                    "(default: torch's default, all cores)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--graph", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        gg.set_num_threads(args.threads)       # torch's, numba's and numpy's BLAS pools
     if args.child:
-        return child(args.child, args.graph, args.seq_len)
+        return child(args.child, args.graph, args.seq_len, args.vocab)
 
-    model = bert_mlm()
-    kwargs = bert_inputs(args.seq_len)
-    t_bwd = torch_backward_time(model, kwargs, max(args.repeats, 5))
-    fwd = torch_backward(model, kwargs)
+    model = bert_mlm(vocab_size=args.vocab)
+    kwargs = bert_inputs(args.seq_len, vocab_size=args.vocab)
+    output = sink(args.vocab)
+    t_bwd = torch_backward_time(model, kwargs, max(args.repeats, 5), output)
+    fwd = torch_backward(model, kwargs, output)
     t_fwd_bwd = median_time(lambda: fwd()(), repeats=max(args.repeats, 5), warmup=1)
 
     t0 = time.perf_counter()
-    g = gg.capture(model, (), kwargs, output=logit_diff)
+    g = gg.capture(model, (), kwargs, output=output)
     t_capture = time.perf_counter() - t0
 
     qs = queries(g)
@@ -146,11 +160,15 @@ def main(argv=None):
         return
 
     clock = clock_for(args.threads)
-    times, ratios = {}, {}
+    times, ratios, cpu = {}, {}, {}
     torch_times = []
     for name, fn in qs.items():
-        times[name], t_ref, _, pair_torch = paired(fn, fwd, args.repeats, clock)
+        cpu_times = {}
+        times[name], t_ref, _, pair_torch = paired(fn, fwd, args.repeats, clock, cpu_out=cpu_times)
         ratios[name] = times[name] / t_ref
+        # process CPU time of all threads: what the query costs the machine, however loaded
+        c_query, c_torch = (statistics.median(cpu_times[k]) for k in ("fn", "reference"))
+        cpu[name] = c_query, c_query / c_torch
         torch_times += pair_torch
 
     mem = {}
@@ -158,11 +176,11 @@ def main(argv=None):
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "bert.safetensors")
             g.save(path)
-            mem["torch"] = measure_memory("torch", path, args.seq_len)
+            mem["torch"] = measure_memory("torch", path, args.seq_len, args.vocab)
             for name in qs:
-                mem[name] = measure_memory(name, path, args.seq_len)
+                mem[name] = measure_memory(name, path, args.seq_len, args.vocab)
 
-    print(f"# Semiring queries -- {datetime.date.today()} -- {machine()}")
+    print(f"# Semiring queries -- {datetime.date.today()} -- {machine()} -- load average {os.getloadavg()[0]:.2f}")
     print(f"graph: {g}")
     print(f"capture (first, incl. torch.export): {fmt_seconds(t_capture)}")
     print(f"query timing: {'process CPU time (1 thread)' if clock is time.process_time else 'wall time'}")
@@ -191,10 +209,11 @@ def main(argv=None):
         ratio = ratios[name]
         m, err = mem.get(name, (None, ""))
         rows.append((name, "n/a" if t is None else fmt_seconds(t), "n/a" if ratio is None else f"{ratio:.1f}x",
+                     f"{fmt_seconds(cpu[name][0])} = {cpu[name][1]:.1f}x",
                      "-" if target is None else f"<= {target:g}x" + ("" if ratio is None else
                                                                      (" ok" if ratio <= target else " MISSED")))
                     + mem_cells(m))
-    print_table(rows, headers=("query", "time", "/ paired torch bwd", "target", "peak footprint / torch",
+    print_table(rows, headers=("query", "time", "/ paired torch bwd", "CPU time / torch's", "target", "peak footprint / torch",
                                "extra peak / torch", "total peak RSS / torch"))
 
 

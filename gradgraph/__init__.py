@@ -14,13 +14,14 @@ from .export.graphjson import to_json, write_json
 from .export.notebook import PathList
 from .export.report import report
 from .graph import GradGraph
+from .threads import get_num_threads, set_num_threads
 
 from ._version import __version__
 
 __all__ = ["capture", "Capturer", "register_rule", "load", "batch", "GradGraph", "GradGraphError",
            "CaptureError", "UnsupportedOpError", "GraphFormatError", "QueryError", "to_dot", "render", "__version__",
            "report", "to_json", "write_json", "PathList",
-           "GradGraphWarning", "CaptureWarning", "QueryWarning"]
+           "GradGraphWarning", "CaptureWarning", "QueryWarning", "set_num_threads", "get_num_threads"]
 
 
 def load(path, *, lazy=True):

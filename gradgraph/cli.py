@@ -567,7 +567,27 @@ def build_parser():
 
     _add_batch_commands(sub)
     _add_experiment_command(sub)
+    # one --threads for the whole command line, accepted before or after the command's name
+    _add_threads_option(p, None)
+    for c in sub.choices.values():
+        _add_threads_option(c, argparse.SUPPRESS)
     return p
+
+
+def _threads(text):
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return n
+
+
+def _add_threads_option(parser, default):
+    parser.add_argument("--threads", type=_threads, metavar="N", default=default,
+                        help="threads for every pool (torch, numba, numpy's BLAS; gg.set_num_threads); "
+                             "default: torch's default, all cores")
 
 
 # ============================================================================ batch, batch-status
@@ -750,6 +770,9 @@ def main(argv=None):
     """Run the command line; returns the exit status (0 ok, 2 user error)."""
     try:
         a = build_parser().parse_args(argv)
+        if a.threads is not None:
+            from .threads import set_num_threads
+            set_num_threads(a.threads)
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             return a.func(a)

@@ -21,3 +21,13 @@ def no_dense_fallback(monkeypatch):
     monkeypatch.setattr(rules, "dense_jacobian", spy)
     yield used
     assert not used, f"ops fell to the dense fallback: {sorted(set(used))}"
+
+
+# GRADGRAPH_TEST_THREADS=N runs the tests with every pool at N threads (gg.set_num_threads) and
+# every query on all N, however busy the machine (the policy's dynamic reduction off): the
+# exactness suites are run this way at 1 and at 2 threads (tests/test_threads.py does it for one).
+if os.environ.get("GRADGRAPH_TEST_THREADS"):
+    import gradgraph as _gg
+    from gradgraph import threads as _threads
+    _gg.set_num_threads(int(os.environ["GRADGRAPH_TEST_THREADS"]))
+    _threads.set_dynamic(False)

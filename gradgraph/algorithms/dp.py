@@ -19,6 +19,7 @@ import math
 
 import numpy as np
 
+from ..threads import query_threads
 from .kernels import max_finite_abs
 
 __all__ = ["Scaled", "backward", "forward"]
@@ -67,6 +68,7 @@ def _rescaled(arr, log_factor):
     return np.where(np.isinf(arr), arr, 0.0)
 
 
+@query_threads
 def backward(g, sr, seed=None, stop_at_sources=True, keep=None, visit=None):
     """Run Algorithm 2 over graph ``g`` in semiring ``sr``.
 
@@ -108,6 +110,7 @@ def backward(g, sr, seed=None, stop_at_sources=True, keep=None, visit=None):
     return B
 
 
+@query_threads
 def forward(g, sr, seeds=None, keep=None, visit=None, carry=None):
     """Inside pass: values from the sources (seed 1-bar each) up to the sink.
 

@@ -179,15 +179,8 @@ def _limit_threads(n):
     threads: a worker owns cores / workers cores, and a pool wider than that competes with the
     other workers (measured on a loaded 2-core machine: an entropy pass of the benchmark BERT, small
     GEMMs, took 1.6 s of CPU with OpenBLAS's default 2 threads spinning, 0.12 s with 1)."""
-    import numba
-    import torch
-    torch.set_num_threads(n)
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:       # then the BLAS keeps its own default
-        return
-    threadpool_limits(n)
+    from ..threads import set_num_threads
+    set_num_threads(n)
 
 
 _WORKERS = {}     # token -> _Worker, one per process and run configuration

@@ -6,39 +6,41 @@ import warnings
 
 import numpy as np
 import torch
-from numba import njit
+from numba import njit, prange
 
+from ..threads import parallel
 from ._intrinsics import _FM, WeightMap, flog, fmax, fmin, max_support, weight_map
 from ._weightcache import WEIGHT_CACHE
 from .base import Jacobian, _numel
 
 # ----------------------------------------------------------------------------- contraction
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def mm_maxmin(Amax, Amin, P, Ymax, Ymin):
-    """Signed (max, x)/(min, x) semiring matmul Y = A (x) P."""
+    """Signed (max, x)/(min, x) semiring matmul Y = A (x) P, the rows (b, i) in parallel."""
     B, I, T = Amax.shape
     J = P.shape[2]
-    for b in range(B):
-        for i in range(I):
-            for t in range(T):
-                amax = Amax[b, i, t]
-                if amax == -np.inf:
+    for bi in prange(B * I):
+        b = bi // I
+        i = bi % I
+        for t in range(T):
+            amax = Amax[b, i, t]
+            if amax == -np.inf:
+                continue
+            amin = Amin[b, i, t]
+            for j in range(J):
+                w = P[b, t, j]
+                if w > 0:
+                    hi = w * amax
+                    lo = w * amin
+                elif w < 0:
+                    hi = w * amin
+                    lo = w * amax
+                else:
                     continue
-                amin = Amin[b, i, t]
-                for j in range(J):
-                    w = P[b, t, j]
-                    if w > 0:
-                        hi = w * amax
-                        lo = w * amin
-                    elif w < 0:
-                        hi = w * amin
-                        lo = w * amax
-                    else:
-                        continue
-                    if hi > Ymax[b, i, j]:
-                        Ymax[b, i, j] = hi
-                    if lo < Ymin[b, i, j]:
-                        Ymin[b, i, j] = lo
+                if hi > Ymax[b, i, j]:
+                    Ymax[b, i, j] = hi
+                if lo < Ymin[b, i, j]:
+                    Ymin[b, i, j] = lo
 
 
 @njit(cache=True)
@@ -68,32 +70,36 @@ def support_rows_cols(a, out):
 
 
 
-@njit(cache=True, fastmath=_FM, error_model="numpy")
-def mm_maxmin_dense(Amax, Amin, P, Ymax, Ymin):
+@njit(cache=True, fastmath=_FM, error_model="numpy", parallel=True)
+def mm_maxmin_dense(Amax, Amin, P, Ymax, Ymin, nb):
     """:func:`mm_maxmin` for a P without zeros, t-outer so each row of P is read once per batch.
 
     ``max(p amax, p amin)`` is p amax for p > 0 and p amin for p < 0 (the min likewise), which
     vectorises where a branch on the sign does not. Works in the arrays' dtype (float32 or float64).
     A zero weight would count as an edge of weight 0: callers redo the columns of P that hold
-    zeros with :func:`mm_maxmin_cols`.
+    zeros with :func:`mm_maxmin_cols`. The output columns are split into ``nb`` blocks, run in
+    parallel (a max is exact in any order, so the result does not depend on the split).
     """
     B, I, T = Amax.shape
     J = P.shape[2]
-    for b in range(B):
-        for t in range(T):
-            p = P[b, t]
-            for i in range(I):
-                amax = Amax[b, i, t]
-                if amax == -np.inf:
-                    continue
-                amin = Amin[b, i, t]
-                ymx = Ymax[b, i]
-                ymn = Ymin[b, i]
-                for j in range(J):
-                    u = p[j] * amax
-                    v = p[j] * amin
-                    ymx[j] = fmax(ymx[j], fmax(u, v))
-                    ymn[j] = fmin(ymn[j], fmin(u, v))
+    for blk in prange(nb):
+        j0 = blk * J // nb
+        j1 = (blk + 1) * J // nb
+        for b in range(B):
+            for t in range(T):
+                p = P[b, t, j0:j1]
+                for i in range(I):
+                    amax = Amax[b, i, t]
+                    if amax == -np.inf:
+                        continue
+                    amin = Amin[b, i, t]
+                    ymx = Ymax[b, i, j0:j1]
+                    ymn = Ymin[b, i, j0:j1]
+                    for j in range(j1 - j0):
+                        u = p[j] * amax
+                        v = p[j] * amin
+                        ymx[j] = fmax(ymx[j], fmax(u, v))
+                        ymn[j] = fmin(ymn[j], fmin(u, v))
 
 
 
@@ -125,35 +131,41 @@ def mm_maxmin_masked(Amax, Amin, P, Ymax, Ymin):
                     ymn[j] = fmin(lo, fmin(u, v)) if w != 0.0 else lo
 
 
-@njit(cache=True, fastmath=_FM, error_model="numpy")
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy", parallel=True)
 def mm_maxmin_dot(Amax, Amin, PT, Ymax, Ymin):
     """:func:`mm_maxmin_dense` in dot-product form, for an A without "no path" entries: PT is P
     transposed (B, J, T), so each output pair is a max / min reduction along contiguous rows,
     held in registers (no read-modify-write of output rows per weight row). ``Ymax`` / ``Ymin``
-    come in as -inf / +inf. Zero weights count as edges here too (see mm_maxmin_dense)."""
+    come in as -inf / +inf. Zero weights count as edges here too (see mm_maxmin_dense). The rows
+    (b, i) run in parallel."""
     B, I, T = Amax.shape
     J = PT.shape[1]
-    for b in range(B):
-        for i in range(I):
-            ax = Amax[b, i]
-            an = Amin[b, i]
-            for j in range(J):
-                p = PT[b, j]
-                hi = Ymax[b, i, j]
-                lo = Ymin[b, i, j]
-                for t in range(T):
-                    u = p[t] * ax[t]
-                    v = p[t] * an[t]
-                    hi = fmax(hi, fmax(u, v))
-                    lo = fmin(lo, fmin(u, v))
-                Ymax[b, i, j] = hi
-                Ymin[b, i, j] = lo
+    for bi in prange(B * I):
+        b = bi // I
+        i = bi % I
+        ax = Amax[b, i]
+        an = Amin[b, i]
+        for j in range(J):
+            p = PT[b, j]
+            hi = Ymax[b, i, j]
+            lo = Ymin[b, i, j]
+            for t in range(T):
+                u = p[t] * ax[t]
+                v = p[t] * an[t]
+                hi = fmax(hi, fmax(u, v))
+                lo = fmin(lo, fmin(u, v))
+            Ymax[b, i, j] = hi
+            Ymin[b, i, j] = lo
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def mm_maxmin_cols(Amax, Amin, P, cols, Ymax, Ymin):
-    """Recompute the columns ``cols`` of a signed max product exactly (zero weights skipped)."""
+    """Recompute the columns ``cols`` of a signed max product exactly (zero weights skipped),
+    the columns in parallel."""
     B, I, T = Amax.shape
-    for j in cols:
+    for jj in prange(cols.shape[0]):
+        j = cols[jj]
         for b in range(B):
             for i in range(I):
                 hi = -np.inf
@@ -171,28 +183,32 @@ def mm_maxmin_cols(Amax, Amin, P, cols, Ymax, Ymin):
                 Ymin[b, i, j] = lo
 
 
-@njit(cache=True, fastmath=_FM, error_model="numpy")
-def mm_max_dense(A, P, Y):
+@njit(cache=True, fastmath=_FM, error_model="numpy", parallel=True)
+def mm_max_dense(A, P, Y, nb):
     """Y[b, i, :] = max_t |P[b, t, :]| * A[b, i, t], t-outer so each row of P is read once per
-    batch (a zero weight gives the candidate 0, which is "no path" here)."""
+    batch (a zero weight gives the candidate 0, which is "no path" here); ``nb`` blocks of output
+    columns in parallel, as :func:`mm_maxmin_dense`."""
     B, I, T = A.shape
     J = P.shape[2]
-    for b in range(B):
-        for t in range(T):
-            p = P[b, t]
-            for i in range(I):
-                a = A[b, i, t]
-                if a == 0.0:
-                    continue
-                y = Y[b, i]
-                for j in range(J):
-                    y[j] = fmax(y[j], abs(p[j]) * a)
+    for blk in prange(nb):
+        j0 = blk * J // nb
+        j1 = (blk + 1) * J // nb
+        for b in range(B):
+            for t in range(T):
+                p = P[b, t, j0:j1]
+                for i in range(I):
+                    a = A[b, i, t]
+                    if a == 0.0:
+                        continue
+                    y = Y[b, i, j0:j1]
+                    for j in range(j1 - j0):
+                        y[j] = fmax(y[j], abs(p[j]) * a)
 
 
 
 
 @njit(cache=True, fastmath={"contract", "nsz"}, error_model="numpy")
-def abs_xlogx(w, a, h):
+def _abs_xlogx_block(w, a, h):
     """a = |w|, h = -|w| log|w| (0 where w = 0), elementwise on 1-d arrays of w's dtype."""
     for k in range(w.shape[0]):
         v = abs(w[k])
@@ -202,6 +218,17 @@ def abs_xlogx(w, a, h):
     for k in range(w.shape[0]):
         if a[k] < tiny:
             h[k] = -a[k] * np.log(a[k]) if a[k] > 0 else 0.0
+
+
+@njit(cache=True, parallel=True)
+def abs_xlogx(w, a, h, nb):
+    """:func:`_abs_xlogx_block` over ``nb`` blocks of the arrays in parallel (each block a call of
+    its own, which keeps the vectorised loops of the serial kernel)."""
+    n = w.shape[0]
+    for blk in prange(nb):
+        k0 = blk * n // nb
+        k1 = (blk + 1) * n // nb
+        _abs_xlogx_block(w[k0:k1], a[k0:k1], h[k0:k1])
 
 
 
@@ -277,10 +304,16 @@ class MatmulJacobian(Jacobian):
         With one shared matrix (a weight) every channel and row goes into one (C I, K) @ (K, N)
         product, which BLAS runs faster than a batch of small ones."""
         if P.shape[0] == 1:
-            # a 2-d product: numpy's BLAS call (OpenBLAS) beat torch's by 1.0-1.8x on these
-            # shapes on AMD CPUs (measured 32-64 x 512-2048 x 512-2048, float32)
             C, B, I, Kc = at.shape
-            y = torch.from_numpy(at.reshape(C * B * I, Kc).numpy() @ P[0].numpy()).reshape(C, B, I, P.shape[2])
+            a2 = at.reshape(C * B * I, Kc)
+            if torch.get_num_threads() == 1:
+                # one thread: numpy's BLAS call (OpenBLAS) beat torch's by 1.0-1.8x on these
+                # shapes on AMD CPUs (measured 32-64 x 512-2048 x 512-2048, float32)
+                y = torch.from_numpy(a2.numpy() @ P[0].numpy())
+            else:
+                # more: torch's, whose pool the query's other parallel ops use too (gradgraph.threads)
+                y = torch.mm(a2, P[0])
+            y = y.reshape(C, B, I, P.shape[2])
         else:
             y = torch.matmul(at, P)
         if where is not None:
@@ -360,21 +393,23 @@ class MatmulJacobian(Jacobian):
             Amin = np.ascontiguousarray(Amin, dtype=dt)
             Ymax = np.full((B_, len(ri), ncol), -np.inf, dtype=dt)
             Ymin = np.full((B_, len(ri), ncol), np.inf, dtype=dt)
-            if dot:
-                mm_maxmin_dot(A, Amin, PT, Ymax, Ymin)
-            elif dense:
-                mm_maxmin_dense(A, Amin, P, Ymax, Ymin)
-            else:
-                mm_maxmin_masked(A, Amin, P, Ymax, Ymin)
-            if dense and len(zero_cols):
-                if dot and len(ci) < T_:
-                    P = np.ascontiguousarray(P[:, ci, :])
-                mm_maxmin_cols(A, Amin, P, zero_cols, Ymax, Ymin)
+            with parallel() as threads:
+                if dot:
+                    mm_maxmin_dot(A, Amin, PT, Ymax, Ymin)
+                elif dense:
+                    mm_maxmin_dense(A, Amin, P, Ymax, Ymin, _blocks(ncol, threads, 64))
+                else:
+                    mm_maxmin_masked(A, Amin, P, Ymax, Ymin)
+                if dense and len(zero_cols):
+                    if dot and len(ci) < T_:
+                        P = np.ascontiguousarray(P[:, ci, :])
+                    mm_maxmin_cols(A, Amin, P, zero_cols, Ymax, Ymin)
             out[0][:, live] = Ymax
             out[1][:, live] = Ymin
             return buf[0], buf[1]
         Y = np.zeros((B_, len(ri), ncol), dtype=dt)
-        mm_max_dense(A, P, Y)
+        with parallel() as threads:
+            mm_max_dense(A, P, Y, _blocks(ncol, threads, 64))
         out[0][:, live] = Y
         return buf[0], None
 
@@ -429,6 +464,12 @@ class MatmulJacobian(Jacobian):
         return cls(out_shape, in_shape, arrays["other"], params["wrt"])
 
 
+def _blocks(n, threads, smallest):
+    """How many blocks to split ``n`` independent items into for ``threads`` threads: one per
+    thread, each of at least ``smallest`` items (a thread's share stays a long vector loop)."""
+    return max(1, min(threads, n // smallest))
+
+
 def _tensor(a):
     """A torch view of a numpy array (read-only arrays, e.g. loaded from a file, are only read)."""
     if not a.flags.writeable:
@@ -445,7 +486,8 @@ def _abs_xlogx_t(P):
     flip = not Pn.flags.c_contiguous and np.swapaxes(Pn, 1, 2).flags.c_contiguous
     base = np.ascontiguousarray(np.swapaxes(Pn, 1, 2) if flip else Pn)
     A, H = np.empty_like(base), np.empty_like(base)
-    abs_xlogx(base.reshape(-1), A.reshape(-1), H.reshape(-1))
+    with parallel() as threads:
+        abs_xlogx(base.reshape(-1), A.reshape(-1), H.reshape(-1), _blocks(base.size, threads, 4096))
     A, H = (np.swapaxes(A, 1, 2), np.swapaxes(H, 1, 2)) if flip else (A, H)
     return torch.from_numpy(A), torch.from_numpy(H)
 

@@ -3,8 +3,9 @@ numba kernels (the layer norm's O(d log d) sums and fused entropy product)."""
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
+from ..threads import parallel
 from ._intrinsics import _FM, WeightMap, flog, fmax, fmin, max_support, one_like, transform, tw, weight_map
 from .base import Jacobian, _empty_max
 
@@ -98,7 +99,7 @@ def _lines_maxmin(p0, q0, p1, q1, z, hi, lo):
     return hi, lo
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=True, fastmath=_FM, parallel=True)
 def layer_norm_maxmin_t(xh, rs, gam, xmax, xmin, ymax, ymin):
     """Signed backward (max, x) through layer-norm rows laid out contiguously (inner == 1).
 
@@ -107,17 +108,18 @@ def layer_norm_maxmin_t(xh, rs, gam, xmax, xmin, ymax, ymin):
     Rows i with no path (xmax = -inf) or gamma_i = 0 (no edges) are dropped first. Each output j
     is then a max / min reduction over the lines (held in registers, no read-modify-write of the
     output row per line), its own line i = j taken with its diagonal weight. Works in the dtype of
-    the arrays (float32 or float64); ``ymax`` / ``ymin`` come in as -inf / +inf.
+    the arrays (float32 or float64); ``ymax`` / ``ymin`` come in as -inf / +inf. The rows run in
+    parallel. An exact zero weight (1 + xh_i xh_j = 0) counts as an edge of weight 0.
     """
     R, d = xh.shape
-    P0 = np.empty(d, xh.dtype)
-    Q0 = np.empty(d, xh.dtype)
-    G0 = np.empty(d, xh.dtype)
-    P1 = np.empty(d, xh.dtype)
-    Q1 = np.empty(d, xh.dtype)
-    G1 = np.empty(d, xh.dtype)
-    idx = np.empty(d, np.int64)
-    for r in range(R):
+    for r in prange(R):
+        P0 = np.empty(d, xh.dtype)
+        Q0 = np.empty(d, xh.dtype)
+        G0 = np.empty(d, xh.dtype)
+        P1 = np.empty(d, xh.dtype)
+        Q1 = np.empty(d, xh.dtype)
+        G1 = np.empty(d, xh.dtype)
+        idx = np.empty(d, np.int64)
         base = r * d
         n = 0
         for i in range(d):
@@ -156,6 +158,75 @@ def layer_norm_maxmin_t(xh, rs, gam, xmax, xmin, ymax, ymin):
             ymin[base + j] = lo
 
 
+@njit(cache=True, fastmath=_FM, parallel=True)
+def layer_norm_maxmin_f(xh, rs, gam, xmax, xmin, ymax, ymin):
+    """Signed forward (max, x) through layer-norm rows laid out contiguously (inner == 1).
+
+    Off the diagonal w_ij = c_i (1 + xh_i xh_j) with c_i = -gamma_i s / d, so the candidates
+    w_ij x_j reaching output i are c_i times the lines x_j + (xh_j x_j) z at z = xh_i: the max
+    and min over the lines (as :func:`layer_norm_maxmin_t`, O(d) per output in registers) times
+    c_i, swapped when c_i < 0, and the diagonal w_ii x_i with its true weight. Columns j with no
+    path (xmax = -inf) are dropped first; outputs with gamma_i = 0 have no edges and stay at
+    -inf / +inf, as ``ymax`` / ``ymin`` come in. Works in the arrays' dtype; the rows run in
+    parallel. An exact zero weight (1 + xh_i xh_j = 0) counts as an edge of weight 0.
+    """
+    R, d = xh.shape
+    one = one_like(xh[0, 0])
+    inv_d = one / d
+    for r in prange(R):
+        P0 = np.empty(d, xh.dtype)
+        Q0 = np.empty(d, xh.dtype)
+        P1 = np.empty(d, xh.dtype)
+        Q1 = np.empty(d, xh.dtype)
+        idx = np.empty(d, np.int64)
+        base = r * d
+        z = xh[r]
+        n = 0
+        for j in range(d):
+            xm = xmax[base + j]
+            if xm == -np.inf:
+                continue
+            xn = xmin[base + j]
+            P0[n] = xm
+            Q0[n] = z[j] * xm
+            P1[n] = xn
+            Q1[n] = z[j] * xn
+            idx[n] = j
+            n += 1
+        if n == 0:
+            continue
+        s = rs[r]
+        m = 0                      # idx is increasing: m tracks the column of output i, if any
+        for i in range(d):
+            zi = z[i]
+            own = m < n and idx[m] == i
+            hi = ymax[base + i]    # -inf / +inf in the arrays' dtype
+            lo = ymin[base + i]
+            if own:
+                hi, lo = _lines_maxmin(P0[:m], Q0[:m], P1[:m], Q1[:m], zi, hi, lo)
+                hi, lo = _lines_maxmin(P0[m + 1:n], Q0[m + 1:n], P1[m + 1:n], Q1[m + 1:n], zi, hi, lo)
+                m += 1
+            else:
+                hi, lo = _lines_maxmin(P0[:n], Q0[:n], P1[:n], Q1[:n], zi, hi, lo)
+            g = gam[i]
+            if g == 0.0:
+                continue
+            c = -g * s * inv_d
+            if c > 0:
+                hi, lo = c * hi, c * lo
+            else:
+                hi, lo = c * lo, c * hi
+            if own:
+                w = g * s * (one - inv_d - zi * zi * inv_d)
+                if w != 0.0:
+                    u = w * P0[m - 1]
+                    v = w * P1[m - 1]
+                    hi = fmax(hi, fmax(u, v))
+                    lo = fmin(lo, fmin(u, v))
+            ymax[base + i] = hi
+            ymin[base + i] = lo
+
+
 
 
 # ----------------------------------------------------------------------------- layer norm, sums
@@ -174,16 +245,17 @@ def layer_norm_split(A):
     order = np.argsort(A, axis=1).astype(idx)
     lo = np.empty(A.shape, idx)
     hi = np.empty(A.shape, idx)
-    _ln_bounds(A, order, lo, hi)
+    with parallel():
+        _ln_bounds(A, order, lo, hi)
     return order, lo, hi
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _ln_bounds(A, order, lo, hi):
     """The ranges of :func:`layer_norm_split` by two pointers over each sorted row: -1/z_j grows
-    with z_j on either side of 0, so the bounds only move forward."""
+    with z_j on either side of 0, so the bounds only move forward. Rows in parallel."""
     R, d = A.shape
-    for r in range(R):
+    for r in prange(R):
         z = A[r]
         o = order[r]
         lo[r, :] = 0               # z_j = 0: no such i
@@ -225,22 +297,23 @@ def _ln_u_product(z, order, lo, hi, v, pv, pvz, out):
         out[j] = (pv[d] + zj * pvz[d]) - 2.0 * neg - (1.0 + zj * zj) * v[j]
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def layer_norm_sum(A, rs, gam, rows, split, x, transpose, y):
     """y += |J| x (or |J|^T x) for layer-norm rows laid out contiguously (inner == 1), by the
     sorted prefix sums above plus the diagonal with its true weight. Rows whose input is all
     zero are skipped (a backward pass from one logit reaches the last layer norms through one row):
-    only ``rows`` are visited; ``split`` is :func:`layer_norm_split` of A."""
+    only ``rows`` are visited; ``split`` is :func:`layer_norm_split` of A. The rows run in
+    parallel (each row's sums in the same order as serially)."""
     R, d = A.shape
     C = x.shape[0]
     inv_d = 1.0 / d
-    al = np.empty(d)
-    v = np.empty(d)
-    o = np.empty(d)
-    pv = np.empty(d + 1)
-    pvz = np.empty(d + 1)
     order, lo, hi = split
-    for t in range(rows.shape[0]):
+    for t in prange(rows.shape[0]):
+        al = np.empty(d)
+        v = np.empty(d)
+        o = np.empty(d)
+        pv = np.empty(d + 1)
+        pvz = np.empty(d + 1)
         r = rows[t]
         base = r * d
         s = rs[r]
@@ -257,7 +330,7 @@ def layer_norm_sum(A, rs, gam, rows, split, x, transpose, y):
                 y[c, base + i] += yi + diag * x[c, base + i]
 
 
-@njit(cache=True, fastmath=_FM, error_model="numpy")
+@njit(cache=True, fastmath=_FM, error_model="numpy", parallel=True)
 def layer_norm_entropy(A, rs, gam, rows, split, x, transpose, y):
     """The entropy semiring's product through layer-norm rows (inner == 1), fused:
     <Z, R> -> <|J| Z, |J| R + H Z> with H = -|J| log|J| (transposed for the backward direction).
@@ -269,12 +342,25 @@ def layer_norm_entropy(A, rs, gam, rows, split, x, transpose, y):
     (in float64); K has no such structure, so K P takes one sweep of the upper triangle of the
     symmetric K, one logarithm per pair (by :func:`flog`, vectorised). Works in x's dtype
     (float32 or float64; A, rs, gam, y alike). Only ``rows`` are visited (those with a non-zero
-    input); ``split`` is :func:`layer_norm_split` of A. |1 + xh_i xh_j| is 0 or at
+    input), in parallel (each row's sums in the same order as serially); ``split`` is
+    :func:`layer_norm_split` of A. |1 + xh_i xh_j| is 0 or at
     least 2^-24, so no subnormal reaches flog. O(live rows d^2) logarithms, as any exact product
     with log|J| needs.
     """
-    R, d = A.shape
+    order, lo, hi = split
+    for t in prange(rows.shape[0]):
+        _ln_entropy_row(A, rs, gam, rows[t], order, lo, hi, x, transpose, y)
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def _ln_entropy_row(A, rs, gam, r, order, lo, hi, x, transpose, y):
+    """Row ``r`` of :func:`layer_norm_entropy` (a function of its own: the parallel loop calls it
+    per row, and it keeps the serial kernel's vectorised loops and order of sums)."""
+    d = A.shape[1]
     dt = x.dtype
+    one = one_like(A[0, 0])
+    nil = one - one
+    inv_d = one / d
     al = np.empty(d, dt)
     be = np.empty(d, dt)
     V0 = np.empty(d, dt)
@@ -284,51 +370,45 @@ def layer_norm_entropy(A, rs, gam, rows, split, x, transpose, y):
     O2 = np.empty(d, dt)
     pv = np.empty(d + 1)
     pvz = np.empty(d + 1)
-    order, lo, hi = split
-    one = one_like(A[0, 0])
-    nil = one - one
-    inv_d = one / d
-    for t in range(rows.shape[0]):
-        r = rows[t]
-        base = r * d
-        s = rs[r]
-        z = A[r]
-        for i in range(d):
-            ci = abs(gam[i] * s * inv_d)
-            al[i] = ci
-            be[i] = -ci * np.log(ci) if ci > nil else nil
-            zi_, ri_ = x[0, base + i], x[1, base + i]
-            V0[i] = al[i] * zi_ if transpose else zi_
-            V1[i] = al[i] * ri_ + be[i] * zi_ if transpose else ri_
-            O2[i] = nil
-        _ln_u_product(z, order[r], lo[r], hi[r], V0, pv, pvz, O0)
-        _ln_u_product(z, order[r], lo[r], hi[r], V1, pv, pvz, O1)
-        for i in range(d - 1):
-            n = d - i - 1
-            zi = z[i]
-            a0 = V0[i]
-            s2 = nil
-            zq = z[i + 1:]
-            v0 = V0[i + 1:]
-            o2 = O2[i + 1:]
-            for q in range(n):
-                u = abs(one + zi * zq[q])
-                k = -u * flog(u)
-                o2[q] += k * a0
-                s2 += k * v0[q]
-            O2[i] += s2
-        for i in range(d):
-            w = abs(gam[i] * s * (one - inv_d - z[i] * z[i] * inv_d))
-            h = -w * np.log(w) if w > nil else nil
-            zi_, ri_ = x[0, base + i], x[1, base + i]
-            if transpose:
-                yz = O0[i]
-                yr = O1[i] + O2[i]
-            else:
-                yz = al[i] * O0[i]
-                yr = al[i] * O1[i] + be[i] * O0[i] + al[i] * O2[i]
-            y[0, base + i] += yz + w * zi_
-            y[1, base + i] += yr + w * ri_ + h * zi_
+    base = r * d
+    s = rs[r]
+    z = A[r]
+    for i in range(d):
+        ci = abs(gam[i] * s * inv_d)
+        al[i] = ci
+        be[i] = -ci * np.log(ci) if ci > nil else nil
+        zi_, ri_ = x[0, base + i], x[1, base + i]
+        V0[i] = al[i] * zi_ if transpose else zi_
+        V1[i] = al[i] * ri_ + be[i] * zi_ if transpose else ri_
+        O2[i] = nil
+    _ln_u_product(z, order[r], lo[r], hi[r], V0, pv, pvz, O0)
+    _ln_u_product(z, order[r], lo[r], hi[r], V1, pv, pvz, O1)
+    for i in range(d - 1):
+        n = d - i - 1
+        zi = z[i]
+        a0 = V0[i]
+        s2 = nil
+        zq = z[i + 1:]
+        v0 = V0[i + 1:]
+        o2 = O2[i + 1:]
+        for q in range(n):
+            u = abs(one + zi * zq[q])
+            k = -u * flog(u)
+            o2[q] += k * a0
+            s2 += k * v0[q]
+        O2[i] += s2
+    for i in range(d):
+        w = abs(gam[i] * s * (one - inv_d - z[i] * z[i] * inv_d))
+        h = -w * np.log(w) if w > nil else nil
+        zi_, ri_ = x[0, base + i], x[1, base + i]
+        if transpose:
+            yz = O0[i]
+            yr = O1[i] + O2[i]
+        else:
+            yz = al[i] * O0[i]
+            yr = al[i] * O1[i] + be[i] * O0[i] + al[i] * O2[i]
+        y[0, base + i] += yz + w * zi_
+        y[1, base + i] += yr + w * ri_ + h * zi_
 
 
 # ============================================================================ row blocks
@@ -381,13 +461,17 @@ class RowBlockJacobian(Jacobian):
         if f == "layer_norm" and t != WeightMap.SIGNED:
             y = np.zeros_like(x)
             if self.inner == 1 and t == WeightMap.ABS:
-                layer_norm_sum(self.A, self.rstd, self.gamma, *self._live_split(x), x, transpose, y)
+                rows, split = self._live_split(x)
+                with parallel():
+                    layer_norm_sum(self.A, self.rstd, self.gamma, rows, split, x, transpose, y)
             elif self.inner == 1:
                 # H x is the cross term of the fused entropy product with R = 0
                 for c in range(C):
                     pair = np.stack([x[c], np.zeros_like(x[c])])
                     out = np.zeros_like(pair)
-                    layer_norm_entropy(self.A, self.rstd, self.gamma, *self._live_split(pair), pair, transpose, out)
+                    rows, split = self._live_split(pair)
+                    with parallel():
+                        layer_norm_entropy(self.A, self.rstd, self.gamma, rows, split, pair, transpose, out)
                     y[c] = out[1]
             else:
                 rowblock_sum(self._code, self.A, self.rstd, self.gamma, self.inner, x, int(t), transpose, y)
@@ -445,38 +529,54 @@ class RowBlockJacobian(Jacobian):
             self._factors = tuple(a.astype(dt) for a in (self.A, self.rstd, self.gamma))
         xx = np.ascontiguousarray(x, dtype=dt)
         y = np.zeros_like(xx)
-        layer_norm_entropy(*self._factors, *self._live_split(x), xx, transpose, y)
+        rows, split = self._live_split(x)
+        with parallel():
+            layer_norm_entropy(*self._factors, rows, split, xx, transpose, y)
         return y.astype(np.float64, copy=False)
 
     def max_product(self, xmax, xmin, transpose):
         signed = xmin is not None
         if self.function != "layer_norm":
             return self._lowrank_max(xmax, xmin, signed, transpose)
-        if self.inner == 1 and signed and transpose:
-            # a float32 model's layer norm runs in float32 (twice the SIMD width) unless some value
-            # is below 1e-20, as the matmul products do: path weights are recomputed exactly
-            dt = np.float64
-            if self.precision == "float32":
-                x3 = xmax.reshape(1, 1, -1)
-                live = np.zeros((1, 1), dtype=np.bool_), np.zeros(x3.shape[2], dtype=np.bool_)
-                if max_support(x3, xmin.reshape(1, 1, -1), -np.inf, *live)[1] >= 1e-20:
-                    dt = np.float32
-            if self._max_factors is None or self._max_factors[0].dtype != dt:
-                self._max_factors = tuple(a.astype(dt) for a in (self.A, self.rstd, self.gamma))
-            out = np.empty((2, self.out_numel), dtype=dt)
-            out[0] = -np.inf
-            out[1] = np.inf
-            layer_norm_maxmin_t(*self._max_factors, np.ascontiguousarray(xmax, dtype=dt),
-                                  np.ascontiguousarray(xmin, dtype=dt), out[0], out[1])
-            if dt != np.float64:
-                out = out.astype(np.float64)
-            return out[0], out[1]
+        if self.inner == 1:
+            return self._layer_norm_max(xmax, xmin, transpose)
         ymax, ymin = _empty_max(self.out_numel, signed)
         rowblock_max(self._code, self.A, self.rstd, self.gamma, self.inner,
                        np.ascontiguousarray(xmax, dtype=np.float64),
                        np.ascontiguousarray(xmin if signed else xmax, dtype=np.float64),
                        transpose, signed, ymax, ymin if signed else np.zeros(1))
         return ymax, ymin
+
+    def _layer_norm_max(self, xmax, xmin, transpose):
+        """(max, x) through layer-norm rows laid out contiguously, either direction, by the line
+        kernels (O(d) per output in registers): :func:`layer_norm_maxmin_t` backward,
+        :func:`layer_norm_maxmin_f` forward. Unsigned (on |J|, values >= 0, 0 = no path) runs
+        the signed kernel on the pair (x, x): max_i |w| x_i is the larger of max w x_i and
+        -min w x_i."""
+        signed = xmin is not None
+        if not signed:
+            xmin = xmax
+        # a float32 model's layer norm runs in float32 (twice the SIMD width) unless some value
+        # is below 1e-20, as the matmul products do: path weights are recomputed exactly
+        dt = np.float64
+        if self.precision == "float32":
+            x3 = xmax.reshape(1, 1, -1)
+            live = np.zeros((1, 1), dtype=np.bool_), np.zeros(x3.shape[2], dtype=np.bool_)
+            if max_support(x3, xmin.reshape(1, 1, -1), -np.inf if signed else 0.0, *live)[1] >= 1e-20:
+                dt = np.float32
+        if self._max_factors is None or self._max_factors[0].dtype != dt:
+            self._max_factors = tuple(a.astype(dt) for a in (self.A, self.rstd, self.gamma))
+        out = np.empty((2, self.out_numel), dtype=dt)
+        out[0] = -np.inf
+        out[1] = np.inf
+        kernel = layer_norm_maxmin_t if transpose else layer_norm_maxmin_f
+        with parallel():
+            kernel(*self._max_factors, np.ascontiguousarray(xmax, dtype=dt),
+                   np.ascontiguousarray(xmin, dtype=dt), out[0], out[1])
+        out = out.astype(np.float64, copy=False)
+        if signed:
+            return out[0], out[1]
+        return np.maximum(np.maximum(out[0], -out[1]), 0.0), None
 
     def _lowrank_max(self, xmax, xmin, signed, transpose):
         """(max, x) for softmax and log-softmax in O(rows d), not O(rows d^2).

@@ -1,0 +1,174 @@
+"""One thread policy for every pool a query uses.
+
+A query runs code from three thread pools: torch's (OpenMP: its element-wise ops and the
+contractions), numpy's BLAS (OpenBLAS, its own pthreads) and numba's (the kernels' ``prange``
+loops). Each pool's idle threads spin for a while after a parallel call before they sleep --
+OpenBLAS's for about 30 ms, OpenMP's for several ms -- so two pools used one after the other
+fight over the same cores, and every pool's barriers stall as soon as one of its threads is
+descheduled (another process on a 2-core machine is enough to make a two-thread product
+ten times slower than one thread). The policy:
+
+* one number of threads, :func:`set_num_threads` / :func:`get_num_threads`, which is torch's
+  (the default follows ``torch.get_num_threads()``); setting it sets torch's, numba's and
+  numpy's BLAS limit at once;
+* while a query runs (:func:`query_threads`): numpy's BLAS is held to one thread, so its
+  spinning pool never starts; the contractions go through torch's BLAS when more than one
+  thread is used (the one spinning pool); numba uses the same number of threads, with its
+  ``workqueue`` layer, whose idle threads sleep and which is safe in forked and spawned worker
+  processes (GNU OpenMP is not fork-safe, and numba's would be a second copy of it next to
+  torch's);
+* a query uses no more threads than there are cores not busy with other processes at its start
+  (``/proc/loadavg``'s runnable count minus this process's own, as OpenMP's dynamic adjustment
+  does with the load average): on a busy machine it runs on one thread rather than stalling at
+  barriers (:func:`set_dynamic` switches this off).
+
+The ``workqueue`` layer runs one parallel region at a time per process: :func:`parallel`
+serialises the kernels' parallel calls across Python threads.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+import threading
+
+import numba
+import torch
+
+from .errors import GradGraphError
+
+__all__ = ["set_num_threads", "get_num_threads", "set_dynamic", "free_threads", "query_threads", "parallel"]
+
+# Before numba launches its pool (the first parallel kernel call); a choice made by the user's
+# environment (NUMBA_THREADING_LAYER) is kept.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+
+_NUMBA_MAX = numba.config.NUMBA_NUM_THREADS     # numba's pool size, fixed when it starts
+_kernel_lock = threading.RLock()
+_local = threading.local()
+_controller = None
+_dynamic = True
+
+
+def _blas():
+    """threadpoolctl's controller of the thread-pool libraries loaded in this process: made again
+    when modules were imported since (one may have loaded another BLAS, e.g. scipy's)."""
+    global _controller
+    if _controller is None or _controller[0] != len(sys.modules):
+        from threadpoolctl import ThreadpoolController
+        _controller = (len(sys.modules), ThreadpoolController())
+    return _controller[1]
+
+
+def set_num_threads(n):
+    """Use ``n`` threads in every pool: torch's, numba's and numpy's BLAS.
+
+    Parameters
+    ----------
+    n : int
+        At least 1. numba's share is capped at its pool size (``NUMBA_NUM_THREADS``, by default
+        the number of cores).
+
+    Examples
+    --------
+    >>> import gradgraph as gg
+    >>> gg.set_num_threads(1)
+    >>> gg.get_num_threads()
+    1
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise GradGraphError(f"the number of threads must be an integer >= 1, got {n!r}")
+    torch.set_num_threads(n)
+    numba.set_num_threads(min(n, _NUMBA_MAX))
+    _blas().limit(limits=n, user_api="blas")
+
+
+def get_num_threads():
+    """The number of threads a query may use: torch's (``torch.get_num_threads()``), which
+    :func:`set_num_threads` sets."""
+    return torch.get_num_threads()
+
+
+def set_dynamic(on):
+    """Whether a query takes fewer threads when other processes hold the cores (default True,
+    like OpenMP's ``omp_set_dynamic``). Off, every query uses :func:`get_num_threads` threads
+    (e.g. to test or time the parallel kernels on a busy machine). Returns the previous setting."""
+    global _dynamic
+    previous, _dynamic = _dynamic, bool(on)
+    return previous
+
+
+def _busy_elsewhere():
+    """Threads of other processes running or waiting for a core right now (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/loadavg") as f:
+            runnable = int(f.read().split()[3].split("/")[0])
+        own = 0
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/stat") as f:
+                    own += f.read().rpartition(")")[2].split()[0] == "R"
+            except OSError:      # the thread ended meanwhile
+                pass
+    except (OSError, ValueError, IndexError):
+        return 0
+    return max(0, runnable - max(own, 1))
+
+
+def free_threads(n):
+    """How many of ``n`` threads a query starting now gets: at most the cores of this process's
+    CPU set that no other process is using, and at least one."""
+    if n <= 1 or not _dynamic:
+        return max(1, n)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(n, cores - _busy_elsewhere()))
+
+
+@contextlib.contextmanager
+def _query():
+    if getattr(_local, "depth", 0):
+        _local.depth += 1
+        try:
+            yield
+        finally:
+            _local.depth -= 1
+        return
+    n = get_num_threads()
+    k = free_threads(n)
+    limiter = _blas().limit(limits=1, user_api="blas")
+    if k != n:
+        torch.set_num_threads(k)
+    _local.depth = 1
+    try:
+        yield
+    finally:
+        _local.depth = 0
+        if k != n:
+            torch.set_num_threads(n)
+        limiter.restore_original_limits()
+
+
+def query_threads(fn):
+    """Decorator: ``fn`` (a query pass) runs under the policy of the module docstring; nested
+    calls inherit the outermost one's setting."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _query():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@contextlib.contextmanager
+def parallel():
+    """Around a call of a ``parallel=True`` numba kernel: one such call at a time per process (the
+    workqueue layer's rule), with as many numba threads as torch currently uses (the number is
+    the context's value, for kernels that split their work into blocks themselves)."""
+    with _kernel_lock:
+        n = min(get_num_threads(), _NUMBA_MAX)
+        numba.set_num_threads(n)
+        yield n
