@@ -91,7 +91,7 @@ def main(argv=None):
     # the checks every capture makes (docs/capture.md, "Guarantees"): the eager run compared with
     # the cached program's output, and the scan for non-finite values and dense / lower-precision
     # nodes
-    from gradgraph.capture.tracer import _diagnostics
+    from gradgraph.capture.diagnostics import diagnostics
     eager = []
     for kw in inputs[1:args.repeats + 1]:
         t0 = time.perf_counter()
@@ -100,7 +100,7 @@ def main(argv=None):
         eager.append(time.perf_counter() - t0)
     t_eager = statistics.median(eager)
     t0 = time.perf_counter()
-    _diagnostics(g2.nodes, g2.edges, list(g2.sources.values()), [])
+    diagnostics(g2.nodes, g2.edges, list(g2.sources.values()), [])
     t_diag = time.perf_counter() - t0
 
     if args.profile:

@@ -8,7 +8,10 @@ difference at the [MASK] position (see ``common.py``).
 Reported, all measured in this run: the capture (for context), ``gg.report`` wall time (target:
 < 30 s) and CPU time (which other processes on a shared machine do not inflate), the report's file
 size, and the page load time in headless Chromium (navigation start to the load event, target:
-< 5 s; median of ``--loads`` fresh page loads).
+< 5 s; median of ``--loads`` fresh page loads) and the time until the page has drawn its last
+figure (it draws them after the load event). ``--threads`` sets torch's threads and, through the
+environment, numpy's BLAS threads (default 1); the CPU time of each section of the report is
+printed too.
 
 Run: ``.venv/bin/python benchmarks/report.py [--layers 12] [--hidden 768] [--tokens 64] [--k 20]
 [--threads 1] [--loads 3]``. Needs ``chromium`` and ``chromedriver`` on PATH for the load time.
@@ -23,7 +26,23 @@ import sys
 import tempfile
 import time
 
-import torch
+
+def _threads_from_argv(argv):
+    """``--threads T`` must act before numpy and torch load their thread pools: set it in the
+    environment for OpenBLAS (numpy's GEMMs: with its default of one thread per core it spins on
+    a busy machine and multiplies the CPU time of the report's small products), OpenMP and MKL."""
+    for i, a in enumerate(argv):
+        if a == "--threads" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--threads="):
+            return a.split("=", 1)[1]
+    return "1"      # the default of --threads
+
+
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    os.environ[_var] = _threads_from_argv(sys.argv)
+
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import bert_inputs, bert_mlm, fmt_bytes, fmt_seconds, logit_diff, machine, print_table  # noqa: E402
@@ -41,7 +60,9 @@ def cpu_seconds():
 
 
 def page_load_seconds(path, loads):
-    """Median seconds from navigation start to the load event over ``loads`` fresh loads."""
+    """Seconds from navigation start to the load event, and to the last figure drawn (the page
+    draws its figures after the load event), over ``loads`` fresh loads: (median load, median
+    drawn, loads, drawn, console errors)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     opts = webdriver.ChromeOptions()
@@ -52,15 +73,20 @@ def page_load_seconds(path, loads):
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     drv = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
     try:
-        times, errors = [], []
+        from selenium.webdriver.support.ui import WebDriverWait
+        times, drawn, errors = [], [], []
         for _ in range(loads):
             drv.get("about:blank")
             drv.get("file://" + os.path.abspath(path))     # returns after the load event
             ms = drv.execute_script(
                 "var t = performance.getEntriesByType('navigation')[0]; return t.loadEventEnd - t.startTime;")
             times.append(ms / 1e3)
+            # performance.now() counts from navigation start
+            done = WebDriverWait(drv, 600, poll_frequency=0.05).until(
+                lambda d: d.execute_script("return window.gradgraphReport.drawn;"))
+            drawn.append(done / 1e3)
             errors += [e for e in drv.get_log("browser") if e["level"] == "SEVERE"]
-        return statistics.median(times), times, errors
+        return statistics.median(times), statistics.median(drawn), times, drawn, errors
     finally:
         drv.quit()
 
@@ -78,6 +104,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     print(machine())
+    print("load average (1, 5, 15 min) at the start: %.1f %.1f %.1f" % os.getloadavg())
     model = bert_mlm(num_hidden_layers=a.layers, hidden_size=a.hidden, num_attention_heads=a.heads,
                      intermediate_size=4 * a.hidden)
     inputs = bert_inputs(a.tokens)
@@ -88,10 +115,15 @@ def main(argv=None):
 
     folder = a.out or tempfile.mkdtemp(prefix="gradgraph-report-")
     out = os.path.join(folder, "report.html")
+    sections = {}
     t0, c0 = time.perf_counter(), cpu_seconds()
-    gg.report(g, out, k=a.k, overwrite=True)
+    gg.report(g, out, k=a.k, overwrite=True, timings=sections)
     t_write, c_write = time.perf_counter() - t0, cpu_seconds() - c0
     size = os.path.getsize(out)
+    print(f"report sections (CPU / wall), {os.getloadavg()[0]:.1f} load average at the end:")
+    print_table([(name, fmt_seconds(c), fmt_seconds(w)) for name, (c, w) in sections.items()],
+                headers=("section", "CPU", "wall"))
+    print()
     rows = [("graph", f"{a.layers} layers, hidden {a.hidden}, {a.tokens} tokens: {len(g.nodes)} tensors, "
                       f"{sum(n.numel for n in g.nodes):,} scalars"),
             ("capture (with torch.export)", fmt_seconds(t_capture)),
@@ -101,14 +133,17 @@ def main(argv=None):
              f"on an idle machine with --threads 1)"),
             ("report file size", f"{fmt_bytes(size)} ({size:,} bytes)")]
     if shutil.which("chromedriver") and (shutil.which("chromium") or shutil.which("chromium-browser")):
-        med, times, errors = page_load_seconds(out, a.loads)
+        med, med_drawn, times, drawn, errors = page_load_seconds(out, a.loads)
         rows.append(("page load (navigation start -> load event)",
                      f"{fmt_seconds(med)} median of {', '.join(fmt_seconds(t) for t in times)} "
                      f"(target < {TARGET_LOAD_S:.0f} s: {'met' if med < TARGET_LOAD_S else 'NOT met'})"))
+        rows.append(("every figure drawn (navigation start -> last figure)",
+                     f"{fmt_seconds(med_drawn)} median of {', '.join(fmt_seconds(t) for t in drawn)}"))
         rows.append(("browser console errors", str(len(errors))))
     else:
         rows.append(("page load", "not measured: chromium / chromedriver not found"))
     print_table(rows)
+    print("load average (1, 5, 15 min) at the end: %.1f %.1f %.1f" % os.getloadavg())
     print(f"report: {out}")
 
 

@@ -235,6 +235,17 @@ def test_bad_arguments(setup):
         to_dot(g, [])
 
 
+def test_max_nodes_below_three_is_refused_not_clamped(setup):
+    """Regression: max_nodes < 3 was silently raised to 3 (the command line refuses it)."""
+    g, paths = setup
+    for bad in (2, 0, -1, 2.5, True, "5"):
+        with pytest.raises(gg.QueryError, match="max_nodes must be an integer >= 3"):
+            to_dot(g, paths, max_nodes=bad)
+    with pytest.warns(UserWarning, match="max_nodes=3"):
+        d, nodes = parse(to_dot(g, paths, collapse="none", max_nodes=3))
+    assert len([n for n in nodes if n not in ("legend", "note")]) == 3    # sink, ellipsis, source
+
+
 def test_render_svg_png_pdf(setup, tmp_path):
     g, paths = setup
     out = render(g, paths, tmp_path / "top.svg", collapse="none")

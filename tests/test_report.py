@@ -120,6 +120,9 @@ def page(g, shown_paths, tmp_path_factory):
     drv = _browser()
     try:
         drv.get(out.as_uri())
+        # the figures are drawn after the load event, one by one
+        from selenium.webdriver.support.ui import WebDriverWait
+        WebDriverWait(drv, 300).until(lambda d: d.execute_script("return window.gradgraphReport.drawn !== null"))
         yield drv, out
     finally:
         drv.quit()
@@ -239,6 +242,46 @@ def test_token_strips(page, model):
                                rtol=1e-4, atol=1e-6)
     for div in ("tok-best-0", "tok-entropy-0"):
         assert np.shape(_trace(drv, div)["z"]) == (1, len(TOKENS))
+
+
+def brute_force_entropy(G, sink, groups):
+    """(entropy of all paths, {group: entropy of the paths ending in it}) on the networkx scalar
+    graph: the expectation semiring run down from the sink, <Z, R> = <sum |g|, -sum |g| log|g|>
+    over sink -> u prefixes, summed over each group's source elements."""
+    order = list(nx.topological_sort(G))
+    Z, R = dict.fromkeys(order, 0.0), dict.fromkeys(order, 0.0)
+    Z[sink] = 1.0
+    for v in reversed(order):
+        for u, _, d in G.in_edges(v, data=True):
+            a = abs(d["w"])
+            if a > 0:
+                Z[u] += a * Z[v]
+                R[u] += a * R[v] - a * math.log(a) * Z[v]
+    sums = {}
+    for u, grp in groups.items():
+        z, r = sums.get(grp, (0.0, 0.0))
+        sums[grp] = (z + Z[u], r + R[u])
+    Zt, Rt = sum(z for z, _ in sums.values()), sum(r for _, r in sums.values())
+    return math.log(Zt) + Rt / Zt, {grp: math.log(z) + r / z for grp, (z, r) in sums.items()}
+
+
+def test_entropies_against_brute_force(page, g):
+    """The summary's entropy (of all paths) and the per-token entropy strip, against the
+    expectation semiring run on the networkx scalar graph."""
+    from selenium.webdriver.common.by import By
+    drv, _ = page
+    ref = g.to_networkx(level="scalar")
+    src = g.sources[WORD_EMB]
+    hidden = g.nodes[src].shape[-1]
+    H, per_token = brute_force_entropy(ref, (g.sink, 0), {(src, j): j // hidden for j in range(g.nodes[src].numel)})
+    rows = {r.find_elements(By.TAG_NAME, "td")[0].text: r.find_elements(By.TAG_NAME, "td")[1].text
+            for r in drv.find_elements(By.CSS_SELECTOR, "table.summary tr")}
+    shown = rows["entropy of the path distribution"]
+    assert shown.endswith(" nats")
+    # 6 significant digits on the page; the model computes in float32
+    assert float(shown.split()[0]) == pytest.approx(H, rel=1e-5)
+    strip = np.asarray(_trace(drv, "tok-entropy-0")["z"][0], dtype=float)
+    np.testing.assert_allclose(strip, [per_token[t] for t in range(len(TOKENS))], rtol=1e-5)
 
 
 def test_path_length_plot(page, g):

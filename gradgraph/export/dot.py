@@ -27,6 +27,7 @@ into quoted labels.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import shutil
 import warnings
@@ -172,7 +173,7 @@ def to_dot(g, paths, collapse="module", include_views=False, max_nodes=200, titl
     include_views : bool
         Draw transparent data-movement hops (only possible if the paths contain them).
     max_nodes : int
-        Cap on boxes. Paths are added best first while they fit; a path that does not fit alone
+        Cap on boxes, at least 3 (the sink, the source and an ellipsis). Paths are added best first while they fit; a path that does not fit alone
         is cut short with a "... hops not shown" box. Either way a note box and a
         :class:`UserWarning` say what was left out.
     title : str, optional
@@ -191,14 +192,17 @@ def to_dot(g, paths, collapse="module", include_views=False, max_nodes=200, titl
     Raises
     ------
     QueryError
-        Unknown ``collapse``, no paths, or hops that are not in ``g``.
+        Unknown ``collapse``, no paths, ``max_nodes`` below 3, or hops that are not in ``g``.
     """
     if collapse not in _COLLAPSE:
         raise QueryError(f"unknown collapse {collapse!r}; use one of {', '.join(_COLLAPSE)}")
     paths = list(paths)
     if not paths:
         raise QueryError("no paths to draw; pass e.g. g.top_paths(k=5)")
-    max_nodes = max(int(max_nodes), 3)
+    if isinstance(max_nodes, bool) or not isinstance(max_nodes, numbers.Integral) or max_nodes < 3:
+        raise QueryError(f"max_nodes must be an integer >= 3 (a sink, a source and an ellipsis); "
+                         f"got {max_nodes!r}")
+    max_nodes = int(max_nodes)
 
     boxes = {}          # key -> {"hops": [...], "ranks": [...], "inner": {rank: product inside the box}}
     edges = {}          # (key_src, key_dst) -> {rank: [weights]}

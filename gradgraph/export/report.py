@@ -16,13 +16,19 @@ and the Graphviz SVG are inlined, nothing is fetched. Sections:
   number their layers and name their branches (see :func:`layer_structure`);
 * **path lengths** -- the |gradient| mass of the paths by length.
 
-Every plot is a plotly figure; hovering a cell shows its exact number.
+Every plot is a plotly figure; hovering a cell shows its exact number. The page is light to open:
+plotly.js and the figures (one compact JSON object) are inlined as inert text, and the page runs
+plotly and draws the figures one by one after its load event (``window.gradgraphReport.drawn``
+is then the time in milliseconds from navigation start), so the summary, the path list and the
+diagram show at once.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
+import time
 import warnings
 
 import numpy as np
@@ -172,9 +178,29 @@ def _plotly():
     return go, plotly.offline
 
 
-def _fig_html(fig, div_id):
-    return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id,
-                       config={"displaylogo": False, "displayModeBar": False, "responsive": True})
+class _Figures:
+    """The page's plotly figures, drawn by the page after its load event (see the template).
+
+    :meth:`add` returns an empty ``<div>`` of the figure's height (so the page does not jump when
+    the figure appears); :meth:`json` gives every figure's data and layout as one compact JSON
+    object, with plotly's layout template, which is the same for every figure, stored once."""
+
+    CONFIG = {"displaylogo": False, "displayModeBar": False, "responsive": True}
+
+    def __init__(self):
+        self.figures, self.template = {}, None
+
+    def add(self, fig, div_id):
+        spec = fig.to_plotly_json()
+        self.template = spec["layout"].pop("template", self.template)
+        self.figures[div_id] = spec
+        height = spec["layout"].get("height") or 450
+        return f'<div class="plot" id="{div_id}" style="height: {int(height)}px"></div>'
+
+    def json(self):
+        from plotly.io.json import to_json_plotly
+        # to_json_plotly escapes "/" (as \u002f), so the text cannot close its <script> element
+        return to_json_plotly({"template": self.template, "config": self.CONFIG, "figures": self.figures})
 
 
 def _heat_strip(go, values, labels, title, colorscale, zmid=None, fmt=".4g"):
@@ -357,7 +383,30 @@ def _diagram(g, paths):
     return svg[svg.index("<svg"):], notes
 
 
-def _tokens_section(g, go, tokens, best_branches):
+def _entropies(g, flows):
+    """(entropy of all paths, ``{token source: entropy per token}``) from one entropy pass.
+
+    The pass is asked for the entropy of each group of source elements (a token's hidden units;
+    all of a source that is not a token input), and the total follows by the chain rule of
+    entropy: with p_G = Z_G / Z the share of the |gradient| mass ending in group G (its flow),
+    H = sum_G p_G H_G - sum_G p_G log p_G."""
+    tok = token_sources(g)
+    groups = {name: tok.get(name, np.zeros(g.nodes[i].shape, dtype=np.int64)) for name, i in g.sources.items()}
+    H = g.entropy(groups=groups)
+    mass = {name: (_per_axis(flows[g.nodes[i].name], tok[name]) if name in tok
+                   else np.array([float(np.sum(flows[g.nodes[i].name]))])) for name, i in g.sources.items()}
+    Z = sum(float(np.sum(m)) for m in mass.values())
+    if not Z > 0:
+        return math.nan, {name: np.asarray(H[name], dtype=float) for name in tok}
+    total = 0.0
+    for name in g.sources:
+        p = mass[name] / Z
+        live = p > 0
+        total += float(np.sum(p[live] * np.asarray(H[name], dtype=float)[live]) - np.sum(p[live] * np.log(p[live])))
+    return total, {name: np.asarray(H[name], dtype=float) for name in tok}
+
+
+def _tokens_section(g, go, figures, tokens, best_branches, entropies):
     grads = None
     out = []
     for name, axis in token_sources(g).items():
@@ -370,39 +419,77 @@ def _tokens_section(g, go, tokens, best_branches):
         br = best_branches[name]
         vals = br.values
         best = [float(vals[t, b]) if b >= 0 else float("nan") for t, b in enumerate(br.best)]
-        H = np.asarray(g.entropy(groups={name: axis})[name], dtype=float)
-        figs = [_fig_html(_heat_strip(go, gxi, labels, "gradient x input", "RdBu_r", zmid=0.0), f"tok-gxi-{len(out)}"),
-                _fig_html(_heat_strip(go, best, labels, "best path value", "RdBu_r", zmid=0.0), f"tok-best-{len(out)}"),
-                _fig_html(_heat_strip(go, H, labels, "entropy (nats)", "Viridis"), f"tok-entropy-{len(out)}")]
+        H = entropies[name]
+        figs = [figures.add(_heat_strip(go, gxi, labels, "gradient x input", "RdBu_r", zmid=0.0), f"tok-gxi-{len(out)}"),
+                figures.add(_heat_strip(go, best, labels, "best path value", "RdBu_r", zmid=0.0), f"tok-best-{len(out)}"),
+                figures.add(_heat_strip(go, H, labels, "entropy (nats)", "Viridis"), f"tok-entropy-{len(out)}")]
         out.append({"name": name, "shape": list(node.shape), "labels_given": given, "figures": figs,
                     "labels": labels})
     return out
 
 
+class _Timer:
+    """``with timed(name): ...`` adds (CPU seconds, wall seconds) of the block to ``timings[name]``
+    (nothing when ``timings`` is None)."""
+
+    def __init__(self, timings):
+        self.timings = timings
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        if self.timings is None:
+            yield
+            return
+        t = os.times()
+        c0, w0 = t.user + t.system + t.children_user + t.children_system, time.perf_counter()
+        try:
+            yield
+        finally:
+            t = os.times()
+            c1 = t.user + t.system + t.children_user + t.children_system
+            c, w = self.timings.get(name, (0.0, 0.0))
+            self.timings[name] = (c + c1 - c0, w + time.perf_counter() - w0)
+
+
 # ============================================================================ the report
-def report_html(g, k=20, *, order="signed", paths=None, tokens=None, source_file=None, title=None):
+def report_html(g, k=20, *, order="signed", paths=None, tokens=None, source_file=None, title=None,
+                timings=None):
     """The report of :func:`report` as one HTML string (see the module docstring).
 
-    Parameters are those of :func:`report`.
+    Parameters are those of :func:`report`, and:
+
+    timings : dict, optional
+        Filled with ``{section: (CPU seconds, wall seconds)}`` of each step (CPU time of this
+        process and of finished child processes, i.e. Graphviz), for ``benchmarks/report.py``.
     """
     from jinja2 import Environment, PackageLoader, select_autoescape
 
     from ..algorithms.paths import _check_k, _check_order
     _check_order(order)
     go, offline = _plotly()
+    timed = _Timer(timings)
     chosen = paths is not None
     if paths is None:
-        paths = g.top_paths(k=_check_k(k), order=order, include_views=True)
+        with timed("top paths"):
+            paths = g.top_paths(k=_check_k(k), order=order, include_views=True)
     elif not len(paths):
         raise QueryError("no paths to report; pass e.g. paths=g.top_paths(k=5, include_views=True)")
     k = len(paths)
-    entropy = float(g.entropy())
-    svg, notes = _diagram(g, paths)
+    with timed("diagram (to_dot and Graphviz)"):
+        svg, notes = _diagram(g, paths)
     layers = layer_structure(g)
-    best_branches = _all_branches(g, list(token_sources(g).items()) + [
-        (g.nodes[lay.input].name, len(g.nodes[lay.input].shape) - 2) for lay in layers
-        if lay.input is not None and len(g.nodes[lay.input].shape) >= 2])
-    token_views = _tokens_section(g, go, tokens, best_branches)
+    with timed("branches (one pair of max passes)"):
+        # the branches of every token input and block input share one pair of max passes
+        best_branches = _all_branches(g, list(token_sources(g).items()) + [
+            (g.nodes[lay.input].name, len(g.nodes[lay.input].shape) - 2) for lay in layers
+            if lay.input is not None and len(g.nodes[lay.input].shape) >= 2])
+    with timed("flow (one inside-outside pass)"):
+        flows = g.flow(by="element")
+    with timed("entropy (one pass, per token and total)"):
+        entropy, token_entropies = _entropies(g, flows)
+    figures = _Figures()
+    with timed("gradient and token figures"):
+        token_views = _tokens_section(g, go, figures, tokens, best_branches, token_entropies)
 
     def labels_for(count):
         """Token labels for a block input with ``count`` positions: those of a token input of
@@ -410,22 +497,25 @@ def report_html(g, k=20, *, order="signed", paths=None, tokens=None, source_file
         return next((tv["labels"] for tv in token_views if len(tv["labels"]) == count),
                     [str(i) for i in range(count)])
 
-    mass = g.path_lengths()
-    flows = g.flow(by="element")
-    layers = _layers_section(g, go, layers, flows, float(mass.sum()), best_branches, labels_for)
+    with timed("path lengths (one polynomial pass)"):
+        mass = g.path_lengths()
+    with timed("layer figures"):
+        layers = _layers_section(g, go, layers, flows, float(mass.sum()), best_branches, labels_for)
     del flows
-    lengths = _fig_html(_lengths_figure(go, mass), "path-lengths")
-    env = Environment(loader=PackageLoader("gradgraph", "export/templates"),
-                      autoescape=select_autoescape(["html", "j2"]))
-    page = env.get_template("report.html.j2").render(
-        title=title or f"gradgraph report: {g.meta.get('model', 'graph')}",
-        plotly_js=offline.get_plotlyjs(), summary=_summary(g, entropy, source_file),
-        paths=_paths_section(g, paths), chosen=chosen, svg=svg, notes=notes, k=k, order=order,
-        tokens=token_views,
-        flow_html=_fig_html(layers["flow"], "flow-heatmap") if layers else None,
-        branch_html=_fig_html(layers["branch"], "branch-heatmap") if layers and layers["branch"] else None,
-        layer_names=layers["layers"] if layers else [], components=layers["components"] if layers else [],
-        lengths_html=lengths)
+    with timed("HTML (figures' JSON, template)"):
+        flow_html = figures.add(layers["flow"], "flow-heatmap") if layers else None
+        branch_html = figures.add(layers["branch"], "branch-heatmap") if layers and layers["branch"] else None
+        lengths = figures.add(_lengths_figure(go, mass), "path-lengths")
+        env = Environment(loader=PackageLoader("gradgraph", "export/templates"),
+                          autoescape=select_autoescape(["html", "j2"]))
+        page = env.get_template("report.html.j2").render(
+            title=title or f"gradgraph report: {g.meta.get('model', 'graph')}",
+            plotly_js=offline.get_plotlyjs(), figures_json=figures.json(),
+            summary=_summary(g, entropy, source_file),
+            paths=_paths_section(g, paths), chosen=chosen, svg=svg, notes=notes, k=k, order=order,
+            tokens=token_views, flow_html=flow_html, branch_html=branch_html,
+            layer_names=layers["layers"] if layers else [], components=layers["components"] if layers else [],
+            lengths_html=lengths)
     return page
 
 
@@ -444,7 +534,7 @@ def check_report_output(out_path, overwrite=False):
 
 
 def report(g, out_path, k=20, *, order="signed", paths=None, tokens=None, overwrite=False,
-           source_file=None, title=None):
+           source_file=None, title=None, timings=None):
     """Write an interactive, self-contained HTML report of ``g`` to ``out_path``.
 
     Parameters
@@ -467,6 +557,8 @@ def report(g, out_path, k=20, *, order="signed", paths=None, tokens=None, overwr
     source_file : str, optional
         The graph file the report was made from, shown in the summary.
     title : str, optional
+    timings : dict, optional
+        Filled with the CPU and wall seconds of each step (see :func:`report_html`).
 
     Returns
     -------
@@ -479,7 +571,8 @@ def report(g, out_path, k=20, *, order="signed", paths=None, tokens=None, overwr
     'report.html'
     """
     out_path = check_report_output(out_path, overwrite)
-    page = report_html(g, k, order=order, paths=paths, tokens=tokens, source_file=source_file, title=title)
+    page = report_html(g, k, order=order, paths=paths, tokens=tokens, source_file=source_file, title=title,
+                       timings=timings)
     _write_atomically(out_path, page)
     return out_path
 

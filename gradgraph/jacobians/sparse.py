@@ -32,6 +32,30 @@ def coo_sum(x, src, dst, w, t, y):
 
 
 @njit(cache=True)
+def coo_sum_channels(x, src, dst, w, t, y):
+    """:func:`coo_sum` for values with several channels (the LENGTH semiring's polynomials),
+    channel by channel: each sweep reads one row of ``x`` and writes one row of ``y``, where the
+    channel-inner loop of :func:`coo_sum` strides across all C rows at every entry."""
+    C = x.shape[0]
+    live = np.zeros(x.shape[1], np.bool_)
+    for c in range(C):
+        xc = x[c]
+        for j in range(xc.shape[0]):
+            live[j] |= xc[j] != 0.0
+    f = np.zeros(src.shape[0])
+    for e in range(src.shape[0]):
+        if live[src[e]]:
+            f[e] = tw(w[e], t)
+    for c in range(C):
+        xc = x[c]
+        yc = y[c]
+        for e in range(src.shape[0]):
+            fe = f[e]
+            if fe != 0.0:
+                yc[dst[e]] += fe * xc[src[e]]
+
+
+@njit(cache=True)
 def coo_entropy(x, src, dst, w, y):
     """The entropy product on pairs x = (Z, R): y[0, d] += |w| Z[s], y[1, d] += |w| R[s] - |w|log|w| Z[s]
     for every entry (s -> d, w), one logarithm per live entry."""
@@ -175,7 +199,7 @@ class SparseJacobian(Jacobian):
         x = np.ascontiguousarray(x, dtype=np.float64)
         y = np.zeros((x.shape[0], self._dims(transpose)[1]))
         src, dst = (self._r(), self._c()) if transpose else (self._c(), self._r())
-        coo_sum(x, src, dst, self._v(), int(weight_map(weight)), y)
+        (coo_sum if x.shape[0] == 1 else coo_sum_channels)(x, src, dst, self._v(), int(weight_map(weight)), y)
         return y
 
     def entropy_product(self, x, transpose):
