@@ -6,8 +6,9 @@ local worker processes; per-item time against torch forward + backward on the sa
     python benchmarks/batch.py --n 100           # a sample; the 1,000-item time is extrapolated
 
 Items per second (wall) include each worker's start-up (import, model set-up, the one export) and
-whatever else runs on the machine; the 1,000-item estimate is for an idle machine: the export plus
-1,000 items at the median CPU time per item (from the table's cpu_seconds) shared by the workers.
+whatever else runs on the machine (the load average is printed); the 1,000-item estimate is for an
+idle machine: the export plus 1,000 items at the mean CPU time per item (from the table's
+cpu_seconds, items after the worker's export) shared by the workers.
 """
 from __future__ import annotations
 
@@ -62,6 +63,8 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to run (default 1 2)")
     ap.add_argument("--engine", choices=["local", "dask"], default="local")
     ap.add_argument("--torch-sample", type=int, default=20, help="items timed with torch forward + backward")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads per worker (default: the CPUs divided among the workers)")
     a = ap.parse_args(argv)
     import gradgraph as gg
     items = sentences(a.n)
@@ -73,7 +76,9 @@ def main(argv=None):
         out = tempfile.mkdtemp(prefix="gg-batch-bench-")
         try:
             t0 = time.perf_counter()
-            s = gg.batch.run(items, Study(), QUERIES, out, engine=a.engine, workers=w, progress=False)
+            load0 = os.getloadavg()
+            s = gg.batch.run(items, Study(), QUERIES, out, engine=a.engine, workers=w, progress=False,
+                             threads=a.threads)
             wall = time.perf_counter() - t0
             t = s.table()
         finally:
@@ -82,18 +87,22 @@ def main(argv=None):
         first = t[t["query"] == QUERIES[0]["query"]].set_index("item")
         steady = first[~first["exported"]]
         cpu = statistics.median(steady["cpu_seconds"])          # one item, after the worker's export
+        mean_cpu = steady["cpu_seconds"].mean()
         export = first[first["exported"]]["capture_seconds"].max()
         # on an idle machine the study is CPU-bound: 1,000 items share w workers
-        est = export + 1000 * cpu / w
-        rows.append((w, f"{wall:.0f} s", f"{a.n / wall:.3f}", f"{cpu:.2f} s", f"{export:.0f} s",
-                     f"{est / 60:.1f} min", int(first["exported"].sum())))
+        est = export + 1000 * mean_cpu / w
+        load1 = os.getloadavg()
+        rows.append((w, f"{wall:.0f} s", f"{a.n / wall:.3f}", f"{cpu:.2f} / {mean_cpu:.2f} s", f"{export:.0f} s",
+                     f"{est / 60:.1f} min", int(first["exported"].sum()),
+                     f"{load0[0]:.1f} -> {load1[0]:.1f}"))
+        print("done:", " | ".join(str(c) for c in rows[-1]), flush=True)
         if per_item is None:
             per_item = steady["cpu_seconds"]
-    print_table(rows, ("workers", "wall", "items/s (wall)", "CPU per item (median)", "export (wall)",
-                       "1,000 items, idle (est.)", "exports"))
+    print_table(rows, ("workers", "wall", "items/s (wall)", "CPU per item (median / mean)", "export (wall)",
+                       "1,000 items, idle (est.)", "exports", "load average (1 min)"))
     # torch forward + backward (to the word embeddings) on the same items, CPU time, with the
     # threads of a worker of the first run (the local engine gives each worker cores / workers)
-    threads = max(1, (os.cpu_count() or 1) // a.workers[0])
+    threads = a.threads or max(1, (os.cpu_count() or 1) // a.workers[0])
     torch.set_num_threads(threads)
     model = Study().setup()
     ratios = []

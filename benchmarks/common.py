@@ -8,12 +8,32 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import sys
 import time
 
-import torch
 
-__all__ = ["BERT_CONFIG", "bert_mlm", "bert_inputs", "logit_diff", "median_time", "torch_fwd_bwd_time",
-           "machine", "print_table", "fmt_seconds", "fmt_bytes"]
+def threads_from_argv(argv):
+    """The value of ``--threads T`` (or ``--threads=T``) in ``argv``, or None."""
+    for i, a in enumerate(argv):
+        if a == "--threads" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--threads="):
+            return a.split("=", 1)[1]
+    return None
+
+
+#: ``--threads T`` of the running script. It must act before numpy and torch load their thread
+#: pools, so importing this module (before torch or numpy) sets it in the environment, which
+#: subprocesses inherit, for OpenBLAS (numpy's GEMMs), OpenMP, MKL and numba.
+THREADS = threads_from_argv(sys.argv)
+if THREADS is not None:
+    for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ[_var] = THREADS
+
+import torch  # noqa: E402
+
+__all__ = ["BERT_CONFIG", "THREADS", "bert_mlm", "bert_inputs", "logit_diff", "median_time", "torch_fwd_bwd_time",
+           "torch_backward", "clock_for", "paired", "status_bytes", "reset_peak", "second_run_peak", "machine", "print_table", "fmt_seconds", "fmt_bytes"]
 
 #: The benchmark model: a random-init BertForMaskedLM of BERT-small-like size.
 BERT_CONFIG = dict(vocab_size=30522, hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
@@ -80,6 +100,73 @@ def torch_fwd_bwd_time(model, kwargs, output=logit_diff, repeats=7):
     def run():
         torch.autograd.grad(*embedding_forward(model, kwargs, output))
     return median_time(run, repeats=repeats, warmup=2)
+
+
+def torch_backward(model, kwargs, output=logit_diff):
+    """``forward()`` runs torch's forward of ``output(model(**kwargs))`` and returns a closure that
+    runs its backward down to the word-embedding output (gradgraph's source), so that a caller can
+    time the backward alone."""
+    def forward():
+        y, emb = embedding_forward(model, kwargs, output)
+        return lambda: torch.autograd.grad(y, emb)
+    return forward
+
+
+def clock_for(threads):
+    """Process CPU time with one thread (other processes competing for the cores do not inflate
+    it; on an idle machine it equals wall time), wall time otherwise (CPU time would add up the
+    threads)."""
+    return time.process_time if str(threads) == "1" else time.perf_counter
+
+
+def paired(fn, make_reference, repeats, clock, warmup=1):
+    """Time ``fn()`` and a reference run in pairs: each repeat calls ``make_reference()`` untimed
+    (e.g. torch's forward), times the callable it returns, then times ``fn()``. A load that drifts
+    during the run hits both sides of a pair alike.
+
+    Returns
+    -------
+    (fn_median, reference_median, fn_times, reference_times) : seconds by ``clock``
+    """
+    for _ in range(warmup):
+        fn()
+    ref_times, fn_times = [], []
+    for _ in range(repeats):
+        ref = make_reference()
+        t0 = clock()
+        ref()
+        t1 = clock()
+        fn()
+        fn_times.append(clock() - t1)
+        ref_times.append(t1 - t0)
+    return statistics.median(fn_times), statistics.median(ref_times), fn_times, ref_times
+
+
+def status_bytes(field):
+    """A size field of ``/proc/self/status`` in bytes: ``VmRSS`` (resident now) or ``VmHWM`` (peak
+    resident since start or since the last :func:`reset_peak`)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak():
+    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def second_run_peak(fn):
+    """(extra, total): the second run's peak RSS above the RSS before it, and the peak itself
+    (which includes the interpreter, torch and the resident graph or model)."""
+    fn()
+    reset_peak()
+    before = status_bytes("VmRSS")
+    fn()
+    peak = status_bytes("VmHWM")
+    return peak - before, peak
 
 
 def machine():

@@ -43,27 +43,12 @@ import tempfile
 import time
 
 
-def _threads_from_argv(argv):
-    """``--threads T`` must act before numpy and torch load their thread pools: set it in the
-    environment (children inherit it) for OpenBLAS (numpy's GEMMs), OpenMP and MKL."""
-    for i, a in enumerate(argv):
-        if a == "--threads" and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith("--threads="):
-            return a.split("=", 1)[1]
-    return None
-
-
-_T = _threads_from_argv(sys.argv)
-if _T is not None:
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-        os.environ[var] = _T
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (THREADS, bert_inputs, bert_mlm, clock_for, fmt_bytes, fmt_seconds, logit_diff, machine,  # noqa: E402
+                    median_time, paired, print_table, second_run_peak, status_bytes,
+                    torch_backward)
 
 import torch  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (bert_inputs, bert_mlm, embedding_forward, fmt_bytes, fmt_seconds, logit_diff, machine,  # noqa: E402
-                    median_time, print_table)
 
 import gradgraph as gg  # noqa: E402
 from gradgraph.algorithms.dp import backward  # noqa: E402
@@ -86,14 +71,6 @@ def queries(g):
     }
 
 
-def torch_backward(model, kwargs):
-    """A closure running forward (untimed by the caller if it wishes) and returning a backward."""
-    def forward():
-        y, emb = embedding_forward(model, kwargs)
-        return lambda: torch.autograd.grad(y, emb)
-    return forward
-
-
 def torch_backward_time(model, kwargs, repeats):
     forward = torch_backward(model, kwargs)
     times = []
@@ -107,44 +84,24 @@ def torch_backward_time(model, kwargs, repeats):
 
 
 # ---------------------------------------------------------------------------- memory (child side)
-def _status(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _peak(fn):
-    """(extra, total): the second run's peak RSS above the RSS before it, and the peak itself
-    (which includes the interpreter, torch and the resident graph or model)."""
-    fn()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _status("VmRSS")
-    fn()
-    peak = _status("VmHWM")
-    return peak - before, peak
-
-
 def child(what, graph_file, seq_len):
-    base = _status("VmRSS")            # the interpreter with torch and gradgraph imported
+    base = status_bytes("VmRSS")            # the interpreter with torch and gradgraph imported
     if what == "torch":
         model = bert_mlm()
         kwargs = bert_inputs(seq_len)
         forward = torch_backward(model, kwargs)
-        extra, total = _peak(lambda: forward()())
+        extra, total = second_run_peak(lambda: forward()())
     else:
         g = gg.load(graph_file)
-        extra, total = _peak(queries(g)[what])
+        extra, total = second_run_peak(queries(g)[what])
     print(json.dumps({"extra": extra, "total": total, "footprint": total - base}))
 
 
 def measure_memory(what, graph_file, seq_len):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", what, "--graph", graph_file,
            "--seq-len", str(seq_len)]
-    if _T is not None:
-        cmd += ["--threads", _T]
+    if THREADS is not None:
+        cmd += ["--threads", THREADS]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         return None, out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"
@@ -188,22 +145,12 @@ def main(argv=None):
         pstats.Stats("/tmp/semirings.prof").sort_stats("cumulative").print_stats(30)
         return
 
-    clock = time.process_time if args.threads == 1 else time.perf_counter
+    clock = clock_for(args.threads)
     times, ratios = {}, {}
     torch_times = []
     for name, fn in qs.items():
-        fn()
-        pair_torch, pair_query = [], []
-        for _ in range(args.repeats):
-            bwd = fwd()
-            t0 = clock()
-            bwd()
-            t1 = clock()
-            fn()
-            pair_query.append(clock() - t1)
-            pair_torch.append(t1 - t0)
-        times[name] = statistics.median(pair_query)
-        ratios[name] = times[name] / statistics.median(pair_torch)
+        times[name], t_ref, _, pair_torch = paired(fn, fwd, args.repeats, clock)
+        ratios[name] = times[name] / t_ref
         torch_times += pair_torch
 
     mem = {}

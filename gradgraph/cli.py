@@ -271,6 +271,9 @@ def _capture_notes(meta):
     def ops(entries):
         return ", ".join(dict.fromkeys(e["op"] for e in entries))
     lines = []
+    if meta.get("tracer") == "record":     # not exportable: the ops of this one input were recorded
+        lines.append("captured by   recording this input's ops (torch.export failed on data-dependent control flow)"
+                     if meta.get("export_failure") else "captured by   recording this input's ops")
     dense = meta.get("dense_jacobians") or []
     if dense:
         lines.append(f"dense        {len(dense)} node{'s' if len(dense) > 1 else ''}: {ops(dense)}")
@@ -615,11 +618,8 @@ def _load_build(spec):
 
 
 def _load_items(path):
-    try:
-        with open(path) as f:
-            text = f.read()
-    except OSError as exc:
-        raise UsageError(f"cannot read --items {path}: {exc.strerror or exc}") from None
+    from .batch.queries import read_text
+    text = read_text(path, "--items", UsageError)
     try:
         if text.lstrip().startswith("["):
             return json.loads(text)

@@ -145,7 +145,11 @@ class GradGraph:
             ``torch.autograd.grad(sink, source)``.
         """
         from .algorithms.api import gradient
-        return gradient(self)
+        grads = gradient(self)
+        bad = [name for name, v in grads.items() if not bool(v.isfinite().all())]
+        if bad:
+            self._warn_non_finite(f"gradient() of {', '.join(map(repr, bad))}")
+        return grads
 
     def top_paths(self, k=1, order="signed", *, source=None, include_views=False, progress=None):
         """The k highest-weighted sink-to-source paths, best first (see ``docs/semirings.md``).
@@ -207,7 +211,20 @@ class GradGraph:
         ``log=True``: natural logs (exact where float64 values would underflow).
         """
         from .algorithms.flow import flow
-        return flow(self, by=by, log=log)
+        result = flow(self, by=by, log=log)
+        if any(np.isnan(np.asarray(v, dtype=float)).any() for v in result.values()):
+            self._warn_non_finite("flow()")
+        return result
+
+    def _warn_non_finite(self, what):
+        """A :class:`~gradgraph.errors.QueryWarning` that a query's result is not finite, and where
+        the first non-finite value of the graph is."""
+        bad = self.meta.get("first_non_finite")
+        where = (f"node {bad['node']} ({bad['op']}, module {bad.get('module') or '<top>'}"
+                 + (f", at {bad['source_line']}" if bad.get("source_line") else "") + f") {bad['problem']}"
+                 if bad else "no node of the graph was found non-finite at capture")
+        warnings.warn(QueryWarning(f"{what} is not finite everywhere: the model's forward has non-finite "
+                                   f"values on paths to the sink; the first is {where}"), stacklevel=3)
 
     def path_lengths(self, *, log=False):
         """|gradient| mass of the paths by length (non-view hops): array, index = length."""

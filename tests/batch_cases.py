@@ -70,3 +70,19 @@ class FailsOnS2(MLPBuilder):
         if item["id"] == "s2":
             raise KeyError("s2 has no input")
         return (tiny_input(int(item["id"][1:])),), {}, sink
+
+
+def attention_sink(y):
+    return y[-1, 0] - y[-1, 1]
+
+
+class AttentionBuilder:
+    """The one-layer self-attention model of tests/oracle.py (small enough for path enumeration);
+    an item's "tokens" are its input ids."""
+
+    def setup(self):
+        from oracle import tiny_attention
+        return tiny_attention(seed=1)[0]
+
+    def inputs(self, item):
+        return (torch.tensor(item["tokens"]),), {}, attention_sink

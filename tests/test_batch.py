@@ -22,8 +22,9 @@ import gradgraph as gg
 from gradgraph.cli import main as cli_main
 from gradgraph.errors import BatchError
 
-from batch_cases import QUERIES, MLPBuilder, build_mlp, sink, tiny_input, tiny_mlp
+from batch_cases import QUERIES, AttentionBuilder, MLPBuilder, attention_sink, build_mlp, sink, tiny_input, tiny_mlp
 from models import autograd_gradient
+from oracle import ScalarOracle
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 #: columns that depend on timing and scheduling, not on the item
@@ -105,6 +106,60 @@ def test_dask_cluster_local_pool_and_plain_loop_agree_on_200_items(cluster, tmp_
         assert got["path_lengths"][1] == pytest.approx(list(lengths), rel=1e-10)
         want = autograd_gradient(model, (x,), {}, sink)["input"].numpy()
         np.testing.assert_allclose(np.array(got["gradient"][1]["input"]), want, rtol=1e-10, atol=1e-14)
+
+
+def _oracle_branches(g, o, name, labels, consumers, order):
+    """Brute force: per element of tensor ``name`` and branch, the best path through both (the
+    consumer found by looking through views, as branches does), and the best branch."""
+    node = g.nodes[g.node_index(name)]
+    consumer = {g.nodes[g.node_index(c)].fx_name: b for b, cs in enumerate(consumers) for c in cs}
+    best = {}
+    for p in o.paths():
+        hit = [u for u in p.nodes if u[0] == node.fx_name]
+        if not hit:
+            continue
+        pos = p.nodes.index(hit[0]) - 1
+        while o.G.nodes[p.nodes[pos]]["is_view"] and pos > 0:
+            pos -= 1
+        key = (p.log_abs,) if order == "magnitude" else (p.sign, p.sign * p.log_abs)
+        j, b = hit[0][1], consumer[p.nodes[pos][0]]
+        if (j, b) not in best or key > best[(j, b)][0]:
+            best[(j, b)] = (key, (p.sign if order == "signed" else 1) * math.exp(p.log_abs))
+    values = np.full((node.numel, len(labels)), np.nan)
+    for (j, b), (_, v) in best.items():
+        values[j, b] = v
+    winner = [max(((best[(j, b)][0], -b) for b in range(len(labels)) if (j, b) in best), default=None)
+              for j in range(node.numel)]
+    return values, [-w[1] if w is not None else -1 for w in winner]
+
+
+@pytest.mark.parametrize("order", ["signed", "magnitude"])
+def test_branches_of_many_nodes_from_one_pass_equal_per_node_queries_and_brute_force(tmp_path, order):
+    """A branches query over several modules (q, k and v share their input) answers every node
+    from one pair of passes: equal to g.branches node by node and to path enumeration."""
+    items = [{"id": f"s{i}", "tokens": t} for i, t in enumerate([[1, 4, 2], [6, 0, 3], [5, 5, 1]])]
+    spec = {"query": "branches", "modules": ["q", "k", "v", "head"], "order": order}
+    s = gg.batch.run(items, AttentionBuilder(), [spec], tmp_path / "run", workers=0)
+    assert (s.computed, s.failed) == (3, 0)
+    table = pd.read_parquet(tmp_path / "run")
+    model = AttentionBuilder().setup()
+    for it in items:
+        ids = torch.tensor(it["tokens"])
+        (_, res), = _answers(table, it["id"]).values()
+        assert [r["module"] for r in res] == ["q", "k", "v", "head"]
+        g = gg.capture(model, (ids,), output=attention_sink)
+        o = ScalarOracle(model, (ids,), {}, attention_sink,
+                         source_fx_names=[g.nodes[i].fx_name for i in g.sources.values()])
+        for r in res:
+            b = g.branches(r["node"], order=order)
+            assert r["labels"] == b.labels and r["best"] == [int(x) for x in b.best]
+            np.testing.assert_allclose(np.array(r["log_abs"], dtype=float), b.log_abs, rtol=1e-10)
+            assert r["sign"] == b.sign.tolist()
+            values, winner = _oracle_branches(g, o, r["node"], b.labels, b.consumers, order)
+            got = np.array(r["sign"]) * np.exp(np.array(r["log_abs"], dtype=float))
+            np.testing.assert_allclose(got[~np.isnan(values)], values[~np.isnan(values)], rtol=1e-9)
+            assert (np.array(r["sign"])[np.isnan(values)] == 0).all()
+            assert r["best"] == winner
 
 
 def test_killed_dask_worker_loses_and_duplicates_nothing(cluster, tmp_path):

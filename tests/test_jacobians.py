@@ -11,6 +11,8 @@ of the op it stands for, or the matrix it was built from. Then, with f(D) = D, |
   skipping inputs with no path (xmax = -inf); -inf / +inf when there is none;
 * ``out_edges(j)``: exactly the non-zero entries of column j.
 """
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
@@ -338,6 +340,36 @@ def test_max_product_signed_long_contraction(dtype, dead, wrt, transpose):
     np.testing.assert_allclose(ymax, exp_max, rtol=rtol, atol=0)
     np.testing.assert_allclose(ymin, exp_min, rtol=rtol, atol=0)
     assert np.isfinite(xmax).all() == (dead == "none")
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("wrt", ["left", "right"])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_max_product_signed_causal_weights(dtype, wrt, transpose):
+    """A product with causal attention probabilities (exact zeros above the diagonal, far more
+    than the branch-free kernels redo column by column): zero weights are no edges, in the
+    weights' dtype, with one dead input element."""
+    T = 24
+    probs = np.tril(RNG.random((2, T, T)) + 0.1).astype(dtype)
+    V = RNG.standard_normal((2, T, 5)).astype(dtype)
+    if wrt == "left":     # d(probs @ V) / d probs: the weights are V (few zeros); wrt V: probs
+        jac = MatmulJacobian((2, T, 5), probs.shape, V, "left")
+        D = jac_of(lambda x: x @ torch.from_numpy(V).double(), torch.from_numpy(probs).double(), 2 * T * 5)
+    else:
+        jac = MatmulJacobian((2, T, 5), V.shape, probs, "right")
+        D = jac_of(lambda x: torch.from_numpy(probs).double() @ x, torch.from_numpy(V).double(), 2 * T * 5)
+    W = D.T if transpose else D                  # (dst, src)
+    a, b = RNG.standard_normal((2, W.shape[1]))
+    xmax, xmin = np.maximum(a, b), np.minimum(a, b)
+    xmax[3], xmin[3] = -np.inf, np.inf
+    exp_max, exp_min = signed_max_expected(W, xmax, xmin)
+    from gradgraph.jacobians import matmul as matmul_module
+    with mock.patch.object(matmul_module, "mm_maxmin_masked", wraps=matmul_module.mm_maxmin_masked) as masked:
+        ymax, ymin = jac.max_product(xmax.copy(), xmin.copy(), transpose)
+    assert masked.called == (wrt == "right")      # the probabilities are the weights: many zeros
+    rtol = 1e-12 if dtype == np.float64 else 1e-6
+    np.testing.assert_allclose(ymax, exp_max, rtol=rtol, atol=0)
+    np.testing.assert_allclose(ymin, exp_min, rtol=rtol, atol=0)
 
 
 @pytest.mark.parametrize("tiny", [False, True])

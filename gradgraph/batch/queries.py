@@ -91,13 +91,19 @@ def normalize_queries(queries):
     return out
 
 
-def load_queries(path):
-    """Read query specs from a JSON or YAML file (a list, or ``{"queries": [...]}``)."""
+def read_text(path, what, error=BatchError):
+    """The text of a study's input file ``path``; ``error("cannot read <what> <path>: <why>")``
+    (one line) when it cannot be read. The command line reads its items file the same way."""
     try:
         with open(path) as f:
-            text = f.read()
+            return f.read()
     except OSError as exc:
-        raise BatchError(f"cannot read queries file {path}: {exc.strerror or exc}") from None
+        raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def load_queries(path):
+    """Read query specs from a JSON or YAML file (a list, or ``{"queries": [...]}``)."""
+    text = read_text(path, "queries file")
     if path.endswith((".yaml", ".yml")):
         try:
             import yaml
@@ -214,12 +220,12 @@ def answer(g, spec, artefact_dir=None, item_file=None):
         targets = [(n, None) for n in spec["nodes"] or []]
         if spec["modules"]:
             targets += _module_inputs(g, spec["modules"])
-        res = []
-        for node, module in targets:
-            b = g.branches(node, order=spec["order"], groups=spec["groups"])
-            res.append({"node": node, "module": module, "labels": b.labels,
-                        "best": [int(x) for x in b.best], "best_labels": b.best_labels(),
-                        "log_abs": _nested(b.log_abs), "sign": [[int(s) for s in r] for r in b.sign]})
+        # every node from one shared backward and forward pass (not two passes per node)
+        found = g.branches([node for node, _ in targets], order=spec["order"], groups=spec["groups"])
+        res = [{"node": node, "module": module, "labels": b.labels,
+                "best": [int(x) for x in b.best], "best_labels": b.best_labels(),
+                "log_abs": _nested(b.log_abs), "sign": [[int(s) for s in r] for r in b.sign]}
+               for (node, module), b in zip(targets, found)]
         return math.nan, res
     if kind == "path_lengths":
         m = g.path_lengths()

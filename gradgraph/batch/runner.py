@@ -88,9 +88,8 @@ class _Worker:
 
     def __init__(self, payload, job):
         import cloudpickle
-        import torch
         if job.get("threads"):
-            torch.set_num_threads(job["threads"])
+            _limit_threads(job["threads"])
         self.build = cloudpickle.loads(payload)
         self.job = job
         self.model = None
@@ -175,6 +174,22 @@ class _Worker:
         return item_id, rows, files
 
 
+def _limit_threads(n):
+    """Every thread pool of this worker process (torch's, numba's, the BLAS numpy calls) to ``n``
+    threads: a worker owns cores / workers cores, and a pool wider than that competes with the
+    other workers (measured on a loaded 2-core machine: an entropy pass of the benchmark BERT, small
+    GEMMs, took 1.6 s of CPU with OpenBLAS's default 2 threads spinning, 0.12 s with 1)."""
+    import numba
+    import torch
+    torch.set_num_threads(n)
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:       # then the BLAS keeps its own default
+        return
+    threadpool_limits(n)
+
+
 _WORKERS = {}     # token -> _Worker, one per process and run configuration
 
 
@@ -206,7 +221,7 @@ def _run_local(todo, token, payload, job, workers):
         for item_id, value in todo:
             yield w.compute(item_id, value)
         return
-    job = dict(job, threads=max(1, (os.cpu_count() or 1) // workers))
+    job = dict(job, threads=job["threads"] or max(1, (os.cpu_count() or 1) // workers))
     ctx = multiprocessing.get_context("spawn")    # fork would copy torch's thread pools
     with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_local,
                                 initargs=(token, payload, job)) as ex:
@@ -263,7 +278,7 @@ def _lost(item_id, job, exc):
 
 # ============================================================================ run
 def run(items, build, queries, out, *, engine="local", workers=None, scheduler=None, resume=True,
-        force=False, sources=None, granularity="function", dynamic="auto", progress=None):
+        force=False, sources=None, granularity="function", dynamic="auto", progress=None, threads=None):
     """Capture and query every item; results in a resumable folder of Parquet files.
 
     Parameters
@@ -301,6 +316,9 @@ def run(items, build, queries, out, *, engine="local", workers=None, scheduler=N
         ``{"inputs_embeds": [1]}``.
     progress : bool, optional
         tqdm progress bar (items/s, ETA); default when stderr is a terminal.
+    threads : int, optional
+        Threads of each worker's pools (torch, numba, BLAS). Default: for the local engine, the CPUs
+        divided among the workers; Dask workers keep the threads their cluster gives them.
 
     Returns
     -------
@@ -317,6 +335,8 @@ def run(items, build, queries, out, *, engine="local", workers=None, scheduler=N
         raise BatchError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
     if workers is not None and (not isinstance(workers, int) or workers < 0):
         raise BatchError(f"workers must be a non-negative integer, got {workers!r}")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise BatchError(f"threads must be a positive integer, got {threads!r}")
     if scheduler and engine != "dask":
         raise BatchError("scheduler= is for engine='dask'")
     queries = normalize_queries(queries)
@@ -360,7 +380,7 @@ def run(items, build, queries, out, *, engine="local", workers=None, scheduler=N
     todo = [(i, v) for i, v in items if redo or store.item_status(out, i) != "ok"]
     skipped = len(items) - len(todo)
     payload = cloudpickle.dumps(build)
-    job = {"queries": queries, **capture_opts, "dynamic": dynamic}
+    job = {"queries": queries, **capture_opts, "dynamic": dynamic, "threads": threads}
     token = hashlib.sha1(payload + json.dumps(queries).encode() + repr(capture_opts).encode()).hexdigest()
     if not todo:
         results = iter(())

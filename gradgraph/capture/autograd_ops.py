@@ -176,11 +176,69 @@ def routed_autograd_functions():
         torch.inference_mode.__enter__ = _INFERENCE_MODE_ENTER
 
 
+#: Relative tolerance, in units of roundoff of the Function's dtype, of the elementwise check
+#: (:func:`_elementwise_diagonals`): a backward that computes ``g * a + g * b`` instead of
+#: ``g * (a + b)`` rounds differently on the probes, but only by a few units.
+ELEMENTWISE_ROUNDOFF = 16
+
+
+def _elementwise_diagonals(out, inputs, keys):
+    """For each input whose backward is elementwise, the diagonal of d(out)/d(input).
+
+    gradgraph, like autograd, takes a Function's local Jacobian to be the linear map its backward
+    applies to the incoming gradient (the dense path reads its rows off unit vectors). That map
+    ``B`` is diagonal iff ``B(v) = B(1) * v`` for every ``v``; it is tested on two random probes
+    ``v`` (entries of magnitude 1 to 2, random signs, a fixed seed). For a linear ``B`` that is
+    not diagonal, ``B(v) - B(1) * v = M v`` with ``M != 0``, which vanishes only on a proper
+    subspace: a random probe finds it with probability one. Equality is required per element up to
+    :data:`ELEMENTWISE_ROUNDOFF` units of roundoff of ``|B(1) * v|`` (zero where the diagonal is
+    zero), so an off-diagonal term that moves any element by more than rounding is caught, and the
+    input takes the dense path. A backward that is not linear in the gradient (clipping) fails the
+    check on the probes that show it, and is dense as before.
+
+    Parameters
+    ----------
+    out : torch.Tensor
+        The output (flattened), attached to the Function's autograd graph.
+    inputs : list[torch.Tensor]
+        The inputs, of the output's shape, requiring grad.
+    keys : list
+        Their argument keys.
+
+    Returns
+    -------
+    dict
+        key -> diagonal (a flat tensor) for the inputs whose backward is elementwise.
+    """
+    if not inputs or not out.requires_grad:
+        return {}
+    gen = torch.Generator().manual_seed(20230706)
+
+    def backward(v):
+        rows = torch.autograd.grad(out, inputs, v, retain_graph=True, allow_unused=True)
+        return [torch.zeros_like(x).reshape(-1) if r is None else r.detach().reshape(-1)
+                for x, r in zip(inputs, rows)]
+    diag = backward(torch.ones_like(out))
+    ok = [True] * len(inputs)
+    for _ in range(2):
+        v = (1 + torch.rand(out.shape, generator=gen, dtype=torch.float64)) * \
+            torch.where(torch.rand(out.shape, generator=gen) < 0.5, -1.0, 1.0).double()
+        v = v.to(out.dtype)
+        for i, (d, r) in enumerate(zip(diag, backward(v))):
+            expected = d * v
+            tol = ELEMENTWISE_ROUNDOFF * torch.finfo(r.dtype).eps * expected.abs()
+            ok[i] = ok[i] and bool(((r - expected).abs() <= tol).all())
+    return {k: d for k, d, good in zip(keys, diag, ok) if good}
+
+
 def autograd_function_jacobians(ctx):
     """The rule of :data:`AUTOGRAD_FUNCTION`: d(output ``ctx.output_index``)/d(tensor argument)
-    for each wanted key ``(0, k)``, row by row by ``torch.autograd.grad`` through the Function's
-    own ``backward`` (one backward call per output element). Dense, so capped like the dense
-    fallback (:data:`~gradgraph.capture.registry.DENSE_FALLBACK_MAX_ENTRIES`)."""
+    for each wanted key ``(0, k)``, through the Function's own ``backward``. Where the backward
+    is elementwise (an input of the output's shape, checked by :func:`_elementwise_diagonals`)
+    the Jacobian is the diagonal; otherwise it is computed row by row (one backward call per
+    output element) and dense, so capped like the dense fallback
+    (:data:`~gradgraph.capture.registry.DENSE_FALLBACK_MAX_ENTRIES`). Sets ``ctx.dense_keys`` to
+    the keys whose Jacobian is dense."""
     max_entries = registry.DENSE_FALLBACK_MAX_ENTRIES
     app_id = ctx.args[1]
     app = _APPLICATIONS[app_id]
@@ -188,17 +246,23 @@ def autograd_function_jacobians(ctx):
     tensors = [t.detach().clone().requires_grad_(t.dtype.is_floating_point or t.dtype.is_complex)
                for t in ctx.args[0]]
     n_out = ctx.out.numel()
-    for key in wants:
+    with torch.enable_grad():
+        out = app.apply(tensors)[ctx.output_index].reshape(-1)
+    same_shape = [k for k in wants if tuple(tensors[k[1]].shape) == tuple(ctx.out.shape)]
+    diagonals = _elementwise_diagonals(out, [tensors[k[1]] for k in same_shape], same_shape)
+    jacs = {k: SparseJacobian(tuple(ctx.out.shape), tuple(ctx.out.shape), vals=d.cpu().numpy())
+            for k, d in diagonals.items()}
+    dense_keys = [k for k in wants if k not in diagonals]
+    ctx.dense_keys = dense_keys
+    for key in dense_keys:
         if n_out * tensors[key[1]].numel() > max_entries:
             raise UnsupportedOpError(
                 f"the Jacobian of torch.autograd.Function {function_name(app_id)} would have "
                 f"{n_out * tensors[key[1]].numel():,} entries (cap {max_entries:,}); gradgraph "
-                f"computes it densely from the Function's backward")
-    inputs = [tensors[k[1]] for k in wants]
-    with torch.enable_grad():
-        out = app.apply(tensors)[ctx.output_index].reshape(-1)
+                f"computes it densely from the Function's backward (its backward is not elementwise)")
+    inputs = [tensors[k[1]] for k in dense_keys]
     dense = [torch.zeros(n_out, t.numel(), dtype=t.dtype) for t in inputs]
-    if out.requires_grad:
+    if out.requires_grad and inputs:
         for i in range(n_out):
             seed = torch.zeros_like(out)
             seed[i] = 1
@@ -206,8 +270,7 @@ def autograd_function_jacobians(ctx):
             for d, r in zip(dense, rows):
                 if r is not None:
                     d[i] = r.detach().reshape(-1)
-    jacs = {}
-    for key, x, d in zip(wants, inputs, dense):
+    for key, x, d in zip(dense_keys, inputs, dense):
         d = d.numpy()
         r, c = np.nonzero(d)
         jacs[key] = SparseJacobian(tuple(ctx.out.shape), tuple(x.shape), r, c, d[r, c])

@@ -14,11 +14,24 @@ from ..errors import CaptureError, GradGraphError, UnsupportedOpError
 from ..graph import Edge, GradGraph, Node
 from . import rules as _rules  # noqa: F401  (registers the library's rules)
 from .autograd_ops import AUTOGRAD_FUNCTION, STOP_GRADIENT, autograd_function_jacobians
-from .diagnostics import diagnostics, uses_dense_jacobian
+from .diagnostics import diagnostics
 from .fxnodes import is_float_tensor, module_of, op_name, producer, tensor_args, user_line
 from .registry import RuleContext, dense_jacobian, get_rule
 
 __all__ = ["GraphBuilder"]
+
+#: Floating types narrower than float32: held (node values) and differentiated (rule inputs) in
+#: float32.
+HALF_TYPES = (torch.float16, torch.bfloat16)
+
+
+def _widened(v):
+    """``v`` with half-precision tensors (and dtype arguments) widened to float32."""
+    if isinstance(v, torch.Tensor) and v.dtype in HALF_TYPES:
+        return v.float()
+    if isinstance(v, torch.dtype) and v in HALF_TYPES:
+        return torch.float32
+    return v
 
 
 class GraphBuilder:
@@ -81,9 +94,10 @@ class GraphBuilder:
             gnodes.append(Node(name=name, op=op, shape=tuple(v.shape), dtype=str(v.dtype).replace("torch.", ""),
                                module=module, module_type=mtype,
                                source_line=user_line(n.meta.get("stack_trace")),
-                               value=v.detach().cpu().numpy(), role=role, fx_name=n.name))
+                               value=_widened(v.detach()).cpu().numpy(), role=role, fx_name=n.name))
 
         edges = []
+        self._dense = set()       # nodes whose Jacobian came out a dense matrix
         todo = [n for n in order if n not in source_of]
         bar = self._bar(len(todo))
         for n in todo:
@@ -110,7 +124,7 @@ class GraphBuilder:
         # a source's own op (an embedding lookup) is not differentiated: only its consumers are
         computed = {e.dst for e in edges}
         meta.update(diagnostics(gnodes, edges, source_ids,
-                                [i for i, n in enumerate(order) if i in computed and uses_dense_jacobian(n)]))
+                                [i for i, n in enumerate(order) if i in computed and n in self._dense]))
         sources_idx = {name: index[n] for name, n in sources.items()}
         return GradGraph(gnodes, edges, sources_idx, index[sink], self.granularity, meta)
 
@@ -134,14 +148,18 @@ class GraphBuilder:
         op = p.target
         if not isinstance(op, torch._ops.OpOverload):
             raise UnsupportedOpError(self._where(n, f"cannot differentiate through {op!r} (not an ATen op)"))
-        args = pytree.tree_map(lambda a: env[a] if isinstance(a, torch.fx.Node) else a, p.args)
-        kwargs = pytree.tree_map(lambda a: env[a] if isinstance(a, torch.fx.Node) else a, dict(p.kwargs))
-        ctx = RuleContext(op, tuple(args), kwargs, env[n], idx, set(wants))
+        # a half-precision model's values enter the rules in float32: local derivatives are
+        # evaluated at the values the model computed, in float32 (numpy has no bfloat16)
+        args = pytree.tree_map(lambda a: _widened(env[a] if isinstance(a, torch.fx.Node) else a), p.args)
+        kwargs = pytree.tree_map(lambda a: _widened(env[a] if isinstance(a, torch.fx.Node) else a), dict(p.kwargs))
+        ctx = RuleContext(op, tuple(args), kwargs, _widened(env[n]), idx, set(wants))
         # a Function's Jacobian comes from its own backward, not from the ops of its forward
         rule = autograd_function_jacobians if op is AUTOGRAD_FUNCTION else get_rule(op)
         try:
             with torch.no_grad():
                 jacs = rule(ctx) if rule is not None else {k: dense_jacobian(ctx, k) for k in wants}
+            if rule is None or getattr(ctx, "dense_keys", None):
+                self._dense.add(n)
         except GradGraphError as exc:
             raise type(exc)(self._where(n, str(exc))) from None
         except Exception as exc:

@@ -2,20 +2,16 @@
 first non-finite value (``GradGraph.meta``), and the warnings attributed to the user's own code."""
 from __future__ import annotations
 
-import operator
 import os
 import sys
 import warnings
 
 import numpy as np
 import torch
-import torch.fx
 
 from ..errors import CaptureWarning
-from .autograd_ops import AUTOGRAD_FUNCTION
-from .registry import get_rule
 
-__all__ = ["diagnostics", "uses_dense_jacobian", "same_value", "warn"]
+__all__ = ["diagnostics", "same_value", "warn"]
 
 _OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # gradgraph/
 
@@ -39,15 +35,6 @@ def same_value(a, b):
         return bool(torch.equal(a, b))
     tol = 256 * torch.finfo(a.dtype).eps
     return bool(torch.allclose(a, b, rtol=tol, atol=tol, equal_nan=True))
-
-
-def uses_dense_jacobian(n):
-    """Whether the Jacobian of fx node ``n`` is a dense matrix: the jacrev fallback of an op
-    without a rule, or a ``torch.autograd.Function`` (from its backward)."""
-    p = n.args[0] if n.target is operator.getitem and isinstance(n.args[0], torch.fx.Node) else n
-    if p.op != "call_function" or not isinstance(p.target, torch._ops.OpOverload):
-        return False
-    return p.target is AUTOGRAD_FUNCTION or get_rule(p.target) is None
 
 
 def _node_summary(node, **extra):

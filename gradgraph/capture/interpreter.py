@@ -46,11 +46,16 @@ class Recording:
 
 
 def record(ep, args, kwargs, packed=False):
-    """Run ``ep`` (an ``ExportedProgram``) on these inputs with a ``torch.fx.Interpreter`` that keeps
-    every value, without autograd. ``packed``: the program was exported from
-    ``programs._ExplainedPacked`` (one (args, kwargs) input)."""
+    """Run ``ep`` (an ``ExportedProgram``, or a :class:`.recorder.RecordedProgram`) on these inputs
+    with a ``torch.fx.Interpreter`` that keeps every value, without autograd. ``packed``: the
+    program was exported from ``programs._ExplainedPacked`` (one (args, kwargs) input)."""
+    from .recorder import RecordedProgram
     gm = ep.graph_module
-    flat = ep._graph_module_flat_inputs(*(((tuple(args), kwargs), {}) if packed else (tuple(args), kwargs)))
+    if isinstance(ep, RecordedProgram):
+        flat, user_inputs = ep.flat_inputs(args, kwargs), set(ep.user_inputs)
+    else:
+        flat = ep._graph_module_flat_inputs(*(((tuple(args), kwargs), {}) if packed else (tuple(args), kwargs)))
+        user_inputs = set(ep.graph_signature.user_inputs)
     interp = torch.fx.Interpreter(gm, garbage_collect_values=False)
     with torch.no_grad():
         interp.run(*flat, enable_io_processing=False)
@@ -58,8 +63,10 @@ def record(ep, args, kwargs, packed=False):
     out_node = next(n for n in nodes if n.op == "output")
     outs = out_node.args[0]
     outs = outs if isinstance(outs, (list, tuple)) else (outs,)
-    kinds = [spec.kind for spec in ep.graph_signature.output_specs]
-    if len(kinds) == len(outs):
-        outs = [o for o, kind in zip(outs, kinds) if kind == torch.export.graph_signature.OutputKind.USER_OUTPUT]
+    if not isinstance(ep, RecordedProgram):
+        kinds = [spec.kind for spec in ep.graph_signature.output_specs]
+        if len(kinds) == len(outs):
+            outs = [o for o, kind in zip(outs, kinds)
+                    if kind == torch.export.graph_signature.OutputKind.USER_OUTPUT]
     return Recording(nodes, interp.env, [n for n in nodes if n.op == "placeholder"],
-                     set(ep.graph_signature.user_inputs), out_node, list(outs), packed)
+                     user_inputs, out_node, list(outs), packed)

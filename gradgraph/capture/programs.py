@@ -7,7 +7,11 @@ model -- :class:`ExportCache` is handed the model at each call.
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
+import sys
 import time
 import traceback
 import warnings
@@ -20,8 +24,14 @@ from torch.utils import _pytree as pytree
 from ..errors import CaptureError, GradGraphError
 from .autograd_ops import cut_gradients, routed_autograd_functions
 from .fxnodes import user_line
+from .recorder import is_data_dependent_failure, record_program
 
-__all__ = ["ExportCache", "shared_cache", "FUNCTION_OPS", "DECOMPOSED_OPS", "decomposition_table"]
+__all__ = ["ExportCache", "shared_cache", "FUNCTION_OPS", "DECOMPOSED_OPS", "decomposition_table", "TRACERS"]
+
+#: How a program is obtained: ``"export"`` (``torch.export``, one program per input signature,
+#: cached), ``"record"`` (the ops this input runs, :mod:`.recorder`, never reused) or ``"auto"``
+#: (export, and record where export fails on data-dependent control flow).
+TRACERS = ("auto", "export", "record")
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -186,13 +196,19 @@ class ExportCache:
         How many times ``torch.export`` ran.
     last_export_seconds : float
         Wall time of the last export.
+    n_records : int
+        How many times a program was recorded for one input (``tracer="record"``, or ``"auto"``
+        where export failed on data-dependent control flow).
     notes : list[str]
-        Why a dynamic export fell back to one export per size.
+        Why a dynamic export fell back to one export per size, and why a signature is recorded
+        rather than exported.
     """
 
     def __init__(self, dynamic=None):
         self._programs = {}
+        self._not_exportable = {}    # signature key -> first line of torch.export's failure
         self.n_exports = 0
+        self.n_records = 0
         self.last_export_seconds = None
         self.dynamic = dynamic
         self.notes = []
@@ -202,11 +218,57 @@ class ExportCache:
         """Whether ``ep`` was exported from :class:`_ExplainedPacked` (one (args, kwargs) input)."""
         return id(ep) in self._packed
 
-    def program(self, model, output, granularity, args, kwargs, refresh=False):
-        """The decomposed exported program of ``output(model(*args, **kwargs))``; ``refresh``:
-        export again even if one is cached (the cached one no longer computes what the model does)."""
+    def program(self, model, output, granularity, args, kwargs, refresh=False, tracer="auto"):
+        """The decomposed program of ``output(model(*args, **kwargs))``: exported (and cached per
+        signature) or recorded for these inputs, by ``tracer`` (one of :data:`TRACERS`);
+        ``refresh``: export again even if one is cached (the cached one no longer computes what
+        the model does)."""
         # train / eval mode is traced into the program (dropout, batch norm): part of the key
         mode = tuple(m.training for m in model.modules())
+        key = (_signature(args, kwargs), mode)
+        if tracer == "record" or (tracer == "auto" and key in self._not_exportable):
+            return self._record(model, output, granularity, args, kwargs)
+        # torch.export prints the partial graph of a failed trace to stderr; where recording
+        # takes over, that failure is not the user's concern, so its output is held back
+        # (and its shape logger warns about the unbacked sizes it could not place)
+        held = io.StringIO()
+        shapes_log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+        level = shapes_log.level
+        try:
+            with contextlib.redirect_stderr(held) if tracer == "auto" else contextlib.nullcontext():
+                if tracer == "auto":
+                    shapes_log.setLevel(logging.ERROR)
+                return self._exported(model, output, granularity, args, kwargs, refresh, mode)
+        except CaptureError as exc:
+            if tracer != "auto" or not is_data_dependent_failure(exc.__cause__):
+                raise
+            held = None
+            why = str(exc).splitlines()[0]
+            self._not_exportable[key] = why
+            self.notes.append(f"{why} (data-dependent control flow): recording the ops each input "
+                              f"runs instead (tracer='record')")
+            return self._record(model, output, granularity, args, kwargs)
+        finally:
+            shapes_log.setLevel(level)
+            if held is not None and held.getvalue():
+                sys.stderr.write(held.getvalue())
+
+    def export_failure(self, args, kwargs, model):
+        """Why inputs of this signature are recorded rather than exported (None if they are not)."""
+        return self._not_exportable.get((_signature(args, kwargs), tuple(m.training for m in model.modules())))
+
+    def _record(self, model, output, granularity, args, kwargs):
+        try:
+            rp = record_program(_Explained(model, output), args, kwargs, decomposition_table(granularity))
+        except GradGraphError:
+            raise
+        except Exception as exc:
+            raise CaptureError(export_failure(exc).replace("torch.export could not trace",
+                                                           "recording could not run")) from exc
+        self.n_records += 1
+        return rp
+
+    def _exported(self, model, output, granularity, args, kwargs, refresh, mode):
         if self.dynamic and not refresh:
             ep = self._dynamic_program(model, output, granularity, args, kwargs, mode)
             if ep is not None:

@@ -62,8 +62,9 @@ def _broadcast_cols(in_shape, out_shape):
 def _elementwise(out, x, deriv):
     """Output element i depends on the broadcast element of x with derivative deriv[i]."""
     d = torch.broadcast_to(torch.as_tensor(deriv, dtype=out.dtype), out.shape)
-    return SparseJacobian(out.shape, x.shape, None, _broadcast_cols(tuple(x.shape), tuple(out.shape)),
-                          _np(d.reshape(-1)))
+    # no broadcast: element i of x (no index array to build, store and check)
+    cols = None if tuple(x.shape) == tuple(out.shape) else _broadcast_cols(tuple(x.shape), tuple(out.shape))
+    return SparseJacobian(out.shape, x.shape, None, cols, _np(d.reshape(-1)))
 
 
 # ----------------------------------------------------------------------------- pointwise
@@ -85,6 +86,24 @@ def pointwise(ctx):
         _, d = torch.func.jvp(f, (x,), (torch.ones_like(x),))
         jacs[key] = _elementwise(ctx.out, x, d)
     return jacs
+
+
+# The commonest pointwise ops (residual and mask adds, scalings) have their derivative at hand: no
+# forward-mode AD call per op and argument, which is most of the pointwise family's capture time.
+@register_rule(aten.add.Tensor)
+@register_rule(aten.sub.Tensor)
+def add_sub(ctx):
+    """out = a + alpha b (sub: a - alpha b): d/da = 1, d/db = alpha (sub: -alpha)."""
+    alpha = ctx.kwargs.get("alpha", 1)
+    scale = -alpha if ctx.op is aten.sub.Tensor else alpha
+    return {key: _elementwise(ctx.out, ctx.arg(key), 1 if key == 0 else scale) for key in ctx.wants}
+
+
+@register_rule(aten.mul.Tensor)
+def mul(ctx):
+    """out = a b: d/da = b, d/db = a (broadcast to the output's shape)."""
+    a, b = ctx.args[:2]
+    return {key: _elementwise(ctx.out, ctx.arg(key), (b if key == 0 else a)) for key in ctx.wants}
 
 
 def _zero(out, x):
@@ -137,12 +156,51 @@ REARRANGING_OPS = frozenset({
 DATA_MOVEMENT = VIEW_OPS | REARRANGING_OPS
 
 
+#: Ops whose output is its one input, element for element (a copy, perhaps in another layout or
+#: dtype): the identity map when the shapes agree.
+_ELEMENTWISE_COPIES = frozenset({"clone", "contiguous", "alias", "alias_copy", "detach", "lift_fresh_copy"})
+
+
+def _strided_index_map(ctx, key, x):
+    """The index map of a view or copy read from the tensors' geometry, without running the op:
+    None (the identity) for a copy of the same shape or a view laying out x's memory unchanged;
+    the flat input index per output element for another view of a contiguous x; False when the
+    geometry does not say (the op is run on indices instead). Linear in the output's size, and
+    without the op's run, the shift, the search for unwritten elements and the identity check
+    of the generic map (several passes over tensors the size of attention scores)."""
+    out, name = ctx.out, ctx.op._opname
+    if key != 0 or not isinstance(out, torch.Tensor) or not isinstance(x, torch.Tensor):
+        return False
+    if name in _ELEMENTWISE_COPIES:
+        return None if tuple(out.shape) == tuple(x.shape) else False
+    if name not in VIEW_OPS or not x.is_contiguous() or out.numel() == 0 or \
+            out.untyped_storage().data_ptr() != x.untyped_storage().data_ptr():
+        return False
+    offset = out.storage_offset() - x.storage_offset()
+    last = offset + sum((n - 1) * st for n, st in zip(out.shape, out.stride()))
+    if offset < 0 or last >= x.numel() or min(out.stride(), default=0) < 0:
+        return False                  # reaches beyond x (an as_strided view of its storage)
+    if offset == 0 and out.numel() == x.numel() and out.is_contiguous():
+        return None
+    # offset + sum_d i_d stride_d over the output's index grid: the cost follows the output (one
+    # element selected from a vocabulary-sized tensor costs nothing)
+    cols = torch.tensor(offset, dtype=torch.int64)
+    for d, (n, st) in enumerate(zip(out.shape, out.stride())):
+        if n > 1:
+            cols = cols + (torch.arange(n, dtype=torch.int64) * st).reshape((n,) + (1,) * (out.dim() - d - 1))
+    return _np(torch.broadcast_to(cols, out.shape).reshape(-1))
+
+
 @register_generic(lambda op: op._opname in DATA_MOVEMENT)
 def data_movement(ctx):
     """Weight-1 index map: run the op on the input's flat indices 1..n (0 marks 'no input')."""
     jacs = {}
     for key in ctx.wants:
         x = ctx.arg(key)
+        cols = _strided_index_map(ctx, key, x)
+        if cols is not False:
+            jacs[key] = SparseJacobian(ctx.out.shape, x.shape, None, cols, None)
+            continue
         args = list(ctx.args)
         # every other floating tensor argument becomes zeros, so only this input's indices show
         for i, a in enumerate(args):

@@ -21,7 +21,8 @@ from .builder import GraphBuilder
 from .diagnostics import same_value, warn
 from .fxnodes import module_of as _module_of  # noqa: F401  (tests/oracle.py reads it here)
 from .interpreter import record
-from .programs import DECOMPOSED_OPS, FUNCTION_OPS, ExportCache, _Explained, shared_cache  # noqa: F401
+from .programs import DECOMPOSED_OPS, FUNCTION_OPS, TRACERS, ExportCache, _Explained, shared_cache  # noqa: F401
+from .recorder import RecordedProgram
 from .programs import _ExplainedPacked, dynamic_spec  # noqa: F401
 from .programs import decomposition_table as _decomposition_table  # noqa: F401
 from .sources import find_sink, resolve_sources
@@ -59,21 +60,31 @@ class Capturer:
         symbolic (``torch.export.Dim.AUTO``) and the program serves every size in its range. Where
         the model fixes a size (or the symbolic export fails) it is exported once per size
         instead, and :attr:`notes` says why.
+    tracer : {"auto", "export", "record"}
+        How the model's ops are obtained. ``"export"``: ``torch.export``, one program per input
+        signature, reused for later inputs. ``"record"``: the ATen ops this input actually runs
+        (``make_fx`` on the real input, same decompositions and rules): data-dependent control
+        flow such as mixture-of-experts routing is resolved by the input, and the program is
+        recorded again for every input. ``"auto"`` (default): export, and record where export
+        fails on data-dependent control flow (:attr:`notes` says so). ``g.meta["tracer"]`` says
+        which path a graph took.
     """
 
     def __init__(self, model, output=None, *, sources=None, granularity="function", progress=None,
-                 dynamic=None, _exports=None):
+                 dynamic=None, tracer="auto", _exports=None):
         if not isinstance(model, torch.nn.Module):
             raise CaptureError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if granularity not in GRANULARITIES:
             raise CaptureError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if tracer not in TRACERS:
+            raise CaptureError(f"tracer must be one of {TRACERS}, got {tracer!r}")
         if output is not None and not callable(output):
             raise CaptureError("output must be a callable taking the model's output and returning a scalar tensor")
         if isinstance(sources, str):
             sources = [sources]
         self.model, self.output, self.granularity = model, output, granularity
         self.sources = None if sources is None else list(sources)
-        self.progress = progress
+        self.progress, self.tracer = progress, tracer
         self.dynamic = dynamic_spec(dynamic)
         if _exports is not None and _exports.dynamic != self.dynamic:
             raise CaptureError("a shared export cache must have the Capturer's dynamic dimensions")
@@ -83,6 +94,12 @@ class Capturer:
     def n_exports(self):
         """How many times ``torch.export`` ran for this Capturer (one per input signature)."""
         return self._exports.n_exports
+
+    @property
+    def n_records(self):
+        """How many programs were recorded for single inputs (``tracer="record"``, or ``"auto"``
+        where export fails on data-dependent control flow)."""
+        return self._exports.n_records
 
     @property
     def last_export_seconds(self):
@@ -95,14 +112,15 @@ class Capturer:
 
     def program(self, args, kwargs=None, refresh=False):
         """The decomposed ``torch.export`` program for inputs of this signature (exported on first
-        use, then cached); ``refresh``: export again even if one is cached."""
+        use, then cached), or the program recorded for these very inputs (see ``tracer``);
+        ``refresh``: export again even if one is cached."""
         args = args if isinstance(args, (tuple, list)) else (args,)
         return self._exports.program(self.model, self.output, self.granularity, args, dict(kwargs or {}),
-                                     refresh=refresh)
+                                     refresh=refresh, tracer=self.tracer)
 
     def _record(self, args, kwargs, refresh=False):
         ep = self.program(args, kwargs, refresh=refresh)
-        return record(ep, args, kwargs, self._exports.is_packed(ep))
+        return record(ep, args, kwargs, self._exports.is_packed(ep)), isinstance(ep, RecordedProgram)
 
     def _eager_output(self, args, kwargs):
         """``output(model(*args, **kwargs))`` run by PyTorch itself, leaving the model's buffers
@@ -166,13 +184,15 @@ class Capturer:
             args = (args,)
         kwargs = dict(kwargs or {})
         n_exports = self.n_exports
-        rec = self._record(args, kwargs)
+        rec, recorded = self._record(args, kwargs)
         # the program must compute what the model computes now: a Python attribute the forward
         # branches on is not in the cache key, so a changed one shows as a different output (an
         # output that is not one tensor is refused by find_sink below)
         eager = self._eager_output(args, kwargs)
-        if eager is not None and not same_value(eager, rec.output_value()) and self.n_exports == n_exports:
-            rec = self._record(args, kwargs, refresh=True)
+        # (a recorded program was made from this very run: recording again would not change it)
+        if eager is not None and not same_value(eager, rec.output_value()) and self.n_exports == n_exports \
+                and not recorded:
+            rec, recorded = self._record(args, kwargs, refresh=True)
         if eager is not None and not same_value(eager, rec.output_value()):
             warn(CaptureWarning(
                 f"the captured program gives {rec.output_value()} where the model gives "
@@ -181,10 +201,16 @@ class Capturer:
         sink = find_sink(rec.outs, rec.env)
         sources = resolve_sources(self.model, self.sources, rec)
         model_name = type(self.model).__module__ + "." + type(self.model).__qualname__
-        return GraphBuilder(self.granularity, model_name, self.progress).build(rec, sink, sources)
+        g = GraphBuilder(self.granularity, model_name, self.progress).build(rec, sink, sources)
+        g.meta["tracer"] = "record" if recorded else "export"
+        why = self._exports.export_failure(args, kwargs, self.model) if recorded else None
+        if why:
+            g.meta["export_failure"] = why
+        return g
 
 
-def capture(model, args, kwargs=None, *, output=None, sources=None, granularity="function", progress=None):
+def capture(model, args, kwargs=None, *, output=None, sources=None, granularity="function", progress=None,
+            tracer="auto"):
     """Capture the gradient graph of ``output(model(*args, **kwargs))``.
 
     Parameters are those of :class:`Capturer`. Repeated calls with the same model, ``output``
@@ -206,5 +232,6 @@ def capture(model, args, kwargs=None, *, output=None, sources=None, granularity=
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     exports = shared_cache(model, output, sources, granularity)
-    cap = Capturer(model, output, sources=sources, granularity=granularity, progress=progress, _exports=exports)
+    cap = Capturer(model, output, sources=sources, granularity=granularity, progress=progress, tracer=tracer,
+                   _exports=exports)
     return cap.capture(args, kwargs)

@@ -10,8 +10,10 @@ Kinds: :class:`SparseJacobian` (elementwise, broadcast, index maps, reductions, 
 :class:`MatmulJacobian` (mm / bmm / addmm contractions, referencing the other operand),
 :class:`ConvJacobian` (convolution wrt its input, referencing the weight) and
 :class:`RowBlockJacobian` (softmax, log-softmax, layer norm, stored as their factors).
+:data:`WEIGHT_CACHE` keeps the input-independent transforms of weights across graphs (per process).
 """
 from ._intrinsics import WeightMap
+from ._weightcache import WEIGHT_CACHE, WeightCache
 from .base import Jacobian
 from .conv import ConvJacobian
 from .matmul import MatmulJacobian
@@ -19,7 +21,7 @@ from .rowblock import RowBlockJacobian
 from .sparse import SparseJacobian
 
 __all__ = ["Jacobian", "SparseJacobian", "MatmulJacobian", "ConvJacobian", "RowBlockJacobian",
-           "JACOBIAN_KINDS", "WeightMap"]
+           "JACOBIAN_KINDS", "WeightMap", "WEIGHT_CACHE", "WeightCache"]
 
 #: kind name (as stored in files) -> class
 JACOBIAN_KINDS = {c.kind: c for c in (SparseJacobian, MatmulJacobian, ConvJacobian, RowBlockJacobian)}

@@ -9,6 +9,7 @@ import torch
 from numba import njit
 
 from ._intrinsics import _FM, WeightMap, flog, fmax, fmin, max_support, weight_map
+from ._weightcache import WEIGHT_CACHE
 from .base import Jacobian, _numel
 
 # ----------------------------------------------------------------------------- contraction
@@ -94,6 +95,34 @@ def mm_maxmin_dense(Amax, Amin, P, Ymax, Ymin):
                     ymx[j] = fmax(ymx[j], fmax(u, v))
                     ymn[j] = fmin(ymn[j], fmin(u, v))
 
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def mm_maxmin_masked(Amax, Amin, P, Ymax, Ymin):
+    """:func:`mm_maxmin` for a P with many zeros (a causal attention pattern), branch-free:
+    a zero weight is no edge, so a select keeps the output as it was, which
+    vectorises where :func:`mm_maxmin`'s branch on the sign does not. Works in the arrays'
+    dtype (float32 or float64)."""
+    B, I, T = Amax.shape
+    J = P.shape[2]
+    for b in range(B):
+        for t in range(T):
+            p = P[b, t]
+            for i in range(I):
+                amax = Amax[b, i, t]
+                if amax == -np.inf:
+                    continue
+                amin = Amin[b, i, t]
+                ymx = Ymax[b, i]
+                ymn = Ymin[b, i]
+                for j in range(J):
+                    w = p[j]
+                    u = w * amax
+                    v = w * amin
+                    hi = ymx[j]
+                    lo = ymn[j]
+                    ymx[j] = fmax(hi, fmax(u, v)) if w != 0.0 else hi
+                    ymn[j] = fmin(lo, fmin(u, v)) if w != 0.0 else lo
 
 
 @njit(cache=True, fastmath=_FM, error_model="numpy")
@@ -203,7 +232,9 @@ class MatmulJacobian(Jacobian):
         dot-product form reads the other one (a copy of a linear layer's weight, kept)."""
         if which not in self._cache:
             M = self._M
-            self._cache[which] = np.ascontiguousarray(M if which == "M" else np.swapaxes(M, 1, 2))
+            # the same for every graph of the model: kept per process (WEIGHT_CACHE), keyed by the weight
+            self._cache[which] = WEIGHT_CACHE.get(self.other, (self.wrt, which), lambda: np.ascontiguousarray(
+                M if which == "M" else np.swapaxes(M, 1, 2)))
         return self._cache[which]
 
     def _canon(self, x, shape, C):
@@ -261,33 +292,33 @@ class MatmulJacobian(Jacobian):
 
     def sum_product(self, x, weight, transpose):
         at, P, where = self._support(x, transpose)
-        return self._product(at, _transform_t(P, weight_map(weight)), where)
+        t = weight_map(weight)
+        if where is None and t != WeightMap.SIGNED:    # the whole operand: its |P| is kept per weight
+            return self._product(at, WEIGHT_CACHE.get(self.other, (self.wrt, t, transpose),
+                                                 lambda: _transform_t(P, t)), where)
+        return self._product(at, _transform_t(P, t), where)
 
     def entropy_product(self, x, transpose):
         at, P, where = self._support(x, transpose)
-        # |P| and -|P| log|P| in one vectorised pass over P's own memory (a linear layer's weight
-        # is P transposed), used by two products
-        Pn = P.numpy()
-        flip = not Pn.flags.c_contiguous and np.swapaxes(Pn, 1, 2).flags.c_contiguous
-        base = np.ascontiguousarray(np.swapaxes(Pn, 1, 2) if flip else Pn)
-        A, H = np.empty_like(base), np.empty_like(base)
-        abs_xlogx(base.reshape(-1), A.reshape(-1), H.reshape(-1))
-        A, H = (np.swapaxes(A, 1, 2), np.swapaxes(H, 1, 2)) if flip else (A, H)
-        y = self._product(at, torch.from_numpy(A), where)
-        y[1] += self._product(at[:1], torch.from_numpy(H), where)[0]
+        # over the whole operand the pair is the same for every graph of the model: kept per
+        # weight; over the columns one pass reaches it costs what that pass costs
+        A, H = _abs_xlogx_t(P) if where is not None else WEIGHT_CACHE.get(
+            self.other, (self.wrt, "abs_xlogx", transpose), lambda: _abs_xlogx_t(P))
+        y = self._product(at, A, where)
+        y[1] += self._product(at[:1], H, where)[0]
         return y
 
     def max_product(self, xmax, xmin, transpose):
         signed = xmin is not None
         shape_src, shape_dst = (self.out_shape, self.in_shape) if transpose else (self.in_shape, self.out_shape)
         P = self._P("MT" if transpose else "M")
-        zero_cols = self._zero_cols(P)
+        zero_cols = self._zero_cols("MT" if transpose else "M")
         # the branch-free kernel counts zero weights as edges: it is used when few columns hold
         # zeros, which are then redone exactly
         dense = len(zero_cols) <= P.shape[2] // 8 or not signed
         # Contract only the live rows and columns of the input (entries with a path): a pass from one
         # logit reaches a vocabulary-sized product through a couple of entries. The same scan gives
-        # the smallest live magnitude: float32 weights run the branch-free kernel in float32 (twice
+        # the smallest live magnitude: float32 weights run the branch-free kernels in float32 (twice
         # the SIMD width) unless some value is below 1e-20 -- values are renormalised per tensor
         # (largest 1), and path weights are recomputed exactly in float64 afterwards.
         A = self._canon(xmax, shape_src, 1)[0]
@@ -296,7 +327,7 @@ class MatmulJacobian(Jacobian):
         rows = np.zeros((B_, I_), dtype=np.bool_)
         cols = np.zeros(T_, dtype=np.bool_)
         nlive, smallest = max_support(A, Amin, -np.inf if signed else 0.0, rows, cols)
-        dt = np.float32 if dense and P.dtype == np.float32 and smallest >= 1e-20 else np.float64
+        dt = np.float32 if P.dtype == np.float32 and smallest >= 1e-20 else np.float64
         ri = np.flatnonzero(rows.any(axis=0))
         ci = np.flatnonzero(cols)
         # every remaining entry live and a long enough contraction: the dot-product kernel (twice
@@ -334,7 +365,7 @@ class MatmulJacobian(Jacobian):
             elif dense:
                 mm_maxmin_dense(A, Amin, P, Ymax, Ymin)
             else:
-                mm_maxmin(A, Amin, P, Ymax, Ymin)
+                mm_maxmin_masked(A, Amin, P, Ymax, Ymin)
             if dense and len(zero_cols):
                 if dot and len(ci) < T_:
                     P = np.ascontiguousarray(P[:, ci, :])
@@ -347,11 +378,13 @@ class MatmulJacobian(Jacobian):
         out[0][:, live] = Y
         return buf[0], None
 
-    def _zero_cols(self, P):
-        """Indices of the columns of P (B, T, N) holding a zero weight (cached per array)."""
-        key = ("zero_cols", id(P))
+    def _zero_cols(self, which):
+        """Indices of the columns of ``_P(which)`` (B, T, N) holding a zero weight (cached per weight)."""
+        key = ("zero_cols", which)
         if key not in self._cache:
-            self._cache[key] = np.flatnonzero((P == 0).any(axis=(0, 1)))
+            P = self._P(which)
+            self._cache[key] = WEIGHT_CACHE.get(self.other, (self.wrt,) + key,
+                                           lambda: np.flatnonzero((P == 0).any(axis=(0, 1))))
         return self._cache[key]
 
     def out_edges(self, j):
@@ -403,6 +436,18 @@ def _tensor(a):
             warnings.simplefilter("ignore", UserWarning)
             return torch.from_numpy(a)
     return torch.from_numpy(a)
+
+
+def _abs_xlogx_t(P):
+    """|P| and -|P| log|P| of a torch tensor P (B, T, N) in its dtype, as torch tensors, in one
+    vectorised pass over P's own memory (a linear layer's weight is P transposed)."""
+    Pn = P.numpy()
+    flip = not Pn.flags.c_contiguous and np.swapaxes(Pn, 1, 2).flags.c_contiguous
+    base = np.ascontiguousarray(np.swapaxes(Pn, 1, 2) if flip else Pn)
+    A, H = np.empty_like(base), np.empty_like(base)
+    abs_xlogx(base.reshape(-1), A.reshape(-1), H.reshape(-1))
+    A, H = (np.swapaxes(A, 1, 2), np.swapaxes(H, 1, 2)) if flip else (A, H)
+    return torch.from_numpy(A), torch.from_numpy(H)
 
 
 def _transform_t(M, t):

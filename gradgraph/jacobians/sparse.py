@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ._intrinsics import _FM, _TINY, flog, fmax, fmin, tw, weight_map
+from ._intrinsics import _FM, _TINY, WeightMap, flog, fmax, fmin, tw, weight_map
 from .base import Jacobian, _empty_max
 
 # ----------------------------------------------------------------------------- sparse (COO)
@@ -197,6 +197,15 @@ class SparseJacobian(Jacobian):
 
     def sum_product(self, x, weight, transpose):
         x = np.ascontiguousarray(x, dtype=np.float64)
+        t = weight_map(weight)
+        if self.is_diagonal and self.vals is not None and t != WeightMap.XLOGX:
+            # an elementwise op: one vectorised multiply instead of the scatter. The scatter's zero
+            # inputs contribute 0 even through an infinite weight; so here (rarely needed)
+            f = np.abs(self.vals) if t == WeightMap.ABS else self.vals
+            y = f * x
+            if not np.isfinite(f).all():
+                y[:, ~(x != 0).any(axis=0)] = 0.0
+            return y
         y = np.zeros((x.shape[0], self._dims(transpose)[1]))
         src, dst = (self._r(), self._c()) if transpose else (self._c(), self._r())
         (coo_sum if x.shape[0] == 1 else coo_sum_channels)(x, src, dst, self._v(), int(weight_map(weight)), y)

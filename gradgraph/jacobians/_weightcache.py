@@ -1,0 +1,120 @@
+"""Transforms of a model's weights kept across graphs: one per process, bounded in memory.
+
+A contraction's Jacobian references the other operand -- for a linear layer, the weight. Its
+products need input-independent transforms of it: |W| and -|W| log|W| (entropy), a transposed
+contiguous copy (the max kernels), the columns holding a zero. Every graph captured from the same
+model references the same weight memory, so a study over many inputs computes each transform
+once per process instead of once per graph.
+
+An entry is found by the memory it was computed from -- the torch storage (held by a weak
+reference, so the cache never keeps a dropped model alive and a freed storage's address cannot be
+mistaken for a new one), the data pointer, shape, strides and dtype of the view -- and is valid
+only while the tensor's version counter is the one it was computed at: an in-place change of the
+weight (``weight.mul_(2)`` under ``no_grad``, ``load_state_dict``, an optimizer step, a copy
+through ``detach()``) bumps the counter, and the transform is computed again. Writes that bypass
+the counter -- through ``weight.data`` (a separate counter) or a numpy view of the memory -- are
+not seen: call :meth:`WeightCache.clear` after such a write. Arrays that are not views of a torch
+tensor (a graph loaded from a file) are not cached here.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+
+__all__ = ["WeightCache", "WEIGHT_CACHE"]
+
+
+def _tensor_of(array):
+    """The torch tensor whose memory numpy ``array`` views, or None."""
+    base = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    return base if isinstance(base, torch.Tensor) else None
+
+
+def _arrays(value):
+    """The numpy arrays and torch tensors in a value (an array, a tensor, or a tuple of them)."""
+    return [a for v in (value if isinstance(value, tuple) else (value,)) for a in
+            ([v] if isinstance(v, np.ndarray) else [v.numpy()] if isinstance(v, torch.Tensor) else [])]
+
+
+class _Entry:
+    __slots__ = ("storage", "version", "value", "nbytes")
+
+    def __init__(self, storage, version, value, nbytes):
+        self.storage, self.version, self.value, self.nbytes = storage, version, value, nbytes
+
+
+class WeightCache:
+    """Least-recently-used cache of weight transforms, at most ``max_bytes`` of them.
+
+    Attributes
+    ----------
+    max_bytes : int
+        Memory budget of the cached values; a value larger than it is computed and not kept.
+    hits, misses : int
+        Lookups answered from the cache, and computed.
+    """
+
+    def __init__(self, max_bytes=1 << 30):
+        self.max_bytes = int(max_bytes)
+        self.hits = self.misses = 0
+        self.nbytes = 0
+        self._entries = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self):
+        return len(self._entries)
+
+    def get(self, array, what, compute):
+        """``compute()`` for the weight viewed by numpy ``array``, or its value cached from an
+        earlier call on the same memory at the same version. ``what`` (hashable) names the
+        transform; ``compute`` must depend only on ``array``'s contents and ``what``."""
+        tensor = _tensor_of(array)
+        try:
+            version = tensor._version
+        except (AttributeError, RuntimeError):    # not a tensor's memory; an inference-mode tensor
+            return compute()
+        storage = StorageWeakRef(tensor.untyped_storage())
+        key = (storage.cdata, array.ctypes.data, array.shape, array.strides, array.dtype.str, what)
+        with self._lock:
+            e = self._entries.get(key)
+            if e is not None and not e.storage.expired() and e.version == version:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return e.value
+        self.misses += 1
+        value = compute()
+        arrays = _arrays(value)
+        # a value viewing the weight's own memory costs nothing to recompute, and keeping it would
+        # keep the weight alive
+        if any(np.may_share_memory(a, array) for a in arrays):
+            return value
+        nbytes = sum(a.nbytes for a in arrays) + 64
+        if nbytes > self.max_bytes:
+            return value
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.nbytes -= old.nbytes
+            for k in [k for k, e in self._entries.items() if e.storage.expired()]:   # freed weights
+                self.nbytes -= self._entries.pop(k).nbytes
+            while self._entries and self.nbytes + nbytes > self.max_bytes:
+                self.nbytes -= self._entries.popitem(last=False)[1].nbytes
+            self._entries[key] = _Entry(storage, version, value, nbytes)
+            self.nbytes += nbytes
+        return value
+
+    def clear(self):
+        """Drop every entry (after writing to a weight behind torch's back, e.g. via ``.data``)."""
+        with self._lock:
+            self._entries.clear()
+            self.nbytes = 0
+
+
+#: The process's cache of weight transforms (``WEIGHT_CACHE.max_bytes = 0`` turns it off).
+WEIGHT_CACHE = WeightCache()

@@ -1,0 +1,173 @@
+"""The per-process cache of weight transforms (|W|, -|W| log|W|, transposed copies, zero columns):
+graphs of one model share them, and a weight changed in place is never answered from the cache.
+Answers are checked against the brute-force path oracle (tests/oracle.py) and dense Jacobians."""
+import gc
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import gradgraph as gg
+from gradgraph.algorithms.products import product
+from gradgraph.algorithms.semirings import ENTROPY, MAGNITUDE, MAX_SIGNED
+from gradgraph.jacobians import MatmulJacobian
+from gradgraph.jacobians import WEIGHT_CACHE, WeightCache
+from oracle import ScalarOracle, tiny_mlp
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache():
+    WEIGHT_CACHE.clear()
+    yield
+    WEIGHT_CACHE.clear()
+
+
+def _linear_jacobian(weight, rows=3):
+    """d(x @ weight.T)/dx for x of shape (rows, in), as the addmm rule builds it (the weight's
+    transpose, viewing the weight's memory)."""
+    out_f, in_f = weight.shape
+    return MatmulJacobian((rows, out_f), (rows, in_f), weight.detach().t().numpy(), "left")
+
+
+def _dense_products(jac, z, r, x):
+    """Oracle from the dense Jacobian (built from out_edges, not from the products): the entropy
+    pair (|J|^T z, |J|^T r + H^T z) with H = -|J| log|J|, and the signed max product of x."""
+    J = jac.to_dense()
+    A = np.abs(J)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        H = np.where(A > 0, -A * np.log(A), 0.0)
+    ent = np.vstack([A.T @ z, A.T @ r + H.T @ z])
+    cand = np.where(J != 0, J * x[:, None], np.nan)          # (out, in): w * x_out per edge
+    hi = np.nanmax(np.where(np.isnan(cand), -np.inf, cand), axis=0)
+    lo = np.nanmin(np.where(np.isnan(cand), np.inf, cand), axis=0)
+    return ent, hi, lo
+
+
+def _products(jac, z, r, x):
+    ent = product(ENTROPY, jac, np.vstack([z, r]), True)
+    hi, lo = jac.max_product(x, x, True)
+    return ent, hi, lo
+
+
+def _check(jac, z, r, x):
+    got, want = _products(jac, z, r, x), _dense_products(jac, z, r, x)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-12)
+    np.testing.assert_allclose(got[2], want[2], rtol=1e-12)
+
+
+def _inputs(n, seed):
+    g = np.random.default_rng(seed)
+    return np.abs(g.normal(size=n)), g.normal(size=n), g.normal(size=n)
+
+
+@pytest.mark.parametrize("change", ["mul_", "detach", "load_state_dict", "copy_"])
+def test_a_weight_changed_in_place_is_computed_again(change):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(5, 4).double()
+    layer.weight.data[0, 1] = 0.0                          # a zero weight: the zero-column path too
+    z, r, x = _inputs(3 * 4, 1)
+    first = _linear_jacobian(layer.weight)
+    _check(first, z, r, x)
+    hits = WEIGHT_CACHE.hits
+    _check(_linear_jacobian(layer.weight), z, r, x)          # same weight: from the cache
+    assert WEIGHT_CACHE.hits > hits
+    before = _products(first, z, r, x)
+    with torch.no_grad():
+        if change == "mul_":
+            layer.weight.mul_(-1.5)
+        elif change == "detach":                           # an alias sharing the version counter
+            layer.weight.detach()[2].add_(0.75)
+        elif change == "load_state_dict":
+            layer.load_state_dict({"weight": torch.randn(4, 5, dtype=torch.float64), "bias": layer.bias})
+        else:
+            layer.weight.copy_(torch.randn(4, 5, dtype=torch.float64))
+    second = _linear_jacobian(layer.weight)
+    _check(second, z, r, x)                                  # the new weight's answer, not the cached one
+    assert not np.allclose(_products(second, z, r, x)[0], before[0])
+
+
+def test_write_behind_the_version_counter_needs_clear():
+    """``.data`` has its own version counter: documented as unseen; clear() drops the cache."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(5, 4).double()
+    z, r, x = _inputs(3 * 4, 2)
+    _check(_linear_jacobian(layer.weight), z, r, x)
+    layer.weight.data.mul_(3.0)
+    WEIGHT_CACHE.clear()
+    _check(_linear_jacobian(layer.weight), z, r, x)
+
+
+def test_graphs_of_one_model_share_transforms_and_see_a_changed_weight():
+    """Captured graphs against the brute-force oracle: the second graph of an unchanged model is
+    answered from the cache; after an in-place change of a weight, the next graph's entropy and
+    top paths are the changed model's."""
+    model, (x,), _, out = tiny_mlp(seed=3, widths=(3, 4, 2), batch=2)
+
+    def check(g, xin):
+        o = ScalarOracle(model, (xin,), output=out)
+        assert g.entropy() == pytest.approx(o.entropy(), rel=1e-10)
+        best = o.best("signed")
+        assert g.top_paths(k=1)[0].weight == pytest.approx(best.weight, rel=1e-10)
+        assert g.top_paths(k=1, order="magnitude")[0].log_abs_weight == pytest.approx(o.best("magnitude").log_abs,
+                                                                                    rel=1e-10)
+        return g.entropy()
+
+    h1 = check(gg.capture(model, (x,), output=out), x)
+    hits = WEIGHT_CACHE.hits
+    x2 = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    check(gg.capture(model, (x2,), output=out), x2)
+    assert WEIGHT_CACHE.hits > hits
+    with torch.no_grad():
+        model.layers[0].weight[1].mul_(-2.0)
+        model.layers[1].weight.add_(0.3)
+    h3 = check(gg.capture(model, (x,), output=out), x)
+    assert h3 != pytest.approx(h1, rel=1e-6)
+
+
+def test_entries_of_a_dropped_weight_go_and_memory_stays_in_budget():
+    cache = WeightCache(max_bytes=3 * (8 * 6 * 7) + 3 * 64)     # room for three 6 x 7 float64 values
+    weights = [torch.randn(6, 7, dtype=torch.float64) for _ in range(5)]
+    for w in weights:
+        a = w.t().numpy()
+        got = cache.get(a, "copy", lambda a=a: np.ascontiguousarray(a))
+        np.testing.assert_array_equal(got, w.t().numpy())
+        assert cache.nbytes <= cache.max_bytes
+    assert len(cache) == 3                                  # the least recently used went first
+    w = weights[-1]
+    assert cache.get(w.t().numpy(), "copy", lambda: pytest.fail("not cached")) is not None
+    del weights, w, a
+    gc.collect()
+    fresh = torch.randn(2, 2, dtype=torch.float64)
+    cache.get(fresh.t().numpy(), "copy", lambda: np.ascontiguousarray(fresh.t().numpy()))
+    assert len(cache) == 1                                  # the dropped weights' entries are gone
+
+
+def test_views_of_the_weight_and_arrays_without_a_tensor_are_not_kept():
+    cache = WeightCache()
+    w = torch.randn(4, 3, dtype=torch.float64)
+    a = w.numpy()
+    assert cache.get(a, "same", lambda: np.ascontiguousarray(a)) is not None   # a view: nothing kept
+    plain = np.ones((3, 3))
+    cache.get(plain, "abs", lambda: np.abs(plain))
+    assert len(cache) == 0 and cache.nbytes == 0
+
+
+def test_float32_weight_max_and_magnitude_products_after_change():
+    """A float32 weight (products in float32: compared at float32 precision)."""
+    torch.manual_seed(1)
+    w = torch.randn(64, 200)
+    x = np.random.default_rng(0).normal(size=2 * 64)
+    mx1 = product(MAX_SIGNED, _linear_jacobian(w, rows=2), np.vstack([x, x]), True)
+    with torch.no_grad():
+        w.mul_(-2.0)
+    jac = _linear_jacobian(w, rows=2)
+    Jd = jac.to_dense()
+    bound = 1e-6 * (np.abs(Jd).T @ np.abs(x))               # float32 roundoff of the sums
+    assert np.all(np.abs(product(MAGNITUDE, jac, np.abs(x)[None], True)[0] - np.abs(Jd).T @ np.abs(x)) <= bound)
+    mx2 = product(MAX_SIGNED, jac, np.vstack([x, x]), True)
+    # weights times -2: the max becomes -2 x the old min, and the min -2 x the old max (exact)
+    np.testing.assert_array_equal(np.asarray(mx2)[0], -2 * np.asarray(mx1)[1])
+    np.testing.assert_array_equal(np.asarray(mx2)[1], -2 * np.asarray(mx1)[0])
+    assert math.isfinite(float(np.asarray(mx1)[0].max()))
