@@ -721,7 +721,7 @@ def cmd_experiment(a):
         raise UsageError(f"--sink and --tsv apply to the sva study only, not {a.name}")
     if a.checkpoint and a.name == "first-token":
         raise UsageError("--checkpoint applies to sva and entropy-checks, not first-token")
-    study.run(out, quick=a.quick, workers=a.workers, overwrite=a.overwrite, **kwargs)
+    study.run(out, quick=a.quick, workers=a.workers, engine=a.engine, overwrite=a.overwrite, **kwargs)
     return 0
 
 
@@ -734,13 +734,18 @@ def _add_experiment_command(sub):
   gradgraph experiment sva --quick
   gradgraph experiment sva --checkpoint path/to/bert_uncased_L-6_H-512_A-8 --tsv lgd_dataset.tsv
   gradgraph experiment entropy-checks --workers 2
+  gradgraph experiment first-token --workers 2 --engine dask
 
 Studies and their outputs: docs/experiments.md.""")
     c.add_argument("name", choices=_EXPERIMENTS, metavar="NAME", help=", ".join(_EXPERIMENTS))
     c.add_argument("--quick", action="store_true", help="a small version (about a minute or two)")
     c.add_argument("--out", "-o", metavar="DIR", help="output folder (default: out/experiments/NAME)")
-    c.add_argument("--workers", type=int, default=1, help="local processes for the per-item loop (default 1)")
-    c.add_argument("--overwrite", action="store_true", help="replace the study's files in --out")
+    c.add_argument("--workers", type=int, default=1,
+                   help="processes for the per-item loop, through the batch runner (default 1: this process)")
+    c.add_argument("--engine", choices=["local", "dask"], default="local",
+                   help="local processes (default) or a Dask LocalCluster of --workers processes")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace the study's files in --out and recompute every item")
     c.add_argument("--checkpoint", metavar="DIR",
                    help="sva, entropy-checks: a local BertForMaskedLM checkpoint directory "
                         "(default: the bundled agreement model)")

@@ -181,6 +181,70 @@ def test_mask_heads_zeroes_exactly_the_heads_context():
     assert torch.count_nonzero(seen[1][..., :4]) == 0 and torch.equal(seen[1][..., 4:], seen[0][..., 4:])
 
 
+# ------------------------------------------------------------------ the batch query and shared passes
+def entropy_and_gradient(g):
+    """A call query for the test below: two answers from one function."""
+    return {"entropy": g.entropy(), "gradient": g.gradient()["input"].tolist()}
+
+
+def test_call_query_answers_what_the_function_computes(tmp_path):
+    import gradgraph as gg
+    from gradgraph.errors import BatchError
+    from batch_cases import build_mlp, sink, tiny_input, tiny_mlp
+    items = [{"id": i} for i in range(3)]
+    gg.batch.run(items, build_mlp, [{"query": "call", "function": "test_experiments:entropy_and_gradient"}],
+                 str(tmp_path / "b"), workers=0)
+    import pandas as pd
+    table = pd.read_parquet(tmp_path / "b").set_index("item")
+    for i in range(3):
+        got = __import__("json").loads(table.loc[str(i), "result"])
+        # oracle: torch.autograd's gradient of the same scalar, and the entropy of a separate capture
+        x = tiny_input(i).requires_grad_(True)
+        sink(tiny_mlp()(x)).backward()
+        np.testing.assert_allclose(got["gradient"], x.grad.numpy(), rtol=1e-10)
+        g = gg.capture(tiny_mlp(), (tiny_input(i),), output=sink)
+        assert got["entropy"] == pytest.approx(g.entropy(), rel=1e-12)
+    for bad in ["no_colon", "gradgraph.nothing_here:f", "gradgraph.experiments.common:no_such_function"]:
+        with pytest.raises(BatchError, match="call query"):
+            gg.batch.normalize_queries([{"query": "call", "function": bad}])
+
+
+@pytest.mark.parametrize("case", [dict(seed=2, widths=(2, 3, 3, 2), batch=2, act="relu"), dict(seed=1)])
+def test_path_entropies_from_one_pass_match_brute_force(case):
+    from oracle import captured_case, tiny_mlp
+    from gradgraph.experiments.common import path_entropies
+    g, oracle, _ = captured_case(tiny_mlp, **case)
+    name = next(iter(g.sources))
+    node = g.nodes[g.sources[name]]
+    total, per = path_entropies(g, {name: 0})          # one entropy per row of the input
+    assert total == pytest.approx(oracle.entropy(), rel=1e-10)
+    rows = np.arange(node.numel).reshape(node.shape)
+    want = oracle.entropy(groups={node.fx_name: [list(r) for r in rows]})[node.fx_name]
+    np.testing.assert_allclose(per[name], want, rtol=1e-10)
+
+
+def test_study_sinks_equal_the_models_own_outputs():
+    """The wrapped models (class and verb as integer inputs) compute what the plain models do."""
+    from gradgraph.experiments.first_token import ClassLogit
+    from gradgraph.experiments.sva import SvaSink, sink_inputs
+    from gradgraph.experiments.sva_model import encode_pair, load_checkpoint
+    from gradgraph.toy import load_model
+    clf = load_model()
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3]])
+    with torch.no_grad():
+        logits = clf(input_ids=ids).logits[0]
+        for label in (0, 1):
+            assert ClassLogit(clf)(ids, torch.tensor([label])) == logits[label]
+    model, tok = load_checkpoint()
+    for p in make_pairs(4, seed=11):
+        e = encode_pair(tok, p)
+        with torch.no_grad():
+            row = model(input_ids=e.ids).logits[0, e.mask]
+            for sink, scores in (("logprob", torch.log_softmax(row, -1)), ("logit", row)):
+                got = SvaSink(model, sink)(**sink_inputs(e))
+                torch.testing.assert_close(got, scores[e.good] - scores[e.bad], rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------ the studies, --quick
 @pytest.mark.parametrize("name, files", [
     ("first-token", ["first_token_sentences.csv", "first_token_summary.csv", "first_token_fig2.png"]),
@@ -195,6 +259,7 @@ def test_quick_run_writes_its_outputs(tmp_path, capsys, name, files):
     from gradgraph.cli import main
     out = str(tmp_path / name)
     assert main(["experiment", name, "--quick", "--out", out]) == 0
+    printed = capsys.readouterr().out
     for f in files:
         path = os.path.join(out, f)
         assert os.path.getsize(path) > 0, f
@@ -204,8 +269,22 @@ def test_quick_run_writes_its_outputs(tmp_path, capsys, name, files):
         else:
             with open(path, "rb") as fh:
                 assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert "wrote" in capsys.readouterr().out
+    assert "wrote" in printed
     # a second run does not overwrite without being asked: one line, status 2
     assert main(["experiment", name, "--quick", "--out", out]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--overwrite" in err[0]
+    # the per-item loop runs through the batch runner: two worker processes give the same tables
+    # (every worker computes with one torch thread, as this process does)
+    out2 = str(tmp_path / f"{name}-2")
+    assert main(["experiment", name, "--quick", "--out", out2, "--workers", "2"]) == 0
+    for f in files:
+        if f.endswith(".csv"):
+            with open(os.path.join(out, f)) as a, open(os.path.join(out2, f)) as b:
+                assert a.read() == b.read(), f
+
+
+def test_experiment_rejects_bad_runner_options(capsys):
+    from gradgraph.cli import main
+    assert main(["experiment", "first-token", "--quick", "--workers", "0", "--out", "unused"]) == 2
+    assert "--workers" in capsys.readouterr().err

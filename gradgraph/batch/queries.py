@@ -20,6 +20,8 @@ branches        nodes (names) or modules (glob patterns:      NaN / per node: la
 path_lengths    --                                            mean length (by |weight| mass) / masses
 gradient        --                                            NaN / {source: nested list}
 save            --                                            NaN / the graph file (out/_graphs/...)
+call            function ("package.module:name" of a          NaN / what the function returns
+                function graph -> JSON-serialisable result)   (several answers from shared passes)
 =============== ============================================= ==========================================
 """
 from __future__ import annotations
@@ -44,6 +46,7 @@ QUERIES = {
     "path_lengths": {},
     "gradient": {},
     "save": {},
+    "call": {"function": None},
 }
 
 
@@ -81,6 +84,8 @@ def normalize_queries(queries):
                              "e.g. 'bert.encoder.layer.*.attention')")
         if kind == "flow" and spec["by"] == "element" and not spec["node"]:
             raise BatchError("a flow query by 'element' needs 'node' (the tensor whose element flows to report)")
+        if kind == "call":
+            resolve_function(spec["function"])    # a bad name fails here, not once per item
         names.add(spec["name"])
         out.append(json.loads(json.dumps(spec)))   # plain JSON values: comparable with a saved config
     return out
@@ -116,6 +121,25 @@ def load_queries(path):
     if isinstance(data, dict) and "queries" in data:
         data = data["queries"]
     return normalize_queries(data)
+
+
+def resolve_function(name):
+    """The function named ``"package.module:qualified.name"`` (a ``call`` query's ``function``)."""
+    import importlib
+    if not isinstance(name, str) or name.count(":") != 1 or not all(name.split(":")):
+        raise BatchError(f"a call query needs 'function': 'package.module:name' (an importable function "
+                         f"graph -> result), got {name!r}")
+    module, qualname = name.split(":")
+    try:
+        obj = importlib.import_module(module)
+    except ImportError as exc:
+        raise BatchError(f"call query: cannot import {module!r} ({exc}); the module must be importable "
+                         f"in every worker") from None
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    if not callable(obj):
+        raise BatchError(f"call query: {module!r} has no function {qualname!r}")
+    return obj
 
 
 # ============================================================================ answers
@@ -209,6 +233,8 @@ def answer(g, spec, artefact_dir=None, item_file=None):
         return (float(np.dot(np.arange(len(m)), m) / total) if total > 0 else math.nan), _nested(m)
     if kind == "gradient":
         return math.nan, {name: _nested(t.double().numpy()) for name, t in g.gradient().items()}
+    if kind == "call":     # one function, several answers from passes it shares
+        return math.nan, resolve_function(spec["function"])(g)
     if kind == "save":
         if artefact_dir is None:
             raise BatchError("the save query needs a results folder")

@@ -13,18 +13,22 @@ graph's) against their length in tokens (Fig. 6a).
 """
 from __future__ import annotations
 
-import functools
+import hashlib
 import os
 
 import numpy as np
 
-from .common import new_figure, prepare_out, run_items, save_figure, write_csv
+from .common import (check_runner, new_figure, one_thread, path_entropies, prepare_out, run_batch,
+                     save_figure, write_csv)
 
-__all__ = ["run", "train_mlp", "mlp_entropy", "make_task", "OUTPUTS", "HIDDEN_SIZES", "DEPTHS"]
+__all__ = ["run", "train_mlp", "make_task", "build_mlp", "mlp_build", "mlp_answer", "length_answer",
+           "OUTPUTS", "HIDDEN_SIZES", "DEPTHS"]
 
 OUTPUTS = ("entropy_mlp.csv", "entropy_mlp.png", "entropy_length.csv", "entropy_length.png")
 HIDDEN_SIZES = (4, 8, 16, 32, 64, 128)
 DEPTHS = (1, 2, 3, 4)
+N_SENTENCES = 100
+SOURCE = "bert.embeddings.word_embeddings"
 
 
 def make_task(n, seed):
@@ -65,44 +69,86 @@ def train_mlp(model, epochs, seed=0):
         return float((model(xt).argmax(-1) == yt).double().mean())
 
 
-def _logit_of(label):
-    return (_logit0, _logit1)[label]
+class _Logit:
+    """An MLP as a module whose output is one class's logit: ``forward(x, label)``, ``label`` a (1,)
+    integer tensor (an input, so one exported program serves both classes)."""
+
+    def __new__(cls, mlp):
+        import torch
+
+        class _MlpLogit(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.mlp = mlp
+
+            def forward(self, x, label):
+                return self.mlp(x).index_select(1, label)[0, 0]
+        return _MlpLogit().eval()
 
 
-def _logit0(y):
-    return y[0, 0]
+_MLPS = {}      # per process: (hidden, depth, digest of the weights) -> the model, built once
 
 
-def _logit1(y):
-    return y[0, 1]
+def _state_digest(state):
+    h = hashlib.sha1()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(state[name]).tobytes())
+    return h.hexdigest()
 
 
-def mlp_entropy(model, x, y):
-    """Mean over inputs of (whole-graph entropy, entropy at feature 0, mean entropy at 1-3)."""
-    import gradgraph as gg
-    out = []
-    for i in range(len(x)):
-        g = gg.capture(model, (x[i:i + 1],), output=_logit_of(int(y[i])))
-        per = next(iter(g.entropy(per_source=True).values()))[0]
-        out.append((g.entropy(), per[0], float(np.mean(per[1:]))))
-    return np.mean(out, axis=0)
-
-
-def mlp_item(item):
-    """(hidden, depth, epochs, n_inputs) -> row: entropies before and after training."""
+def mlp_build(value):
+    """The batch build of the MLP items: ``value`` = (hidden, depth, weights {name: array}, digest,
+    x (4 floats), label). Each distinct model is built once per process, so its inputs share one
+    exported program."""
     import torch
-    torch.set_num_threads(1)
-    hidden, depth, epochs, n_inputs = item
-    model = build_mlp(hidden, depth, seed=0).eval()
+    hidden, depth, state, digest, x, label = value
+    key = (hidden, depth, digest)
+    if key not in _MLPS:
+        torch.set_num_threads(1)
+        if len(_MLPS) > 64:
+            _MLPS.clear()
+        mlp = build_mlp(hidden, depth, seed=0)
+        mlp.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
+        _MLPS[key] = _Logit(mlp.eval())
+    return (_MLPS[key], (torch.tensor([x], dtype=torch.float64), torch.tensor([label])), {}, None)
+
+
+def mlp_answer(g):
+    """The batch query of one MLP input: the whole graph's entropy and the entropy of the paths
+    ending at each of the 4 features (one pass)."""
+    total, per = path_entropies(g, {"x": 1})
+    return {"entropy": total, "features": per["x"].tolist()}
+
+
+def mlp_rows(configs, epochs, n_inputs, out, *, workers, engine, overwrite):
+    """One row per (hidden, depth): test accuracy after training, and the entropies averaged over
+    ``n_inputs`` test inputs before and after training (sink: the correct class's logit)."""
     x, y = make_task(n_inputs, seed=99)
-    before = mlp_entropy(model, x, y)
-    acc = train_mlp(model.train(), epochs)
-    model.eval()
-    after = mlp_entropy(model, x, y)
-    return {"hidden": hidden, "depth": depth, "epochs": epochs, "test_accuracy": acc,
-            "entropy_before": before[0], "entropy_after": after[0],
-            "relevant_before": before[1], "relevant_after": after[1],
-            "irrelevant_before": before[2], "irrelevant_after": after[2]}
+    items, acc = [], {}
+    for hidden, depth in configs:
+        model = build_mlp(hidden, depth, seed=0)
+        untrained = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+        acc[hidden, depth] = train_mlp(model.train(), epochs)
+        trained = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+        for phase, state in (("before", untrained), ("after", trained)):
+            digest = _state_digest(state)
+            items += [(f"h{hidden}-d{depth}-{phase}-x{i}",
+                       (hidden, depth, state, digest, x[i].tolist(), int(y[i]))) for i in range(n_inputs)]
+    answers = run_batch(items, mlp_build, "gradgraph.experiments.entropy_checks:mlp_answer", out, "mlp",
+                        {"epochs": epochs, "inputs": n_inputs}, workers=workers, engine=engine,
+                        overwrite=overwrite, dynamic=None)
+    found = {key: ans for (key, _), (ans, _) in zip(items, answers)}
+    rows = []
+    for hidden, depth in configs:
+        row = {"hidden": hidden, "depth": depth, "epochs": epochs, "test_accuracy": acc[hidden, depth]}
+        for phase in ("before", "after"):
+            ans = [found[f"h{hidden}-d{depth}-{phase}-x{i}"] for i in range(n_inputs)]
+            row[f"entropy_{phase}"] = float(np.mean([a["entropy"] for a in ans]))
+            row[f"relevant_{phase}"] = float(np.mean([a["features"][0] for a in ans]))
+            row[f"irrelevant_{phase}"] = float(np.mean([np.mean(a["features"][1:]) for a in ans]))
+        rows.append(row)
+    return rows
 
 
 def mlp_figure(rows, path):
@@ -126,29 +172,12 @@ def mlp_figure(rows, path):
     return save_figure(fig, path)
 
 
-_SVA = {}
-
-
-def length_item(item):
-    """(index, pair, encoded, checkpoint, padded length) -> row: length and entropies on the
-    agreement model (padding tokens carry no path: see :func:`.sva.padded_inputs`)."""
-    import gradgraph as gg
-    from .sva import SvaSink, padded_inputs
-    from .sva_model import load_checkpoint
-    index, pair, enc, checkpoint, length = item
-    if checkpoint not in _SVA:
-        import torch
-        torch.set_num_threads(1)
-        model, tok = load_checkpoint(checkpoint)
-        _SVA.clear()
-        _SVA[checkpoint] = (SvaSink(model), len(tok.get_vocab()))
-    wrapped, V = _SVA[checkpoint]
-    src = "bert.embeddings.word_embeddings"
-    g = gg.capture(wrapped, padded_inputs(enc, V, length), sources=[src])
-    T = int(enc.ids.shape[1])
-    per_token = g.entropy(groups={src: 1})[src][:T]
-    return {"pair": index, "words": len(pair.words), "tokens": int(enc.ids.shape[1]),
-            "entropy": float(g.entropy()), "mean_token_entropy": float(np.mean(per_token))}
+def length_answer(g):
+    """The batch query of one sentence on the agreement model: the whole graph's entropy and the
+    mean per-token entropy (one pass)."""
+    from .sva import SOURCE
+    total, per = path_entropies(g, {SOURCE: 1})
+    return {"entropy": total, "mean_token_entropy": float(np.mean(per[SOURCE]))}
 
 
 def length_figure(rows, path):
@@ -164,33 +193,40 @@ def length_figure(rows, path):
     return save_figure(fig, path)
 
 
-def run(out, *, quick=False, workers=1, overwrite=False, checkpoint=None, log=print):
+@one_thread
+def run(out, *, quick=False, workers=1, engine="local", overwrite=False, checkpoint=None, log=print):
+    """Run the study; returns ``{"mlp": rows, "length": rows}``. ``workers`` / ``engine``: see
+    :func:`.common.run_batch`."""
     from scipy.stats import spearmanr
+    from .sva import SvaBuild
     from .sva_data import make_pairs
     from .sva_model import DEFAULT_CHECKPOINT, encode_pair, load_checkpoint
-    checkpoint = checkpoint or DEFAULT_CHECKPOINT
+    checkpoint = os.path.abspath(checkpoint or DEFAULT_CHECKPOINT)
+    check_runner(workers, engine)
     prepare_out(out, OUTPUTS, overwrite)
     epochs, n_inputs = (3, 4) if quick else (30, 20)
     hidden = (4, 16, 64) if quick else HIDDEN_SIZES
     depths = (1, 2) if quick else DEPTHS
-    configs = [(h, 1, epochs, n_inputs) for h in hidden] + \
-              [(16, d, epochs, n_inputs) for d in depths if d != 1]
-    mlp_rows = run_items(mlp_item, configs, workers=workers, desc="entropy: MLPs")
-    write_csv(os.path.join(out, OUTPUTS[0]), mlp_rows)
-    mlp_figure(mlp_rows, os.path.join(out, OUTPUTS[1]))
+    configs = [(h, 1) for h in hidden] + [(16, d) for d in depths if d != 1]
+    mlp_table = mlp_rows(configs, epochs, n_inputs, out, workers=workers, engine=engine, overwrite=overwrite)
+    write_csv(os.path.join(out, OUTPUTS[0]), mlp_table)
+    mlp_figure(mlp_table, os.path.join(out, OUTPUTS[1]))
 
     _, tok = load_checkpoint(checkpoint)
-    pairs = make_pairs(8 if quick else 100, seed=20_000)
+    pairs = make_pairs(8 if quick else N_SENTENCES, seed=20_000)
     encoded = [(i, p, e) for i, (p, e) in enumerate((p, encode_pair(tok, p)) for p in pairs)
                if e is not None]
-    length = max(e.ids.shape[1] for _, _, e in encoded)
-    items = [(i, p, e, checkpoint, length) for i, p, e in encoded]
-    len_rows = run_items(length_item, items, workers=workers, desc="entropy: sentences")
+    answers = run_batch([(f"p{i}", e) for i, _, e in encoded], SvaBuild(checkpoint),
+                        "gradgraph.experiments.entropy_checks:length_answer", out, "length",
+                        {"checkpoint": checkpoint}, workers=workers, engine=engine, overwrite=overwrite,
+                        sources=[SOURCE])
+    len_rows = [{"pair": i, "words": len(p.words), "tokens": int(e.ids.shape[1]), "entropy": a["entropy"],
+                 "mean_token_entropy": a["mean_token_entropy"]} for (i, p, e), (a, _) in zip(encoded, answers)]
     write_csv(os.path.join(out, OUTPUTS[2]), len_rows)
     length_figure(len_rows, os.path.join(out, OUTPUTS[3]))
 
     log("entropy-checks: MLP (one hidden layer), entropy after / before training (nats):")
-    for r in mlp_rows:
+    for r in mlp_table:
         log(f"  hidden {r['hidden']:3d} depth {r['depth']}: {r['entropy_after']:.2f} / {r['entropy_before']:.2f}"
             f"  relevant {r['relevant_after']:.2f}  irrelevant {r['irrelevant_after']:.2f}"
             f"  (test accuracy {r['test_accuracy']:.3f})")
@@ -198,4 +234,4 @@ def run(out, *, quick=False, workers=1, overwrite=False, checkpoint=None, log=pr
     log(f"agreement model: mean token entropy vs tokens, Spearman rho={rho:.2f} (p={p:.2g}, "
         f"n={len(len_rows)})")
     log(f"wrote {len(OUTPUTS)} files to {out}")
-    return {"mlp": mlp_rows, "length": len_rows}
+    return {"mlp": mlp_table, "length": len_rows}

@@ -16,43 +16,59 @@ shows the magnitude order).
 """
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
-from .common import (BRANCHES, bar_groups, branch_name, new_figure, prepare_out, run_items,
-                     save_figure, write_csv)
+from .common import (BRANCHES, bar_groups, branch_answer, check_runner, new_figure, one_thread,
+                     prepare_out, run_batch, save_figure, write_csv)
 
-__all__ = ["analyse_sentence", "test_items", "run", "OUTPUTS", "TOKEN_TYPES", "ORDERS"]
+__all__ = ["FirstTokenBuild", "ClassLogit", "graph_answer", "test_items", "run", "OUTPUTS",
+           "TOKEN_TYPES", "ORDERS"]
 
 OUTPUTS = ("first_token_sentences.csv", "first_token_summary.csv", "first_token_fig2.png")
 TOKEN_TYPES = ("first", "repeat", "other")
 ORDERS = ("signed", "magnitude")
 ATTENTION_INPUT_MODULE = "bert.embeddings.LayerNorm"
+SOURCE = "bert.embeddings.word_embeddings"
 #: paper Fig. 2 (read off the plot; signed order, op-level paths); None: not given
 PAPER_FIG2 = {("first", "query"): 0.17, ("first", "key"): 0.095, ("first", "skip"): 0.095,
               ("first", "value"): 0.0, ("repeat", "key"): 0.27, ("other", "key"): 0.01}
 
 
-@functools.lru_cache(maxsize=1)
-def _model():
-    import torch
-    from ..toy import load_model
-    torch.set_num_threads(1)
-    return load_model()
+class ClassLogit:
+    """The bundled classifier as a module whose output is one class's logit: ``forward(input_ids,
+    label)`` with ``label`` a (1,) integer tensor. The class is an input rather than part of an
+    ``output`` function, so one exported program serves both classes; module paths stay
+    ``bert.*`` and ``classifier`` (as in ``BertForSequenceClassification.forward``)."""
+
+    def __new__(cls, classifier):
+        import torch
+
+        class _ClassLogit(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.bert, self.dropout, self.classifier = (classifier.bert, classifier.dropout,
+                                                            classifier.classifier)
+
+            def forward(self, input_ids, label):
+                pooled = self.bert(input_ids=input_ids).pooler_output
+                logits = self.classifier(self.dropout(pooled))
+                return logits.index_select(1, label)[0, 0]
+        return _ClassLogit().eval()
 
 
-def _logit_of(label):
-    # one function per class, so that the capture cache traces each sink once
-    return (_logit0, _logit1)[label]
+class FirstTokenBuild:
+    """The batch build: the bundled model once per worker; an item is (token ids, label)."""
 
+    def setup(self):
+        import torch
+        from ..toy import load_model
+        torch.set_num_threads(1)       # the same arithmetic in every worker: identical results
+        return ClassLogit(load_model())
 
-def _logit0(out):
-    return out.logits[0, 0]
-
-
-def _logit1(out):
-    return out.logits[0, 1]
+    def inputs(self, value):
+        import torch
+        ids, label = value
+        return (), {"input_ids": torch.tensor([ids]), "label": torch.tensor([label])}, None
 
 
 def test_items(quick=False):
@@ -64,34 +80,45 @@ def test_items(quick=False):
     return [(i, ids[i].tolist(), int(labels[i])) for i in range(8000, stop)]
 
 
-def analyse_sentence(item):
+def attention_input(g):
+    """The attention layer's input: the output of the embeddings' layer norm."""
+    return [n.name for n in g.nodes if n.module == ATTENTION_INPUT_MODULE and not n.is_view][-1]
+
+
+def graph_answer(g):
+    """The batch query of one sentence: at the attention input, per token, the best path's value
+    through each branch and the best branch, in both orders."""
+    node = attention_input(g)
+    return {order: branch_answer(g.branches(node, order=order, groups=1)) for order in ORDERS}
+
+
+def sentence_row(item, answer, sink, predicted):
     """One test sentence -> one row: per order, token type and branch the best path's value, and
     per token type the share of its tokens whose best path leaves by each branch."""
-    import torch
-    import gradgraph as gg
     index, ids, label = item
-    model = _model()
-    x = torch.tensor([ids])
-    with torch.no_grad():
-        predicted = int(model(input_ids=x).logits[0].argmax())
-    g = gg.capture(model, (), {"input_ids": x}, output=_logit_of(label))
-    attention_input = [n.name for n in g.nodes if n.module == ATTENTION_INPUT_MODULE and not n.is_view][-1]
     repeat = ids.index(ids[0], 1) if label else None
     positions = {"first": [0], "repeat": [repeat] if label else [],
                  "other": [t for t in range(1, len(ids)) if t != repeat]}
     row = {"sentence": index, "label": label, "predicted": predicted, "repeat_position": repeat,
-           "sink": float(g.sink_value)}
+           "sink": sink}
     for order in ORDERS:
-        br = g.branches(attention_input, order=order, groups=1)
-        names = [branch_name(lab) for lab in br.labels]
-        col = {b: names.index(b) for b in BRANCHES}
-        values = np.where(br.sign != 0, br.values, 0.0)     # no path through a branch: value 0
+        br = answer[order]
+        col = {b: br["labels"].index(b) for b in BRANCHES}
+        values, best = np.array(br["values"]), np.array(br["best"])
         for kind, pos in positions.items():
             for b in BRANCHES:
                 row[f"{order}_{kind}_{b}"] = float(values[pos, col[b]].mean()) if pos else None
-                row[f"{order}_{kind}_best_{b}"] = (float(np.mean(br.best[pos] == col[b]))
-                                                    if pos else None)
+                row[f"{order}_{kind}_best_{b}"] = float(np.mean(best[pos] == col[b])) if pos else None
     return row
+
+
+def predictions(items):
+    """The bundled model's predicted class for every item (one batched forward)."""
+    import torch
+    from ..toy import load_model
+    with torch.no_grad():
+        logits = load_model()(input_ids=torch.tensor([ids for _, ids, _ in items])).logits
+    return logits.argmax(-1).tolist()
 
 
 def summarise(rows):
@@ -131,13 +158,20 @@ def figure(summary, path):
     return save_figure(fig, path)
 
 
-def run(out, *, quick=False, workers=1, overwrite=False, log=print):
-    """Run the study; returns the summary rows."""
+@one_thread
+def run(out, *, quick=False, workers=1, engine="local", overwrite=False, log=print):
+    """Run the study; returns the summary rows. ``workers`` / ``engine``: see
+    :func:`.common.run_batch`."""
     import os
+    check_runner(workers, engine)
     prepare_out(out, OUTPUTS, overwrite)
     items = test_items(quick)
-    _model()   # load once before a fork: the workers inherit it
-    rows = run_items(analyse_sentence, items, workers=workers, desc="first-token sentences")
+    answers = run_batch([(f"s{i}", (ids, label)) for i, ids, label in items], FirstTokenBuild(),
+                        "gradgraph.experiments.first_token:graph_answer", out, "first-token",
+                        {"model": "bundled"}, workers=workers, engine=engine, overwrite=overwrite,
+                        sources=[SOURCE], dynamic=None)
+    rows = [sentence_row(it, ans, sink, pred)
+            for it, (ans, sink), pred in zip(items, answers, predictions(items))]
     write_csv(os.path.join(out, OUTPUTS[0]), rows)
     summary = summarise(rows)
     write_csv(os.path.join(out, OUTPUTS[1]), summary)

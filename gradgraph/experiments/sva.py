@@ -20,15 +20,16 @@ heads ranked by their mean flow share; the top-n, bottom-n and n random heads ma
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import numpy as np
 
-from .common import (BRANCHES, BRANCH_COLORS, ExperimentError, bar_groups, branch_name, new_figure,
-                     prepare_out, run_items, save_figure, write_csv)
+from .common import (BRANCHES, ExperimentError, bar_groups, branch_answer, check_runner,
+                     new_figure, one_thread, path_entropies, prepare_out, run_batch, save_figure,
+                     write_csv)
 
-__all__ = ["run", "analyse_pair", "SvaSink", "attention_inputs", "OUTPUTS", "PAPER_FIG4_SUBJECT"]
+__all__ = ["run", "SvaSink", "SvaBuild", "graph_answer", "pair_row", "attention_inputs", "OUTPUTS",
+           "PAPER_FIG4_SUBJECT", "SOURCE"]
 
 OUTPUTS = ("sva_sentences.csv", "sva_accuracy.csv", "sva_branches.csv", "sva_fig4.png",
            "sva_entropy.csv", "sva_entropy.png", "sva_head_flow.csv", "sva_head_flow.png",
@@ -39,12 +40,18 @@ PAPER_FIG4_SUBJECT = {"skip": [.299, .205, .211, .211, .131, 0], "key": [.020, .
                       "value": [0, 0, 0, 0, .009, .036], "query": [0] * 6}
 LENGTH_BINS = ((4, 8), (8, 11), (11, 14), (14, 40))
 ABLATION_N = (1, 2, 4, 8)
+SOURCE = "bert.embeddings.word_embeddings"
+#: analysed pairs (the paper: 1,000 sampled, 670 kept) and scored pairs, full and --quick
+N_ANALYSED, N_SCORED, N_ABLATION = 1000, 4000, 2000
+N_ANALYSED_QUICK, N_SCORED_QUICK, N_ABLATION_QUICK = 8, 200, 200
 
 
 class SvaSink:
-    """A BertForMaskedLM as a module with the sink inside: forward(input_ids, selector) returns
-    sum(selector * log_softmax(logits)) (or the logits). ``selector`` holds +1 at (mask, good) and
-    -1 at (mask, bad), so one traced program serves every pair of a given length."""
+    """A BertForMaskedLM as a module with the sink inside: ``forward(input_ids, position, verbs)``
+    returns log p(verbs[0]) - log p(verbs[1]) at token ``position`` (``sink="logit"``: the logit
+    difference). ``position`` (1,) and ``verbs`` (2,) are integer tensors, so one exported program
+    serves every pair (the sequence length is exported symbolic). Only the masked position's row
+    goes through the MLM head: the other rows cannot reach the sink."""
 
     def __new__(cls, mlm, sink="logprob"):
         import torch
@@ -54,40 +61,23 @@ class SvaSink:
                 super().__init__()
                 self.bert, self.cls = mlm.bert, mlm.cls   # module paths stay bert.* and cls.*
 
-            def forward(self, input_ids, attention_mask, selector):
-                hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-                scores = self.cls(hidden)
+            def forward(self, input_ids, position, verbs):
+                hidden = self.bert(input_ids=input_ids).last_hidden_state
+                scores = self.cls(hidden.index_select(1, position))
                 if sink == "logprob":
                     scores = torch.log_softmax(scores, dim=-1)
-                return (scores * selector).sum()
+                pair = scores.index_select(2, verbs)
+                return pair[0, 0, 0] - pair[0, 0, 1]
         if sink not in ("logprob", "logit"):
             raise ExperimentError(f"sink must be 'logprob' or 'logit', got {sink!r}")
         return _Sink().eval()
 
 
-def selector_for(encoded, vocab_size):
+def sink_inputs(encoded):
+    """The keyword inputs of :class:`SvaSink` for one encoded pair."""
     import torch
-    sel = torch.zeros(1, encoded.ids.shape[1], vocab_size)
-    sel[0, encoded.mask, encoded.good] = 1.0
-    sel[0, encoded.mask, encoded.bad] = -1.0
-    return sel
-
-
-def padded_inputs(encoded, vocab_size, length):
-    """(input_ids, attention_mask, selector) padded to ``length`` tokens. Padding keeps one input
-    shape, so one traced program serves all sentences; a padded key gets attention probability
-    exactly 0, so no path runs through a padding token (the graphs equal the unpadded ones)."""
-    import torch
-    T = encoded.ids.shape[1]
-    if length < T:
-        raise ExperimentError(f"cannot pad {T} tokens to {length}")
-    ids = torch.zeros(1, length, dtype=torch.long)
-    ids[0, :T] = encoded.ids[0]
-    att = torch.zeros(1, length, dtype=torch.long)
-    att[0, :T] = 1
-    sel = torch.zeros(1, length, vocab_size)
-    sel[0, :T] = selector_for(encoded, vocab_size)[0]
-    return ids, att, sel
+    return {"input_ids": encoded.ids, "position": torch.tensor([encoded.mask]),
+            "verbs": torch.tensor([encoded.good, encoded.bad])}
 
 
 def attention_inputs(g):
@@ -106,56 +96,57 @@ def attention_inputs(g):
     return [found[k] for k in sorted(found)]
 
 
-_STATE = {}
+class SvaBuild:
+    """The batch build: the checkpoint loaded once per worker; an item is an encoded pair."""
 
+    def __init__(self, checkpoint, sink="logprob"):
+        self.checkpoint, self.sink = checkpoint, sink
 
-def _setup(checkpoint, sink):
-    """Load the model once per process (workers forked after this inherit it)."""
-    key = (checkpoint, sink)
-    if key not in _STATE:
+    def setup(self):
         import torch
         from .sva_model import load_checkpoint
-        torch.set_num_threads(1)
-        model, tok = load_checkpoint(checkpoint)
-        _STATE.clear()
-        _STATE[key] = (model, tok, SvaSink(model, sink))
-    return _STATE[key]
+        torch.set_num_threads(1)       # the same arithmetic in every worker: identical results
+        return SvaSink(load_checkpoint(self.checkpoint)[0], self.sink)
+
+    def inputs(self, encoded):
+        return (), sink_inputs(encoded), None
 
 
-def analyse_pair(item):
-    """One pair -> one row (see the module docstring). ``item``: (index, pair, encoded,
-    checkpoint, sink, padded length)."""
-    import gradgraph as gg
+def graph_answer(g):
+    """The batch query of one pair: the entropy (whole graph and per token, one pass), per layer
+    the best path's value through each branch of the attention input per token (one shared pass
+    for all layers), and the |gradient| flow through each head as a share of Z."""
     from .heads import head_flow
-    index, pair, enc, checkpoint, sink, length = item
-    model, tok, wrapped = _setup(checkpoint, sink)
-    src = "bert.embeddings.word_embeddings"
-    g = gg.capture(wrapped, padded_inputs(enc, len(tok.get_vocab()), length), sources=[src])
+    total, per = path_entropies(g, {SOURCE: 1})
+    layers = [branch_answer(b) for b in g.branches(attention_inputs(g), groups=1)]
+    flows = g.flow(by="element")
+    Z = float(np.sum(flows[g.nodes[g.sink].name]))
+    heads = [(f / Z).tolist() for f in head_flow(g, flows=flows).values()]
+    return {"entropy": total, "token_entropy": per[SOURCE].tolist(), "layers": layers, "heads": heads}
+
+
+def pair_row(index, pair, enc, answer, sink):
+    """One analysed pair -> one row of ``sva_sentences.csv`` (see the module docstring)."""
     T = enc.ids.shape[1]
     row = {"pair": index, "structure": pair.structure, "words": len(pair.words), "tokens": T,
            "n_attractors": pair.n_attractors, "n_intervening": pair.n_intervening,
-           "plural": pair.plural, "score": float(g.sink_value), "correct": bool(g.sink_value > 0),
-           "entropy": float(g.entropy()),
-           "mean_token_entropy": float(np.mean(g.entropy(groups={src: 1})[src][:T]))}
+           "plural": pair.plural, "score": sink, "correct": bool(sink > 0),
+           "entropy": answer["entropy"], "mean_token_entropy": float(np.mean(answer["token_entropy"]))}
     positions = {"subject": [] if enc.subject is None else [enc.subject],
                  "attractors": list(enc.attractors), "all": list(range(T))}
-    for layer, node in enumerate(attention_inputs(g)):
-        br = g.branches(node, groups=1)
-        names = [branch_name(lab) for lab in br.labels]
-        values = np.where(br.sign != 0, br.values, 0.0)
+    for layer, br in enumerate(answer["layers"]):
+        values, best = np.array(br["values"]), np.array(br["best"])
         for grp, pos in positions.items():
             for b in BRANCHES:
-                if b not in names or not pos:
+                if b not in br["labels"] or not pos:
                     row[f"L{layer}_{grp}_{b}"] = row[f"L{layer}_{grp}_best_{b}"] = None
                     continue
-                j = names.index(b)
+                j = br["labels"].index(b)
                 row[f"L{layer}_{grp}_{b}"] = float(values[pos, j].mean())
-                row[f"L{layer}_{grp}_best_{b}"] = float(np.mean(br.best[pos] == j))
-    flows = g.flow(by="element")
-    Z = float(np.sum(flows[g.nodes[g.sink].name]))
-    for layer, (m, f) in enumerate(head_flow(g, flows=flows).items()):
-        for h, v in enumerate(f):
-            row[f"head_L{layer}_H{h}"] = float(v) / Z
+                row[f"L{layer}_{grp}_best_{b}"] = float(np.mean(best[pos] == j))
+    for layer, shares in enumerate(answer["heads"]):
+        for h, v in enumerate(shares):
+            row[f"head_L{layer}_H{h}"] = v
     return row
 
 
@@ -327,25 +318,31 @@ def ablation_figure(rows, path):
 
 
 def load_pairs(quick, tsv=None, n_eval=None):
-    """(analysis pairs, evaluation pairs): generated, or read from a Goldberg (2019) TSV."""
+    """(analysis pairs, evaluation pairs): generated, or read from a Goldberg (2019) TSV. The
+    analysis pairs are the first :data:`N_ANALYSED` of the evaluation pairs (``quick``:
+    :data:`N_ANALYSED_QUICK` of :data:`N_SCORED_QUICK`)."""
     from .sva_data import load_lgd_tsv, make_pairs
     from .train_sva import EVAL_SEED
+    n_an = N_ANALYSED_QUICK if quick else N_ANALYSED
     if tsv:
         pairs = load_lgd_tsv(tsv)
-        n_an = 8 if quick else 200
         return pairs[:n_an], pairs
-    evals = make_pairs(n_eval or (200 if quick else 4000), seed=EVAL_SEED)
-    n_an = 8 if quick else 200
+    evals = make_pairs(n_eval or (N_SCORED_QUICK if quick else N_SCORED), seed=EVAL_SEED)
     return evals[:n_an], evals
 
 
-def run(out, *, quick=False, workers=1, overwrite=False, checkpoint=None, sink="logprob", tsv=None,
-        log=print):
-    """Run the study; returns a dict of the tables."""
-    from .sva_model import DEFAULT_CHECKPOINT, encode_pair, verb_scores
-    checkpoint = checkpoint or DEFAULT_CHECKPOINT
+@one_thread
+def run(out, *, quick=False, workers=1, engine="local", overwrite=False, checkpoint=None, sink="logprob",
+        tsv=None, log=print):
+    """Run the study; returns a dict of the tables. ``workers`` / ``engine``: see
+    :func:`.common.run_batch`."""
+    from .sva_model import DEFAULT_CHECKPOINT, encode_pair, load_checkpoint, verb_scores
+    checkpoint = os.path.abspath(checkpoint or DEFAULT_CHECKPOINT)
+    if sink not in ("logprob", "logit"):
+        raise ExperimentError(f"sink must be 'logprob' or 'logit', got {sink!r}")
+    check_runner(workers, engine)
     prepare_out(out, OUTPUTS, overwrite)
-    model, tok, _ = _setup(checkpoint, sink)
+    model, tok = load_checkpoint(checkpoint)
     analysed, evaluation = load_pairs(quick, tsv)
     enc_eval = [(p, encode_pair(tok, p)) for p in evaluation]
     kept = [(p, e) for p, e in enc_eval if e is not None]
@@ -356,11 +353,12 @@ def run(out, *, quick=False, workers=1, overwrite=False, checkpoint=None, sink="
     acc = accuracy_table([p for p, _ in kept], scores)
     write_csv(os.path.join(out, "sva_accuracy.csv"), acc)
 
-    encoded = [(i, p, e) for i, (p, e) in enumerate((p, encode_pair(tok, p)) for p in analysed)
-               if e is not None]
-    length = max(e.ids.shape[1] for _, _, e in encoded)
-    items = [(i, p, e, checkpoint, sink, length) for i, p, e in encoded]
-    rows = run_items(analyse_pair, items, workers=workers, desc="sva sentences")
+    encoded = [(i, p, e) for i, (p, e) in enumerate(enc_eval[:len(analysed)]) if e is not None]
+    answers = run_batch([(f"p{i}", e) for i, _, e in encoded], SvaBuild(checkpoint, sink),
+                        "gradgraph.experiments.sva:graph_answer", out, "sva",
+                        {"checkpoint": checkpoint, "sink": sink, "tsv": os.path.abspath(tsv) if tsv else None},
+                        workers=workers, engine=engine, overwrite=overwrite, sources=[SOURCE])
+    rows = [pair_row(i, p, e, ans, sink_value) for (i, p, e), (ans, sink_value) in zip(encoded, answers)]
     write_csv(os.path.join(out, "sva_sentences.csv"), rows)
     n_layers = model.config.num_hidden_layers
     n_heads = model.config.num_attention_heads
@@ -373,7 +371,7 @@ def run(out, *, quick=False, workers=1, overwrite=False, checkpoint=None, sink="
     heads = head_table(rows, n_layers, n_heads)
     write_csv(os.path.join(out, "sva_head_flow.csv"), heads)
     head_figure(heads, n_layers, n_heads, os.path.join(out, "sva_head_flow.png"))
-    abl_pairs = [e for _, e in kept][: 200 if quick else 2000]
+    abl_pairs = [e for _, e in kept][:N_ABLATION_QUICK if quick else N_ABLATION]
     abl = ablation(model, abl_pairs, heads, seeds=2 if quick else 5)
     write_csv(os.path.join(out, "sva_ablation.csv"), abl)
     ablation_figure(abl, os.path.join(out, "sva_ablation.png"))
