@@ -40,19 +40,19 @@ def prepare_out(out, files, overwrite=False):
 
 
 def one_thread(study):
-    """Decorator: run a study with one torch thread (restored afterwards). Its models are small: threads
+    """Decorator: run a study with one thread in every pool (restored afterwards). Its models are small: threads
     within one op cost more than they bring (tiny training steps took 40x the CPU time with two
     threads on a busy machine); parallel work comes from ``--workers``, whose processes also run
     one thread each, so every item is computed with the same arithmetic however many workers."""
     @functools.wraps(study)
     def run(*args, **kwargs):
-        import torch
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
+        from ..threads import get_num_threads, set_num_threads
+        before = get_num_threads()
+        set_num_threads(1)      # every pool (torch, numba, numpy's BLAS), as in a batch worker
         try:
             return study(*args, **kwargs)
         finally:
-            torch.set_num_threads(before)
+            set_num_threads(before)
     return run
 
 
