@@ -23,6 +23,11 @@ Path lengths
     Each tensor's polynomial is held from its lowest possible non-zero power on
     (:class:`.semirings.Polynomial`),
     so a deep tensor does not carry a channel for every length shorter than its shortest path.
+    The windows widen along the paths, so the distribution is not one backward pass from the sink
+    but two passes met at a cut node, a tensor every path passes through (:func:`length_cuts`,
+    :func:`lengths_through`): an inside pass of the polynomials from the sources to the cut, an
+    outside pass from the sink down to it, each over about half the lengths; their per-element
+    products summed over the cut's elements give the distribution.
 
 Numerics: both passes keep per-tensor scales, so the products are exact up to rounding, but values
 returned as plain float64 underflow to 0 below ~1e-308; ``log=True`` returns natural logs instead
