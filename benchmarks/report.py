@@ -13,8 +13,8 @@ figure (it draws them after the load event). ``--threads`` sets torch's threads 
 environment, numpy's BLAS threads (default 1); the CPU time of each section of the report is
 printed too.
 
-Run: ``.venv/bin/python benchmarks/report.py [--layers 12] [--hidden 768] [--tokens 64] [--k 20] [--graph FILE]
-[--threads 1] [--loads 3]``. Needs ``chromium`` and ``chromedriver`` on PATH for the load time.
+Run: ``.venv/bin/python benchmarks/report.py [--layers 12] [--hidden 768] [--tokens 64] [--k 20]
+[--threads 1] [--loads 3] [--graph FILE]``. Needs ``chromium`` and ``chromedriver`` on PATH for the load time.
 """
 from __future__ import annotations
 
