@@ -284,3 +284,23 @@ def test_polynomial_dot_matches_per_element_convolution():
     keep = [0, 1, 4, 5]
     np.testing.assert_allclose(got[keep], (finite + np.convolve(np.nan_to_num(f[:, 5]), b[:, 5]))[keep],
                                rtol=1e-12)
+
+
+class _Fig1(torch.nn.Module):
+    def forward(self, x, y):
+        return torch.exp(x) + (x - y) * y
+
+
+def test_path_lengths_of_two_sources_at_each_cut_by_hand():
+    """The paper's Fig. 1 graph (docs/semirings.md's worked example): two sources whose paths meet
+    first at the add, so the add and the output select are the cut nodes; at x = 0, y = 2 the
+    paths of length 2 carry 1 + 2 and those of length 3 carry 2 + 2, met at either cut."""
+    from gradgraph.algorithms.flow import length_cuts, lengths_through
+
+    x = torch.tensor([0.0], dtype=torch.float64)
+    y = torch.tensor([2.0], dtype=torch.float64)
+    g = gg.capture(_Fig1(), (x, y), output=lambda f: f[0])
+    cuts = length_cuts(g)
+    assert sorted(g.nodes[c].op_name for c in cuts) == ["add", "select"]
+    for c in cuts:
+        np.testing.assert_allclose(lengths_through(g, c), [0, 0, 3, 4], rtol=1e-12, atol=0)
