@@ -279,7 +279,7 @@ def test_polynomial_dot_matches_per_element_convolution():
     b[0, 3], f[:, 3] = np.inf, [0.0, 0.0, 0.0, 2.0]              # inf at x^0 meets x^3 only
     got = _polynomial_dot(f, b)
     finite = sum(np.convolve(f[:, e], b[:, e]) for e in range(3))
-    finite = finite + np.convolve(f[:, 4], b[:, 4])
+    finite = finite + np.convolve(f[:, 4], b[:, 4]) + np.convolve(f[:, 3], [0.0, b[1, 3], b[2, 3]])
     assert np.isnan(got[2]) and np.isinf(got[3])
     keep = [0, 1, 4, 5]
     np.testing.assert_allclose(got[keep], (finite + np.convolve(np.nan_to_num(f[:, 5]), b[:, 5]))[keep],
