@@ -389,3 +389,53 @@ def test_layer_norm_signed_max_in_float32(tiny):
     rtol = 1e-12 if tiny else 1e-5
     np.testing.assert_allclose(ymax, exp_max, rtol=rtol, atol=1e-12 if tiny else 1e-6)
     np.testing.assert_allclose(ymin, exp_min, rtol=rtol, atol=1e-12 if tiny else 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("J, jb", [(1, 1), (5, 2), (37, 8), (37, 64)])
+def test_mm_maxmin_dot_blocks_against_numpy(dtype, J, jb):
+    """The dot-product kernel, its weight rows taken in blocks of ``jb`` (a last short block
+    included), against max / min over all products in numpy, bit for bit (a max is exact): ties,
+    zero weights (edges of weight 0 in this kernel), negative weights and inputs."""
+    from gradgraph.jacobians.matmul import mm_maxmin_dot
+    B, I, T = 2, 3, 11
+    a, b = RNG.integers(-3, 4, (2, B, I, T)).astype(dtype) / 2      # many ties
+    Amax, Amin = np.maximum(a, b), np.minimum(a, b)
+    PT = RNG.integers(-2, 3, (B, J, T)).astype(dtype) * dtype(0.25)   # zeros and ties
+    Ymax = np.full((B, I, J), -np.inf, dtype)
+    Ymin = np.full((B, I, J), np.inf, dtype)
+    mm_maxmin_dot(Amax, Amin, PT, Ymax, Ymin, jb)
+    u = PT[:, None, :, :] * Amax[:, :, None, :]                       # (B, I, J, T)
+    v = PT[:, None, :, :] * Amin[:, :, None, :]
+    np.testing.assert_array_equal(Ymax, np.maximum(u, v).max(-1))
+    np.testing.assert_array_equal(Ymin, np.minimum(u, v).min(-1))
+    assert Ymax.dtype == Ymin.dtype == dtype
+
+
+@pytest.mark.parametrize("function", ["softmax", "log_softmax"])
+@pytest.mark.parametrize("tiny", [False, True])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_softmax_signed_max_in_float32(function, tiny, transpose):
+    """A float32 model's softmax / log-softmax rows: the signed max product runs in float32 (to
+    float32 rounding), or in float64 (to float64 rounding) when a probability is below 1e-8 (a
+    product of two could leave float32's range). Tied probabilities and values (the best and
+    second best of a row are equal), an exact zero probability and a dead input."""
+    x = torch.from_numpy(RNG.standard_normal((3, 40)))
+    x[0, 5] = -1000.0                      # probability exactly 0
+    x[1, 7] = x[1, 8] = x[1, 9]            # tied probabilities
+    if tiny:
+        x[2, 3] = -30.0                    # probability ~1e-14
+    p = torch.softmax(x, 1)
+    jac = RowBlockJacobian(x.shape, function, 3, 40, 1, p.numpy(), precision="float32")
+    f = (lambda v: torch.softmax(v, 1)) if function == "softmax" else (lambda v: torch.log_softmax(v, 1))
+    D = jac_of(f, x, x.numel())
+    W = D.T if transpose else D
+    a, b = RNG.standard_normal((2, W.shape[1]))
+    a[50:53] = b[50:53] = 0.75             # tied values
+    xmax, xmin = np.maximum(a, b), np.minimum(a, b)
+    xmax[11], xmin[11] = -np.inf, np.inf
+    exp_max, exp_min = signed_max_expected(W, xmax, xmin)
+    ymax, ymin = jac.max_product(xmax.copy(), xmin.copy(), transpose)
+    rtol = 1e-12 if tiny else 1e-6
+    np.testing.assert_allclose(ymax, exp_max, rtol=rtol, atol=0)
+    np.testing.assert_allclose(ymin, exp_min, rtol=rtol, atol=0)
