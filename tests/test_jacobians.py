@@ -439,3 +439,42 @@ def test_softmax_signed_max_in_float32(function, tiny, transpose):
     rtol = 1e-12 if tiny else 1e-6
     np.testing.assert_allclose(ymax, exp_max, rtol=rtol, atol=0)
     np.testing.assert_allclose(ymin, exp_min, rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("wrt", ["left", "right"])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_max_product_signed_rows_with_dead_entries(dtype, wrt, transpose):
+    """A linear layer's product whose input has a few rows with dead (no path) entries, e.g. the
+    query of the first position: the fully live rows take the dot-product kernel, the others
+    the axpy-form one, and one zero weight (no edge) is redone exactly."""
+    from gradgraph.jacobians import matmul as matmul_module
+    X = RNG.standard_normal((9, 130)).astype(dtype) if wrt == "left" else RNG.standard_normal((130, 9)).astype(dtype)
+    Wt = RNG.standard_normal((130, 140)).astype(dtype) if wrt == "left" else RNG.standard_normal((140, 130)).astype(dtype)
+    Wt[3, 5] = 0.0
+    if wrt == "left":
+        jac = MatmulJacobian((9, 140), X.shape, Wt, "left")
+        D = jac_of(lambda x: x @ torch.from_numpy(Wt).double(), torch.from_numpy(X).double(), 9 * 140)
+    else:
+        jac = MatmulJacobian((140, 9), X.shape, Wt, "right")
+        D = jac_of(lambda x: torch.from_numpy(Wt).double() @ x, torch.from_numpy(X).double(), 140 * 9)
+    W = D.T if transpose else D                  # (dst, src)
+    src_shape = jac.out_shape if transpose else jac.in_shape
+    a, b = RNG.standard_normal((2,) + src_shape)
+    xmax, xmin = np.maximum(a, b), np.minimum(a, b)
+    # canonical rows are the first axis (left) or the second (right): kill a few entries of two rows
+    dead = (np.array([0, 0, 4]), np.array([1, 7, 3]))
+    if wrt == "right":
+        dead = dead[::-1]
+    xmax[dead] = -np.inf
+    xmin[dead] = np.inf
+    xmax, xmin = xmax.reshape(-1), xmin.reshape(-1)
+    exp_max, exp_min = signed_max_expected(W, xmax, xmin)
+    with mock.patch.object(matmul_module, "mm_maxmin_dot", wraps=matmul_module.mm_maxmin_dot) as dot, \
+            mock.patch.object(matmul_module, "mm_maxmin_dense", wraps=matmul_module.mm_maxmin_dense) as axpy:
+        ymax, ymin = jac.max_product(xmax.copy(), xmin.copy(), transpose)
+    long_rows = (src_shape[-1] if wrt == "left" else src_shape[0]) >= 128
+    assert dot.called == axpy.called == long_rows
+    rtol = 1e-12 if dtype == np.float64 else 1e-6
+    np.testing.assert_allclose(ymax, exp_max, rtol=rtol, atol=0)
+    np.testing.assert_allclose(ymin, exp_min, rtol=rtol, atol=0)

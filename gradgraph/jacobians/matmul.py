@@ -379,16 +379,8 @@ class MatmulJacobian(Jacobian):
         dt = np.float32 if P.dtype == np.float32 and smallest >= 1e-20 else np.float64
         ri = np.flatnonzero(rows.any(axis=0))
         ci = np.flatnonzero(cols)
-        # every remaining entry live and a long enough contraction: the dot-product kernel (twice
-        # as fast, reading the other orientation of the weights)
-        dot = signed and dense and nlive == B_ * len(ri) * len(ci) and len(ci) >= 128
-        PT = self._P("M" if transpose else "MT") if dot else None
         if len(ci) < T_:
             A, Amin = A[:, :, ci], Amin[:, :, ci]
-            if dot:
-                PT = np.ascontiguousarray(PT[:, :, ci])
-            else:
-                P = np.ascontiguousarray(P[:, ci, :])
         if len(ri) < I_:
             A, Amin = A[:, ri], Amin[:, ri]
         A = np.ascontiguousarray(A, dtype=dt)
@@ -409,20 +401,53 @@ class MatmulJacobian(Jacobian):
             Amin = np.ascontiguousarray(Amin, dtype=dt)
             Ymax = np.full((B_, len(ri), ncol), -np.inf, dtype=dt)
             Ymin = np.full((B_, len(ri), ncol), np.inf, dtype=dt)
+            # rows of A whose every remaining entry is live, with a long enough contraction: the
+            # dot-product kernel (twice as fast, reading the other orientation of the weights);
+            # the other rows (a few, e.g. the query of the first position, which no path
+            # reaches) the axpy-form kernel
+            full = None
+            if dense and len(ci) >= 128:
+                if nlive == B_ * len(ri) * len(ci):
+                    full = np.ones(len(ri), dtype=np.bool_)
+                elif B_ == 1:
+                    full = ~np.isneginf(A[0]).any(axis=1)
+                    if 2 * int(full.sum()) < len(ri):
+                        full = None
+            sliced = []
+
+            def live_P():
+                """P restricted to A's live columns (copied at most once, only when needed)."""
+                if not sliced:
+                    sliced.append(np.ascontiguousarray(P[:, ci, :]) if len(ci) < T_ else P)
+                return sliced[0]
             with parallel() as threads:
-                if dot:
-                    mm_maxmin_dot(A, Amin, PT, Ymax, Ymin, dot_block(A.shape[2], A.itemsize, threads, ncol))
+                if full is not None:
+                    PT = self._P("M" if transpose else "MT")
+                    if len(ci) < T_:
+                        PT = np.ascontiguousarray(PT[:, :, ci])
+                    fi, pi = np.flatnonzero(full), np.flatnonzero(~full)
+                    some = len(fi) < len(ri)
+                    Af, Afmin = (A[:, fi], Amin[:, fi]) if some else (A, Amin)
+                    Yf = (np.full((B_, len(fi), ncol), -np.inf, dtype=dt), np.full((B_, len(fi), ncol), np.inf, dtype=dt)) \
+                        if some else (Ymax, Ymin)
+                    mm_maxmin_dot(Af, Afmin, PT, *Yf, dot_block(A.shape[2], A.itemsize, threads, ncol))
+                    if some:
+                        Ymax[:, fi], Ymin[:, fi] = Yf
+                        Yp = (np.full((B_, len(pi), ncol), -np.inf, dtype=dt), np.full((B_, len(pi), ncol), np.inf, dtype=dt))
+                        mm_maxmin_dense(np.ascontiguousarray(A[:, pi]), np.ascontiguousarray(Amin[:, pi]), live_P(), *Yp,
+                                        _blocks(ncol, threads, 64))
+                        Ymax[:, pi], Ymin[:, pi] = Yp
                 elif dense:
-                    mm_maxmin_dense(A, Amin, P, Ymax, Ymin, _blocks(ncol, threads, 64))
+                    mm_maxmin_dense(A, Amin, live_P(), Ymax, Ymin, _blocks(ncol, threads, 64))
                 else:
-                    mm_maxmin_masked(A, Amin, P, Ymax, Ymin)
+                    mm_maxmin_masked(A, Amin, live_P(), Ymax, Ymin)
                 if dense and len(zero_cols):
-                    if dot and len(ci) < T_:
-                        P = np.ascontiguousarray(P[:, ci, :])
-                    mm_maxmin_cols(A, Amin, P, zero_cols, Ymax, Ymin)
+                    mm_maxmin_cols(A, Amin, live_P(), zero_cols, Ymax, Ymin)
             out[0][:, live] = Ymax
             out[1][:, live] = Ymin
             return buf[0], buf[1]
+        if len(ci) < T_:
+            P = np.ascontiguousarray(P[:, ci, :])
         Y = np.zeros((B_, len(ri), ncol), dtype=dt)
         with parallel() as threads:
             mm_max_dense(A, P, Y, _blocks(ncol, threads, 64))
