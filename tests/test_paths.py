@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import gradgraph as gg
+from gradgraph.algorithms.dp import backward
 from gradgraph.errors import QueryError
 from oracle import ScalarOracle, tiny_attention, tiny_mlp, tiny_residual_ln, tiny_writes
 
@@ -302,12 +303,23 @@ def test_200_layers_with_weights_far_below_float64():
 
 
 # ---------------------------------------------------------------------------- branches
+@pytest.mark.parametrize("shared", [False, True], ids=["own-pass", "pass-shared-with-top-paths"])
 @pytest.mark.parametrize("order", ORDERS)
-def test_branches_match_oracle(order):
+def test_branches_match_oracle(order, shared, monkeypatch):
     g, o = random_case("attention", 3)
     (name, s), = g.sources.items()
     node = g.nodes[s]
-    br = g.branches(name, order=order)
+    if shared:       # as the report asks them: the top paths' backward max pass serves the branches
+        from gradgraph.algorithms import paths as paths_mod
+        calls = []
+        monkeypatch.setattr(paths_mod, "backward", lambda *a, **kw: calls.append(1) or backward(*a, **kw))
+        with paths_mod.shared_max_passes(g):
+            best = g.top_paths(k=2, order=order)
+            br = g.branches(name, order=order)
+        assert len(calls) == 1 and "paths.max_passes" not in g._cache
+        assert best[0].log_abs_weight == pytest.approx(o.best(order).log_abs, rel=1e-10)
+    else:
+        br = g.branches(name, order=order)
     labels = [lab.split(" @ ")[1] for lab in br.labels]
     assert sorted(labels) == ["", "k", "q", "v"]           # residual add, key, query, value
     consumer_fx = {g.nodes[g.node_index(c)].fx_name: b for b, cs in enumerate(br.consumers) for c in cs}

@@ -22,6 +22,7 @@ See ``docs/paths.md``.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import heapq
 import math
 import numbers
@@ -31,7 +32,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..errors import QueryError
-from .dp import backward, inside_outside, outside
+from .dp import backward, inside_outside
 from .groups import labels_along
 from .semirings import MAX_ABS, MAX_SIGNED
 
@@ -232,7 +233,7 @@ class _Values:
 
     def __init__(self, g, order):
         self.signed = order.signed
-        self.B = backward(g, order.semiring)
+        self.B = _max_backward(g, order.semiring)
         _refuse_nan(g, self.B)
 
     def scores(self, t, idx, p):
@@ -258,6 +259,28 @@ class _Values:
         with np.errstate(divide="ignore"):
             la = np.log(np.abs(x)) + b.log_scale
         return valid, sgn, la
+
+
+@contextlib.contextmanager
+def shared_max_passes(g):
+    """Within the block, :func:`top_paths` and :func:`branches` on ``g`` in one order share one
+    backward max pass (the report asks both), kept until the block ends."""
+    g._cache["paths.max_passes"] = {}
+    try:
+        yield
+    finally:
+        g._cache.pop("paths.max_passes", None)
+
+
+def _max_backward(g, sr):
+    """The backward pass of ``sr`` over ``g``, every node's value kept: from the block of
+    :func:`shared_max_passes` when one is open."""
+    passes = g._cache.get("paths.max_passes")
+    if passes is None:
+        return backward(g, sr)
+    if sr.name not in passes:
+        passes[sr.name] = backward(g, sr)
+    return passes[sr.name]
 
 
 # ============================================================================ lazy k-best
@@ -711,7 +734,7 @@ def branches(g, node, order="signed", groups=None):
     nodes = list(node) if isinstance(node, (list, tuple)) else [node]
     prepared = [_branch_groups(g, v, groups) for v in nodes]      # bad input fails before the passes
     sr = rank.semiring
-    B = outside(g, sr)            # the outside values of every node, kept until the inside pass meets them
+    B = _max_backward(g, sr)      # the outside values of every node (the meeting below releases a copy's)
     _refuse_nan(g, B)
     queries = [_branches_at(g, t, group_of, B, sr, rank, order) for t, group_of in prepared]
     visitors = {}

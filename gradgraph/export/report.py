@@ -462,10 +462,16 @@ def report_html(g, k=20, *, order="signed", paths=None, tokens=None, source_file
         Filled with ``{section: (CPU seconds, wall seconds)}`` of each step (CPU time of this
         process and of finished child processes, i.e. Graphviz), for ``benchmarks/report.py``.
     """
+    from ..algorithms.paths import _check_order, shared_max_passes
+    _check_order(order)
+    with shared_max_passes(g):     # the top paths and the branch views: one backward max pass
+        return _report_html(g, k, order, paths, tokens, source_file, title, timings)
+
+
+def _report_html(g, k, order, paths, tokens, source_file, title, timings):
     from jinja2 import Environment, PackageLoader, select_autoescape
 
-    from ..algorithms.paths import _check_k, _check_order
-    _check_order(order)
+    from ..algorithms.paths import _check_k
     go, offline = _plotly()
     timed = _Timer(timings)
     chosen = paths is not None
@@ -478,7 +484,7 @@ def report_html(g, k=20, *, order="signed", paths=None, tokens=None, source_file
     with timed("diagram (to_dot and Graphviz)"):
         svg, notes = _diagram(g, paths)
     layers = layer_structure(g)
-    with timed("branches (one pair of max passes)"):
+    with timed("branches (the top paths' backward max pass, one forward max pass)"):
         # the branches of every token input and block input share one pair of max passes
         best_branches = _all_branches(g, list(token_sources(g).items()) + [
             (g.nodes[lay.input].name, len(g.nodes[lay.input].shape) - 2) for lay in layers
