@@ -78,9 +78,12 @@ def conv(x_shape, w_shape, stride, padding, dilation, groups):
     return make
 
 
-def rowblock(function, shape, dim):
+CAUSAL_MASK = torch.triu(torch.full((6, 6), -torch.inf, dtype=torch.float64), 1)
+
+
+def rowblock(function, shape, dim, data=None):
     def make():
-        x = t(*shape)
+        x = t(*shape) if data is None else data.clone()
         x.view(-1)[1] = -1000.0      # a probability that is exactly 0: zero entries in its row
         d = shape[dim]
         outer, inner = int(np.prod(shape[:dim])), int(np.prod(shape[dim + 1:]))
@@ -161,6 +164,9 @@ INSTANCES = {
     # regression: a vocabulary-sized row (the O(d) max path of softmax / log-softmax)
     "log-softmax-wide-row": rowblock("log_softmax", (2, 700), 1),
     "softmax-wide-row": rowblock("softmax", (2, 700), 1),
+    # a causal attention pattern: exact zeros above the diagonal; the first row a single 1, whose
+    # diagonal entry p (1 - p) is 0
+    "softmax-causal": rowblock("softmax", (2, 6, 6), 2, data=t(2, 6, 6) + CAUSAL_MASK),
     "layer-norm": layer_norm(),
     # rows long enough for the vectorised loops and their remainders
     "layer-norm-wide": layer_norm(3, 37),
@@ -235,6 +241,25 @@ def test_entropy_product(instance, transpose):
     x[:, :x.shape[1] // 3] = 0.0  # and a block of them (the first row of "layer-norm-wide")
     np.testing.assert_allclose(jac.entropy_product(x, transpose), entropy_expected(D, x, transpose),
                                rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_softmax_entropy_product_subnormal_probabilities(transpose):
+    # probabilities near e^-720 and e^-745 (below float64's smallest normal, where the fused
+    # kernel's vectorised logarithm does not apply) next to the causal zeros
+    shift = torch.tensor([0.0, -720.0, 0.0, 0.0, -745.0, 0.0], dtype=torch.float64)
+    jac, D = rowblock("softmax", (2, 6, 6), 2, data=t(2, 6, 6) + CAUSAL_MASK + shift)()
+    assert ((D > 0) & (D < np.finfo(np.float64).tiny)).any()
+    tiny = np.flatnonzero(((D > 0) & (D < np.finfo(np.float64).tiny)).any(axis=0))
+    focused = np.zeros((2, D.shape[0]))
+    focused[:, tiny] = 1e300      # only paths through the tiny probabilities: their terms dominate
+    x = RNG.random((2, D.shape[0]))
+    np.testing.assert_allclose(jac.entropy_product(x, transpose), entropy_expected(D, x, transpose),
+                               rtol=1e-10, atol=1e-300)
+    # the dense oracle's entries p_i p_j are subnormal themselves (down to ~20 significant bits),
+    # so the comparison on these paths alone is at 1e-5; a wrong logarithm of a tiny p is off by %
+    np.testing.assert_allclose(jac.entropy_product(focused, transpose), entropy_expected(D, focused, transpose),
+                               rtol=1e-5, atol=1e-300)
 
 
 @pytest.mark.parametrize("name", list(FLOAT32_INSTANCES))

@@ -28,12 +28,17 @@ _NEAR_ONE = (2.0 ** -10, 2.0 ** 10)
 
 
 class Scaled:
-    """values = arr * exp(log_scale), arr of shape (C, n)."""
+    """values = arr * exp(log_scale), arr of shape (C, n).
 
-    __slots__ = ("arr", "log_scale")
+    ``owned``: the array is the engine's own (a product's result, or a sum of them) and no one
+    else holds it, so further contributions to the same node may be added into it in place. Only
+    a node still being accumulated has such a value: the passes clear the flag once the node is
+    complete (before it is normalised, visited, kept or carried on)."""
 
-    def __init__(self, arr, log_scale=0.0):
-        self.arr, self.log_scale = arr, float(log_scale)
+    __slots__ = ("arr", "log_scale", "owned")
+
+    def __init__(self, arr, log_scale=0.0, owned=False):
+        self.arr, self.log_scale, self.owned = arr, float(log_scale), owned
 
     def normalize(self):
         """Rescale so that the largest finite magnitude is 1 -- unless it is already within
@@ -97,6 +102,7 @@ def backward(g, sr, seed=None, stop_at_sources=True, keep=None, visit=None):
         bv = B[v]
         if bv is None:
             continue
+        bv.owned = False           # complete: from now on shared (kept, visited, carried)
         sr.normalize(bv)
         if visit is not None:
             visit(v, bv)
@@ -153,6 +159,7 @@ def forward(g, sr, seeds=None, keep=None, visit=None, carry=None):
                  else Scaled(carry(e, du.arr), du.log_scale))
             D[v] = sr.add(D[v], y)
         if D[v] is not None:
+            D[v].owned = False     # complete: from now on shared (kept, visited, carried)
             sr.normalize(D[v])
             if visit is not None:
                 visit(v, D[v])

@@ -58,6 +58,10 @@ def register_product(kind, semiring, kernel):
     """Register ``kernel(jac, x, transpose) -> array`` as the product of ``semiring`` through
     Jacobians of class ``kind`` (and its subclasses without an entry of their own).
 
+    The kernel returns a new array (or a view of one it made), never an array someone else holds
+    -- such as a cached one: the engine adds the other contributions to the same node into it.
+    Returning its input ``x`` itself is allowed (the engine checks for that).
+
     Returns a handle whose ``remove()`` undoes the registration (also a context manager)."""
     key = (kind, semiring)
     previous = _TABLE.get(key)

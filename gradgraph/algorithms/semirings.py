@@ -109,15 +109,31 @@ class Semiring:
         value arrays)."""
         if jac.is_identity:
             return x
-        return Scaled(product(self, jac, x.arr, transpose), x.log_scale)
+        y = product(self, jac, x.arr, transpose)
+        # a product's result is a new array (the contract of the kernels): the engine may add the
+        # node's other contributions into it -- unless a kernel handed back its input
+        return Scaled(y, x.log_scale, owned=not np.may_share_memory(y, x.arr))
+
+    def plus_into(self, a, b):
+        """a (+) b, allowed to overwrite ``a`` (an array no one else holds); by default ``plus``.
+        Semirings whose (+) is elementwise arithmetic write into ``a``: a node reached by several
+        edges then costs no new array per edge (the vocabulary-sized values near a sink)."""
+        return self.plus(a, b)
 
     def add(self, acc, y):
-        """acc (+) y on :class:`.dp.Scaled` values (acc None: 0-bar): ``plus`` at a common scale."""
+        """acc (+) y on :class:`.dp.Scaled` values (acc None: 0-bar): ``plus`` at a common scale,
+        into the array of whichever side the engine owns (see :class:`.dp.Scaled`)."""
         if acc is None:
             return y
         L = max(acc.log_scale, y.log_scale)
         # _rescaled: a factor that underflows keeps a max semiring's "no path" (+-inf) from NaN
-        return Scaled(self.plus(_rescaled(acc.arr, acc.log_scale - L), _rescaled(y.arr, y.log_scale - L)), L)
+        a, b = _rescaled(acc.arr, acc.log_scale - L), _rescaled(y.arr, y.log_scale - L)
+        if not acc.owned and y.owned:
+            a, b = b, a                      # (+) is commutative: add into y's array
+        if ((acc.owned or y.owned) and a.shape == b.shape and a.flags.writeable
+                and a.dtype == np.result_type(a.dtype, b.dtype)):
+            return Scaled(self.plus_into(a, b), L, owned=True)
+        return Scaled(self.plus(a, b), L)
 
     def __repr__(self):
         return f"Semiring({self.name})"
@@ -139,6 +155,10 @@ class _Sum(Semiring):
     def plus(self, a, b):
         return a + b
 
+    def plus_into(self, a, b):
+        a += b
+        return a
+
     def weight(self, w):
         w = np.asarray(w, dtype=np.float64)
         return (w if self.weight_map == WeightMap.SIGNED else np.abs(w))[None]
@@ -158,6 +178,10 @@ class _Entropy(Semiring):
 
     def plus(self, a, b):
         return a + b
+
+    def plus_into(self, a, b):
+        a += b
+        return a
 
     def weight(self, w):
         a = np.abs(np.asarray(w, dtype=np.float64))

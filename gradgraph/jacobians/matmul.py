@@ -249,6 +249,17 @@ def abs_xlogx(w, a, h, nb):
 
 
 
+def _support_scan(a, out):
+    """:func:`support_rows_cols` reading ``a`` in its memory order: a transposed operand (the keys
+    of ``q k^T``, the values of ``probs @ V``, wrt the right operand) has its unit stride on the rows,
+    so the scan runs on the swapped view and swaps the answer back. ``out`` is laid out like ``a``
+    (``np.empty_like``) or empty."""
+    if a.shape[2] > 1 and a.shape[3] > 1 and abs(a.strides[2]) < abs(a.strides[3]):
+        cols, rows = support_rows_cols(np.swapaxes(a, 2, 3), np.swapaxes(out, 2, 3) if out.size else out)
+        return rows, cols
+    return support_rows_cols(a, out)
+
+
 # ============================================================================ contraction
 class MatmulJacobian(Jacobian):
     """out = L @ R (2-d ``mm`` or batched 3-d ``bmm``) wrt L (``wrt="left"``) or R.
@@ -307,8 +318,9 @@ class MatmulJacobian(Jacobian):
         M = self._M
         P = _tensor(np.swapaxes(M, 1, 2) if transpose else M)
         # the scan for the support also converts to the weights' dtype (float32) in passing
-        conv = np.empty(a.shape if P.dtype != torch.float64 else (0, 0, 0, 0), dtype=P.numpy().dtype)
-        rows, cols = support_rows_cols(a, conv)
+        conv = (np.empty_like(a, dtype=P.numpy().dtype) if P.dtype != torch.float64
+                else np.empty((0, 0, 0, 0), dtype=a.dtype))
+        rows, cols = _support_scan(a, conv)
         at = torch.from_numpy(conv) if conv.size else _tensor(a)
         if a.shape[1] != 1:
             rows[:] = True
