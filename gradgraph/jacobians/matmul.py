@@ -253,16 +253,20 @@ class MatmulJacobian(Jacobian):
         self._M = o3 if wrt == "left" else np.swapaxes(o3, 1, 2)   # (B, T, J')
         self._cache = {}
 
+    def _kept(self, key, compute):
+        """``compute()``, a transform of the whole operand, kept by this Jacobian (its graph
+        references the weight as it was at capture) and, inside ``WEIGHT_CACHE.active()``, shared
+        with the process's other graphs of the model."""
+        if key not in self._cache:
+            self._cache[key] = WEIGHT_CACHE.get(self.other, (self.wrt,) + key, compute)
+        return self._cache[key]
+
     def _P(self, which):
         """Contiguous M or M^T, cached: weights of a linear layer are already contiguous as M^T,
         so that costs nothing there. The axpy-form max kernels read M^T backward (M forward); the
         dot-product form reads the other one (a copy of a linear layer's weight, kept)."""
-        if which not in self._cache:
-            M = self._M
-            # the same for every graph of the model: kept per process (WEIGHT_CACHE), keyed by the weight
-            self._cache[which] = WEIGHT_CACHE.get(self.other, (self.wrt, which), lambda: np.ascontiguousarray(
-                M if which == "M" else np.swapaxes(M, 1, 2)))
-        return self._cache[which]
+        M = self._M
+        return self._kept((which,), lambda: np.ascontiguousarray(M if which == "M" else np.swapaxes(M, 1, 2)))
 
     def _canon(self, x, shape, C):
         """View a (C, numel) batch of an in/out tensor in canonical (C, B, rows, cols) layout."""
@@ -327,16 +331,15 @@ class MatmulJacobian(Jacobian):
         at, P, where = self._support(x, transpose)
         t = weight_map(weight)
         if where is None and t != WeightMap.SIGNED:    # the whole operand: its |P| is kept per weight
-            return self._product(at, WEIGHT_CACHE.get(self.other, (self.wrt, t, transpose),
-                                                 lambda: _transform_t(P, t)), where)
+            return self._product(at, self._kept((t, transpose), lambda: _transform_t(P, t)), where)
         return self._product(at, _transform_t(P, t), where)
 
     def entropy_product(self, x, transpose):
         at, P, where = self._support(x, transpose)
         # over the whole operand the pair is the same for every graph of the model: kept per
         # weight; over the columns one pass reaches it costs what that pass costs
-        A, H = _abs_xlogx_t(P) if where is not None else WEIGHT_CACHE.get(
-            self.other, (self.wrt, "abs_xlogx", transpose), lambda: _abs_xlogx_t(P))
+        A, H = _abs_xlogx_t(P) if where is not None else self._kept(("abs_xlogx", transpose),
+                                                                     lambda: _abs_xlogx_t(P))
         y = self._product(at, A, where)
         y[1] += self._product(at[:1], H, where)[0]
         return y
@@ -415,12 +418,8 @@ class MatmulJacobian(Jacobian):
 
     def _zero_cols(self, which):
         """Indices of the columns of ``_P(which)`` (B, T, N) holding a zero weight (cached per weight)."""
-        key = ("zero_cols", which)
-        if key not in self._cache:
-            P = self._P(which)
-            self._cache[key] = WEIGHT_CACHE.get(self.other, (self.wrt,) + key,
-                                           lambda: np.flatnonzero((P == 0).any(axis=(0, 1))))
-        return self._cache[key]
+        P = self._P(which)
+        return self._kept(("zero_cols", which), lambda: np.flatnonzero((P == 0).any(axis=(0, 1))))
 
     def out_edges(self, j):
         s_in = self.in_shape if len(self.in_shape) == 3 else (1,) + self.in_shape
