@@ -281,6 +281,12 @@ def test_quick_run_writes_its_outputs(tmp_path, capsys, name, files):
     # compared at rtol 1e-6 (the models' precision), everything else exactly.
     out2 = str(tmp_path / f"{name}-2")
     assert main(["experiment", name, "--quick", "--out", out2, "--workers", "2"]) == 0
+    _assert_same_tables(out, out2, files)
+
+
+def _assert_same_tables(out, out2, files):
+    """The CSV tables of two runs: the same rows and labels, numbers equal at rtol 1e-6."""
+    import csv
     for f in files:
         if f.endswith(".csv"):
             with open(os.path.join(out, f)) as a, open(os.path.join(out2, f)) as b:
@@ -295,6 +301,19 @@ def test_quick_run_writes_its_outputs(tmp_path, capsys, name, files):
                         assert x == y, f
                         continue
                     assert fx == pytest.approx(fy, rel=1e-6, abs=1e-12) or (math.isnan(fx) and math.isnan(fy)), f
+
+
+def test_quick_first_token_through_dask_equals_the_local_engine(tmp_path):
+    """``--engine dask`` on a LocalCluster of two worker processes (each exports the bundled BERT
+    itself, in a Dask worker thread) gives the local engine's tables."""
+    pytest.importorskip("dask.distributed")
+    from gradgraph.cli import main
+    files = ["first_token_sentences.csv", "first_token_summary.csv"]
+    local, dask = str(tmp_path / "local"), str(tmp_path / "dask")
+    assert main(["experiment", "first-token", "--quick", "--out", local]) == 0
+    assert main(["experiment", "first-token", "--quick", "--out", dask, "--workers", "2",
+                 "--engine", "dask"]) == 0
+    _assert_same_tables(local, dask, files)
 
 
 def test_experiment_rejects_bad_runner_options(capsys):

@@ -238,6 +238,7 @@ def _run_local(todo, token, payload, job, workers):
 
 def _run_dask(todo, token, payload, job, workers, scheduler, notes):
     try:
+        import dask
         from dask.distributed import Client, LocalCluster, as_completed
     except ImportError:
         raise BatchError("engine='dask' needs dask.distributed: pip install 'gradgraph[distributed]'") from None
@@ -246,8 +247,17 @@ def _run_dask(todo, token, payload, job, workers, scheduler, notes):
         if scheduler:
             client = Client(scheduler, timeout="30s")
         else:
-            cluster = LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1,
-                                   processes=True, dashboard_address=None)
+            # No dashboard; the scheduler's HTTP server (health and metrics routes) still starts,
+            # on port 8787 unless told otherwise: a free port, so that a second cluster (or any
+            # other service on 8787) gives no "port already in use" warning.
+            # Dask's statistical profiler off in the workers: every 10 ms it takes the stacks of
+            # the task threads (sys._current_frames) while torch.export traces there, and with
+            # it on, a worker's first export of the bundled BERT failed now and then ("fake
+            # tensor in the exported program constant's list"); never with it off.
+            with dask.config.set({"distributed.worker.profile.enabled": False}):
+                cluster = LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1,
+                                       processes=True, dashboard_address=None,
+                                       scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
             client = Client(cluster)
     except Exception as exc:
         if cluster is not None:
@@ -255,7 +265,7 @@ def _run_dask(todo, token, payload, job, workers, scheduler, notes):
         raise BatchError(f"cannot connect to the Dask scheduler {scheduler or '(local cluster)'}: "
                          f"{type(exc).__name__}: {exc}") from None
     try:
-        if client.dashboard_link:
+        if scheduler and client.dashboard_link:     # a LocalCluster of ours has none
             notes.append(f"Dask dashboard: {client.dashboard_link}")
         shared = client.scatter(payload, broadcast=True)
         futures = {client.submit(_dask_task, token, shared, job, i, v, pure=False,
