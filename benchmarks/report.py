@@ -14,7 +14,7 @@ environment, numpy's BLAS threads (default 1); the CPU time of each section of t
 printed too.
 
 Run: ``.venv/bin/python benchmarks/report.py [--layers 12] [--hidden 768] [--tokens 64] [--k 20]
-[--threads 1] [--loads 3]``. Needs ``chromium`` and ``chromedriver`` on PATH for the load time.
+[--threads 1] [--loads 3] [--graph FILE]``. Needs ``chromium`` and ``chromedriver`` on PATH for the load time.
 """
 from __future__ import annotations
 
@@ -101,17 +101,26 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--loads", type=int, default=3)
     ap.add_argument("--out", default=None, help="keep the report here (default: a temporary folder)")
+    ap.add_argument("--graph", default=None,
+                    help="report this saved graph (gg.load) instead of capturing the model, e.g. to "
+                         "compare two versions of the library on one graph; saved there if missing")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     print(machine())
     print("load average (1, 5, 15 min) at the start: %.1f %.1f %.1f" % os.getloadavg())
-    model = bert_mlm(num_hidden_layers=a.layers, hidden_size=a.hidden, num_attention_heads=a.heads,
-                     intermediate_size=4 * a.hidden)
-    inputs = bert_inputs(a.tokens)
     t0 = time.perf_counter()
-    g = gg.capture(model, (), inputs, output=logit_diff)
-    t_capture = time.perf_counter() - t0
-    print(f"captured in {fmt_seconds(t_capture)}: {g}")
+    if a.graph and os.path.exists(a.graph):
+        g = gg.load(a.graph)
+        t_capture = None
+        print(f"loaded {a.graph} (the --layers/--hidden/--tokens options do not apply): {g}")
+    else:
+        model = bert_mlm(num_hidden_layers=a.layers, hidden_size=a.hidden, num_attention_heads=a.heads,
+                         intermediate_size=4 * a.hidden)
+        g = gg.capture(model, (), bert_inputs(a.tokens), output=logit_diff)
+        t_capture = time.perf_counter() - t0
+        print(f"captured in {fmt_seconds(t_capture)}: {g}")
+        if a.graph:
+            g.save(a.graph)
 
     folder = a.out or tempfile.mkdtemp(prefix="gradgraph-report-")
     out = os.path.join(folder, "report.html")
@@ -124,9 +133,9 @@ def main(argv=None):
     print_table([(name, fmt_seconds(c), fmt_seconds(w)) for name, (c, w) in sections.items()],
                 headers=("section", "CPU", "wall"))
     print()
-    rows = [("graph", f"{a.layers} layers, hidden {a.hidden}, {a.tokens} tokens: {len(g.nodes)} tensors, "
-                      f"{sum(n.numel for n in g.nodes):,} scalars"),
-            ("capture (with torch.export)", fmt_seconds(t_capture)),
+    rows = [("graph", (f"{a.graph}" if t_capture is None else f"{a.layers} layers, hidden {a.hidden}, "
+                       f"{a.tokens} tokens") + f": {len(g.nodes)} tensors, {sum(n.numel for n in g.nodes):,} scalars"),
+            ("capture (with torch.export)", "-- (loaded)" if t_capture is None else fmt_seconds(t_capture)),
             ("report written, wall time", f"{fmt_seconds(t_write)} (target < {TARGET_WRITE_S:.0f} s: "
                                           f"{'met' if t_write < TARGET_WRITE_S else 'NOT met'})"),
             ("report written, CPU time (process + Graphviz)", f"{fmt_seconds(c_write)} (equals the wall time "

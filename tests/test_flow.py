@@ -189,3 +189,118 @@ def test_nan_derivative_propagates_to_node_and_module_flow():
     assert math.isnan(h["x"][0]) and h["x"][1] == 0.0 and np.isfinite(h["z"]).all()
     grad = {name: np.asarray(v) for name, v in g.gradient().items()}
     assert math.isnan(grad["x"][0]) and np.isfinite(grad["z"]).all()
+
+
+# ---------------------------------------------------------------- the path-length pass's cut
+def _cut_nodes_by_networkx(g):
+    """Oracle for :func:`length_cuts`: the tensor nodes whose removal disconnects every source
+    from the sink (the sink itself too), on the tensor graph without edges into sources (paths end
+    at the first source they reach), found by networkx reachability."""
+    import networkx as nx
+
+    sources = set(g.sources.values())
+    G = nx.DiGraph()
+    G.add_nodes_from(range(len(g.nodes)))
+    G.add_edges_from((e.src, e.dst) for e in g.edges if e.dst not in sources)
+    G.add_edges_from(("start", i) for i in sources)
+    on = nx.descendants(G, "start") & (nx.ancestors(G, g.sink) | {g.sink})
+    cuts = {g.sink}
+    for c in on - {g.sink}:
+        H = G.subgraph(set(G) - {c})
+        if not nx.has_path(H, "start", g.sink):
+            cuts.add(c)
+    return cuts
+
+
+@ALL_CASES
+def test_path_lengths_at_every_cut_match_enumeration(case):
+    """The distribution met at any cut node (inside pass below it, outside pass above it, the
+    length polynomials' windows of both) is the enumerated one; the cut nodes are those networkx
+    finds."""
+    from gradgraph.algorithms.flow import length_cuts, lengths_through
+
+    g, o, _ = get_case(case)
+    cuts = length_cuts(g)
+    assert set(cuts) == _cut_nodes_by_networkx(g)
+    want = o.length_distribution()
+    for c in cuts:
+        got = lengths_through(g, c)
+        assert len(got) == len(want), g.nodes[c].name
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-300, err_msg=g.nodes[c].name)
+        with np.errstate(divide="ignore"):
+            np.testing.assert_allclose(lengths_through(g, c, log=True), o.log_length_distribution(),
+                                       rtol=1e-9, err_msg=g.nodes[c].name)
+
+
+class _ResidualStack(torch.nn.Module):
+    """Residual tanh blocks: paths of many lengths, all through each block's output."""
+
+    def __init__(self, d, depth):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(depth))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + torch.tanh(block(x))
+        return x
+
+
+def residual_stack(seed=0, d=3, depth=3):
+    torch.manual_seed(seed)
+    x = torch.randn(1, d, dtype=torch.float64)
+    return _ResidualStack(d, depth).double().eval(), (x,), {}, lambda y: y[0, 0] - 2.0 * y[0, 1]
+
+
+def test_path_lengths_meet_in_the_middle_of_a_deep_graph():
+    """In a stack of residual blocks the pass meets at a cut between the first block's input and
+    the sink (the cheapest by its estimate), and the distribution there is the enumerated one."""
+    from gradgraph.algorithms.flow import length_cuts
+
+    g, o, _ = captured_case(residual_stack)
+    cuts = length_cuts(g)
+    chosen = min(cuts, key=cuts.get)
+    assert chosen not in set(g.sources.values()) | {g.sink}
+    got, want = g.path_lengths(), o.length_distribution()
+    assert len(got) == len(want) and np.count_nonzero(want) >= 6      # paths of many lengths
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-300)
+
+
+def test_polynomial_dot_matches_per_element_convolution():
+    """sum_e f_e(x) b_e(x) against numpy's polynomial products element by element; a zero
+    coefficient next to a NaN or infinite one stays zero (no path), as in the passes."""
+    from gradgraph.algorithms.flow import _polynomial_dot
+
+    rng = np.random.default_rng(0)
+    f, b = rng.random((4, 6)), rng.random((3, 6))
+    f[0, 1] = f[3, 2] = b[2, 4] = 0.0
+    want = sum(np.convolve(f[:, e], b[:, e]) for e in range(6))
+    np.testing.assert_allclose(_polynomial_dot(f, b), want, rtol=1e-12)
+    f[1, 5], f[2, 5], b[:, 5] = np.nan, 0.0, [0.0, 1.0, 0.0]     # NaN at x^1 meets x^1 only
+    b[0, 3], f[:, 3] = np.inf, [0.0, 0.0, 0.0, 2.0]              # inf at x^0 meets x^3 only
+    got = _polynomial_dot(f, b)
+    finite = sum(np.convolve(f[:, e], b[:, e]) for e in range(3))
+    finite = finite + np.convolve(f[:, 4], b[:, 4]) + np.convolve(f[:, 3], [0.0, b[1, 3], b[2, 3]])
+    assert np.isnan(got[2]) and np.isinf(got[3])
+    keep = [0, 1, 4, 5]
+    np.testing.assert_allclose(got[keep], (finite + np.convolve(np.nan_to_num(f[:, 5]), b[:, 5]))[keep],
+                               rtol=1e-12)
+
+
+class _Fig1(torch.nn.Module):
+    def forward(self, x, y):
+        return torch.exp(x) + (x - y) * y
+
+
+def test_path_lengths_of_two_sources_at_each_cut_by_hand():
+    """The paper's Fig. 1 graph (docs/semirings.md's worked example): two sources whose paths meet
+    first at the add, so the add and the output select are the cut nodes; at x = 0, y = 2 the
+    paths of length 2 carry 1 + 2 and those of length 3 carry 2 + 2, met at either cut."""
+    from gradgraph.algorithms.flow import length_cuts, lengths_through
+
+    x = torch.tensor([0.0], dtype=torch.float64)
+    y = torch.tensor([2.0], dtype=torch.float64)
+    g = gg.capture(_Fig1(), (x, y), output=lambda f: f[0])
+    cuts = length_cuts(g)
+    assert sorted(g.nodes[c].op_name for c in cuts) == ["add", "select"]
+    for c in cuts:
+        np.testing.assert_allclose(lengths_through(g, c), [0, 0, 3, 4], rtol=1e-12, atol=0)

@@ -389,3 +389,92 @@ def test_layer_norm_signed_max_in_float32(tiny):
     rtol = 1e-12 if tiny else 1e-5
     np.testing.assert_allclose(ymax, exp_max, rtol=rtol, atol=1e-12 if tiny else 1e-6)
     np.testing.assert_allclose(ymin, exp_min, rtol=rtol, atol=1e-12 if tiny else 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("J, jb", [(1, 1), (5, 2), (37, 8), (37, 64)])
+def test_mm_maxmin_dot_blocks_against_numpy(dtype, J, jb):
+    """The dot-product kernel, its weight rows taken in blocks of ``jb`` (a last short block
+    included), against max / min over all products in numpy, bit for bit (a max is exact): ties,
+    zero weights (edges of weight 0 in this kernel), negative weights and inputs."""
+    from gradgraph.jacobians.matmul import mm_maxmin_dot
+    B, I, T = 2, 3, 11
+    a, b = RNG.integers(-3, 4, (2, B, I, T)).astype(dtype) / 2      # many ties
+    Amax, Amin = np.maximum(a, b), np.minimum(a, b)
+    PT = RNG.integers(-2, 3, (B, J, T)).astype(dtype) * dtype(0.25)   # zeros and ties
+    Ymax = np.full((B, I, J), -np.inf, dtype)
+    Ymin = np.full((B, I, J), np.inf, dtype)
+    mm_maxmin_dot(Amax, Amin, PT, Ymax, Ymin, jb)
+    u = PT[:, None, :, :] * Amax[:, :, None, :]                       # (B, I, J, T)
+    v = PT[:, None, :, :] * Amin[:, :, None, :]
+    np.testing.assert_array_equal(Ymax, np.maximum(u, v).max(-1))
+    np.testing.assert_array_equal(Ymin, np.minimum(u, v).min(-1))
+    assert Ymax.dtype == Ymin.dtype == dtype
+
+
+@pytest.mark.parametrize("function", ["softmax", "log_softmax"])
+@pytest.mark.parametrize("tiny", [False, True])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_softmax_signed_max_in_float32(function, tiny, transpose):
+    """A float32 model's softmax / log-softmax rows: the signed max product runs in float32 (to
+    float32 rounding), or in float64 (to float64 rounding) when a probability is below 1e-8 (a
+    product of two could leave float32's range). Tied probabilities and values (the best and
+    second best of a row are equal), an exact zero probability and a dead input."""
+    x = torch.from_numpy(RNG.standard_normal((3, 40)))
+    x[0, 5] = -1000.0                      # probability exactly 0
+    x[1, 7] = x[1, 8] = x[1, 9]            # tied probabilities
+    if tiny:
+        x[2, 3] = -30.0                    # probability ~1e-14
+    p = torch.softmax(x, 1)
+    jac = RowBlockJacobian(x.shape, function, 3, 40, 1, p.numpy(), precision="float32")
+    f = (lambda v: torch.softmax(v, 1)) if function == "softmax" else (lambda v: torch.log_softmax(v, 1))
+    D = jac_of(f, x, x.numel())
+    W = D.T if transpose else D
+    a, b = RNG.standard_normal((2, W.shape[1]))
+    a[50:53] = b[50:53] = 0.75             # tied values
+    xmax, xmin = np.maximum(a, b), np.minimum(a, b)
+    xmax[11], xmin[11] = -np.inf, np.inf
+    exp_max, exp_min = signed_max_expected(W, xmax, xmin)
+    ymax, ymin = jac.max_product(xmax.copy(), xmin.copy(), transpose)
+    rtol = 1e-12 if tiny else 1e-6
+    np.testing.assert_allclose(ymax, exp_max, rtol=rtol, atol=0)
+    np.testing.assert_allclose(ymin, exp_min, rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("wrt", ["left", "right"])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_max_product_signed_rows_with_dead_entries(dtype, wrt, transpose):
+    """A linear layer's product whose input has a few rows with dead (no path) entries, e.g. the
+    query of the first position: the fully live rows take the dot-product kernel, the others
+    the axpy-form one, and one zero weight (no edge) is redone exactly."""
+    from gradgraph.jacobians import matmul as matmul_module
+    X = RNG.standard_normal((9, 130)).astype(dtype) if wrt == "left" else RNG.standard_normal((130, 9)).astype(dtype)
+    Wt = RNG.standard_normal((130, 140)).astype(dtype) if wrt == "left" else RNG.standard_normal((140, 130)).astype(dtype)
+    Wt[3, 5] = 0.0
+    if wrt == "left":
+        jac = MatmulJacobian((9, 140), X.shape, Wt, "left")
+        D = jac_of(lambda x: x @ torch.from_numpy(Wt).double(), torch.from_numpy(X).double(), 9 * 140)
+    else:
+        jac = MatmulJacobian((140, 9), X.shape, Wt, "right")
+        D = jac_of(lambda x: torch.from_numpy(Wt).double() @ x, torch.from_numpy(X).double(), 140 * 9)
+    W = D.T if transpose else D                  # (dst, src)
+    src_shape = jac.out_shape if transpose else jac.in_shape
+    a, b = RNG.standard_normal((2,) + src_shape)
+    xmax, xmin = np.maximum(a, b), np.minimum(a, b)
+    # canonical rows are the first axis (left) or the second (right): kill a few entries of two rows
+    dead = (np.array([0, 0, 4]), np.array([1, 7, 3]))
+    if wrt == "right":
+        dead = dead[::-1]
+    xmax[dead] = -np.inf
+    xmin[dead] = np.inf
+    xmax, xmin = xmax.reshape(-1), xmin.reshape(-1)
+    exp_max, exp_min = signed_max_expected(W, xmax, xmin)
+    with mock.patch.object(matmul_module, "mm_maxmin_dot", wraps=matmul_module.mm_maxmin_dot) as dot, \
+            mock.patch.object(matmul_module, "mm_maxmin_dense", wraps=matmul_module.mm_maxmin_dense) as axpy:
+        ymax, ymin = jac.max_product(xmax.copy(), xmin.copy(), transpose)
+    long_rows = (src_shape[-1] if wrt == "left" else src_shape[0]) >= 128
+    assert dot.called == axpy.called == long_rows
+    rtol = 1e-12 if dtype == np.float64 else 1e-6
+    np.testing.assert_allclose(ymax, exp_max, rtol=rtol, atol=0)
+    np.testing.assert_allclose(ymin, exp_min, rtol=rtol, atol=0)

@@ -1,5 +1,6 @@
 """The per-process cache of weight transforms (|W|, -|W| log|W|, transposed copies, zero columns):
-graphs of one model share them, and a weight changed in place is never answered from the cache.
+inside ``WEIGHT_CACHE.active()`` graphs of one model share them, a weight changed in place is never
+answered from the cache, and outside a block nothing is (a ``.data`` edit is always seen).
 Answers are checked against the brute-force path oracle (tests/oracle.py) and dense Jacobians."""
 import gc
 import math
@@ -16,10 +17,12 @@ from gradgraph.jacobians import WEIGHT_CACHE, WeightCache
 from oracle import ScalarOracle, tiny_mlp
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture()
 def fresh_cache():
+    """An open block of the process's cache, empty at the start and the end."""
     WEIGHT_CACHE.clear()
-    yield
+    with WEIGHT_CACHE.active():
+        yield WEIGHT_CACHE
     WEIGHT_CACHE.clear()
 
 
@@ -63,7 +66,7 @@ def _inputs(n, seed):
 
 
 @pytest.mark.parametrize("change", ["mul_", "detach", "load_state_dict", "copy_"])
-def test_a_weight_changed_in_place_is_computed_again(change):
+def test_a_weight_changed_in_place_is_computed_again(change, fresh_cache):
     torch.manual_seed(0)
     layer = torch.nn.Linear(5, 4).double()
     layer.weight.data[0, 1] = 0.0                          # a zero weight: the zero-column path too
@@ -88,18 +91,52 @@ def test_a_weight_changed_in_place_is_computed_again(change):
     assert not np.allclose(_products(second, z, r, x)[0], before[0])
 
 
-def test_write_behind_the_version_counter_needs_clear():
-    """``.data`` has its own version counter: documented as unseen; clear() drops the cache."""
+def test_write_behind_the_version_counter_is_seen_outside_a_block():
+    """``.data`` has its own version counter: outside an active() block (an interactive session)
+    every graph computes its own transforms, so the edit is seen and nothing is cached."""
+    WEIGHT_CACHE.clear()
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(5, 4).double()
+    z, r, x = _inputs(3 * 4, 2)
+    hits, misses = WEIGHT_CACHE.hits, WEIGHT_CACHE.misses
+    _check(_linear_jacobian(layer.weight), z, r, x)
+    layer.weight.data.mul_(3.0)
+    layer.weight.data[1, 2] = -0.25
+    _check(_linear_jacobian(layer.weight), z, r, x)          # the edited weight's answer
+    assert (WEIGHT_CACHE.hits, WEIGHT_CACHE.misses, len(WEIGHT_CACHE)) == (hits, misses, 0)
+
+
+def test_write_behind_the_version_counter_inside_a_block_needs_clear(fresh_cache):
+    """Inside a block the promise is the caller's: clear() drops the cache after such a write, and a
+    new block of another owner starts empty."""
     torch.manual_seed(0)
     layer = torch.nn.Linear(5, 4).double()
     z, r, x = _inputs(3 * 4, 2)
     _check(_linear_jacobian(layer.weight), z, r, x)
+    assert len(WEIGHT_CACHE) > 0
     layer.weight.data.mul_(3.0)
     WEIGHT_CACHE.clear()
     _check(_linear_jacobian(layer.weight), z, r, x)
 
 
-def test_graphs_of_one_model_share_transforms_and_see_a_changed_weight():
+def test_blocks_of_one_owner_keep_entries_and_another_owner_drops_them():
+    WEIGHT_CACHE.clear()
+    w = torch.randn(6, 7, dtype=torch.float64)
+    a = w.t().numpy()
+    with WEIGHT_CACHE.active("run-1"):
+        WEIGHT_CACHE.get(a, "copy", lambda: np.ascontiguousarray(a))
+    with WEIGHT_CACHE.active("run-1"):                     # the same owner's next item: still there
+        assert WEIGHT_CACHE.get(a, "copy", lambda: pytest.fail("not cached")) is not None
+        with WEIGHT_CACHE.active():                         # nested: the outer block's entries stay
+            assert len(WEIGHT_CACHE) == 1
+    with WEIGHT_CACHE.active("run-2"):
+        assert len(WEIGHT_CACHE) == 0
+    with WEIGHT_CACHE.active():
+        assert len(WEIGHT_CACHE) == 0
+    WEIGHT_CACHE.clear()
+
+
+def test_graphs_of_one_model_share_transforms_and_see_a_changed_weight(fresh_cache):
     """Captured graphs against the brute-force oracle: the second graph of an unchanged model is
     answered from the cache; after an in-place change of a weight, the next graph's entropy and
     top paths are the changed model's."""
@@ -128,6 +165,11 @@ def test_graphs_of_one_model_share_transforms_and_see_a_changed_weight():
 
 def test_entries_of_a_dropped_weight_go_and_memory_stays_in_budget():
     cache = WeightCache(max_bytes=3 * (8 * 6 * 7) + 3 * 64)     # room for three 6 x 7 float64 values
+    with cache.active():
+        _fill_and_drop(cache)
+
+
+def _fill_and_drop(cache):
     weights = [torch.randn(6, 7, dtype=torch.float64) for _ in range(5)]
     for w in weights:
         a = w.t().numpy()
@@ -146,6 +188,11 @@ def test_entries_of_a_dropped_weight_go_and_memory_stays_in_budget():
 
 def test_views_of_the_weight_and_arrays_without_a_tensor_are_not_kept():
     cache = WeightCache()
+    with cache.active():
+        _views_and_plain_arrays(cache)
+
+
+def _views_and_plain_arrays(cache):
     w = torch.randn(4, 3, dtype=torch.float64)
     a = w.numpy()
     assert cache.get(a, "same", lambda: np.ascontiguousarray(a)) is not None   # a view: nothing kept
@@ -154,7 +201,7 @@ def test_views_of_the_weight_and_arrays_without_a_tensor_are_not_kept():
     assert len(cache) == 0 and cache.nbytes == 0
 
 
-def test_float32_weight_max_and_magnitude_products_after_change():
+def test_float32_weight_max_and_magnitude_products_after_change(fresh_cache):
     """A float32 weight (products in float32: compared at float32 precision)."""
     torch.manual_seed(1)
     w = torch.randn(64, 200)
@@ -171,3 +218,43 @@ def test_float32_weight_max_and_magnitude_products_after_change():
     np.testing.assert_array_equal(np.asarray(mx2)[0], -2 * np.asarray(mx1)[1])
     np.testing.assert_array_equal(np.asarray(mx2)[1], -2 * np.asarray(mx1)[0])
     assert math.isfinite(float(np.asarray(mx1)[0].max()))
+
+
+class _MLPBuild:
+    """A build object: the worker sets the model up once and owns it."""
+
+    def setup(self):
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).double().eval()
+
+    def inputs(self, seed):
+        x = torch.randn(2, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        return (x,), {}, _margin
+
+
+def _margin(y):
+    return (y[:, 0] - y[:, 1]).sum()
+
+
+def test_batch_workers_share_transforms_for_a_build_object_only(tmp_path):
+    """In-process batch runs (workers=0): a build object's graphs hit the cache from the second item
+    on; a build function's never use it. Entropies against the brute-force oracle either way."""
+    WEIGHT_CACHE.clear()
+    build = _MLPBuild()
+    hits = WEIGHT_CACHE.hits
+    res = gg.batch.run([(i, i) for i in range(3)], build, ["entropy"], str(tmp_path / "object"), workers=0, progress=False)
+    assert WEIGHT_CACHE.hits > hits
+    model = build.setup()
+
+    def function(seed):
+        args, kwargs, out = build.inputs(seed)
+        return model, args, kwargs, out
+
+    hits, misses = WEIGHT_CACHE.hits, WEIGHT_CACHE.misses
+    res2 = gg.batch.run([(i, i) for i in range(3)], function, ["entropy"], str(tmp_path / "function"), workers=0, progress=False)
+    assert (WEIGHT_CACHE.hits, WEIGHT_CACHE.misses) == (hits, misses)
+    for table in (res.table(), res2.table()):
+        for _, row in table.iterrows():
+            (x,), _, out = build.inputs(int(row["item"]))
+            assert row["value"] == pytest.approx(ScalarOracle(model, (x,), output=out).entropy(), rel=1e-10)
+    WEIGHT_CACHE.clear()

@@ -23,6 +23,11 @@ Path lengths
     Each tensor's polynomial is held from its lowest possible non-zero power on
     (:class:`.semirings.Polynomial`),
     so a deep tensor does not carry a channel for every length shorter than its shortest path.
+    The windows widen along the paths, so the distribution is not one backward pass from the sink
+    but two passes met at a cut node, a tensor every path passes through (:func:`length_cuts`,
+    :func:`lengths_through`): an inside pass of the polynomials from the sources to the cut, an
+    outside pass from the sink down to it, each over about half the lengths; their per-element
+    products summed over the cut's elements give the distribution.
 
 Numerics: both passes keep per-tensor scales, so the products are exact up to rounding, but values
 returned as plain float64 underflow to 0 below ~1e-308; ``log=True`` returns natural logs instead
@@ -35,7 +40,8 @@ import math
 import numpy as np
 
 from ..errors import QueryError
-from .dp import Scaled, backward, inside_outside, outside
+from ..graph import Edge, GradGraph
+from .dp import Scaled, backward, forward, inside_outside, outside
 from .semirings import LENGTH, MAGNITUDE
 
 __all__ = ["flow", "path_lengths", "total_flow", "FLOW_LEVELS"]
@@ -210,19 +216,137 @@ def path_lengths(g, log=False):
     """Path-weight mass by length: ``m[l]`` = sum of |g(path)| over paths with ``l`` non-view hops.
 
     A hop counts when its consumer node (the tensor computed by the op) is not pure data movement
-    (see ``docs/semirings.md``). ``m.sum() == total_flow(g)``.
+    (see ``docs/semirings.md``). ``m.sum() == total_flow(g)``. Computed by meeting an inside and an
+    outside pass of the length polynomials at a cut node (see the module docstring).
 
     Returns
     -------
     numpy.ndarray
         float64, index = length (``log=True``: natural logs, -inf where no path has that length).
     """
-    B = backward(g, LENGTH, keep=g.sources.values())
-    per_source = [B[i] for i in g.sources.values() if B[i] is not None]
-    n = max((b.shift + b.arr.shape[0] for b in per_source), default=1)
-    out = []
-    for l in range(n):       # channel c of a value with shift s holds length c + s
-        m, s = _sum_scaled([(b.arr[l - b.shift].sum(), b.log_scale) for b in per_source
-                            if 0 <= l - b.shift < b.arr.shape[0]])
-        out.append(float(_finish(m, s, log)))
-    return np.array(out)
+    cuts = length_cuts(g)
+    if not cuts:                 # no source reaches the sink: no path of any length
+        return np.array([float(_finish(0.0, 0.0, log))])
+    return lengths_through(g, min(cuts, key=cuts.get), log)
+
+
+def _on_paths(g):
+    """Per tensor node: does it lie on a source -> sink path? Paths end at the first source they
+    reach from the sink (as :func:`.dp.backward` stops there), so edges into sources are no part
+    of any path."""
+    n, sources = len(g.nodes), set(g.sources.values())
+    from_source = [i in sources for i in range(n)]
+    for v in range(n):                     # topological order: inputs come first
+        if not from_source[v]:
+            from_source[v] = any(from_source[g.edges[k].src] for k in g.in_edges[v])
+    to_sink = [False] * n
+    to_sink[g.sink] = True
+    for v in range(n - 1, -1, -1):
+        if to_sink[v] and v not in sources:
+            for k in g.in_edges[v]:
+                to_sink[g.edges[k].src] = True
+    return [a and b for a, b in zip(from_source, to_sink)]
+
+
+def _path_edges(g, on):
+    """The edges of the source -> sink paths (both ends on a path, not into a source)."""
+    sources = set(g.sources.values())
+    return [e for e in g.edges if on[e.src] and on[e.dst] and e.dst not in sources]
+
+
+def length_cuts(g):
+    """The cut nodes of the path-length pass, with an estimate of the pass's cost at each.
+
+    A cut node is a tensor that every source -> sink path passes through (the sink always is one).
+    With nodes in topological order, node c is one exactly when it lies on a path, no source comes
+    after it and no path edge u -> v jumps over it (u < c < v): such an edge would lie on a path
+    from a source before c to the sink that avoids c.
+
+    The cost estimate: the inside pass carries to each node v below the cut a polynomial over the
+    lengths its paths from the sources can have, the outside pass to each node above it one over
+    its lengths to the sink; the estimate sums (number of possible lengths) x numel over the nodes.
+    Lengths grow along the paths, so a cut near the middle of a deep graph about halves the
+    channels one backward pass from the sink alone would carry.
+
+    Returns
+    -------
+    dict[int, float]
+        cut node index -> estimated cost (empty when no source reaches the sink).
+    """
+    on = _on_paths(g)
+    if not on[g.sink]:
+        return {}
+    n, edges = len(g.nodes), _path_edges(g, on)
+    hop = [0 if g.nodes[e.dst].is_view else 1 for e in edges]
+    big = np.iinfo(np.int64).max // 4
+    # the range of path lengths [lo, hi] from the sources to each node and from each node to the sink
+    f_lo, f_hi = np.full(n, big), np.full(n, -1)
+    b_lo, b_hi = np.full(n, big), np.full(n, -1)
+    for i in g.sources.values():
+        f_lo[i] = f_hi[i] = 0
+    b_lo[g.sink] = b_hi[g.sink] = 0
+    for e, h in zip(edges, hop):           # g.edges are in topological order of their consumer
+        f_lo[e.dst] = min(f_lo[e.dst], f_lo[e.src] + h)
+        f_hi[e.dst] = max(f_hi[e.dst], f_hi[e.src] + h)
+    for e, h in zip(reversed(edges), reversed(hop)):
+        b_lo[e.src] = min(b_lo[e.src], b_lo[e.dst] + h)
+        b_hi[e.src] = max(b_hi[e.src], b_hi[e.dst] + h)
+    onv = np.array(on)
+    numel = np.array([nd.numel for nd in g.nodes], dtype=np.float64)
+    inside = np.cumsum(np.where(onv, (f_hi - f_lo + 1) * numel, 0.0))              # nodes <= c
+    outside = np.cumsum(np.where(onv, (b_hi - b_lo + 1) * numel, 0.0)[::-1])[::-1]  # nodes >= c
+    jumps = np.zeros(n + 1, dtype=np.int64)
+    for e in edges:
+        jumps[e.src + 1] += 1
+        jumps[e.dst] -= 1
+    over = np.cumsum(jumps)[:n]
+    last_source = max(i for i in g.sources.values() if on[i])
+    return {c: float(inside[c] + outside[c]) for c in range(last_source, n) if on[c] and over[c] == 0}
+
+
+def _subgraph(g, keep, sources, sink, edges):
+    """The graph of the nodes ``keep`` (ascending indices of ``g``) and the ``edges`` between them."""
+    index = {old: new for new, old in enumerate(keep)}
+    sub = [Edge(index[e.src], index[e.dst], e.jac, e.arg) for e in edges if e.src in index and e.dst in index]
+    return GradGraph([g.nodes[i] for i in keep], sub, {name: index[i] for name, i in sources.items()},
+                     index[sink], g.granularity, g.meta)
+
+
+def lengths_through(g, cut, log=False):
+    """:func:`path_lengths` computed at the cut node ``cut`` (one of :func:`length_cuts`).
+
+    Every path is a source -> cut part and a cut -> sink part, and its length the sum of theirs:
+    an inside pass of the length polynomials from the sources to the cut gives per cut element
+    F_e(x) = sum over the first parts ending at e of |g| x^length, an outside pass from the sink
+    the same B_e(x) of the second parts, and the distribution is sum_e F_e(x) B_e(x). Each pass
+    runs on the nodes between its end and the cut alone."""
+    on = _on_paths(g)
+    edges = _path_edges(g, on)
+    sources = {name: i for name, i in g.sources.items() if on[i]}
+    lower = _subgraph(g, [v for v in range(cut + 1) if on[v]], sources, cut, edges)
+    upper = _subgraph(g, [v for v in range(cut, len(g.nodes)) if on[v]], {"cut": cut}, g.sink, edges)
+    F = forward(lower, LENGTH, keep=[lower.sink])[lower.sink]
+    B = backward(upper, LENGTH, keep=[0])[0]
+    m, log_scale = _polynomial_dot(F.arr, B.arr), F.log_scale + B.log_scale
+    nonzero = np.flatnonzero(m != 0)      # (NaN too) trailing lengths without a path are dropped
+    m = m[:nonzero[-1] + 1] if len(nonzero) else m[:1]
+    out = np.zeros(F.shift + B.shift + len(m))
+    out[F.shift + B.shift:] = m
+    return _finish(out, log_scale, log)
+
+
+def _polynomial_dot(f, b):
+    """Coefficients of sum_e f_e(x) b_e(x) for polynomials given as columns of ``f`` (Lf, n) and
+    ``b`` (Lb, n): the anti-diagonal sums of f @ b.T. A zero coefficient is "no path of that
+    length" and stays so next to a NaN or infinite one (no 0 * NaN): elements holding such values
+    are multiplied out on their own."""
+    bad = ~(np.isfinite(f).all(axis=0) & np.isfinite(b).all(axis=0))
+    ok = np.flatnonzero(~bad)
+    G = f[:, ok] @ b[:, ok].T if len(ok) < f.shape[1] else f @ b.T
+    for e in np.flatnonzero(bad):
+        with np.errstate(invalid="ignore"):
+            G = G + np.where(np.outer(f[:, e] != 0, b[:, e] != 0), np.outer(f[:, e], b[:, e]), 0.0)
+    m = np.zeros(f.shape[0] + b.shape[0] - 1)
+    for i in range(f.shape[0]):
+        m[i:i + b.shape[0]] += G[i]
+    return m

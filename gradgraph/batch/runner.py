@@ -8,6 +8,7 @@ cluster needs no shared filesystem.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import hashlib
 import json
 import math
@@ -17,6 +18,7 @@ import socket
 import sys
 import tempfile
 import time
+import uuid
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -95,6 +97,9 @@ class _Worker:
         self.model = None
         self.capturers = weakref.WeakKeyDictionary()    # model -> {output key: Capturer}
         self.where = f"{socket.gethostname()}:{os.getpid()}"
+        # a build object's model is set up once and owned here: its graphs share weight transforms
+        # (WEIGHT_CACHE); a build function may hand back a model it changes between items
+        self.cache_owner = uuid.uuid4().hex if _is_builder_object(self.build) else None
 
     def _inputs(self, value):
         if _is_builder_object(self.build):
@@ -134,6 +139,11 @@ class _Worker:
 
     def compute(self, item_id, value):
         """``(item_id, rows, {relative path: bytes})``; never raises for a failing item."""
+        from ..jacobians import WEIGHT_CACHE
+        with WEIGHT_CACHE.active(self.cache_owner) if self.cache_owner else contextlib.nullcontext():
+            return self._compute(item_id, value)
+
+    def _compute(self, item_id, value):
         stem = store.item_stem(item_id)
         base = {"item": item_id, "worker": self.where}
         queries = self.job["queries"]

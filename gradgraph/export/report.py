@@ -497,7 +497,7 @@ def report_html(g, k=20, *, order="signed", paths=None, tokens=None, source_file
         return next((tv["labels"] for tv in token_views if len(tv["labels"]) == count),
                     [str(i) for i in range(count)])
 
-    with timed("path lengths (one polynomial pass)"):
+    with timed("path lengths (inside and outside polynomial passes met at a cut)"):
         mass = g.path_lengths()
     with timed("layer figures"):
         layers = _layers_section(g, go, layers, flows, float(mass.sum()), best_branches, labels_for)

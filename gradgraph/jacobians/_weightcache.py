@@ -6,18 +6,24 @@ contiguous copy (the max kernels), the columns holding a zero. Every graph captu
 model references the same weight memory, so a study over many inputs computes each transform
 once per process instead of once per graph.
 
+The cache answers only inside :meth:`WeightCache.active` -- a block in which the caller promises
+that the model's weights are not written behind torch's back. Outside it every graph computes its
+own transforms: an interactive session that edits a weight through ``weight.data`` (which has a
+version counter of its own) or a numpy view of its memory must never get the old weight's answer.
+The batch runner opens the block in its workers for a build object's model, which the worker sets
+up once and owns.
+
 An entry is found by the memory it was computed from -- the torch storage (held by a weak
 reference, so the cache never keeps a dropped model alive and a freed storage's address cannot be
 mistaken for a new one), the data pointer, shape, strides and dtype of the view -- and is valid
 only while the tensor's version counter is the one it was computed at: an in-place change of the
 weight (``weight.mul_(2)`` under ``no_grad``, ``load_state_dict``, an optimizer step, a copy
-through ``detach()``) bumps the counter, and the transform is computed again. Writes that bypass
-the counter -- through ``weight.data`` (a separate counter) or a numpy view of the memory -- are
-not seen: call :meth:`WeightCache.clear` after such a write. Arrays that are not views of a torch
-tensor (a graph loaded from a file) are not cached here.
+through ``detach()``) bumps the counter, and the transform is computed again, inside a block too.
+Arrays that are not views of a torch tensor (a graph loaded from a file) are not cached here.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
 
@@ -66,6 +72,38 @@ class WeightCache:
         self.nbytes = 0
         self._entries = OrderedDict()
         self._lock = threading.Lock()
+        self._depth = 0          # open active() blocks
+        self._owner = None       # whose entries are held: the last outermost block's owner
+
+    @contextlib.contextmanager
+    def active(self, owner=None):
+        """A block in which graphs share weight transforms.
+
+        Parameters
+        ----------
+        owner : hashable, optional
+            Who promises that the weights do not change behind torch's back between the blocks it
+            opens (the batch runner passes its run's token): entries survive from one outermost
+            block to the next of the same owner, and are dropped when a block of another owner
+            (or of no owner, the default) opens.
+
+        Examples
+        --------
+        >>> from gradgraph.jacobians import WEIGHT_CACHE
+        >>> with WEIGHT_CACHE.active():          # doctest: +SKIP
+        ...     graphs = [gg.capture(model, (x,), output=out) for x in inputs]
+        """
+        with self._lock:
+            if self._depth == 0 and (owner is None or owner != self._owner):
+                self._entries.clear()
+                self.nbytes = 0
+                self._owner = owner
+            self._depth += 1
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._depth -= 1
 
     def __len__(self):
         return len(self._entries)
@@ -73,7 +111,10 @@ class WeightCache:
     def get(self, array, what, compute):
         """``compute()`` for the weight viewed by numpy ``array``, or its value cached from an
         earlier call on the same memory at the same version. ``what`` (hashable) names the
-        transform; ``compute`` must depend only on ``array``'s contents and ``what``."""
+        transform; ``compute`` must depend only on ``array``'s contents and ``what``. Outside an
+        :meth:`active` block, ``compute()``."""
+        if not self._depth:
+            return compute()
         tensor = _tensor_of(array)
         try:
             version = tensor._version
@@ -110,11 +151,13 @@ class WeightCache:
         return value
 
     def clear(self):
-        """Drop every entry (after writing to a weight behind torch's back, e.g. via ``.data``)."""
+        """Drop every entry (inside an :meth:`active` block, after writing to a weight behind
+        torch's back, e.g. via ``.data``)."""
         with self._lock:
             self._entries.clear()
             self.nbytes = 0
 
 
-#: The process's cache of weight transforms (``WEIGHT_CACHE.max_bytes = 0`` turns it off).
+#: The process's cache of weight transforms, answering inside ``WEIGHT_CACHE.active()`` blocks
+#: (``WEIGHT_CACHE.max_bytes = 0`` turns it off there too).
 WEIGHT_CACHE = WeightCache()

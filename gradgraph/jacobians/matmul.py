@@ -134,30 +134,46 @@ def mm_maxmin_masked(Amax, Amin, P, Ymax, Ymin):
 
 
 @njit(cache=True, fastmath=_FM, error_model="numpy", parallel=True)
-def mm_maxmin_dot(Amax, Amin, PT, Ymax, Ymin):
+def mm_maxmin_dot(Amax, Amin, PT, Ymax, Ymin, jb):
     """:func:`mm_maxmin_dense` in dot-product form, for an A without "no path" entries: PT is P
     transposed (B, J, T), so each output pair is a max / min reduction along contiguous rows,
     held in registers (no read-modify-write of output rows per weight row). ``Ymax`` / ``Ymin``
-    come in as -inf / +inf. Zero weights count as edges here too (see mm_maxmin_dense). The rows
-    (b, i) run in parallel."""
+    come in as -inf / +inf. Zero weights count as edges here too (see mm_maxmin_dense).
+
+    The weight rows are taken ``jb`` at a time (see :func:`dot_block`), each block against every
+    row of A, so a block stays in the core's cache while the rows of A pass it: looping over the
+    whole of a 3072 x 768 weight per row of A streams it from memory 256 times at 256 tokens and
+    halves the speed. The blocks run in parallel (a max is exact in any order)."""
     B, I, T = Amax.shape
     J = PT.shape[1]
-    for bi in prange(B * I):
-        b = bi // I
-        i = bi % I
-        ax = Amax[b, i]
-        an = Amin[b, i]
-        for j in range(J):
-            p = PT[b, j]
-            hi = Ymax[b, i, j]
-            lo = Ymin[b, i, j]
-            for t in range(T):
-                u = p[t] * ax[t]
-                v = p[t] * an[t]
-                hi = fmax(hi, fmax(u, v))
-                lo = fmin(lo, fmin(u, v))
-            Ymax[b, i, j] = hi
-            Ymin[b, i, j] = lo
+    nj = (J + jb - 1) // jb
+    for blk in prange(B * nj):
+        b = blk // nj
+        j0 = (blk % nj) * jb
+        j1 = min(j0 + jb, J)
+        for i in range(I):
+            ax = Amax[b, i]
+            an = Amin[b, i]
+            for j in range(j0, j1):
+                p = PT[b, j]
+                hi = Ymax[b, i, j]
+                lo = Ymin[b, i, j]
+                for t in range(T):
+                    u = p[t] * ax[t]
+                    v = p[t] * an[t]
+                    hi = fmax(hi, fmax(u, v))
+                    lo = fmin(lo, fmin(u, v))
+                Ymax[b, i, j] = hi
+                Ymin[b, i, j] = lo
+
+
+def dot_block(T, itemsize, threads, J):
+    """Weight rows per block of :func:`mm_maxmin_dot`: about 128 KB of them (a quarter of a
+    core's L2 cache on the machines measured, leaving room for the rows of A), and at least one
+    block per thread."""
+    jb = max(1, (128 << 10) // (T * itemsize))
+    return max(1, min(jb, -(-J // threads)))
+
 
 @njit(cache=True, parallel=True)
 def mm_maxmin_cols(Amax, Amin, P, cols, Ymax, Ymin):
@@ -253,16 +269,20 @@ class MatmulJacobian(Jacobian):
         self._M = o3 if wrt == "left" else np.swapaxes(o3, 1, 2)   # (B, T, J')
         self._cache = {}
 
+    def _kept(self, key, compute):
+        """``compute()``, a transform of the whole operand, kept by this Jacobian (its graph
+        references the weight as it was at capture) and, inside ``WEIGHT_CACHE.active()``, shared
+        with the process's other graphs of the model."""
+        if key not in self._cache:
+            self._cache[key] = WEIGHT_CACHE.get(self.other, (self.wrt,) + key, compute)
+        return self._cache[key]
+
     def _P(self, which):
         """Contiguous M or M^T, cached: weights of a linear layer are already contiguous as M^T,
         so that costs nothing there. The axpy-form max kernels read M^T backward (M forward); the
         dot-product form reads the other one (a copy of a linear layer's weight, kept)."""
-        if which not in self._cache:
-            M = self._M
-            # the same for every graph of the model: kept per process (WEIGHT_CACHE), keyed by the weight
-            self._cache[which] = WEIGHT_CACHE.get(self.other, (self.wrt, which), lambda: np.ascontiguousarray(
-                M if which == "M" else np.swapaxes(M, 1, 2)))
-        return self._cache[which]
+        M = self._M
+        return self._kept((which,), lambda: np.ascontiguousarray(M if which == "M" else np.swapaxes(M, 1, 2)))
 
     def _canon(self, x, shape, C):
         """View a (C, numel) batch of an in/out tensor in canonical (C, B, rows, cols) layout."""
@@ -327,16 +347,15 @@ class MatmulJacobian(Jacobian):
         at, P, where = self._support(x, transpose)
         t = weight_map(weight)
         if where is None and t != WeightMap.SIGNED:    # the whole operand: its |P| is kept per weight
-            return self._product(at, WEIGHT_CACHE.get(self.other, (self.wrt, t, transpose),
-                                                 lambda: _transform_t(P, t)), where)
+            return self._product(at, self._kept((t, transpose), lambda: _transform_t(P, t)), where)
         return self._product(at, _transform_t(P, t), where)
 
     def entropy_product(self, x, transpose):
         at, P, where = self._support(x, transpose)
         # over the whole operand the pair is the same for every graph of the model: kept per
         # weight; over the columns one pass reaches it costs what that pass costs
-        A, H = _abs_xlogx_t(P) if where is not None else WEIGHT_CACHE.get(
-            self.other, (self.wrt, "abs_xlogx", transpose), lambda: _abs_xlogx_t(P))
+        A, H = _abs_xlogx_t(P) if where is not None else self._kept(("abs_xlogx", transpose),
+                                                                     lambda: _abs_xlogx_t(P))
         y = self._product(at, A, where)
         y[1] += self._product(at[:1], H, where)[0]
         return y
@@ -363,16 +382,8 @@ class MatmulJacobian(Jacobian):
         dt = np.float32 if P.dtype == np.float32 and smallest >= 1e-20 else np.float64
         ri = np.flatnonzero(rows.any(axis=0))
         ci = np.flatnonzero(cols)
-        # every remaining entry live and a long enough contraction: the dot-product kernel (twice
-        # as fast, reading the other orientation of the weights)
-        dot = signed and dense and nlive == B_ * len(ri) * len(ci) and len(ci) >= 128
-        PT = self._P("M" if transpose else "MT") if dot else None
         if len(ci) < T_:
             A, Amin = A[:, :, ci], Amin[:, :, ci]
-            if dot:
-                PT = np.ascontiguousarray(PT[:, :, ci])
-            else:
-                P = np.ascontiguousarray(P[:, ci, :])
         if len(ri) < I_:
             A, Amin = A[:, ri], Amin[:, ri]
         A = np.ascontiguousarray(A, dtype=dt)
@@ -393,20 +404,53 @@ class MatmulJacobian(Jacobian):
             Amin = np.ascontiguousarray(Amin, dtype=dt)
             Ymax = np.full((B_, len(ri), ncol), -np.inf, dtype=dt)
             Ymin = np.full((B_, len(ri), ncol), np.inf, dtype=dt)
+            # rows of A whose every remaining entry is live, with a long enough contraction: the
+            # dot-product kernel (twice as fast, reading the other orientation of the weights);
+            # the other rows (a few, e.g. the query of the first position, which no path
+            # reaches) the axpy-form kernel
+            full = None
+            if dense and len(ci) >= 128:
+                if nlive == B_ * len(ri) * len(ci):
+                    full = np.ones(len(ri), dtype=np.bool_)
+                elif B_ == 1:
+                    full = ~np.isneginf(A[0]).any(axis=1)
+                    if 2 * int(full.sum()) < len(ri):
+                        full = None
+            sliced = []
+
+            def live_P():
+                """P restricted to A's live columns (copied at most once, only when needed)."""
+                if not sliced:
+                    sliced.append(np.ascontiguousarray(P[:, ci, :]) if len(ci) < T_ else P)
+                return sliced[0]
             with parallel() as threads:
-                if dot:
-                    mm_maxmin_dot(A, Amin, PT, Ymax, Ymin)
+                if full is not None:
+                    PT = self._P("M" if transpose else "MT")
+                    if len(ci) < T_:
+                        PT = np.ascontiguousarray(PT[:, :, ci])
+                    fi, pi = np.flatnonzero(full), np.flatnonzero(~full)
+                    some = len(fi) < len(ri)
+                    Af, Afmin = (A[:, fi], Amin[:, fi]) if some else (A, Amin)
+                    Yf = (np.full((B_, len(fi), ncol), -np.inf, dtype=dt), np.full((B_, len(fi), ncol), np.inf, dtype=dt)) \
+                        if some else (Ymax, Ymin)
+                    mm_maxmin_dot(Af, Afmin, PT, *Yf, dot_block(A.shape[2], A.itemsize, threads, ncol))
+                    if some:
+                        Ymax[:, fi], Ymin[:, fi] = Yf
+                        Yp = (np.full((B_, len(pi), ncol), -np.inf, dtype=dt), np.full((B_, len(pi), ncol), np.inf, dtype=dt))
+                        mm_maxmin_dense(np.ascontiguousarray(A[:, pi]), np.ascontiguousarray(Amin[:, pi]), live_P(), *Yp,
+                                        _blocks(ncol, threads, 64))
+                        Ymax[:, pi], Ymin[:, pi] = Yp
                 elif dense:
-                    mm_maxmin_dense(A, Amin, P, Ymax, Ymin, _blocks(ncol, threads, 64))
+                    mm_maxmin_dense(A, Amin, live_P(), Ymax, Ymin, _blocks(ncol, threads, 64))
                 else:
-                    mm_maxmin_masked(A, Amin, P, Ymax, Ymin)
+                    mm_maxmin_masked(A, Amin, live_P(), Ymax, Ymin)
                 if dense and len(zero_cols):
-                    if dot and len(ci) < T_:
-                        P = np.ascontiguousarray(P[:, ci, :])
-                    mm_maxmin_cols(A, Amin, P, zero_cols, Ymax, Ymin)
+                    mm_maxmin_cols(A, Amin, live_P(), zero_cols, Ymax, Ymin)
             out[0][:, live] = Ymax
             out[1][:, live] = Ymin
             return buf[0], buf[1]
+        if len(ci) < T_:
+            P = np.ascontiguousarray(P[:, ci, :])
         Y = np.zeros((B_, len(ri), ncol), dtype=dt)
         with parallel() as threads:
             mm_max_dense(A, P, Y, _blocks(ncol, threads, 64))
@@ -415,12 +459,8 @@ class MatmulJacobian(Jacobian):
 
     def _zero_cols(self, which):
         """Indices of the columns of ``_P(which)`` (B, T, N) holding a zero weight (cached per weight)."""
-        key = ("zero_cols", which)
-        if key not in self._cache:
-            P = self._P(which)
-            self._cache[key] = WEIGHT_CACHE.get(self.other, (self.wrt,) + key,
-                                           lambda: np.flatnonzero((P == 0).any(axis=(0, 1))))
-        return self._cache[key]
+        P = self._P(which)
+        return self._kept(("zero_cols", which), lambda: np.flatnonzero((P == 0).any(axis=(0, 1))))
 
     def out_edges(self, j):
         s_in = self.in_shape if len(self.in_shape) == 3 else (1,) + self.in_shape

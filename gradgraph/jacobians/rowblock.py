@@ -229,6 +229,65 @@ def layer_norm_maxmin_f(xh, rs, gam, xmax, xmin, ymax, ymin):
 
 
 
+@njit(cache=True, fastmath=_FM, error_model="numpy", parallel=True)
+def lowrank_maxmin(log_softmax, transpose, p, xmax, xmin, ymax, ymin):
+    """Signed (max, x) through softmax (``log_softmax`` False) or log-softmax rows, O(d) per row.
+
+    Both Jacobians are diag(D) + [a_i b_j] off the diagonal -- softmax: D = p (1 - p), a = -p,
+    b = p; log-softmax: D = 1 - p, a = -1, b = p. Backward (``transpose``) the candidate of source
+    m at output k is b_k (a_m x_m) (forward: a_k (b_m x_m)), so output k needs only the best and
+    second best of the row's source terms (the best other than k's own), max and min alike, and
+    its diagonal term. All arrays are (rows, d) in one dtype (float32 or float64); zero weights
+    and "no path" sources (xmax = -inf) are no edges; rows run in parallel. Ties keep the first
+    index, as ``numpy.argmax`` does."""
+    R, d = p.shape
+    one = one_like(p[0, 0])
+    for r in prange(R):
+        pr, xM, xm, yM, ym = p[r], xmax[r], xmin[r], ymax[r], ymin[r]
+        best1, best2, lowest1, lowest2 = -np.inf, -np.inf, np.inf, np.inf
+        kbest, klowest = -1, -1
+        for m in range(d):
+            if xM[m] == -np.inf:
+                continue
+            a = -one if log_softmax else -pr[m]
+            s = a if transpose else pr[m]
+            if s == 0.0:
+                continue
+            u = s * xM[m]
+            v = s * xm[m]
+            hi = max(u, v)
+            lo = min(u, v)
+            if hi > best1:
+                best2, best1, kbest = best1, hi, m
+            elif hi > best2:
+                best2 = hi
+            if lo < lowest1:
+                lowest2, lowest1, klowest = lowest1, lo, m
+            elif lo < lowest2:
+                lowest2 = lo
+        for k in range(d):
+            offmax = best2 if k == kbest else best1
+            offmin = lowest2 if k == klowest else lowest1
+            a = -one if log_softmax else -pr[k]
+            f = pr[k] if transpose else a
+            hi = -np.inf
+            lo = np.inf
+            if f != 0.0 and offmax != -np.inf:
+                u = f * offmax
+                v = f * offmin
+                hi = max(u, v)
+                lo = min(u, v)
+            if xM[k] != -np.inf:
+                dg = one - pr[k] if log_softmax else pr[k] * (one - pr[k])
+                if dg != 0.0:
+                    u = dg * xM[k]
+                    v = dg * xm[k]
+                    hi = max(hi, max(u, v))
+                    lo = min(lo, min(u, v))
+            yM[k] = hi
+            ym[k] = lo
+
+
 # ----------------------------------------------------------------------------- layer norm, sums
 # Off the diagonal a layer norm's J_ij = c_i u'_ij with c_i = -g_i s / d and u'_ij = 1 + xh_i xh_j
 # (J_ij = g_i s (delta_ij - 1/d - xh_i xh_j / d)), so |J_ij| = alpha_i u_ij with u = |u'| symmetric
@@ -445,6 +504,7 @@ class RowBlockJacobian(Jacobian):
         self._factors = None     # the factors in ``precision``, made on first use
         self._split = None       # kernels.layer_norm_split of the factors, made on first use
         self._max_factors = None  # the factors in the signed max product's dtype
+        self._p_min = None        # the smallest non-zero probability (softmax rows)
 
     def _rows(self, x, C):
         """(C, numel) -> (C, R, d) rows, and back."""
@@ -585,36 +645,42 @@ class RowBlockJacobian(Jacobian):
         b = p; log-softmax: Dg = 1 - p, a = -1, b = p -- so the best off-diagonal term reaching
         element k is its factor times the best of the other elements' terms of its row: the
         row's best and second best suffice (a vocabulary-sized log-softmax sink stays linear).
+        Signed: :func:`lowrank_maxmin`, in float32 for a float32 model's rows when no value and no
+        product of two probabilities can leave float32's normal range (twice the SIMD width,
+        half the memory; path weights are recomputed exactly in float64 afterwards).
         """
+        if signed:
+            dt = np.float64
+            if self.precision == "float32" and self._smallest_p() >= 1e-8:
+                live = np.zeros((1, 1), dtype=np.bool_), np.zeros(xmax.size, dtype=np.bool_)
+                if max_support(xmax.reshape(1, 1, -1), xmin.reshape(1, 1, -1), -np.inf, *live)[1] >= 1e-20:
+                    dt = np.float32
+            if self._max_factors is None or self._max_factors[0].dtype != dt:
+                self._max_factors = (self.A.astype(dt),)
+            rows = lambda v: np.ascontiguousarray(self._rows(np.asarray(v)[None], 1)[0], dtype=dt)
+            y = np.empty((2,) + self.A.shape, dtype=dt)
+            with parallel():
+                lowrank_maxmin(self.function == "log_softmax", transpose, self._max_factors[0],
+                               rows(xmax), rows(xmin), y[0], y[1])
+            y = self._unrows(y, 2).astype(np.float64, copy=False)
+            return y[0], y[1]
         p = self.A
         if self.function == "softmax":
             Dg, a, b = p * (1 - p), -p, p
         else:
             Dg, a, b = 1 - p, -np.ones_like(p), p
         src_f, dst_f = (a, b) if transpose else (b, a)
-        rows = lambda v: self._rows(np.asarray(v, dtype=np.float64)[None], 1)[0]
-        xM = rows(xmax)
-        if not signed:
-            s = np.where(src_f != 0, np.abs(src_f) * xM, 0.0)
-            y = np.maximum(np.abs(Dg) * xM, np.abs(dst_f) * _best_of_others(s, True))
-            return self._unrows(y[None], 1)[0], None
-        xm = rows(xmin)
-        ok = (xM != -np.inf) & (src_f != 0)
-        with np.errstate(invalid="ignore"):
-            u, v = src_f * xM, src_f * xm
-        offmax = _best_of_others(np.where(ok, np.maximum(u, v), -np.inf), True)
-        offmin = _best_of_others(np.where(ok, np.minimum(u, v), np.inf), False)
-        with np.errstate(invalid="ignore"):
-            u, v = dst_f * offmax, dst_f * offmin
-        has = (dst_f != 0) & (offmax != -np.inf)
-        ymax = np.where(has, np.maximum(u, v), -np.inf)
-        ymin = np.where(has, np.minimum(u, v), np.inf)
-        okd = (xM != -np.inf) & (Dg != 0)
-        with np.errstate(invalid="ignore"):
-            u, v = Dg * xM, Dg * xm
-        ymax = np.where(okd, np.maximum(ymax, np.maximum(u, v)), ymax)
-        ymin = np.where(okd, np.minimum(ymin, np.minimum(u, v)), ymin)
-        return self._unrows(ymax[None], 1)[0], self._unrows(ymin[None], 1)[0]
+        xM = self._rows(np.asarray(xmax, dtype=np.float64)[None], 1)[0]
+        s = np.where(src_f != 0, np.abs(src_f) * xM, 0.0)
+        y = np.maximum(np.abs(Dg) * xM, np.abs(dst_f) * _best_of_others(s, True))
+        return self._unrows(y[None], 1)[0], None
+
+    def _smallest_p(self):
+        """The smallest non-zero probability of the rows (cached)."""
+        if self._p_min is None:
+            nz = self.A[self.A != 0]
+            self._p_min = float(nz.min()) if nz.size else np.inf
+        return self._p_min
 
     def entries(self):
         R, d = self.A.shape
