@@ -243,8 +243,6 @@ ZOO = {
     # convolutional networks (torchvision): the library's constructors, narrowed where they allow it
     "tv_resnet18": _vision(lambda tv: tv.models.resnet18(num_classes=5)),
     "tv_mobilenet_v3_small": _vision(lambda tv: tv.models.mobilenet_v3_small(num_classes=5, width_mult=0.25)),
-    "tv_efficientnet_b0": _vision(lambda tv: tv.models.efficientnet_b0(num_classes=5)),
-    "tv_shufflenet_v2": _vision(lambda tv: tv.models.shufflenet_v2_x0_5(num_classes=5)),
     "tv_regnet_y": _vision(lambda tv: tv.models.RegNet(tv.models.regnet.BlockParams.from_init_params(
         depth=2, w_0=8, w_a=8.0, w_m=2.0, group_width=4, se_ratio=0.25), stem_width=8, num_classes=5)),
     "tv_densenet": _vision(lambda tv: tv.models.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16,
