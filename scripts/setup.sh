@@ -24,6 +24,17 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
+# torchvision and timm for the model zoo's CNNs (tests/vision_libs.py imports them), in a directory
+# that is not on the import path: the torchvision wheel matching torch 2.13 is a CUDA build that
+# cannot import beside the CPU torch until the tests define two op schemas, and transformers imports
+# any torchvision it finds. --no-deps: their other requirements are already in the venv.
+VISION_LIBS=.venv/vision-libs
+if [ ! -d "$VISION_LIBS/torchvision" ] || [ ! -d "$VISION_LIBS/timm" ]; then
+  echo "gradgraph setup: installing torchvision and timm into $VISION_LIBS"
+  "$PY" -m pip install --quiet --disable-pip-version-check --no-deps --target "$VISION_LIBS" \
+    "torchvision==0.28.0" "timm==1.0.29"
+fi
+
 if ! command -v dot >/dev/null 2>&1; then
   echo "gradgraph setup: installing Graphviz"
   SUDO=""
