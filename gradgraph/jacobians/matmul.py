@@ -280,6 +280,13 @@ class MatmulJacobian(Jacobian):
         self._M = o3 if wrt == "left" else np.swapaxes(o3, 1, 2)   # (B, T, J')
         self._cache = {}
 
+    def _shared(self, key, compute):
+        """``compute()``, a transform of the whole operand as large as the weight (|W|, -|W|log|W|):
+        inside ``WEIGHT_CACHE.active()`` shared with the process's other graphs of the model (in
+        the cache's memory budget), elsewhere computed for the one product that needs it -- kept
+        per graph, such transforms would hold twice a model's weights for the graph's lifetime."""
+        return WEIGHT_CACHE.get(self.other, (self.wrt,) + key, compute)
+
     def _kept(self, key, compute):
         """``compute()``, a transform of the whole operand, kept by this Jacobian (its graph
         references the weight as it was at capture) and, inside ``WEIGHT_CACHE.active()``, shared
@@ -359,15 +366,15 @@ class MatmulJacobian(Jacobian):
         at, P, where = self._support(x, transpose)
         t = weight_map(weight)
         if where is None and t != WeightMap.SIGNED:    # the whole operand: its |P| is kept per weight
-            return self._product(at, self._kept((t, transpose), lambda: _transform_t(P, t)), where)
+            return self._product(at, self._shared((t, transpose), lambda: _transform_t(P, t)), where)
         return self._product(at, _transform_t(P, t), where)
 
     def entropy_product(self, x, transpose):
         at, P, where = self._support(x, transpose)
         # over the whole operand the pair is the same for every graph of the model: kept per
         # weight; over the columns one pass reaches it costs what that pass costs
-        A, H = _abs_xlogx_t(P) if where is not None else self._kept(("abs_xlogx", transpose),
-                                                                     lambda: _abs_xlogx_t(P))
+        A, H = _abs_xlogx_t(P) if where is not None else self._shared(("abs_xlogx", transpose),
+                                                                       lambda: _abs_xlogx_t(P))
         y = self._product(at, A, where)
         y[1] += self._product(at[:1], H, where)[0]
         return y
