@@ -35,12 +35,12 @@ returned as plain float64 underflow to 0 below ~1e-308; ``log=True`` returns nat
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 
 from ..errors import QueryError
-from ..graph import Edge, GradGraph
 from .dp import Scaled, backward, forward, inside_outside, outside
 from .semirings import LENGTH, MAGNITUDE
 
@@ -305,11 +305,13 @@ def length_cuts(g):
 
 
 def _subgraph(g, keep, sources, sink, edges):
-    """The graph of the nodes ``keep`` (ascending indices of ``g``) and the ``edges`` between them."""
+    """The graph of the nodes ``keep`` (ascending indices of ``g``) and the ``edges`` between them,
+    made with ``g``'s own classes (the algorithms never import the graph module: it imports them)."""
     index = {old: new for new, old in enumerate(keep)}
-    sub = [Edge(index[e.src], index[e.dst], e.jac, e.arg) for e in edges if e.src in index and e.dst in index]
-    return GradGraph([g.nodes[i] for i in keep], sub, {name: index[i] for name, i in sources.items()},
-                     index[sink], g.granularity, g.meta)
+    sub = [dataclasses.replace(e, src=index[e.src], dst=index[e.dst]) for e in edges
+           if e.src in index and e.dst in index]
+    return type(g)([g.nodes[i] for i in keep], sub, {name: index[i] for name, i in sources.items()},
+                   index[sink], g.granularity, g.meta)
 
 
 def lengths_through(g, cut, log=False):
