@@ -34,7 +34,7 @@ VOLATILE = ["capture_seconds", "seconds", "cpu_seconds", "worker", "exported", "
 @pytest.fixture(scope="module")
 def cluster():
     """A real dask.distributed LocalCluster: 2 worker processes, one thread each."""
-    distributed = pytest.importorskip("dask.distributed")
+    import dask.distributed as distributed
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None) as c:
         yield c
