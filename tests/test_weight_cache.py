@@ -93,17 +93,79 @@ def test_a_weight_changed_in_place_is_computed_again(change, fresh_cache):
 
 def test_write_behind_the_version_counter_is_seen_outside_a_block():
     """``.data`` has its own version counter: outside an active() block (an interactive session)
-    every graph computes its own transforms, so the edit is seen and nothing is cached."""
+    no transform is answered on the version's word; |W| and -|W| log|W| are kept, but compared
+    with the weight before use, so the edit is seen: both are computed again."""
     WEIGHT_CACHE.clear()
     torch.manual_seed(0)
     layer = torch.nn.Linear(5, 4).double()
     z, r, x = _inputs(3 * 4, 2)
-    hits, misses = WEIGHT_CACHE.hits, WEIGHT_CACHE.misses
     _check(_linear_jacobian(layer.weight), z, r, x)
+    assert {key[-1] for key in WEIGHT_CACHE._entries} == {"abs", "xlogx"}     # the checked ones only
+    checked, misses = WEIGHT_CACHE.checked_hits, WEIGHT_CACHE.misses
     layer.weight.data.mul_(3.0)
     layer.weight.data[1, 2] = -0.25
     _check(_linear_jacobian(layer.weight), z, r, x)          # the edited weight's answer
-    assert (WEIGHT_CACHE.hits, WEIGHT_CACHE.misses, len(WEIGHT_CACHE)) == (hits, misses, 0)
+    assert WEIGHT_CACHE.checked_hits == checked and WEIGHT_CACHE.misses > misses
+    _check(_linear_jacobian(layer.weight), z, r, x)          # unchanged since: from the cache
+    assert WEIGHT_CACHE.checked_hits > checked
+    WEIGHT_CACHE.clear()
+
+
+def _edit(weight, how):
+    """Write new values into a weight behind its version counter, or through it."""
+    new = torch.randn(weight.shape, dtype=weight.dtype, generator=torch.Generator().manual_seed(11))
+    if how == "data":
+        weight.data[0] = new[0]
+    elif how == "data.copy_":
+        weight.data.copy_(new)
+    elif how == "numpy":
+        weight.detach().numpy()[...] = new.numpy()
+    else:                                                   # "copy_" under no_grad
+        with torch.no_grad():
+            weight.copy_(new)
+
+
+@pytest.mark.parametrize("how", ["data", "data.copy_", "numpy", "copy_"])
+def test_a_weight_edited_after_a_query_gives_the_new_entropy_and_flow(how):
+    """A query keeps |W| and -|W| log|W| of every weight (outside any active() block); after a
+    weight is edited in place, by any route, the next graph's entropy and flow are the edited
+    model's (brute-force path enumeration), and an unedited model's are answered from the kept
+    transforms."""
+    WEIGHT_CACHE.clear()
+    model, (x,), _, out = tiny_mlp(seed=5, widths=(3, 4, 2), batch=2)
+
+    def check():
+        g = gg.capture(model, (x,), output=out)
+        o = ScalarOracle(model, (x,), output=out)
+        h = g.entropy()
+        assert h == pytest.approx(o.entropy(), rel=1e-10)
+        flows, want = g.flow(by="node"), o.tensor_flow()
+        for n in g.nodes:
+            assert math.isclose(flows[n.name], float(want[n.fx_name].sum()), rel_tol=1e-10, abs_tol=1e-300)
+        return h
+
+    h1 = check()
+    checked = WEIGHT_CACHE.checked_hits
+    assert check() == h1 and WEIGHT_CACHE.checked_hits > checked    # unchanged: kept transforms
+    _edit(model.layers[0].weight, how)
+    assert check() != pytest.approx(h1, rel=1e-6)
+    WEIGHT_CACHE.clear()
+
+
+def test_a_sign_flip_keeps_the_transforms_and_the_entropy():
+    """The kept transforms depend on |W| alone: flipping signs through ``.data`` leaves them valid
+    (answered from the cache), and the entropy of the flipped model -- whose path magnitudes are
+    the same -- matches its enumeration."""
+    WEIGHT_CACHE.clear()
+    model, (x,), _, out = tiny_mlp(seed=6, widths=(3, 4, 2), batch=2)
+    h1 = gg.capture(model, (x,), output=out).entropy()
+    model.layers[1].weight.data.neg_()
+    checked = WEIGHT_CACHE.checked_hits
+    g = gg.capture(model, (x,), output=out)
+    assert g.entropy() == pytest.approx(ScalarOracle(model, (x,), output=out).entropy(), rel=1e-10)
+    assert g.entropy() == pytest.approx(h1, rel=1e-12)
+    assert WEIGHT_CACHE.checked_hits > checked
+    WEIGHT_CACHE.clear()
 
 
 def test_write_behind_the_version_counter_inside_a_block_needs_clear(fresh_cache):
@@ -238,7 +300,7 @@ def _margin(y):
 
 def test_batch_workers_share_transforms_for_a_build_object_only(tmp_path):
     """In-process batch runs (workers=0): a build object's graphs hit the cache from the second item
-    on; a build function's never use it. Entropies against the brute-force oracle either way."""
+    on; a build function's use only the transforms checked against the weights. Entropies against the brute-force oracle either way."""
     WEIGHT_CACHE.clear()
     build = _MLPBuild()
     hits = WEIGHT_CACHE.hits
@@ -250,11 +312,15 @@ def test_batch_workers_share_transforms_for_a_build_object_only(tmp_path):
         args, kwargs, out = build.inputs(seed)
         return model, args, kwargs, out
 
-    hits, misses = WEIGHT_CACHE.hits, WEIGHT_CACHE.misses
-    res2 = gg.batch.run([(i, i) for i in range(3)], function, ["entropy"], str(tmp_path / "function"), workers=0, progress=False)
-    assert (WEIGHT_CACHE.hits, WEIGHT_CACHE.misses) == (hits, misses)
+    WEIGHT_CACHE.clear()
+    unchecked = WEIGHT_CACHE.hits - WEIGHT_CACHE.checked_hits
+    res2 = gg.batch.run([(i, i) for i in range(3)], function, ["entropy", "top_paths"], str(tmp_path / "function"),
+                        workers=0, progress=False)
+    # only transforms checked against the weights (|W|, -|W| log|W|) were answered from the cache
+    assert WEIGHT_CACHE.hits - WEIGHT_CACHE.checked_hits == unchecked
+    assert {key[-1] for key in WEIGHT_CACHE._entries} <= {"abs", "xlogx"}
     for table in (res.table(), res2.table()):
-        for _, row in table.iterrows():
+        for _, row in table[table["query"] == "entropy"].iterrows() if "query" in table else table.iterrows():
             (x,), _, out = build.inputs(int(row["item"]))
             assert row["value"] == pytest.approx(ScalarOracle(model, (x,), output=out).entropy(), rel=1e-10)
     WEIGHT_CACHE.clear()

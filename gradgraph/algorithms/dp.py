@@ -15,10 +15,12 @@ channel offset) or no scale at all (log-space values), and the engine knows noth
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 
+from ..jacobians import WEIGHT_CACHE
 from ..threads import query_threads
 from .kernels import max_finite_abs
 
@@ -73,6 +75,17 @@ def _rescaled(arr, log_factor):
     return np.where(np.isinf(arr), arr, 0.0)
 
 
+def one_query(fn):
+    """Run ``fn`` as one query of the weight cache (``WEIGHT_CACHE.query()``): weights do not
+    change while it runs, so each kept weight transform is checked against its weight once."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with WEIGHT_CACHE.query():
+            return fn(*args, **kwargs)
+    return run
+
+
+@one_query
 @query_threads
 def backward(g, sr, seed=None, stop_at_sources=True, keep=None, visit=None):
     """Run Algorithm 2 over graph ``g`` in semiring ``sr``.
@@ -116,6 +129,7 @@ def backward(g, sr, seed=None, stop_at_sources=True, keep=None, visit=None):
     return B
 
 
+@one_query
 @query_threads
 def forward(g, sr, seeds=None, keep=None, visit=None, carry=None):
     """Inside pass: values from the sources (seed 1-bar each) up to the sink.

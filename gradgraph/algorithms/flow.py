@@ -41,7 +41,7 @@ import math
 import numpy as np
 
 from ..errors import QueryError
-from .dp import Scaled, backward, forward, inside_outside, outside
+from .dp import Scaled, backward, forward, inside_outside, one_query, outside
 from .semirings import LENGTH, MAGNITUDE
 
 __all__ = ["flow", "path_lengths", "total_flow", "FLOW_LEVELS"]
@@ -126,6 +126,7 @@ def _restricted_carry(g, support):
     return carry
 
 
+@one_query          # both passes: each weight's |W| is checked once
 def _flows(g, reduce, empty):
     """``reduce(support, B[v], D[v])`` per tensor node (``empty`` where no path passes): the outside
     pass is kept (compactly, see :func:`_outside`), the inside pass is consumed node by node and

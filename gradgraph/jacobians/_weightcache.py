@@ -20,6 +20,14 @@ only while the tensor's version counter is the one it was computed at: an in-pla
 weight (``weight.mul_(2)`` under ``no_grad``, ``load_state_dict``, an optimizer step, a copy
 through ``detach()``) bumps the counter, and the transform is computed again, inside a block too.
 Arrays that are not views of a torch tensor (a graph loaded from a file) are not cached here.
+
+Transforms that can be checked against the weight exactly and cheaply -- |W|, and what is made
+from |W| alone (-|W| log|W|) -- are shared everywhere, inside a block or not: ``get(...,
+check=...)`` keeps them, and before answering compares the weight with the array the transform
+was made from (``|W| == A`` element by element: one read of both, no logarithm), so a weight
+written through ``.data``, ``copy_`` or a numpy view is computed again at once. The comparison
+runs once per weight and query (:meth:`WeightCache.query`): a weight does not change while a
+query runs.
 """
 from __future__ import annotations
 
@@ -49,10 +57,12 @@ def _arrays(value):
 
 
 class _Entry:
-    __slots__ = ("storage", "version", "value", "nbytes")
+    __slots__ = ("storage", "version", "value", "nbytes", "checked")
 
-    def __init__(self, storage, version, value, nbytes):
+    def __init__(self, storage, version, value, nbytes, checked):
         self.storage, self.version, self.value, self.nbytes = storage, version, value, nbytes
+        #: the query (generation) in which the value was last found to match the weight
+        self.checked = checked
 
 
 class WeightCache:
@@ -64,16 +74,21 @@ class WeightCache:
         Memory budget of the cached values; a value larger than it is computed and not kept.
     hits, misses : int
         Lookups answered from the cache, and computed.
+    checked_hits : int
+        Of the hits, those of checked transforms (``get(..., check=...)``), which are answered
+        inside and outside :meth:`active` blocks alike.
     """
 
     def __init__(self, max_bytes=1 << 30):
         self.max_bytes = int(max_bytes)
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.checked_hits = 0
         self.nbytes = 0
         self._entries = OrderedDict()
         self._lock = threading.Lock()
         self._depth = 0          # open active() blocks
         self._owner = None       # whose entries are held: the last outermost block's owner
+        self._queries = 0        # open query() blocks
+        self._generation = 0     # counts outermost query() blocks
 
     @contextlib.contextmanager
     def active(self, owner=None):
@@ -108,12 +123,31 @@ class WeightCache:
     def __len__(self):
         return len(self._entries)
 
-    def get(self, array, what, compute):
+    @contextlib.contextmanager
+    def query(self):
+        """A block in which weights do not change (one query: the passes of the dynamic program
+        open it): a checked transform is compared with its weight once per block."""
+        with self._lock:
+            if self._queries == 0:
+                self._generation += 1
+            self._queries += 1
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._queries -= 1
+
+    def get(self, array, what, compute, check=None):
         """``compute()`` for the weight viewed by numpy ``array``, or its value cached from an
-        earlier call on the same memory at the same version. ``what`` (hashable) names the
-        transform; ``compute`` must depend only on ``array``'s contents and ``what``. Outside an
-        :meth:`active` block, ``compute()``."""
-        if not self._depth:
+        earlier call on the same memory. ``what`` (hashable) names the transform; ``compute`` must
+        depend only on ``array``'s contents and ``what``.
+
+        Without ``check``, a cached value is valid at the same version of the tensor, and only
+        inside an :meth:`active` block (outside, ``compute()``). With ``check(value) -> bool``, an
+        exact test that the value is still the weight's transform (e.g. ``|W| == A``), the value is
+        kept and answered everywhere, after ``check`` -- run once per weight within a
+        :meth:`query` block -- has passed; otherwise it is computed again."""
+        if not self._depth and check is None:
             return compute()
         tensor = _tensor_of(array)
         try:
@@ -124,9 +158,21 @@ class WeightCache:
         key = (storage.cdata, array.ctypes.data, array.shape, array.strides, array.dtype.str, what)
         with self._lock:
             e = self._entries.get(key)
-            if e is not None and not e.storage.expired() and e.version == version:
+            generation = self._generation if self._queries else None
+            if e is not None and e.storage.expired():
+                e = None
+            if e is not None and check is None and e.version == version:
                 self._entries.move_to_end(key)
                 self.hits += 1
+                return e.value
+        if e is not None and check is not None:
+            if (generation is not None and e.checked == generation) or check(e.value):
+                with self._lock:
+                    e.checked = generation
+                    if key in self._entries:
+                        self._entries.move_to_end(key)
+                    self.hits += 1
+                    self.checked_hits += 1
                 return e.value
         self.misses += 1
         value = compute()
@@ -146,7 +192,7 @@ class WeightCache:
                 self.nbytes -= self._entries.pop(k).nbytes
             while self._entries and self.nbytes + nbytes > self.max_bytes:
                 self.nbytes -= self._entries.popitem(last=False)[1].nbytes
-            self._entries[key] = _Entry(storage, version, value, nbytes)
+            self._entries[key] = _Entry(storage, version, value, nbytes, generation)
             self.nbytes += nbytes
         return value
 

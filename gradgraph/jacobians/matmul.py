@@ -3,6 +3,7 @@ numba kernels (BLAS for the sum products)."""
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -224,29 +225,52 @@ def mm_max_dense(A, P, Y, nb):
 
 
 @njit(cache=True, fastmath={"contract", "nsz"}, error_model="numpy")
-def _abs_xlogx_block(w, a, h):
-    """a = |w|, h = -|w| log|w| (0 where w = 0), elementwise on 1-d arrays of w's dtype."""
-    for k in range(w.shape[0]):
-        v = abs(w[k])
-        a[k] = v
+def _xlogx_block(a, h):
+    """h = -a log a (0 where a = 0), elementwise on 1-d arrays of a >= 0 in a's dtype."""
+    for k in range(a.shape[0]):
+        v = a[k]
         h[k] = -v * flog(v)
-    tiny = np.finfo(w.dtype).tiny
-    for k in range(w.shape[0]):
-        if a[k] < tiny:
+    tiny = np.finfo(a.dtype).tiny
+    for k in range(a.shape[0]):
+        if a[k] < tiny:                    # zero or subnormal: libm's log, 0 log 0 = 0
             h[k] = -a[k] * np.log(a[k]) if a[k] > 0 else 0.0
 
 
 @njit(cache=True, parallel=True)
-def abs_xlogx(w, a, h, nb):
-    """:func:`_abs_xlogx_block` over ``nb`` blocks of the arrays in parallel (each block a call of
-    its own, which keeps the vectorised loops of the serial kernel)."""
-    n = w.shape[0]
+def xlogx(a, h, nb):
+    """:func:`_xlogx_block` over ``nb`` blocks of the arrays in parallel (each block a call of its
+    own, which keeps the vectorised loops of the serial kernel)."""
+    n = a.shape[0]
     for blk in prange(nb):
         k0 = blk * n // nb
         k1 = (blk + 1) * n // nb
-        _abs_xlogx_block(w[k0:k1], a[k0:k1], h[k0:k1])
+        _xlogx_block(a[k0:k1], h[k0:k1])
 
 
+@njit(cache=True, error_model="numpy")
+def _abs_equal_block(w, a):
+    """Whether |w| == a element by element (branch-free, so that it vectorises; NaN never equals)."""
+    same = np.uint8(1)
+    for k in range(w.shape[0]):
+        same &= np.uint8(abs(w[k]) == a[k])
+    return same != 0
+
+
+@njit(cache=True, parallel=True)
+def abs_equal(w, a, nb):
+    """Whether |w| == a for 1-d arrays of one dtype, in ``nb`` blocks in parallel; each block
+    stops at the first chunk that differs."""
+    n = w.shape[0]
+    ok = np.ones(nb, np.bool_)
+    chunk = 1 << 14
+    for blk in prange(nb):
+        k0 = blk * n // nb
+        k1 = (blk + 1) * n // nb
+        for c in range(k0, k1, chunk):
+            if not _abs_equal_block(w[c:min(c + chunk, k1)], a[c:min(c + chunk, k1)]):
+                ok[blk] = False
+                break
+    return ok.all()
 
 
 def _support_scan(a, out):
@@ -280,12 +304,33 @@ class MatmulJacobian(Jacobian):
         self._M = o3 if wrt == "left" else np.swapaxes(o3, 1, 2)   # (B, T, J')
         self._cache = {}
 
-    def _shared(self, key, compute):
-        """``compute()``, a transform of the whole operand as large as the weight (|W|, -|W|log|W|):
-        inside ``WEIGHT_CACHE.active()`` shared with the process's other graphs of the model (in
-        the cache's memory budget), elsewhere computed for the one product that needs it -- kept
-        per graph, such transforms would hold twice a model's weights for the graph's lifetime."""
-        return WEIGHT_CACHE.get(self.other, (self.wrt,) + key, compute)
+    def _magnitudes(self, transpose, with_h):
+        """|P| (and -|P| log|P| if ``with_h``) of the whole operand as torch tensors oriented like
+        :meth:`_support`'s P, computed once in the operand's own memory order and kept in the
+        process's cache for every product, graph and query -- both directions of a flow, entropy
+        and magnitude alike -- while the operand's memory holds the same |W|: each query compares
+        the weight with the kept |W| once (exact, no logarithm), so a weight edited in place
+        (``.data``, ``copy_``, a numpy view) is seen at once."""
+        flat, unflat = _memory_order(self._M if self.wrt == "left" else np.swapaxes(self._M, 1, 2))
+        A = WEIGHT_CACHE.get(self.other, "abs", lambda: unflat(np.abs(flat)), check=_abs_check(flat, unflat))
+        out = [A]
+        if with_h:
+            def compute_h():
+                a = _memory_order(A)[0]
+                h = np.empty_like(a)
+                with parallel() as threads:
+                    xlogx(a, h, _blocks(a.size, threads, 4096))
+                return weakref.ref(A), unflat(h)
+            # H is valid exactly when it was made from the |W| just checked (the same array; a
+            # reference that does not keep it alive)
+            out.append(WEIGHT_CACHE.get(self.other, "xlogx", compute_h, check=lambda v: v[0]() is A)[1])
+        return [self._oriented(X, transpose) for X in out]
+
+    def _oriented(self, X3, transpose):
+        """An array laid out like the operand (canonical ``other`` as (B, ., .)) as P of
+        :meth:`_support`: (B, K, N), contracting K."""
+        M = X3 if self.wrt == "left" else np.swapaxes(X3, 1, 2)
+        return _tensor(np.swapaxes(M, 1, 2) if transpose else M)
 
     def _kept(self, key, compute):
         """``compute()``, a transform of the whole operand, kept by this Jacobian (its graph
@@ -365,16 +410,17 @@ class MatmulJacobian(Jacobian):
     def sum_product(self, x, weight, transpose):
         at, P, where = self._support(x, transpose)
         t = weight_map(weight)
-        if where is None and t != WeightMap.SIGNED:    # the whole operand: its |P| is kept per weight
-            return self._product(at, self._shared((t, transpose), lambda: _transform_t(P, t)), where)
+        if where is None and t == WeightMap.ABS:    # the whole operand: its |P| is kept (checked)
+            return self._product(at, self._magnitudes(transpose, False)[0], where)
         return self._product(at, _transform_t(P, t), where)
 
     def entropy_product(self, x, transpose):
         at, P, where = self._support(x, transpose)
-        # over the whole operand the pair is the same for every graph of the model: kept per
-        # weight; over the columns one pass reaches it costs what that pass costs
-        A, H = _abs_xlogx_t(P) if where is not None else self._shared(("abs_xlogx", transpose),
-                                                                       lambda: _abs_xlogx_t(P))
+        # over the whole operand the pair is the same for every graph and query of the model:
+        # kept (checked against the weight); over the columns one pass reaches, it costs what
+        # that pass costs
+        A, H = ((_transform_t(P, WeightMap.ABS), _transform_t(P, WeightMap.XLOGX)) if where is not None
+                else self._magnitudes(transpose, True))
         y = self._product(at, A, where)
         y[1] += self._product(at[:1], H, where)[0]
         return y
@@ -538,17 +584,25 @@ def _tensor(a):
     return torch.from_numpy(a)
 
 
-def _abs_xlogx_t(P):
-    """|P| and -|P| log|P| of a torch tensor P (B, T, N) in its dtype, as torch tensors, in one
-    vectorised pass over P's own memory (a linear layer's weight is P transposed)."""
-    Pn = P.numpy()
-    flip = not Pn.flags.c_contiguous and np.swapaxes(Pn, 1, 2).flags.c_contiguous
-    base = np.ascontiguousarray(np.swapaxes(Pn, 1, 2) if flip else Pn)
-    A, H = np.empty_like(base), np.empty_like(base)
-    with parallel() as threads:
-        abs_xlogx(base.reshape(-1), A.reshape(-1), H.reshape(-1), _blocks(base.size, threads, 4096))
-    A, H = (np.swapaxes(A, 1, 2), np.swapaxes(H, 1, 2)) if flip else (A, H)
-    return torch.from_numpy(A), torch.from_numpy(H)
+def _memory_order(X):
+    """A 1-d view of array X (B, R, C) in its memory order, and the function that lays a 1-d
+    array of that order out like X (a linear layer's weight is the canonical operand transposed).
+    Neither orientation contiguous: a contiguous copy."""
+    if X.flags.c_contiguous:
+        return X.reshape(-1), lambda f: f.reshape(X.shape)
+    Xt = np.swapaxes(X, 1, 2)
+    if Xt.flags.c_contiguous:
+        return Xt.reshape(-1), lambda f: np.swapaxes(f.reshape(Xt.shape), 1, 2)
+    return np.ascontiguousarray(X).reshape(-1), lambda f: f.reshape(X.shape)
+
+
+def _abs_check(flat, unflat):
+    """check(A): whether the kept |W| ``A`` still equals |W| of the weight viewed by ``flat``."""
+    def check(A):
+        a = _memory_order(A)[0]
+        with parallel() as threads:
+            return a.shape == flat.shape and a.dtype == flat.dtype and abs_equal(flat, a, _blocks(a.size, threads, 1 << 16))
+    return check
 
 
 def _transform_t(M, t):
