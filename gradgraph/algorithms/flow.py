@@ -42,6 +42,7 @@ import numpy as np
 
 from ..errors import QueryError
 from .dp import Scaled, backward, forward, inside_outside, one_query, outside
+from .kernels import nonzero_upto
 from .semirings import LENGTH, MAGNITUDE
 
 __all__ = ["flow", "path_lengths", "total_flow", "FLOW_LEVELS"]
@@ -84,7 +85,7 @@ def _outside(g):
     element. Otherwise the indices of the few non-zero elements, and the values there alone: a
     backward pass from one logit reaches a vocabulary-sized tensor at a handful of elements."""
     def store(v, b):
-        nnz = np.count_nonzero(b.arr)
+        nnz = nonzero_upto(b.arr[0], FEW)      # magnitude values: one channel
         if nnz <= FEW and nnz < b.arr.shape[1]:
             S = np.flatnonzero(b.arr[0])
             return S, Scaled(b.arr[:, S], b.log_scale)

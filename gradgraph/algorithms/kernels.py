@@ -6,7 +6,7 @@ from numba import njit
 
 from ..jacobians._intrinsics import _FM, fmax, fmin
 
-__all__ = ["max_finite_abs", "maxmin_plus"]
+__all__ = ["max_finite_abs", "maxmin_plus", "nonzero_upto"]
 
 
 @njit(cache=True, fastmath=_FM)
@@ -34,3 +34,17 @@ def maxmin_plus(a, b, out):
 
 
 
+
+
+@njit(cache=True)
+def nonzero_upto(a, limit):
+    """The number of non-zero entries of a 1-d array, or ``limit + 1`` as soon as it exceeds
+    ``limit``: a dense array is settled by its first entries instead of a pass over all of it."""
+    n = 0
+    chunk = 4096
+    for c in range(0, a.shape[0], chunk):
+        for k in range(c, min(c + chunk, a.shape[0])):
+            n += a[k] != 0.0
+        if n > limit:
+            return limit + 1
+    return n

@@ -356,6 +356,24 @@ def _ln_u_product(z, order, lo, hi, v, pv, pvz, out):
         out[j] = (pv[d] + zj * pvz[d]) - 2.0 * neg - (1.0 + zj * zj) * v[j]
 
 
+@njit(cache=True)
+def live_rows(x):
+    """Which rows of x (C, R, d) hold a non-zero entry in some channel; each row is read only up to
+    its first non-zero (the rows of a dense value: one entry each)."""
+    C, R, d = x.shape
+    live = np.zeros(R, np.bool_)
+    for r in range(R):
+        for c in range(C):
+            row = x[c, r]
+            for k in range(d):
+                if row[k] != 0.0:
+                    live[r] = True
+                    break
+            if live[r]:
+                break
+    return live
+
+
 @njit(cache=True, parallel=True)
 def layer_norm_sum(A, rs, gam, rows, split, x, transpose, y):
     """y += |J| x (or |J|^T x) for layer-norm rows laid out contiguously (inner == 1), by the
@@ -633,7 +651,7 @@ class RowBlockJacobian(Jacobian):
         """The rows with a non-zero input (the others contribute nothing) and the split of the
         factors (kernels.layer_norm_split: a property of the factors, made once and kept -- 6
         bytes per element, next to the factors' 8)."""
-        rows = np.flatnonzero((x.reshape(x.shape[0], -1, self.d) != 0).any(axis=(0, 2)))
+        rows = np.flatnonzero(live_rows(np.ascontiguousarray(x).reshape(x.shape[0], -1, self.d)))
         if self._split is None:
             self._split = layer_norm_split(self.A)
         return rows, self._split
