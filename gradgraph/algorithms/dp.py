@@ -37,19 +37,25 @@ class Scaled:
     a node still being accumulated has such a value: the passes clear the flag once the node is
     complete (before it is normalised, visited, kept or carried on)."""
 
-    __slots__ = ("arr", "log_scale", "owned")
+    __slots__ = ("arr", "log_scale", "owned", "normalized")
 
     def __init__(self, arr, log_scale=0.0, owned=False):
         self.arr, self.log_scale, self.owned = arr, float(log_scale), owned
+        self.normalized = False
 
     def normalize(self):
         """Rescale so that the largest finite magnitude is 1 -- unless it is already within
         [2^-10, 2^10]: such values are as safe for every kernel (float32 ones included) as
-        rescaled ones, and most tensors of a pass are, so the copy is skipped."""
+        rescaled ones, and most tensors of a pass are, so the copy is skipped. A value normalised
+        once is not scanned again (an identity edge -- a reshape, a residual add -- hands the
+        same value object to the next node, and no one writes into a complete value)."""
+        if self.normalized:
+            return self
         m = max_finite_abs(self.arr.reshape(self.arr.shape[0], -1)) if self.arr.size else 0.0
         if m > 0 and not _NEAR_ONE[0] <= m <= _NEAR_ONE[1]:
             self.arr = self.arr / m
             self.log_scale += math.log(m)
+        self.normalized = not self.owned
         return self
 
     def real(self):

@@ -247,19 +247,22 @@ def xlogx(a, h, nb):
         _xlogx_block(a[k0:k1], h[k0:k1])
 
 
-@njit(cache=True, error_model="numpy")
-def _abs_equal_block(w, a):
-    """Whether |w| == a element by element (branch-free, so that it vectorises; NaN never equals)."""
-    same = np.uint8(1)
+@njit(cache=True)
+def _abs_bits_differ(w, a, mask):
+    """Whether (w & mask) != a anywhere, on the bits of two 1-d float arrays viewed as unsigned
+    integers of their width (an or of xors: integer SIMD, no branch)."""
+    diff = w[0] ^ w[0]
     for k in range(w.shape[0]):
-        same &= np.uint8(abs(w[k]) == a[k])
-    return same != 0
+        diff |= (w[k] & mask) ^ a[k]
+    return diff != 0
 
 
 @njit(cache=True, parallel=True)
-def abs_equal(w, a, nb):
-    """Whether |w| == a for 1-d arrays of one dtype, in ``nb`` blocks in parallel; each block
-    stops at the first chunk that differs."""
+def abs_bits_equal(w, a, mask, nb):
+    """Whether the bits of |w| (w's bits without the sign: ``mask``) equal those of ``a``, for
+    1-d unsigned views of float arrays of one width, in ``nb`` blocks in parallel; each block stops
+    at the first chunk that differs. Bit equality is exactly "abs(w) would give a again", NaNs
+    included."""
     n = w.shape[0]
     ok = np.ones(nb, np.bool_)
     chunk = 1 << 14
@@ -267,7 +270,7 @@ def abs_equal(w, a, nb):
         k0 = blk * n // nb
         k1 = (blk + 1) * n // nb
         for c in range(k0, k1, chunk):
-            if not _abs_equal_block(w[c:min(c + chunk, k1)], a[c:min(c + chunk, k1)]):
+            if _abs_bits_differ(w[c:min(c + chunk, k1)], a[c:min(c + chunk, k1)], mask):
                 ok[blk] = False
                 break
     return ok.all()
@@ -380,13 +383,29 @@ class MatmulJacobian(Jacobian):
             return at.to(P.dtype), P, None
         ri = torch.from_numpy(np.flatnonzero(rows))
         ci = torch.from_numpy(np.flatnonzero(cols))
-        return at[:, :, ri][..., ci].to(P.dtype), P[:, ci, :], (a.shape[:3] + (P.shape[2],), ri)
+        return at[:, :, ri][..., ci].to(P.dtype), P[:, ci, :], (a.shape[:3] + (P.shape[2],), ri, ci)
+
+    def _abs_operands(self, P, where, transpose, with_h):
+        """|P| (and -|P| log|P|) for a product through :meth:`_support`'s P. The kept transforms
+        of the whole operand (:meth:`_magnitudes`) when the product reaches a good part of it,
+        restricted to the columns it reaches; for a few columns of a large operand (a
+        vocabulary-sized weight below a logit difference) the transforms of those columns alone,
+        which cost what the pass there costs and keep nothing of the vocabulary's size."""
+        if where is not None and 8 * len(where[2]) < self._M.shape[2 if transpose else 1]:
+            return [_transform_t(P, WeightMap.ABS)] + ([_transform_t(P, WeightMap.XLOGX)] if with_h else [])
+        out = self._magnitudes(transpose, with_h)
+        return out if where is None else [X[:, where[2], :] for X in out]
 
     def _product(self, at, P, where):
+        """:meth:`_gemm` as a (C, numel) float64 array of the destination tensor."""
+        y = self._gemm(at, P, where)
+        return self._uncanon(y.numpy().astype(np.float64, copy=False), y.shape[0])
+
+    def _gemm(self, at, P, where):
         """at @ P (torch.matmul: BLAS on strided operands, in the weights' own dtype -- no float64
-        copy of a float32 matrix), scattered back to the full rows, as a (C, numel) float64 array.
-        With one shared matrix (a weight) every channel and row goes into one (C I, K) @ (K, N)
-        product, which BLAS runs faster than a batch of small ones."""
+        copy of a float32 matrix), scattered back to the full rows: a canonical (C, B, I, N)
+        tensor in P's dtype. With one shared matrix (a weight) every channel and row goes into one
+        (C I, K) @ (K, N) product, which BLAS runs faster than a batch of small ones."""
         if P.shape[0] == 1:
             C, B, I, Kc = at.shape
             a2 = at.reshape(C * B * I, Kc)
@@ -401,28 +420,28 @@ class MatmulJacobian(Jacobian):
         else:
             y = torch.matmul(at, P)
         if where is not None:
-            shape, ri = where
+            shape, ri = where[:2]
             full = torch.zeros((y.shape[0],) + shape[1:], dtype=y.dtype)
             full[:, :, ri] = y
             y = full
-        return self._uncanon(y.numpy().astype(np.float64, copy=False), y.shape[0])
+        return y
 
     def sum_product(self, x, weight, transpose):
         at, P, where = self._support(x, transpose)
         t = weight_map(weight)
-        if where is None and t == WeightMap.ABS:    # the whole operand: its |P| is kept (checked)
-            return self._product(at, self._magnitudes(transpose, False)[0], where)
+        if t == WeightMap.ABS:
+            return self._product(at, self._abs_operands(P, where, transpose, False)[0], where)
         return self._product(at, _transform_t(P, t), where)
 
     def entropy_product(self, x, transpose):
         at, P, where = self._support(x, transpose)
-        # over the whole operand the pair is the same for every graph and query of the model:
-        # kept (checked against the weight); over the columns one pass reaches, it costs what
-        # that pass costs
-        A, H = ((_transform_t(P, WeightMap.ABS), _transform_t(P, WeightMap.XLOGX)) if where is not None
-                else self._magnitudes(transpose, True))
+        A, H = self._abs_operands(P, where, transpose, True)
+        # <Z, R> -> <Z |P|, R |P| + Z H>: three products of the contraction's size, the fewest
+        # the expectation semiring allows; Z H is added into the R channel in one pass
         y = self._product(at, A, where)
-        y[1] += self._product(at[:1], H, where)[0]
+        zh = self._gemm(at[:1], H, where).numpy()
+        r = self._canon(y[1:], self.in_shape if transpose else self.out_shape, 1)
+        np.add(r, zh, out=r)
         return y
 
     def max_product(self, xmax, xmin, transpose):
@@ -600,8 +619,12 @@ def _abs_check(flat, unflat):
     """check(A): whether the kept |W| ``A`` still equals |W| of the weight viewed by ``flat``."""
     def check(A):
         a = _memory_order(A)[0]
+        if a.shape != flat.shape or a.dtype != flat.dtype or not a.size:
+            return a.shape == flat.shape and a.dtype == flat.dtype
+        bits = np.dtype(f"u{flat.itemsize}")
+        mask = bits.type(np.iinfo(bits).max >> 1)
         with parallel() as threads:
-            return a.shape == flat.shape and a.dtype == flat.dtype and abs_equal(flat, a, _blocks(a.size, threads, 1 << 16))
+            return abs_bits_equal(flat.view(bits), a.view(bits), mask, _blocks(a.size, threads, 1 << 16))
     return check
 
 
