@@ -394,7 +394,9 @@ class MatmulJacobian(Jacobian):
         if where is not None and 8 * len(where[2]) < self._M.shape[2 if transpose else 1]:
             return [_transform_t(P, WeightMap.ABS)] + ([_transform_t(P, WeightMap.XLOGX)] if with_h else [])
         out = self._magnitudes(transpose, with_h)
-        return out if where is None else [X[:, where[2], :] for X in out]
+        if where is None or len(where[2]) == out[0].shape[1]:     # every column (a few rows)
+            return out
+        return [X[:, where[2], :] for X in out]
 
     def _product(self, at, P, where):
         """:meth:`_gemm` as a (C, numel) float64 array of the destination tensor."""
