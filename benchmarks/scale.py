@@ -380,6 +380,8 @@ def main(argv=None):
                                                    "docs", "img", "scaling.png"))
     ap.add_argument("--no-memory", action="store_true", help="sweep: skip the peak-memory subprocesses")
     ap.add_argument("--profile", action="store_true", help="where the time goes, for the first --tokens")
+    ap.add_argument("--queries", nargs="+", choices=sorted(TARGETS),
+                    help="measure only these queries (the capture is always measured); default: all")
     ap.add_argument("--replot", metavar="JSON", help="redraw --plot from the figures a sweep wrote")
     ap.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -404,7 +406,7 @@ def main(argv=None):
         model, inputs, output = build(args.model, args.layers, tokens)
         print(f"\n{MODELS[args.model][0]}, {tokens} tokens:", flush=True)
         times, ratios = measure(model, inputs, output, tokens, args.repeats, clock_for(THREADS),
-                                log=lambda *a: print(*a, flush=True))
+                                names=args.queries, log=lambda *a: print(*a, flush=True))
         print_results(args.model, tokens, times, ratios)
         del model
         gc.collect()
