@@ -146,7 +146,7 @@ def diag_entropy(x, w, y):
     tiny = np.finfo(w.dtype).tiny
     if m < tiny:                       # zero or subnormal weights: libm's log, 0 log 0 = 0
         for k in range(w.shape[0]):
-            a = abs(w[k])
+            a = np.float64(abs(w[k]))     # float64: a float32 -a log a of a subnormal is subnormal
             if a < tiny:
                 y[1, k] = a * x[1, k] - (a * np.log(a) * x[0, k] if a > 0 else 0.0)
 
