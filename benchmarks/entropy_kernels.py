@@ -11,6 +11,11 @@
   difference sink, 2 channels x T x 50,257 float64): a new array against adding into the first
   contribution's own array.
 
+* the weight transforms of one GPT-2 MLP weight (3,072 x 768, float32) as a query needs them:
+  |W| and -|W| log|W| computed for the product by the vectorised kernels (what every query did
+  outside ``WEIGHT_CACHE.active()``) against the kept pair checked against the weight (the bitwise |W|
+  comparison each query now runs once per weight).
+
 Every pair of results is checked equal before timing. CPU time of one run after a warm-up.
 
 Run: ``python benchmarks/entropy_kernels.py [--tokens 64 256]`` (``--threads 1`` for one thread).
@@ -76,6 +81,28 @@ def vocab_add(T, rng):
     return cpu(old), new()[0]
 
 
+def weight_transforms(T, rng):
+    from gradgraph.jacobians import WEIGHT_CACHE
+    from gradgraph.jacobians.matmul import MatmulJacobian, xlogx
+    w = torch.from_numpy(rng.normal(size=(768, 3072)).astype(np.float32))
+    jac = MatmulJacobian((T, 768), (T, 3072), w.t().numpy(), "left")
+
+    def old():
+        """the fresh pair by the same vectorised kernels (one pass each over the weight's memory)"""
+        a = np.abs(w.numpy())
+        h = np.empty_like(a)
+        xlogx(a.reshape(-1), h.reshape(-1), 1)
+        return torch.from_numpy(a)[None], torch.from_numpy(h)[None]        # P of the backward product: W
+
+    def new():
+        with WEIGHT_CACHE.query():                                   # one query: one check
+            return jac._magnitudes(True, True)
+    a0, h0 = old()
+    a1, h1 = new()
+    assert torch.equal(a0, a1) and torch.equal(h0, h1)
+    return cpu(old), cpu(new)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[64, 256])
@@ -87,7 +114,8 @@ def main():
     print(f"threads {gg.get_num_threads()}; CPU time of one run, old -> new")
     for T in args.tokens:
         for name, fn in (("softmax entropy product", causal_softmax), ("transposed support scan", transposed_scan),
-                         ("second contribution to the logits", vocab_add)):
+                         ("second contribution to the logits", vocab_add),
+                         ("|W|, -|W| log|W| of a 3072 x 768 weight", weight_transforms)):
             old, new = fn(T, rng)
             print(f"{T:5d} tokens  {name:36s} {old * 1e3:9.1f} ms -> {new * 1e3:8.1f} ms  ({old / max(new, 1e-9):.1f}x)")
 
