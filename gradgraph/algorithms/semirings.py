@@ -203,6 +203,9 @@ class _MaxAbs(Semiring):
     def plus(self, a, b):
         return np.maximum(a, b)
 
+    def plus_into(self, a, b):
+        return np.maximum(a, b, out=a)
+
     def weight(self, w):
         return np.abs(np.asarray(w, dtype=np.float64))[None]
 
@@ -220,9 +223,15 @@ class _MaxSigned(Semiring):
         return np.stack([np.full(n, -np.inf), np.full(n, np.inf)])
 
     def plus(self, a, b):
-        out = np.empty(a.shape)
-        maxmin_plus(a, b, out)
+        dt = np.result_type(a.dtype, b.dtype)      # a float32 pass meeting a float64 product: float64
+        out = np.empty(a.shape, dtype=dt)
+        maxmin_plus(a.astype(dt, copy=False), b.astype(dt, copy=False), out)
         return out
+
+    def plus_into(self, a, b):
+        maxmin_plus(a, b.astype(a.dtype, copy=False), a)   # elementwise: the output may be an input
+        return a
+
 
     def weight(self, w):
         return np.asarray(w, dtype=np.float64)[None]

@@ -6,7 +6,7 @@ import numpy as np
 from numba import njit
 
 from ._intrinsics import _FM, _TINY, WeightMap, flog, fmax, fmin, tw, weight_map
-from .base import Jacobian, _empty_max
+from .base import Jacobian, _empty_max, max_dtype
 
 # ----------------------------------------------------------------------------- sparse (COO)
 @njit(cache=True)
@@ -243,11 +243,14 @@ class SparseJacobian(Jacobian):
 
     def max_product(self, xmax, xmin, transpose):
         signed = xmin is not None
+        # the values' dtype is kept (float32 for a float32 model's pass): the weights enter
+        # rounded to it, one rounding per hop, which the path search allows for
+        dt = max_dtype(xmax)
         if self.is_diagonal and self.vals is not None:
-            buf = np.empty((2 if signed else 1, self.n))
+            buf = np.empty((2 if signed else 1, self.n), dtype=dt)
             diag_max(xmax, xmax if xmin is None else xmin, self.vals, signed, buf)
             return (buf[0], buf[1]) if signed else (buf[0], None)
-        ymax, ymin = _empty_max(self._dims(transpose)[1], signed)
+        ymax, ymin = _empty_max(self._dims(transpose)[1], signed, dt)
         src, dst = self._src_dst(transpose)
         if signed:
             coo_maxmin(xmax, xmin, src, dst, self.vals, ymax, ymin, self.n)
