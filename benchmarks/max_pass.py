@@ -1,6 +1,7 @@
 """Where the signed top path's value pass spends its time, per Jacobian kind and op, as the tokens grow.
 
-For each number of ``--tokens``: capture GPT-2 (``scale.py``'s model, ``--layers`` to shorten it),
+For each number of ``--tokens``: capture a model of ``scale.py`` (``--model``, default GPT-2 small;
+``--layers`` to shorten it),
 run the backward (max, x) pass of ``top_paths`` once to warm up, then once timed, the product of
 every edge timed by wrapping the product dispatch; prints the pass's time, the products by (kind,
 consumer op), the rest (renormalisation, (+), the engine), the bytes and dtype of the values the
@@ -78,8 +79,9 @@ def torch_time(model, kwargs, output, clock, repeats=3):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="gpt2", help="a model of scale.py (gpt2, bert-small-vocab, llama-1b, tiny)")
     ap.add_argument("--tokens", type=int, nargs="+", default=[16, 64])
-    ap.add_argument("--layers", type=int, help="override GPT-2's depth (12)")
+    ap.add_argument("--layers", type=int, help="override the model's depth")
     ap.add_argument("--threads", type=int, help="threads of every pool on both sides (process CPU time with 1)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -87,7 +89,7 @@ def main(argv=None):
     import scale
     clock = clock_for(THREADS)
     print(f"# The signed max pass -- {machine()}; load average {os.getloadavg()[0]:.1f} at the start")
-    model, inputs, output = scale.build("gpt2", args.layers, max(args.tokens))
+    model, inputs, output = scale.build(args.model, args.layers, max(args.tokens))
     for tokens in args.tokens:
         kwargs = inputs(tokens, seed=0)
         g = gg.capture(model, (), kwargs, output=output)
@@ -95,7 +97,7 @@ def main(argv=None):
         total, cells, tiny, kept, dtypes = profile(g, clock)
         products = sum(c[1] for c in cells.values())
         t_torch = torch_time(model, kwargs, output, clock)
-        print(f"\n## GPT-2, {args.layers or 12} layers, {tokens} tokens: {g}")
+        print(f"\n## {scale.MODELS[args.model][0]}, layers {args.layers or 'as built'}, {tokens} tokens: {g}")
         print(f"max pass {total:.3f} s (products {products:.3f} s, the rest {total - products:.3f} s); "
               f"torch backward {t_torch:.3f} s; kept values {kept / 2**20:.0f} MB {dtypes}; "
               f"products meeting a value < 1e-20: {tiny}; longest chain {paths._longest_chain(g)}, "

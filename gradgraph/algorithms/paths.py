@@ -273,13 +273,15 @@ class _Values:
 _ROUNDINGS_PER_HOP = 16
 
 
+#: Sink dtypes of models whose max passes run in float32 (float16 / bfloat16 values are held in
+#: float32 by capture); graphs name them with or without the "torch." prefix.
+_NARROW = ("torch.float32", "torch.float16", "torch.bfloat16", "float32", "float16", "bfloat16")
+
+
 def pass_dtype(g):
     """The dtype of the max passes' values over ``g``: float32 for a float32 (or narrower) model,
     as its kernels compute; float64 otherwise."""
     return np.float32 if str(g.nodes[g.sink].dtype) in _NARROW else np.float64
-
-
-_NARROW = ("torch.float32", "torch.float16", "torch.bfloat16", "float32", "float16", "bfloat16")
 
 
 def _longest_chain(g):
@@ -327,8 +329,9 @@ def _max_backward(g, sr, dtype):
     """The backward pass of ``sr`` over ``g`` with values in ``dtype`` (the sink's 1-bar in it;
     the kernels keep float32 values float32), every node's value kept: from the block of
     :func:`shared_max_passes` when one is open."""
+    def run():
+        return backward(g, sr, seed=_seed(sr, g.nodes[g.sink].numel, dtype))
     passes = g._cache.get("paths.max_passes")
-    run = lambda: backward(g, sr, seed=_seed(sr, g.nodes[g.sink].numel, dtype))  # noqa: E731
     if passes is None:
         return run()
     key = (sr.name, np.dtype(dtype).name)
