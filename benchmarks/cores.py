@@ -6,7 +6,8 @@ diagonal -- an elementwise op -- or a scatter), the engine's per-node work (``ad
 node's contributions; ``normalize``: the per-tensor rescaling) and the rest of the query, each in
 wall time and in the process's CPU time (all its threads). CPU / wall is the number of cores the
 part kept busy on average: about 1 for serial code, up to the thread count for parallel code. Run
-it at default threads and with ``--threads 1`` to see what a second core buys each part::
+it at default threads and with ``--threads 1`` to see what a second core buys each part
+(``--no-dynamic``: every query on all the threads even when the machine is busy)::
 
     python benchmarks/cores.py --model gpt2 --layers 2 --tokens 256
     python benchmarks/cores.py --model gpt2 --layers 2 --tokens 256 --threads 1
@@ -111,9 +112,13 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=2, help="runs per query (summed, reported per run)")
     ap.add_argument("--threads", type=int, help="threads of every pool; default: the environment's")
     ap.add_argument("--queries", nargs="*", help="a subset of the queries (default: all)")
+    ap.add_argument("--no-dynamic", action="store_true",
+                    help="every query uses all the threads whatever the machine's load (threads.set_dynamic(False))")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.no_dynamic:
+        threads.set_dynamic(False)
     print(f"# Cores per part of a query -- {machine()}; threads {gg.get_num_threads()}")
     model, inputs, output = build(args.model, args.layers, args.tokens)
     gg.capture(model, (), inputs(args.tokens, seed=0), output=output)
