@@ -9,7 +9,8 @@ computed by the same arithmetic whatever the split, so the results are bit for b
 thread (and of the numpy expressions they replace: one IEEE operation per element, no fast-math
 reassociation in the arithmetic). The scan's maximum is exact in any order.
 
-Arrays below :data:`GRAIN` elements, or a query on one thread, take the serial loop directly: a
+Each range kernel slices its arrays and loops from 0 (an index numba can prove non-negative, so
+no wraparound check keeps the loop from vectorising). Arrays below :data:`GRAIN` elements, or a query on one thread, take the serial loop directly: a
 parallel launch costs tens of microseconds. Non-contiguous arrays take numpy.
 """
 from __future__ import annotations
@@ -22,8 +23,10 @@ from ._intrinsics import _FM, fmax, fmin
 
 __all__ = ["GRAIN", "blocks", "run_blocks", "add", "div_scalar", "mul_scalar", "max_finite_abs", "maxmin_plus", "scale_columns"]
 
-#: Fewest elements per block of a parallel elementwise loop (256 KB of float64).
-GRAIN = 1 << 15
+#: Fewest elements per block of a parallel elementwise loop (2 MB of float64): a parallel launch
+#: of the workqueue layer costs 60-100 us of wall time on this machine under load, about what a
+#: serial (+) of this many elements takes.
+GRAIN = 1 << 18
 
 
 def blocks(n, threads=None):
@@ -48,7 +51,8 @@ def _flat(*arrays):
 
 def run_blocks(serial, parallel_kernel, n, *args):
     """``serial(*args, 0, n)`` on one block, else ``parallel_kernel(*args, bounds)`` under the
-    thread policy's kernel lock."""
+    thread policy's kernel lock. ``serial`` is a range kernel, or numpy's expression of the
+    operation where numpy's own loop is the faster one on a single core."""
     nb = blocks(n)
     if nb == 1:
         return serial(*args, 0, n)
@@ -60,10 +64,15 @@ def run_blocks(serial, parallel_kernel, n, *args):
 
 
 # ----------------------------------------------------------------------------- out = a + b
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _add_range(a, b, out, lo, hi):
-    for k in range(lo, hi):
+    a, b, out = a[lo:hi], b[lo:hi], out[lo:hi]
+    for k in range(out.shape[0]):
         out[k] = a[k] + b[k]
+
+
+def _add_numpy(a, b, out, lo, hi):
+    np.add(a, b, out=out)
 
 
 @njit(cache=True, parallel=True)
@@ -81,14 +90,23 @@ def add(a, b, out=None):
     flat = _flat(a, b, out) if a.dtype == b.dtype == out.dtype else None
     if flat is None:
         return np.add(a, b, out=out)
-    run_blocks(_add_range, _add_blocks, flat[0].shape[0], *flat)
+    run_blocks(_add_numpy, _add_blocks, flat[0].shape[0], *flat)
     return out
 
 
 # ----------------------------------------------------------------------------- out = a / s, a * s
-@njit(cache=True)
+def _div_numpy(a, s, out, lo, hi):
+    np.divide(a, s, out=out)
+
+
+def _mul_numpy(a, s, out, lo, hi):
+    np.multiply(a, s, out=out)
+
+
+@njit(cache=True, error_model="numpy")
 def _div_range(a, s, out, lo, hi):
-    for k in range(lo, hi):
+    a, out = a[lo:hi], out[lo:hi]
+    for k in range(out.shape[0]):
         out[k] = a[k] / s
 
 
@@ -98,9 +116,10 @@ def _div_blocks(a, s, out, bounds):
         _div_range(a, s, out, bounds[blk], bounds[blk + 1])
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _mul_range(a, s, out, lo, hi):
-    for k in range(lo, hi):
+    a, out = a[lo:hi], out[lo:hi]
+    for k in range(out.shape[0]):
         out[k] = a[k] * s
 
 
@@ -123,19 +142,20 @@ def _scalar_op(a, s, serial, par, fallback):
 
 def div_scalar(a, s):
     """``a / s`` for a Python float ``s``: a new array of a's dtype, as numpy computes it."""
-    return _scalar_op(a, s, _div_range, _div_blocks, lambda a, s: a / s)
+    return _scalar_op(a, s, _div_numpy, _div_blocks, lambda a, s: a / s)
 
 
 def mul_scalar(a, s):
     """``a * s`` for a Python float ``s``: a new array of a's dtype, as numpy computes it."""
-    return _scalar_op(a, s, _mul_range, _mul_blocks, lambda a, s: a * s)
+    return _scalar_op(a, s, _mul_numpy, _mul_blocks, lambda a, s: a * s)
 
 
 # ----------------------------------------------------------------------------- the rescaling scan
 @njit(cache=True, fastmath=_FM)
 def _max_finite_abs_range(a, lo, hi):
+    a = a[lo:hi]
     m = 0.0
-    for k in range(lo, hi):
+    for k in range(a.shape[0]):
         v = abs(a[k])
         m = fmax(m, v if v < np.inf else 0.0)
     return m
@@ -172,9 +192,10 @@ def max_finite_abs(a):
 # ----------------------------------------------------------------------------- max-signed (+)
 @njit(cache=True, fastmath=_FM)
 def _maxmin_range(a0, a1, b0, b1, o0, o1, lo, hi):
-    for k in range(lo, hi):
+    a0, a1, b0, b1, o0, o1 = a0[lo:hi], a1[lo:hi], b0[lo:hi], b1[lo:hi], o0[lo:hi], o1[lo:hi]
+    for k in range(o0.shape[0]):
         o0[k] = fmax(a0[k], b0[k])
-    for k in range(lo, hi):
+    for k in range(o1.shape[0]):
         o1[k] = fmin(a1[k], b1[k])
 
 
@@ -191,16 +212,21 @@ def maxmin_plus(a, b, out):
 
 
 # ----------------------------------------------------------------------------- y = f(w) * x
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _scale_columns_range(w, absolute, x, y, lo, hi):
+    w = w[lo:hi]
     for c in range(x.shape[0]):
-        xc, yc = x[c], y[c]
+        xc, yc = x[c, lo:hi], y[c, lo:hi]
         if absolute:
-            for k in range(lo, hi):
+            for k in range(w.shape[0]):
                 yc[k] = abs(w[k]) * xc[k]
         else:
-            for k in range(lo, hi):
+            for k in range(w.shape[0]):
                 yc[k] = w[k] * xc[k]
+
+
+def _scale_columns_numpy(w, absolute, x, y, lo, hi):
+    np.multiply(np.abs(w) if absolute else w, x, out=y)
 
 
 @njit(cache=True, parallel=True)
@@ -213,5 +239,5 @@ def scale_columns(w, x, absolute=False):
     """``w * x`` (``|w| * x`` if ``absolute``) for weights ``w`` (n,) and values ``x`` (C, n) in
     float64: a new (C, n) array, each product computed as numpy's ``w.astype(float64) * x``."""
     y = np.empty(x.shape, np.float64)
-    run_blocks(_scale_columns_range, _scale_columns_blocks, x.shape[1], w, bool(absolute), x, y)
+    run_blocks(_scale_columns_numpy, _scale_columns_blocks, x.shape[1], w, bool(absolute), x, y)
     return y

@@ -149,17 +149,19 @@ def diag_max(xmax, xmin, w, signed, out, lo_k, hi_k):
     """(max, x) through a diagonal Jacobian (one edge j -> j of non-zero weight w[j] per element),
     branch-free, for the elements lo_k <= k < hi_k: signed, out = (max, min) of (w xmax, w xmin),
     -inf / +inf where no path arrives (xmax = -inf); unsigned, out[0] = |w| xmax (0 stays 0)."""
+    # sliced, so that the loops run from 0 (no wraparound check: they vectorise)
+    w, xmax, xmin = w[lo_k:hi_k], xmax[lo_k:hi_k], xmin[lo_k:hi_k]
     if signed:
-        hi, lo = out[0], out[1]
-        for k in range(lo_k, hi_k):
+        hi, lo = out[0, lo_k:hi_k], out[1, lo_k:hi_k]
+        for k in range(w.shape[0]):
             u = w[k] * xmax[k]
             v = w[k] * xmin[k]
             dead = xmax[k] == -np.inf
             hi[k] = -np.inf if dead else fmax(u, v)
             lo[k] = np.inf if dead else fmin(u, v)
     else:
-        y = out[0]
-        for k in range(lo_k, hi_k):
+        y = out[0, lo_k:hi_k]
+        for k in range(w.shape[0]):
             y[k] = abs(w[k]) * xmax[k]
 
 
@@ -173,17 +175,19 @@ def diag_max_blocks(xmax, xmin, w, signed, out, bounds):
 def diag_entropy(x, w, y, lo, hi):
     """The entropy product through a diagonal Jacobian (weight w[j] on j -> j), vectorised, for
     the elements lo <= k < hi: y = (|w| Z, |w| R - |w| log|w| Z) for x = (Z, R)."""
-    m = abs(w[lo]) if hi > lo else 1.0
-    for k in range(lo, hi):
+    # sliced, so that the loops run from 0 (no wraparound check: they vectorise)
+    w, z, r, y0, y1 = w[lo:hi], x[0, lo:hi], x[1, lo:hi], y[0, lo:hi], y[1, lo:hi]
+    m = abs(w[0]) if w.shape[0] else 1.0
+    for k in range(w.shape[0]):
         a = abs(w[k])
         m = min(m, a)
-        y[0, k] = a * x[0, k]
-        y[1, k] = a * x[1, k] - a * flog(a) * x[0, k]
+        y0[k] = a * z[k]
+        y1[k] = a * r[k] - a * flog(a) * z[k]
     if m < _TINY:                      # zero or subnormal weights: libm's log, 0 log 0 = 0
-        for k in range(lo, hi):
+        for k in range(w.shape[0]):
             a = abs(w[k])
             if a < _TINY:
-                y[1, k] = a * x[1, k] - (a * np.log(a) * x[0, k] if a > 0 else 0.0)
+                y1[k] = a * r[k] - (a * np.log(a) * z[k] if a > 0 else 0.0)
 
 
 @njit(cache=True, parallel=True)
