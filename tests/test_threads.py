@@ -185,7 +185,7 @@ def block_calls(monkeypatch):
             return inner(*args)
         monkeypatch.setattr(module, name, wrapper)
     for name in ("_add_blocks", "_div_blocks", "_mul_blocks", "_max_finite_abs_blocks", "_maxmin_blocks",
-                 "_scale_columns_blocks"):
+                 "_scale_columns_blocks", "_fill_blocks"):
         spy(_elementwise, name)
     for name in ("coo_sum_blocks", "coo_entropy_blocks", "coo_max_blocks", "coo_maxmin_blocks",
                  "diag_max_blocks", "diag_entropy_blocks"):
@@ -226,9 +226,11 @@ def test_elementwise_work_in_blocks_is_numpys_bit_for_bit(restore_pools, block_c
         for got, want in cases:
             assert got.dtype == want.dtype and np.array_equal(got, want, equal_nan=True)
         assert _elementwise.max_finite_abs(a) == finite.max()
+        filled = _elementwise.fill(np.empty_like(a), -np.inf)
+        assert filled.dtype == a.dtype and np.array_equal(filled, np.full_like(a, -np.inf))
     # the two-thread round went through every block kernel
     assert set(block_calls) >= {"_add_blocks", "_div_blocks", "_mul_blocks", "_max_finite_abs_blocks",
-                                "_maxmin_blocks", "_scale_columns_blocks"}
+                                "_maxmin_blocks", "_scale_columns_blocks", "_fill_blocks"}
 
 
 def _sparse_cases(rng):

@@ -34,6 +34,7 @@ import math
 
 import numpy as np
 
+from ._elementwise import fill
 from ._intrinsics import WeightMap
 
 __all__ = ["Jacobian", "WeightMap"]
@@ -48,8 +49,8 @@ def _empty_max(n, signed):
     (2, n) buffer, which the max-signed semiring then uses as its value without a copy."""
     if signed:
         buf = np.empty((2, n))
-        buf[0] = -np.inf
-        buf[1] = np.inf
+        fill(buf[0], -np.inf)          # on the query's threads when large (see _elementwise)
+        fill(buf[1], np.inf)
         return buf[0], buf[1]
     return np.zeros(n), None
 
