@@ -10,8 +10,10 @@ thread (and of the numpy expressions they replace: one IEEE operation per elemen
 reassociation in the arithmetic). The scan's maximum is exact in any order.
 
 Each range kernel slices its arrays and loops from 0 (an index numba can prove non-negative, so
-no wraparound check keeps the loop from vectorising). Arrays below :data:`GRAIN` elements, or a query on one thread, take the serial loop directly: a
-parallel launch costs tens of microseconds. Non-contiguous arrays take numpy.
+no wraparound check keeps the loop from vectorising). Arrays below two blocks of :data:`GRAIN`
+elements, or a query on one thread, take the serial path directly -- numpy's own loop where it is
+the faster one on a single core, else the range kernel over everything: a parallel launch costs
+tens of microseconds. Non-contiguous arrays take numpy.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from numba import njit, prange
 from ..threads import get_num_threads, parallel
 from ._intrinsics import _FM, fmax, fmin
 
-__all__ = ["GRAIN", "blocks", "run_blocks", "add", "div_scalar", "mul_scalar", "max_finite_abs", "maxmin_plus", "scale_columns", "fill"]
+__all__ = ["GRAIN", "blocks", "run_blocks", "add", "div_scalar", "mul_scalar", "max_finite_abs", "maxmin_plus",
+           "scale_columns", "fill"]
 
 #: Fewest elements per block of a parallel elementwise loop (2 MB of float64): a parallel launch
 #: of the workqueue layer costs 60-100 us of wall time on this machine under load, about what a

@@ -116,7 +116,7 @@ def coo_maxmin(xmax, xmin, src, dst, w, ymax, ymin, lo, hi):
 
 
 # The same kernels over blocks of entries in parallel. The caller splits the entries so that no
-# destination receives entries from two blocks (see SparseJacobian._split): each destination's
+# destination receives entries from two blocks (see SparseJacobian._scatter): each destination's
 # contributions then arrive in the serial order, and the results are bit for bit one thread's.
 @njit(cache=True, parallel=True)
 def coo_sum_blocks(x, src, dst, w, t, y, bounds):
