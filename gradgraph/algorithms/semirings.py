@@ -29,6 +29,7 @@ import math
 import numpy as np
 
 from ..jacobians import JACOBIAN_KINDS, WeightMap
+from ..jacobians._elementwise import add
 from .dp import Scaled, _rescaled
 from .kernels import maxmin_plus
 from .products import product, register_product
@@ -153,11 +154,10 @@ class _Sum(Semiring):
         return np.zeros((1, n))
 
     def plus(self, a, b):
-        return a + b
+        return add(a, b)
 
     def plus_into(self, a, b):
-        a += b
-        return a
+        return add(a, b, out=a)
 
     def weight(self, w):
         w = np.asarray(w, dtype=np.float64)
@@ -177,11 +177,10 @@ class _Entropy(Semiring):
         return np.zeros((2, n))
 
     def plus(self, a, b):
-        return a + b
+        return add(a, b)
 
     def plus_into(self, a, b):
-        a += b
-        return a
+        return add(a, b, out=a)
 
     def weight(self, w):
         a = np.abs(np.asarray(w, dtype=np.float64))

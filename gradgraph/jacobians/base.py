@@ -35,6 +35,7 @@ import math
 
 import numpy as np
 
+from ._elementwise import fill
 from ._intrinsics import WeightMap
 
 __all__ = ["Jacobian", "WeightMap"]
@@ -50,8 +51,8 @@ def _empty_max(n, signed, dtype=np.float64):
     ``dtype``: the values' (a max pass keeps a float32 model's values in float32)."""
     if signed:
         buf = np.empty((2, n), dtype=dtype)
-        buf[0] = -np.inf
-        buf[1] = np.inf
+        fill(buf[0], -np.inf)          # on the query's threads when large (see _elementwise)
+        fill(buf[1], np.inf)
         return buf[0], buf[1]
     return np.zeros(n, dtype=dtype), None
 
