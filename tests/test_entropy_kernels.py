@@ -56,7 +56,7 @@ def test_elementwise_entropy_product_in_the_weights_dtype(dtype):
                         [0.0, -0.0, float(info.tiny) / 4, -float(info.smallest_subnormal), 1.0, -1.0]]).astype(dtype)
     x = np.vstack([np.abs(rng.normal(size=w.size)), rng.normal(size=w.size)])
     y = np.empty_like(x)
-    diag_entropy(x, w, y)
+    diag_entropy(x, w, y, 0, w.size)
     a = np.abs(w.astype(np.float64))
     with np.errstate(divide="ignore", invalid="ignore"):
         h = np.where(a > 0, -a * np.log(a), 0.0)

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..jacobians import WEIGHT_CACHE
 from ..threads import query_threads
+from ..jacobians._elementwise import div_scalar, mul_scalar
 from .kernels import max_finite_abs
 
 __all__ = ["Scaled", "backward", "forward"]
@@ -51,9 +52,9 @@ class Scaled:
         same value object to the next node, and no one writes into a complete value)."""
         if self.normalized:
             return self
-        m = max_finite_abs(self.arr.reshape(self.arr.shape[0], -1)) if self.arr.size else 0.0
+        m = max_finite_abs(self.arr)
         if m > 0 and not _NEAR_ONE[0] <= m <= _NEAR_ONE[1]:
-            self.arr = self.arr / m
+            self.arr = div_scalar(self.arr, m)
             self.log_scale += math.log(m)
         self.normalized = not self.owned
         return self
@@ -77,7 +78,7 @@ def _rescaled(arr, log_factor):
         return arr
     f = math.exp(log_factor)
     if f > 0:
-        return arr * f
+        return mul_scalar(arr, f)
     return np.where(np.isinf(arr), arr, 0.0)
 
 
