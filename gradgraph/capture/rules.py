@@ -623,7 +623,9 @@ def _rows_layout(shape, dim):
 
 
 def _row_factor(t, outer, d, inner):
-    return _np(t.double().reshape(outer, d, inner).transpose(1, 2).reshape(outer * inner, d))
+    """``t`` as (rows, d) in its own dtype (float32 or float64): rows along the last dimension
+    (inner == 1) are ``t``'s own memory, not a copy."""
+    return _np(t.reshape(outer, d, inner).transpose(1, 2).reshape(outer * inner, d))
 
 
 @register_rule(aten._softmax.default)
