@@ -538,10 +538,10 @@ class RowBlockJacobian(Jacobian):
     * ``layer_norm``:   J = diag(g) s (I - 1/d - xhat xhat^T / d)   (factors: xhat, s = 1/sigma, g = gamma)
 
     The factors are kept in float64, except a float32 first factor (a float32 model's softmax
-    probabilities ``p``), which is kept as given -- usually the softmax node's own value, so
-    that the largest factor of an attention layer, heads x tokens^2, costs no memory of its own
-    -- and widened to float64 by :attr:`A` where a product reads it (exactly: every float32 is
-    a float64). ``precision`` is the float type the model computed the op in ("float32" for
+    probabilities ``p`` or layer-norm ``xhat``), which is kept as given -- for a softmax the
+    node's own value, so that the largest factor of an attention layer, heads x tokens^2, costs
+    no memory of its own -- and widened to float64 by :attr:`A` where a product reads it
+    (exactly: every float32 is a float64). ``precision`` is the float type the model computed the op in ("float32" for
     float32, float16 and bfloat16 models): the entropy product through a layer norm, the one
     product that needs a logarithm per pair of row elements, runs in it.
     """
