@@ -330,14 +330,14 @@ def plot(results, args, path):
               ("capture", "C0--", "capture (new input)"), ("gradient", "C1-", "gradient"),
               ("top path", "C2-", "top path (k=1, signed)"), ("entropy", "C3-", "entropy")]
     for col, (key, rows, label) in enumerate(panels):
-        rows = [r for r in rows if "error" not in r]
+        # a point that did not finish is drawn with what it measured
         ax = axes[0][col]
         for name, style, legend in series:
             pts = [(r[key] if key == "tokens" else r["layers"], r[name]) for r in rows if r.get(name)]
             if pts:
                 ax.plot(*zip(*pts), style, marker="o", label=legend)
         ax.set(xscale="log", yscale="log", xlabel=label,
-               ylabel="seconds (" + ("CPU, 1 thread" if THREADS == "1" else "wall") + ")")
+               ylabel="seconds (" + ("CPU, 1 thread" if getattr(args, "saved_threads", THREADS) == "1" else "wall") + ")")
         _ticks(ax, rows, key)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
@@ -462,6 +462,7 @@ def main(argv=None):
         with open(args.replot) as f:
             saved = json.load(f)
         args.model = saved["model"]
+        args.saved_threads = saved.get("threads")     # the sweep's clock, for the axis label
         return plot(saved["points"], args, args.plot)
     if args.profile:
         model, inputs, output = build(args.model, args.layers, args.tokens[0])
