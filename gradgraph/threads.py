@@ -103,18 +103,29 @@ def set_dynamic(on):
 def _busy_elsewhere():
     """Threads of other processes running or waiting for a core right now (Linux; 0 elsewhere)."""
     try:
+        # this process's running threads counted before and after the machine's count: a pool's
+        # thread still spinning after its last parallel region (torch's OpenMP workers spin for
+        # a few ms) may go to sleep between two reads, and must not count as another process's
+        # -- on two cores that one thread would halve the query's threads
+        own = _running_here()
         with open("/proc/loadavg") as f:
             runnable = int(f.read().split()[3].split("/")[0])
-        own = 0
-        for tid in os.listdir("/proc/self/task"):
-            try:
-                with open(f"/proc/self/task/{tid}/stat") as f:
-                    own += f.read().rpartition(")")[2].split()[0] == "R"
-            except OSError:      # the thread ended meanwhile
-                pass
+        own = max(own, _running_here())
     except (OSError, ValueError, IndexError):
         return 0
     return max(0, runnable - max(own, 1))
+
+
+def _running_here():
+    """Threads of this process running or waiting for a core (state R)."""
+    own = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                own += f.read().rpartition(")")[2].split()[0] == "R"
+        except OSError:      # the thread ended meanwhile
+            pass
+    return own
 
 
 def free_threads(n):

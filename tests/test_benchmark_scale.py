@@ -39,3 +39,12 @@ def test_sweep_writes_plot_and_figures(tmp_path):
         for key in ("torch backward", "torch forward + backward", "capture", "gradient", "top path", "entropy"):
             assert p[key] > 0
         assert p["torch peak"] > 0 and p["gradgraph peak"] > 0
+
+
+def test_max_pass_profile_runs():
+    """benchmarks/max_pass.py on the tiny GPT-2: a table of the pass's products per kind."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "max_pass.py"), "--model", "tiny",
+                          "--tokens", "8", "--threads", "1"], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"max pass [0-9.]+ s .*kept values [0-9]+ MB \['float32'\]", out.stdout), out.stdout
+    assert "MatmulJacobian" in out.stdout

@@ -162,3 +162,199 @@ def test_an_exactness_suite_passes_with_every_pool_at_two_threads():
                          cwd=os.path.dirname(here))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and " failed" not in run.stdout
+
+
+# ----------------------------------------------------------------------------- per-node work and
+# sparse products in parallel blocks (gradgraph.jacobians._elementwise, SparseJacobian._scatter)
+from gradgraph.jacobians import SparseJacobian, _elementwise  # noqa: E402
+from gradgraph.jacobians import sparse as sparse_mod  # noqa: E402
+
+SMALL_GRAIN = 1 << 12
+BIG = 3 * SMALL_GRAIN + 7          # splits into blocks at two threads with the grain below
+
+
+@pytest.fixture
+def block_calls(monkeypatch):
+    """Blocks of SMALL_GRAIN elements (the library's are larger: the tests' arrays stay small),
+    and a count of the calls of every parallel block kernel (to know the parallel path ran)."""
+    monkeypatch.setattr(_elementwise, "GRAIN", SMALL_GRAIN)
+    calls = {}
+
+    def spy(module, name):
+        inner = getattr(module, name)
+
+        def wrapper(*args):
+            calls[name] = calls.get(name, 0) + 1
+            return inner(*args)
+        monkeypatch.setattr(module, name, wrapper)
+    for name in ("_add_blocks", "_div_blocks", "_mul_blocks", "_max_finite_abs_blocks", "_maxmin_blocks",
+                 "_scale_columns_blocks", "_fill_blocks"):
+        spy(_elementwise, name)
+    for name in ("coo_sum_blocks", "coo_entropy_blocks", "coo_max_blocks", "coo_maxmin_blocks",
+                 "diag_max_blocks", "diag_entropy_blocks"):
+        spy(sparse_mod, name)
+    return calls
+
+
+def _at_threads(n, fn):
+    gg.set_num_threads(n)
+    return fn()
+
+
+@needs_two
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_elementwise_work_in_blocks_is_numpys_bit_for_bit(restore_pools, block_calls, dtype):
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((2, BIG)).astype(dtype)
+    b = rng.standard_normal((2, BIG)).astype(dtype)
+    a[0, ::11] = np.inf
+    a[1, ::13] = -np.inf
+    a[:, ::17] = 0.0
+    w = rng.standard_normal(BIG).astype(np.float32)
+    x = rng.standard_normal((2, BIG))
+    finite = np.abs(a)[np.isfinite(a)]
+    for n in (1, 2):
+        gg.set_num_threads(n)
+        into = a.copy()
+        pair = np.empty_like(a)
+        cases = [
+            (_elementwise.add(a, b), a + b),
+            (_elementwise.add(into, b, out=into), a + b),
+            (_elementwise.div_scalar(a, 3.7), a / 3.7),
+            (_elementwise.mul_scalar(a, 0.3), a * 0.3),
+            (_elementwise.maxmin_plus(a, b, pair), np.stack([np.maximum(a[0], b[0]), np.minimum(a[1], b[1])])),
+            (_elementwise.scale_columns(w, x), w * x),
+            (_elementwise.scale_columns(w, x, absolute=True), np.abs(w) * x),
+        ]
+        for got, want in cases:
+            assert got.dtype == want.dtype and np.array_equal(got, want, equal_nan=True)
+        assert _elementwise.max_finite_abs(a) == finite.max()
+        filled = _elementwise.fill(np.empty_like(a), -np.inf)
+        assert filled.dtype == a.dtype and np.array_equal(filled, np.full_like(a, -np.inf))
+    # the two-thread round went through every block kernel
+    assert set(block_calls) >= {"_add_blocks", "_div_blocks", "_mul_blocks", "_max_finite_abs_blocks",
+                                "_maxmin_blocks", "_scale_columns_blocks", "_fill_blocks"}
+
+
+def _sparse_cases(rng):
+    """Sparse Jacobians of every destination layout, big enough to split into blocks."""
+    n, d = BIG, 97
+    perm = rng.permutation(n)
+    vals = rng.standard_normal(n)
+    vals[::29] = 1e-320                   # subnormal weights: the entropy's libm branch
+    return {
+        "diagonal": SparseJacobian((n,), (n,), vals=vals),
+        "permutation": SparseJacobian((n,), (n,), rows=perm, vals=vals),
+        "reduction": SparseJacobian((n // 5 + 1,), (n,), rows=np.arange(n) // 5, vals=vals),
+        "broadcast": SparseJacobian((n,), (d,), cols=np.arange(n) % d, vals=vals),
+        "slice": SparseJacobian((n,), (2 * n,), cols=np.arange(0, 2 * n, 2)),
+    }
+
+
+def _sparse_oracle(jac, x, xmax, xmin, transpose):
+    """Sum, entropy and max products from the entries with scipy.sparse and numpy ufunc.at."""
+    import scipy.sparse
+    r, c, v = jac.entries()
+    src, dst = (r, c) if transpose else (c, r)
+    m, k = (jac.in_numel, jac.out_numel) if transpose else (jac.out_numel, jac.in_numel)
+    a = np.abs(v)
+    h = np.where(a > 0, -a * np.log(np.where(a > 0, a, 1.0)), 0.0)
+
+    def mat(weights):
+        return scipy.sparse.coo_matrix((weights, (dst, src)), shape=(m, k)).tocsr()
+    z, rr = np.abs(x[0]), np.abs(x[1])
+    signed = mat(v) @ x[0]
+    magnitude = mat(a) @ z
+    entropy = np.stack([mat(a) @ z, mat(a) @ rr + mat(h) @ z])
+    hi = np.full(m, -np.inf)
+    lo = np.full(m, np.inf)
+    live = xmax[src] != -np.inf
+    u, w_ = v[live] * xmax[src][live], v[live] * xmin[src][live]
+    np.maximum.at(hi, dst[live], np.maximum(u, w_))
+    np.minimum.at(lo, dst[live], np.minimum(u, w_))
+    return signed, magnitude, entropy, hi, lo
+
+
+@needs_two
+@pytest.mark.parametrize("layout", ["diagonal", "permutation", "reduction", "broadcast", "slice"])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_sparse_products_in_blocks_give_one_threads_results(restore_pools, block_calls, layout, transpose):
+    from gradgraph.algorithms.products import product
+    from gradgraph.algorithms.semirings import MAGNITUDE, REAL
+    jac = _sparse_cases(np.random.default_rng(4))[layout]
+    rng = np.random.default_rng(5)
+    size = jac.out_numel if transpose else jac.in_numel
+    x = rng.standard_normal((2, size))
+    x[:, rng.random(size) < 0.2] = 0.0        # elements no path reaches
+    xmax, xmin = np.maximum(x[0], x[1]), np.minimum(x[0], x[1])
+    xmax[x[0] == 0], xmin[x[0] == 0] = -np.inf, np.inf
+
+    def run():
+        out = [product(REAL, jac, x[:1], transpose)[0], product(MAGNITUDE, jac, np.abs(x[:1]), transpose)[0],
+               product(ENTROPY, jac, np.abs(x), transpose)]
+        out.extend(jac.max_product(xmax, xmin, transpose))
+        out.append(jac.max_product(np.abs(x[0]), None, transpose)[0])
+        return [np.array(o, copy=True) for o in out]
+    one, two = _at_threads(1, run), _at_threads(2, run)
+    for a, b in zip(one, two):
+        assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True)
+    # and right: against scipy.sparse sums and numpy's ufunc.at maxima over the entries
+    signed, magnitude, entropy, hi, lo = _sparse_oracle(jac, x, xmax, xmin, transpose)
+    np.testing.assert_allclose(two[0], signed, rtol=1e-10, atol=1e-300)
+    np.testing.assert_allclose(two[1], magnitude, rtol=1e-10, atol=1e-300)
+    np.testing.assert_allclose(two[2], entropy, rtol=1e-10, atol=1e-300)
+    assert np.array_equal(two[3], hi) and np.array_equal(two[4], lo)
+    mag_max = np.zeros_like(hi)
+    r, c, v = jac.entries()
+    src, dst = (r, c) if transpose else (c, r)
+    np.maximum.at(mag_max, dst, np.abs(v) * np.abs(x[0])[src])
+    assert np.array_equal(two[5], mag_max)
+    # the parallel kernels ran unless the destinations are shared between entries
+    ran = set(block_calls)
+    if layout == "diagonal":
+        assert ran >= {"_scale_columns_blocks", "diag_entropy_blocks", "diag_max_blocks"}
+    elif layout == "broadcast" and transpose:
+        assert not ran & {"coo_sum_blocks", "coo_entropy_blocks", "coo_max_blocks", "coo_maxmin_blocks"}
+    else:
+        assert ran >= {"coo_sum_blocks", "coo_entropy_blocks", "coo_max_blocks", "coo_maxmin_blocks"}
+
+
+class _Elementwise(torch.nn.Module):
+    """Big elementwise ops, a broadcast, a permutation and a reduction: a graph whose every
+    product is a sparse one, so its passes run only the blocked kernels (no BLAS)."""
+
+    def __init__(self, n):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.scale = torch.nn.Parameter(torch.rand(n, dtype=torch.float64, generator=g) + 0.5)
+        self.bias = torch.nn.Parameter(torch.randn(n // 64, 1, dtype=torch.float64, generator=g))
+
+    def forward(self, x):
+        h = torch.tanh(x * self.scale)                       # (n,)
+        h = h.reshape(-1, 64) + self.bias                    # broadcast
+        h = torch.sigmoid(h.t().contiguous()) * h.t()        # a permutation, used twice
+        return (h * h).sum(0)[:3].sum()
+
+
+@needs_two
+def test_a_pass_over_big_sparse_products_is_the_same_at_two_threads(restore_pools, block_calls):
+    from gradgraph.algorithms.semirings import REAL
+    n = 64 * (BIG // 64)
+    model = _Elementwise(n)
+    x = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    g = gg.capture(model, (x.detach(),), output=lambda y: y)
+    threads.set_dynamic(False)
+    results = {}
+    for t in (1, 2):
+        gg.set_num_threads(t)
+        results[t] = [[None if b is None else (b.arr.copy(), b.log_scale) for b in backward(g, sr)]
+                      for sr in (REAL, ENTROPY, MAX_SIGNED)]
+    for one, two in zip(results[1], results[2]):
+        for a, b in zip(one, two):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert np.array_equal(a[0], b[0], equal_nan=True) and a[1] == b[1]
+    assert {"_scale_columns_blocks", "coo_sum_blocks", "_max_finite_abs_blocks"} <= set(block_calls)
+    model(x).backward()
+    arr, scale = results[2][0][g.sources["x"]]
+    np.testing.assert_allclose(arr[0] * np.exp(scale), x.grad.numpy(), rtol=1e-10, atol=1e-300)

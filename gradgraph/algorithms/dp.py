@@ -20,6 +20,7 @@ import math
 import numpy as np
 
 from ..threads import query_threads
+from ..jacobians._elementwise import div_scalar, mul_scalar
 from .kernels import max_finite_abs
 
 __all__ = ["Scaled", "backward", "forward"]
@@ -44,9 +45,9 @@ class Scaled:
         """Rescale so that the largest finite magnitude is 1 -- unless it is already within
         [2^-10, 2^10]: such values are as safe for every kernel (float32 ones included) as
         rescaled ones, and most tensors of a pass are, so the copy is skipped."""
-        m = max_finite_abs(self.arr.reshape(self.arr.shape[0], -1)) if self.arr.size else 0.0
+        m = max_finite_abs(self.arr)
         if m > 0 and not _NEAR_ONE[0] <= m <= _NEAR_ONE[1]:
-            self.arr = self.arr / m
+            self.arr = div_scalar(self.arr, m)
             self.log_scale += math.log(m)
         return self
 
@@ -69,7 +70,7 @@ def _rescaled(arr, log_factor):
         return arr
     f = math.exp(log_factor)
     if f > 0:
-        return arr * f
+        return mul_scalar(arr, f)
     return np.where(np.isinf(arr), arr, 0.0)
 
 

@@ -231,10 +231,14 @@ class _Values:
     for both polarities "larger score is better" and a child's score is carried by |w|.
     """
 
-    def __init__(self, g, order):
+    def __init__(self, g, order, dtype):
         self.signed = order.signed
-        self.B = _max_backward(g, order.semiring)
+        self.B = _max_backward(g, order.semiring, dtype)
         _refuse_nan(g, self.B)
+        #: the pass's values are exact to float64 rounding (the search may rely on exact ties)
+        self.exact = dtype == np.float64
+        #: bound on |score - log|true value|| of any element (see _rounding_bound)
+        self.error = _rounding_bound(g, dtype)
 
     def scores(self, t, idx, p):
         """(valid, sign, log|score|) of elements ``idx`` of tensor ``t`` for polarity ``p`` (one
@@ -255,10 +259,59 @@ class _Values:
             x = b.arr[0][idx]
             valid = x > 0
         # a mantissa that underflowed inside its tensor is a real but tiny path: order it last
-        sgn = np.where(x < 0, -1.0, 1.0)
+        # of its sign (an underflowed negative product is -0.0)
+        sgn = np.where(np.signbit(x), -1.0, 1.0)
         with np.errstate(divide="ignore"):
-            la = np.log(np.abs(x)) + b.log_scale
+            la = np.log(np.abs(x).astype(np.float64, copy=False)) + b.log_scale
         return valid, sgn, la
+
+
+#: Roundings per hop the float32 values of a max pass may carry, relative: the local derivative
+#: rounded to float32 or computed from float32 factors (a layer norm's gamma s (1 + xh_i xh_j) / d:
+#: up to six), the product, the renormalisation and a rescaling to a common scale -- with room
+#: to spare.
+_ROUNDINGS_PER_HOP = 16
+
+
+#: Sink dtypes of models whose max passes run in float32 (float16 / bfloat16 values are held in
+#: float32 by capture); graphs name them with or without the "torch." prefix.
+_NARROW = ("torch.float32", "torch.float16", "torch.bfloat16", "float32", "float16", "bfloat16")
+
+
+def pass_dtype(g):
+    """The dtype of the max passes' values over ``g``: float32 for a float32 (or narrower) model,
+    as its kernels compute; float64 otherwise."""
+    return np.float32 if str(g.nodes[g.sink].dtype) in _NARROW else np.float64
+
+
+def _longest_chain(g):
+    """The largest number of non-identity Jacobians on a chain of edges from the sink (cached):
+    how many products a value of the backward pass has been through, at most."""
+    h = g._cache.get("paths.longest_chain")
+    if h is None:
+        depth = [-1] * len(g.nodes)
+        depth[g.sink] = 0
+        for v in range(len(g.nodes) - 1, -1, -1):      # reverse topological order
+            if depth[v] < 0:
+                continue
+            for k in g.in_edges[v]:
+                e = g.edges[k]
+                d = depth[v] + (0 if e.jac.is_identity else 1)
+                if d > depth[e.src]:
+                    depth[e.src] = d
+        h = g._cache["paths.longest_chain"] = max(depth)
+    return h
+
+
+def _rounding_bound(g, dtype):
+    """Bound on the error, in log space, of a score read from a pass in ``dtype``: each product
+    on the way from the sink adds at most ``_ROUNDINGS_PER_HOP`` roundings of relative size
+    eps / 2 (a max is exact: the max of values each within a relative error is within it of the
+    true max). float64: 0 (its rounding is covered by the search's own float64 allowance)."""
+    if dtype == np.float64:
+        return 0.0
+    unit = float(np.finfo(dtype).eps) / 2
+    return _ROUNDINGS_PER_HOP * unit * (_longest_chain(g) + 1)
 
 
 @contextlib.contextmanager
@@ -272,15 +325,26 @@ def shared_max_passes(g):
         g._cache.pop("paths.max_passes", None)
 
 
-def _max_backward(g, sr):
-    """The backward pass of ``sr`` over ``g``, every node's value kept: from the block of
+def _max_backward(g, sr, dtype):
+    """The backward pass of ``sr`` over ``g`` with values in ``dtype`` (the sink's 1-bar in it;
+    the kernels keep float32 values float32), every node's value kept: from the block of
     :func:`shared_max_passes` when one is open."""
+    def run():
+        return backward(g, sr, seed=_seed(sr, g.nodes[g.sink].numel, dtype))
     passes = g._cache.get("paths.max_passes")
     if passes is None:
-        return backward(g, sr)
-    if sr.name not in passes:
-        passes[sr.name] = backward(g, sr)
-    return passes[sr.name]
+        return run()
+    key = (sr.name, np.dtype(dtype).name)
+    if key not in passes:
+        passes[key] = run()
+    return passes[key]
+
+
+def _seed(sr, n, dtype):
+    """1-bar of n elements in ``dtype``, as the engine holds it."""
+    value = sr.seed(n)
+    value.arr = value.arr.astype(dtype, copy=False)
+    return value
 
 
 # ============================================================================ lazy k-best
@@ -346,9 +410,9 @@ class _Enumerator:
     |w| * score(child) with child list (v, p * sign(w)) (signed order) or (v, p) (magnitude order).
     """
 
-    def __init__(self, g, order, masks):
+    def __init__(self, g, order, masks, dtype):
         self.g, self.order, self.signed = g, order, order.signed
-        self.values = _Values(g, order)
+        self.values = _Values(g, order, dtype)
         self.sources = set(g.sources.values())
         self.lists = {}
         # the sink's only prefix is the empty one, value 1: score +1 for "+", -1 for "-"
@@ -560,58 +624,92 @@ def top_paths(g, k=1, order="signed", source=None, include_views=False, progress
     k = _check_k(k)
     order = _check_order(order)
     masks = _source_masks(g, source)
-    en = _Enumerator(g, order, masks)
-
     bar = None
     if progress or (progress is None and k >= 100):
         from tqdm.auto import tqdm
         bar = tqdm(total=k, desc="top paths", unit="path", disable=None if progress is None else False)
-    best = []         # (exact order key, tie key, hops, edges): the best k so far, and near ties
     try:
-        r, kth = 0, None  # kth: the search key of the k-th path enumerated
-        while True:
-            d = en.get(_ROOT, r)
-            if d is None:
-                break
-            if kth is not None and not _near(d, kth):
-                break
-            hops, edges = en.path(r)
-            entry = _ranked(order, hops, edges)
-            r += 1
-            if kth is not None:
-                # past the k-th path the search only looks for paths its rounded keys may have
-                # misplaced. Paths of one exact weight come out of the search in tie order, so
-                # the first exact tie of the k-th best path (after it) ends the search: it and
-                # everything after it rank below.
-                kbest = best[-1]
-                if entry[0] == kbest[0] and entry[1] > kbest[1]:
-                    break
-                if entry[:2] < kbest[:2]:
-                    bisect.insort(best, entry, key=_rank)
-                    best.pop()
-                continue
-            best.append(entry)
+        dtype = pass_dtype(g)
+        best = _search(g, order, masks, k, dtype, bar)
+        if best is None:
+            # more paths within the float32 pass's rounding of the k-th than it is worth ranking
+            # one by one (e.g. a run of exact ties): the float64 pass decides, whose exact ties
+            # come out in tie order
             if bar is not None:
-                bar.update(1)
-            if len(best) == k:
-                kth = (d[7], d[8])
-                best.sort(key=_rank)
+                bar.reset(total=k)
+            best = _search(g, order, masks, k, np.float64, bar)
     finally:
         if bar is not None:
             bar.close()
-    best.sort(key=_rank)
     return [_make_path(g, hops, edges, include_views)[0] for _, _, hops, edges in best[:k]]
 
 
-def _near(d, kth):
-    """Is derivation ``d``'s search key within rounding of the k-th path's? Rounded log keys
-    agree to ~1e-12 relative; an infinite key is near only an equal one."""
+#: Paths past the k-th that a float32 pass ranks exactly before handing the search to a float64
+#: pass (whose exact ties end the search).
+_CROWD = 64
+
+
+def _search(g, order, masks, k, dtype, bar):
+    """The k best paths as (exact order key, tie key, hops, edges), best first, from the max pass
+    in ``dtype``; None when a float32 pass meets more than ``k + _CROWD`` paths within its
+    rounding of the k-th.
+
+    The search enumerates paths by their scores (from the pass's values) and ranks each one by
+    its exact weight. Scores are within ``err`` of the exact log weights (``_Values.error``: 0
+    for float64 beyond float64's own rounding), so past the k-th path it goes on while a score is
+    within ``4 err`` (and float64 rounding) of the k-th's: twice for the two scores compared, twice
+    for the enumeration's own order, which those errors can perturb by as much. On a float64 pass
+    the first exact tie of the k-th path ends the search (exact ties come out in tie order); a
+    float32 pass's scores of exactly tied paths may differ in their last bits, so it ranks every
+    path in the band."""
+    en = _Enumerator(g, order, masks, dtype)
+    tol = 4 * en.values.error
+    best = []         # (exact order key, tie key, hops, edges): the best k so far, and near ties
+    r, kth, extra = 0, None, 0  # kth: the search key of the k-th path enumerated
+    while True:
+        d = en.get(_ROOT, r)
+        if d is None:
+            break
+        if kth is not None and not _near(d, kth, tol):
+            break
+        hops, edges = en.path(r)
+        entry = _ranked(order, hops, edges)
+        r += 1
+        if kth is not None:
+            # past the k-th path the search only looks for paths its rounded keys may have
+            # misplaced. On a float64 pass, paths of one exact weight come out of the search in
+            # tie order, so the first exact tie of the k-th best path (after it) ends the search:
+            # it and everything after it rank below.
+            kbest = best[-1]
+            if en.values.exact and entry[0] == kbest[0] and entry[1] > kbest[1]:
+                break
+            if entry[:2] < kbest[:2]:
+                bisect.insort(best, entry, key=_rank)
+                best.pop()
+            extra += 1
+            if extra > k + _CROWD and not en.values.exact:
+                return None
+            continue
+        best.append(entry)
+        if bar is not None:
+            bar.update(1)
+        if len(best) == k:
+            kth = (d[7], d[8])
+            best.sort(key=_rank)
+    best.sort(key=_rank)
+    return best
+
+
+def _near(d, kth, tol=0.0):
+    """Is derivation ``d``'s search key within ``tol`` (the pass's rounding, in log space) and
+    float64 rounding of the k-th path's? Rounded float64 log keys agree to ~1e-12 relative; an
+    infinite key is near only an equal one."""
     s, la = kth
     if d.sign != s:
         return False
     if math.isinf(la) or math.isinf(d.log_abs):
         return d.log_abs == la
-    return abs(d.log_abs - la) <= 1e-9 * (1.0 + abs(la))
+    return abs(d.log_abs - la) <= tol + 1e-9 * (1.0 + abs(la))
 
 
 def _rank(entry):
@@ -699,7 +797,8 @@ def _signed_pairs(scaled, signed):
     def split(x):
         ok = reached & (x != 0)
         with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(ok, np.sign(x), 0.0), np.where(ok, np.log(np.abs(x)) + scaled.log_scale, -np.inf)
+            la = np.log(np.abs(x).astype(np.float64, copy=False)) + scaled.log_scale
+            return np.where(ok, np.sign(x), 0.0), np.where(ok, la, -np.inf)
     hi = split(scaled.arr[0])
     lo = split(scaled.arr[1]) if signed else None
     return hi, lo
@@ -734,7 +833,8 @@ def branches(g, node, order="signed", groups=None):
     nodes = list(node) if isinstance(node, (list, tuple)) else [node]
     prepared = [_branch_groups(g, v, groups) for v in nodes]      # bad input fails before the passes
     sr = rank.semiring
-    B = _max_backward(g, sr)      # the outside values of every node (the meeting below releases a copy's)
+    dtype = pass_dtype(g)
+    B = _max_backward(g, sr, dtype)   # the outside values of every node (the meeting below releases a copy's)
     _refuse_nan(g, B)
     queries = [_branches_at(g, t, group_of, B, sr, rank, order) for t, group_of in prepared]
     visitors = {}
@@ -745,7 +845,9 @@ def branches(g, node, order="signed", groups=None):
         for visit in visitors.get(v, ()):
             visit(Dt)
 
-    inside_outside(g, sr, list(B), at_node)      # one inside pass, met with B at every queried node
+    # one inside pass, met with B at every queried node, its values in the same dtype
+    seeds = {name: _seed(sr, g.nodes[i].numel, dtype) for name, i in g.sources.items()}
+    inside_outside(g, sr, list(B), at_node, seeds=seeds)
     found = [finish() for _, finish in queries]
     return found if isinstance(node, (list, tuple)) else found[0]
 

@@ -29,6 +29,7 @@ import math
 import numpy as np
 
 from ..jacobians import JACOBIAN_KINDS, WeightMap
+from ..jacobians._elementwise import add
 from .dp import Scaled, _rescaled
 from .kernels import maxmin_plus
 from .products import product, register_product
@@ -153,11 +154,10 @@ class _Sum(Semiring):
         return np.zeros((1, n))
 
     def plus(self, a, b):
-        return a + b
+        return add(a, b)
 
     def plus_into(self, a, b):
-        a += b
-        return a
+        return add(a, b, out=a)
 
     def weight(self, w):
         w = np.asarray(w, dtype=np.float64)
@@ -177,11 +177,10 @@ class _Entropy(Semiring):
         return np.zeros((2, n))
 
     def plus(self, a, b):
-        return a + b
+        return add(a, b)
 
     def plus_into(self, a, b):
-        a += b
-        return a
+        return add(a, b, out=a)
 
     def weight(self, w):
         a = np.abs(np.asarray(w, dtype=np.float64))
@@ -203,6 +202,9 @@ class _MaxAbs(Semiring):
     def plus(self, a, b):
         return np.maximum(a, b)
 
+    def plus_into(self, a, b):
+        return np.maximum(a, b, out=a)
+
     def weight(self, w):
         return np.abs(np.asarray(w, dtype=np.float64))[None]
 
@@ -220,9 +222,15 @@ class _MaxSigned(Semiring):
         return np.stack([np.full(n, -np.inf), np.full(n, np.inf)])
 
     def plus(self, a, b):
-        out = np.empty(a.shape)
-        maxmin_plus(a, b, out)
+        dt = np.result_type(a.dtype, b.dtype)      # a float32 pass meeting a float64 product: float64
+        out = np.empty(a.shape, dtype=dt)
+        maxmin_plus(a.astype(dt, copy=False), b.astype(dt, copy=False), out)
         return out
+
+    def plus_into(self, a, b):
+        maxmin_plus(a, b.astype(a.dtype, copy=False), a)   # elementwise: the output may be an input
+        return a
+
 
     def weight(self, w):
         return np.asarray(w, dtype=np.float64)[None]

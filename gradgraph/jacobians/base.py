@@ -26,7 +26,8 @@ in :mod:`gradgraph.algorithms.products`, not here):
 ``max_product(xmax, xmin, transpose)``
     (max, x) product: with ``xmin=None`` on ``|w|`` (0 = no path); otherwise on ``w`` carrying the
     (max, min) pair (-inf / +inf = no path; a negative weight swaps them). Returns ``(ymax, ymin)``
-    (``ymin`` None when unsigned).
+    (``ymin`` None when unsigned), float32 for float32 inputs where the kind can compute in
+    float32 without leaving its normal range (the pass of a float32 model), float64 otherwise.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ import math
 
 import numpy as np
 
+from ._elementwise import fill
 from ._intrinsics import WeightMap
 
 __all__ = ["Jacobian", "WeightMap"]
@@ -43,15 +45,22 @@ def _numel(shape):
     return int(math.prod(shape))
 
 
-def _empty_max(n, signed):
+def _empty_max(n, signed, dtype=np.float64):
     """"No path" outputs of a max product; the signed (max, min) pair are the two rows of one
-    (2, n) buffer, which the max-signed semiring then uses as its value without a copy."""
+    (2, n) buffer, which the max-signed semiring then uses as its value without a copy.
+    ``dtype``: the values' (a max pass keeps a float32 model's values in float32)."""
     if signed:
-        buf = np.empty((2, n))
-        buf[0] = -np.inf
-        buf[1] = np.inf
+        buf = np.empty((2, n), dtype=dtype)
+        fill(buf[0], -np.inf)          # on the query's threads when large (see _elementwise)
+        fill(buf[1], np.inf)
         return buf[0], buf[1]
-    return np.zeros(n), None
+    return np.zeros(n, dtype=dtype), None
+
+
+def max_dtype(x):
+    """The dtype a max product returns for input values ``x``: float32 values stay float32 (the
+    pass of a float32 model), anything else float64."""
+    return np.float32 if x.dtype == np.float32 else np.float64
 
 
 class Jacobian:

@@ -7,7 +7,7 @@ import torch
 from numba import njit
 
 from ._intrinsics import transform
-from .base import Jacobian, _empty_max, _numel
+from .base import Jacobian, _empty_max, _numel, max_dtype
 
 # ----------------------------------------------------------------------------- convolution
 @njit(cache=True)
@@ -116,7 +116,7 @@ class ConvJacobian(Jacobian):
         signed = xmin is not None
         src_shape, dst_shape = (self._out4, self._in4) if transpose else (self._in4, self._out4)
         n = _numel(dst_shape)
-        ymax, ymin = _empty_max(n, signed)
+        ymax, ymin = _empty_max(n, signed, max_dtype(xmax))
         smax = xmax.reshape(src_shape)
         smin = (xmin if signed else xmax).reshape(src_shape)
         dmin = ymin if signed else np.zeros(1)

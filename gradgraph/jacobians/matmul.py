@@ -389,16 +389,18 @@ class MatmulJacobian(Jacobian):
         dense = len(zero_cols) <= P.shape[2] // 8 or not signed
         # Contract only the live rows and columns of the input (entries with a path): a pass from one
         # logit reaches a vocabulary-sized product through a couple of entries. The same scan gives
-        # the smallest live magnitude: float32 weights run the branch-free kernels in float32 (twice
-        # the SIMD width) unless some value is below 1e-20 -- values are renormalised per tensor
-        # (largest 1), and path weights are recomputed exactly in float64 afterwards.
+        # the smallest live magnitude: float32 values through float32 weights run the branch-free
+        # kernels in float32 (twice the SIMD width, half the memory of the result) unless some
+        # value is below 1e-20, where products with small weights would leave float32's normal
+        # range -- values are renormalised per tensor (largest 1), path weights are recomputed
+        # exactly in float64 afterwards. float64 values (a float64 pass) stay float64.
         A = self._canon(xmax, shape_src, 1)[0]
         Amin = self._canon(xmin, shape_src, 1)[0] if signed else A
         B_, I_, T_ = A.shape
         rows = np.zeros((B_, I_), dtype=np.bool_)
         cols = np.zeros(T_, dtype=np.bool_)
         nlive, smallest = max_support(A, Amin, -np.inf if signed else 0.0, rows, cols)
-        dt = np.float32 if P.dtype == np.float32 and smallest >= 1e-20 else np.float64
+        dt = np.float32 if P.dtype == np.float32 and xmax.dtype == np.float32 and smallest >= 1e-20 else np.float64
         ri = np.flatnonzero(rows.any(axis=0))
         ci = np.flatnonzero(cols)
         if len(ci) < T_:
@@ -407,10 +409,10 @@ class MatmulJacobian(Jacobian):
             A, Amin = A[:, ri], Amin[:, ri]
         A = np.ascontiguousarray(A, dtype=dt)
         ncol = P.shape[2]
-        # the result: the (max, min) pair as the rows of one (2, n) buffer (see _empty_max),
-        # written through its canonical (B, I, J) view
+        # the result, in the dtype computed in: the (max, min) pair as the rows of one (2, n)
+        # buffer (see _empty_max), written through its canonical (B, I, J) view
         n = _numel(shape_dst)
-        buf = np.empty((2, n) if signed else (1, n))
+        buf = np.empty((2, n) if signed else (1, n), dtype=dt)
         out = self._canon(buf, shape_dst, buf.shape[0])
         if len(ri) < I_:
             out[0] = -np.inf if signed else 0.0

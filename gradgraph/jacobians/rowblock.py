@@ -7,7 +7,7 @@ from numba import njit, prange
 
 from ..threads import parallel
 from ._intrinsics import _FM, _TINY, WeightMap, flog, fmax, fmin, max_support, one_like, transform, tw, weight_map
-from .base import Jacobian, _empty_max
+from .base import Jacobian, _empty_max, max_dtype
 
 # ----------------------------------------------------------------------------- row blocks
 SOFTMAX, LOG_SOFTMAX, LAYER_NORM = 0, 1, 2
@@ -679,7 +679,7 @@ class RowBlockJacobian(Jacobian):
                        np.ascontiguousarray(xmax, dtype=np.float64),
                        np.ascontiguousarray(xmin if signed else xmax, dtype=np.float64),
                        transpose, signed, ymax, ymin if signed else np.zeros(1))
-        return ymax, ymin
+        return _as_values(xmax, ymax, ymin if signed else None)
 
     def _layer_norm_max(self, xmax, xmin, transpose):
         """(max, x) through layer-norm rows laid out contiguously, either direction, by the line
@@ -693,7 +693,7 @@ class RowBlockJacobian(Jacobian):
         # a float32 model's layer norm runs in float32 (twice the SIMD width) unless some value
         # is below 1e-20, as the matmul products do: path weights are recomputed exactly
         dt = np.float64
-        if self.precision == "float32":
+        if self.precision == "float32" and xmax.dtype == np.float32:
             x3 = xmax.reshape(1, 1, -1)
             live = np.zeros((1, 1), dtype=np.bool_), np.zeros(x3.shape[2], dtype=np.bool_)
             if max_support(x3, xmin.reshape(1, 1, -1), -np.inf if signed else 0.0, *live)[1] >= 1e-20:
@@ -707,10 +707,9 @@ class RowBlockJacobian(Jacobian):
         with parallel():
             kernel(*self._max_factors, np.ascontiguousarray(xmax, dtype=dt),
                    np.ascontiguousarray(xmin, dtype=dt), out[0], out[1])
-        out = out.astype(np.float64, copy=False)
         if signed:
-            return out[0], out[1]
-        return np.maximum(np.maximum(out[0], -out[1]), 0.0), None
+            return _as_values(xmax, out[0], out[1])
+        return _as_values(xmax, np.maximum(np.maximum(out[0], -out[1]), 0.0), None)
 
     def _lowrank_max(self, xmax, xmin, signed, transpose):
         """(max, x) for softmax and log-softmax in O(rows d), not O(rows d^2).
@@ -725,7 +724,7 @@ class RowBlockJacobian(Jacobian):
         """
         if signed:
             dt = np.float64
-            if self.precision == "float32" and self._smallest_p() >= 1e-8:
+            if self.precision == "float32" and xmax.dtype == np.float32 and self._smallest_p() >= 1e-8:
                 live = np.zeros((1, 1), dtype=np.bool_), np.zeros(xmax.size, dtype=np.bool_)
                 if max_support(xmax.reshape(1, 1, -1), xmin.reshape(1, 1, -1), -np.inf, *live)[1] >= 1e-20:
                     dt = np.float32
@@ -736,8 +735,8 @@ class RowBlockJacobian(Jacobian):
             with parallel():
                 lowrank_maxmin(self.function == "log_softmax", transpose, self._max_factors[0],
                                rows(xmax), rows(xmin), y[0], y[1])
-            y = self._unrows(y, 2).astype(np.float64, copy=False)
-            return y[0], y[1]
+            y = self._unrows(y, 2)
+            return _as_values(xmax, y[0], y[1])
         p = self.A
         if self.function == "softmax":
             Dg, a, b = p * (1 - p), -p, p
@@ -747,7 +746,7 @@ class RowBlockJacobian(Jacobian):
         xM = self._rows(np.asarray(xmax, dtype=np.float64)[None], 1)[0]
         s = np.where(src_f != 0, np.abs(src_f) * xM, 0.0)
         y = np.maximum(np.abs(Dg) * xM, np.abs(dst_f) * _best_of_others(s, True))
-        return self._unrows(y[None], 1)[0], None
+        return _as_values(xmax, self._unrows(y[None], 1)[0], None)
 
     def _smallest_p(self):
         """The smallest non-zero probability of the rows (cached)."""
@@ -800,6 +799,19 @@ class RowBlockJacobian(Jacobian):
     def from_state(cls, out_shape, in_shape, params, arrays):
         return cls(out_shape, params["function"], params["outer"], params["d"], params["inner"],
                    arrays["A"], arrays.get("rstd"), arrays.get("gamma"), params.get("precision", "float64"))
+
+
+def _as_values(x, ymax, ymin):
+    """A product computed in float64 returned in the input values' dtype (float32 values of a
+    float32 model's pass stay float32: one rounding)."""
+    dt = max_dtype(x)
+    if ymax.dtype == dt:
+        return ymax, ymin
+    if ymin is None:
+        return ymax.astype(dt), None
+    pair = np.empty((2, ymax.size), dtype=dt)       # one buffer, as the semiring keeps the pair
+    pair[0], pair[1] = ymax, ymin
+    return pair[0], pair[1]
 
 
 def _best_of_others(s, largest):

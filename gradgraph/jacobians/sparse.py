@@ -3,20 +3,22 @@ with their numba kernels."""
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
+from ..threads import parallel
+from ._elementwise import blocks, run_blocks, scale_columns
 from ._intrinsics import _FM, _TINY, WeightMap, flog, fmax, fmin, tw, weight_map
-from .base import Jacobian, _empty_max
+from .base import Jacobian, _empty_max, max_dtype
 
 # ----------------------------------------------------------------------------- sparse (COO)
 @njit(cache=True)
-def coo_sum(x, src, dst, w, t, y, n):
-    """y[c, dst[e]] += f(w[e]) * x[c, src[e]] for the n entries e. Entries whose source values are
-    all zero are skipped before f is evaluated (near a one-logit sink most of a vocabulary-sized
-    tensor is). ``src`` / ``dst`` None stand for arange(n), ``w`` None for ones (numba compiles
-    the None case without the array)."""
+def coo_sum(x, src, dst, w, t, y, lo, hi):
+    """y[c, dst[e]] += f(w[e]) * x[c, src[e]] for the entries lo <= e < hi. Entries whose source
+    values are all zero are skipped before f is evaluated (near a one-logit sink most of a
+    vocabulary-sized tensor is). ``src`` / ``dst`` None stand for arange(n), ``w`` None for ones
+    (numba compiles the None case without the array)."""
     C = x.shape[0]
-    for e in range(n):
+    for e in range(lo, hi):
         s = e if src is None else src[e]
         live = False
         for c in range(C):
@@ -59,10 +61,11 @@ def coo_sum_channels(x, src, dst, w, t, y, n):
 
 
 @njit(cache=True)
-def coo_entropy(x, src, dst, w, y, n):
+def coo_entropy(x, src, dst, w, y, lo, hi):
     """The entropy product on pairs x = (Z, R): y[0, d] += |w| Z[s], y[1, d] += |w| R[s] - |w|log|w| Z[s]
-    for every entry (s -> d, w), one logarithm per live entry (None arrays as in :func:`coo_sum`)."""
-    for e in range(n):
+    for the entries (s -> d, w) lo <= e < hi, one logarithm per live entry (None arrays as in
+    :func:`coo_sum`)."""
+    for e in range(lo, hi):
         s = e if src is None else src[e]
         z = x[0, s]
         r = x[1, s]
@@ -77,9 +80,10 @@ def coo_entropy(x, src, dst, w, y, n):
 
 
 @njit(cache=True)
-def coo_max(x, src, dst, w, y, n):
-    """y[dst[e]] = max(y[dst[e]], |w[e]| * x[src[e]])  (0 = no path; None arrays as in :func:`coo_sum`)."""
-    for e in range(n):
+def coo_max(x, src, dst, w, y, lo, hi):
+    """y[dst[e]] = max(y[dst[e]], |w[e]| * x[src[e]]) for lo <= e < hi (0 = no path; None arrays as
+    in :func:`coo_sum`)."""
+    for e in range(lo, hi):
         s = e if src is None else src[e]
         d = e if dst is None else dst[e]
         v = (1.0 if w is None else abs(w[e])) * x[s]
@@ -88,10 +92,10 @@ def coo_max(x, src, dst, w, y, n):
 
 
 @njit(cache=True)
-def coo_maxmin(xmax, xmin, src, dst, w, ymax, ymin, n):
-    """Signed (max, x) and (min, x) at once; a negative weight swaps max and min (None arrays as
-    in :func:`coo_sum`)."""
-    for e in range(n):
+def coo_maxmin(xmax, xmin, src, dst, w, ymax, ymin, lo, hi):
+    """Signed (max, x) and (min, x) at once for lo <= e < hi; a negative weight swaps max and min
+    (None arrays as in :func:`coo_sum`)."""
+    for e in range(lo, hi):
         we = 1.0 if w is None else w[e]
         s = e if src is None else src[e]
         d = e if dst is None else dst[e]
@@ -111,15 +115,44 @@ def coo_maxmin(xmax, xmin, src, dst, w, ymax, ymin, n):
             ymin[d] = b
 
 
+# The same kernels over blocks of entries in parallel. The caller splits the entries so that no
+# destination receives entries from two blocks (see SparseJacobian._scatter): each destination's
+# contributions then arrive in the serial order, and the results are bit for bit one thread's.
+@njit(cache=True, parallel=True)
+def coo_sum_blocks(x, src, dst, w, t, y, bounds):
+    for blk in prange(bounds.shape[0] - 1):
+        coo_sum(x, src, dst, w, t, y, bounds[blk], bounds[blk + 1])
+
+
+@njit(cache=True, parallel=True)
+def coo_entropy_blocks(x, src, dst, w, y, bounds):
+    for blk in prange(bounds.shape[0] - 1):
+        coo_entropy(x, src, dst, w, y, bounds[blk], bounds[blk + 1])
+
+
+@njit(cache=True, parallel=True)
+def coo_max_blocks(x, src, dst, w, y, bounds):
+    for blk in prange(bounds.shape[0] - 1):
+        coo_max(x, src, dst, w, y, bounds[blk], bounds[blk + 1])
+
+
+@njit(cache=True, parallel=True)
+def coo_maxmin_blocks(xmax, xmin, src, dst, w, ymax, ymin, bounds):
+    for blk in prange(bounds.shape[0] - 1):
+        coo_maxmin(xmax, xmin, src, dst, w, ymax, ymin, bounds[blk], bounds[blk + 1])
+
+
 
 
 @njit(cache=True, fastmath=_FM)
-def diag_max(xmax, xmin, w, signed, out):
+def diag_max(xmax, xmin, w, signed, out, lo_k, hi_k):
     """(max, x) through a diagonal Jacobian (one edge j -> j of non-zero weight w[j] per element),
-    branch-free: signed, out = (max, min) of (w xmax, w xmin), -inf / +inf where no path arrives
-    (xmax = -inf); unsigned, out[0] = |w| xmax (0 stays 0)."""
+    branch-free, for the elements lo_k <= k < hi_k: signed, out = (max, min) of (w xmax, w xmin),
+    -inf / +inf where no path arrives (xmax = -inf); unsigned, out[0] = |w| xmax (0 stays 0)."""
+    # sliced, so that the loops run from 0 (no wraparound check: they vectorise)
+    w, xmax, xmin = w[lo_k:hi_k], xmax[lo_k:hi_k], xmin[lo_k:hi_k]
     if signed:
-        hi, lo = out[0], out[1]
+        hi, lo = out[0, lo_k:hi_k], out[1, lo_k:hi_k]
         for k in range(w.shape[0]):
             u = w[k] * xmax[k]
             v = w[k] * xmin[k]
@@ -127,25 +160,40 @@ def diag_max(xmax, xmin, w, signed, out):
             hi[k] = -np.inf if dead else fmax(u, v)
             lo[k] = np.inf if dead else fmin(u, v)
     else:
-        y = out[0]
+        y = out[0, lo_k:hi_k]
         for k in range(w.shape[0]):
             y[k] = abs(w[k]) * xmax[k]
 
+
+@njit(cache=True, parallel=True)
+def diag_max_blocks(xmax, xmin, w, signed, out, bounds):
+    for blk in prange(bounds.shape[0] - 1):
+        diag_max(xmax, xmin, w, signed, out, bounds[blk], bounds[blk + 1])
+
+
 @njit(cache=True, fastmath=_FM, error_model="numpy")
-def diag_entropy(x, w, y):
-    """The entropy product through a diagonal Jacobian (weight w[j] on j -> j), vectorised:
-    y = (|w| Z, |w| R - |w| log|w| Z) for x = (Z, R)."""
+def diag_entropy(x, w, y, lo, hi):
+    """The entropy product through a diagonal Jacobian (weight w[j] on j -> j), vectorised, for
+    the elements lo <= k < hi: y = (|w| Z, |w| R - |w| log|w| Z) for x = (Z, R)."""
+    # sliced, so that the loops run from 0 (no wraparound check: they vectorise)
+    w, z, r, y0, y1 = w[lo:hi], x[0, lo:hi], x[1, lo:hi], y[0, lo:hi], y[1, lo:hi]
     m = abs(w[0]) if w.shape[0] else 1.0
     for k in range(w.shape[0]):
         a = abs(w[k])
         m = min(m, a)
-        y[0, k] = a * x[0, k]
-        y[1, k] = a * x[1, k] - a * flog(a) * x[0, k]
+        y0[k] = a * z[k]
+        y1[k] = a * r[k] - a * flog(a) * z[k]
     if m < _TINY:                      # zero or subnormal weights: libm's log, 0 log 0 = 0
         for k in range(w.shape[0]):
             a = abs(w[k])
             if a < _TINY:
-                y[1, k] = a * x[1, k] - (a * np.log(a) * x[0, k] if a > 0 else 0.0)
+                y1[k] = a * r[k] - (a * np.log(a) * z[k] if a > 0 else 0.0)
+
+
+@njit(cache=True, parallel=True)
+def diag_entropy_blocks(x, w, y, bounds):
+    for blk in prange(bounds.shape[0] - 1):
+        diag_entropy(x, w, y, bounds[blk], bounds[blk + 1])
 
 
 
@@ -198,6 +246,8 @@ class SparseJacobian(Jacobian):
         self.is_diagonal = bool(n == self.out_numel == self.in_numel and rows is None and cols is None)
         self.is_identity = self.is_diagonal and vals is None
         self._csc = None
+        self._layout = {}          # transpose -> how the destinations lie (see _destinations)
+        self._finite = None        # whether every weight is finite (found once)
 
     def _r(self):
         return np.arange(self.n, dtype=np.int64) if self.rows is None else self.rows
@@ -214,45 +264,93 @@ class SparseJacobian(Jacobian):
     def nnz(self):
         return self.n
 
+    def _destinations(self, transpose):
+        """How the entries' destinations are laid out in this direction: "distinct" (no
+        destination receives two entries: elementwise ops, permutations, slices), "sorted"
+        (non-decreasing: reductions) or "mixed" (e.g. a broadcast's sum). Found once per
+        direction."""
+        if transpose not in self._layout:
+            dst = self._src_dst(transpose)[1]
+            if dst is None or len(dst) < 2:
+                layout = "distinct"
+            else:
+                step = dst[1:].astype(np.int64) - dst[:-1]
+                if step.min() > 0:
+                    layout = "distinct"
+                elif step.min() == 0:
+                    layout = "sorted"
+                else:
+                    once = np.bincount(dst, minlength=self._dims(transpose)[1]).max() <= 1
+                    layout = "distinct" if once else "mixed"
+            self._layout[transpose] = layout
+        return self._layout[transpose]
+
+    def _scatter(self, serial, blocked, transpose, *args):
+        """``serial(*args, 0, n)`` over all entries, or ``blocked(*args, bounds)`` on the query's
+        threads over blocks of entries no two of which share a destination -- a sorted
+        destination's run of entries stays in one block -- so each destination's contributions
+        arrive in the serial order (bit for bit one thread's results)."""
+        if blocks(self.n) > 1 and self._destinations(transpose) != "mixed":
+            with parallel() as threads:
+                nb = blocks(self.n, threads)
+                if nb > 1:
+                    bounds = (np.arange(nb + 1, dtype=np.int64) * self.n) // nb
+                    dst = self._src_dst(transpose)[1]
+                    if self._destinations(transpose) == "sorted":
+                        bounds[1:-1] = np.searchsorted(dst, dst[bounds[1:-1]], side="left")
+                    return blocked(*args, bounds)
+        return serial(*args, 0, self.n)
+
+    def _finite_vals(self):
+        if self._finite is None:
+            self._finite = bool(np.isfinite(self.vals).all())
+        return self._finite
+
     def sum_product(self, x, weight, transpose):
         x = np.ascontiguousarray(x, dtype=np.float64)
         t = weight_map(weight)
         if self.is_diagonal and self.vals is not None and t != WeightMap.XLOGX:
             # an elementwise op: one vectorised multiply instead of the scatter. The scatter's zero
             # inputs contribute 0 even through an infinite weight; so here (rarely needed)
-            f = np.abs(self.vals) if t == WeightMap.ABS else self.vals
-            y = f * x
-            if not np.isfinite(f).all():
+            y = scale_columns(self.vals, x, absolute=t == WeightMap.ABS)
+            if not self._finite_vals():
                 y[:, ~(x != 0).any(axis=0)] = 0.0
             return y
         y = np.zeros((x.shape[0], self._dims(transpose)[1]))
         src, dst = self._src_dst(transpose)
-        (coo_sum if x.shape[0] == 1 else coo_sum_channels)(x, src, dst, self.vals, int(weight_map(weight)), y, self.n)
+        if x.shape[0] == 1:
+            self._scatter(coo_sum, coo_sum_blocks, transpose, x, src, dst, self.vals, int(t), y)
+        else:
+            coo_sum_channels(x, src, dst, self.vals, int(t), y, self.n)
         return y
 
     def entropy_product(self, x, transpose):
         x = np.ascontiguousarray(x, dtype=np.float64)
         if self.is_diagonal and self.vals is not None:
             y = np.empty((2, self.n))
-            diag_entropy(x, self.vals.astype(np.float64, copy=False), y)
+            run_blocks(diag_entropy, diag_entropy_blocks, self.n, x, self.vals.astype(np.float64, copy=False), y)
             return y
         y = np.zeros((2, self._dims(transpose)[1]))
         src, dst = self._src_dst(transpose)
-        coo_entropy(x, src, dst, self.vals, y, self.n)
+        self._scatter(coo_entropy, coo_entropy_blocks, transpose, x, src, dst, self.vals, y)
         return y
 
     def max_product(self, xmax, xmin, transpose):
         signed = xmin is not None
+        # the values' dtype is kept (float32 for a float32 model's pass): the weights enter
+        # rounded to it, one rounding per hop, which the path search allows for
+        dt = max_dtype(xmax)
         if self.is_diagonal and self.vals is not None:
-            buf = np.empty((2 if signed else 1, self.n))
-            diag_max(xmax, xmax if xmin is None else xmin, self.vals, signed, buf)
+            buf = np.empty((2 if signed else 1, self.n), dtype=dt)
+            run_blocks(diag_max, diag_max_blocks, self.n, xmax, xmax if xmin is None else xmin, self.vals,
+                       signed, buf)
             return (buf[0], buf[1]) if signed else (buf[0], None)
-        ymax, ymin = _empty_max(self._dims(transpose)[1], signed)
+        ymax, ymin = _empty_max(self._dims(transpose)[1], signed, dt)
         src, dst = self._src_dst(transpose)
         if signed:
-            coo_maxmin(xmax, xmin, src, dst, self.vals, ymax, ymin, self.n)
+            self._scatter(coo_maxmin, coo_maxmin_blocks, transpose, xmax, xmin, src, dst, self.vals, ymax, ymin)
         else:
-            coo_max(xmax, src, dst, self.vals, ymax, self.n)
+            self._scatter(coo_max, coo_max_blocks, transpose, xmax, src, dst, self.vals, ymax)
         return ymax, ymin
 
     def entries(self):
