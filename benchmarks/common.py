@@ -159,6 +159,18 @@ def status_bytes(field):
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+def trim_allocator():
+    """Return the memory the allocator holds free to the system (glibc's ``malloc_trim``), so that
+    a peak measured next counts the pages a job touches, not only those beyond what an earlier
+    job left free in the heap (glibc keeps large freed blocks once it has raised its memory-map
+    threshold)."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def reset_peak():
     """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS."""
     with open("/proc/self/clear_refs", "w") as f:

@@ -8,10 +8,14 @@ Models (random init, float32, eager attention, one thread):
   sink = the difference of two logits at the [MASK] position.
 
 Every measurement runs in a fresh subprocess: it builds the model and its input, warms up (the
-same job once on an 8-token input, so library code, numba's compiled kernels and the export
-machinery are loaded), frees what the warm-up made, reads its resident set size (the loaded
-model and its input), resets the kernel's peak-RSS counter (``/proc/self/clear_refs``), runs the
-job once and reads the peak (``VmHWM``). The figure is peak minus that resident size:
+same job once on another input of the same length, so library code, numba's compiled kernels
+and the program exported for this input shape are loaded, as for a user's second input; with
+``--first``, on an 8-token input, so that the measured capture includes the export of its
+shape), frees what the warm-up made, reads its resident set size (the loaded model and its
+input), resets the kernel's peak-RSS counter (``/proc/self/clear_refs``), runs the job once and
+reads the peak (``VmHWM``). Before it measures, the allocator returns what the warm-up freed to
+the system (``common.trim_allocator``): otherwise the measured job would reuse those pages
+unseen. The figure is peak minus that resident size:
 
 * torch: forward + ``torch.autograd.grad`` of the sink wrt the word-embedding output (gradgraph's
   source);
@@ -47,7 +51,8 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMB
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bert_inputs, bert_mlm, embedding_forward, fmt_bytes, machine, print_table  # noqa: E402
+from common import (bert_inputs, bert_mlm, embedding_forward, fmt_bytes, machine, print_table,  # noqa: E402
+                    trim_allocator)
 
 QUERIES = {
     "gradient": lambda g: g.gradient(),
@@ -69,8 +74,8 @@ def _model(name):
         torch.manual_seed(0)
         model = GPT2LMHeadModel(GPT2Config(attn_implementation="eager")).eval()
 
-        def inputs(t):
-            ids = torch.randint(0, 50257, (1, t), generator=torch.Generator().manual_seed(0))
+        def inputs(t, seed=0):
+            ids = torch.randint(0, 50257, (1, t), generator=torch.Generator().manual_seed(seed))
             return {"input_ids": ids}
 
         def sink(o):
@@ -82,7 +87,7 @@ def _model(name):
 
         def sink(o):
             return o.logits[0, MASK_POS, 1500] - o.logits[0, MASK_POS, 1600]
-        return model, (lambda t: bert_inputs(t, vocab_size=2000)), sink, int(tokens)
+        return model, (lambda t, seed=0: bert_inputs(t, seed=seed, vocab_size=2000)), sink, int(tokens)
     raise SystemExit(f"unknown model {name!r}; one of {MODELS}")
 
 
@@ -98,6 +103,7 @@ def _measure(job, warm_up):
     """Peak RSS of ``job()`` above the RSS before it (after ``warm_up()`` and a collection)."""
     warm_up()
     gc.collect()
+    trim_allocator()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _status("VmRSS")
@@ -105,11 +111,14 @@ def _measure(job, warm_up):
     return _status("VmHWM") - before
 
 
-def child(model_name, what, graph_file=None):
+def child(model_name, what, graph_file=None, first=False):
+    """Print the peak of one job; the warm-up runs it on another input of the same length (the
+    program of this input shape exported, as for a user's second input), or with ``first`` on
+    an 8-token input (the measured capture then includes the export of its shape)."""
     torch.set_num_threads(1)
     import gradgraph as gg
     model, inputs, sink, tokens = _model(model_name)
-    kwargs, small = inputs(tokens), inputs(8)
+    kwargs, small = inputs(tokens), (inputs(8) if first else inputs(tokens, seed=1))
     if what == "torch":
         def run(kw):
             torch.autograd.grad(*embedding_forward(model, kw, sink))
@@ -198,10 +207,12 @@ def breakdown(model_name, top=20):
                 headers=("kind", "op", "array", "bytes"))
 
 
-def _run_child(model_name, what, graph_file=None):
+def _run_child(model_name, what, graph_file=None, first=False):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", model_name, what]
     if graph_file:
         cmd += ["--graph", graph_file]
+    if first:
+        cmd += ["--first"]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         lines = out.stderr.strip().splitlines()
@@ -224,9 +235,11 @@ def main(argv=None):
     ap.add_argument("--breakdown", metavar="MODEL", help="where the graph's memory goes, for one model")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "WHAT"), help=argparse.SUPPRESS)
     ap.add_argument("--graph", help=argparse.SUPPRESS)
+    ap.add_argument("--first", action="store_true",
+                    help="measure the first capture of the input's shape (with its torch.export)")
     args = ap.parse_args(argv)
     if args.child:
-        return child(*args.child, graph_file=args.graph)
+        return child(*args.child, graph_file=args.graph, first=args.first)
     if args.breakdown:
         return breakdown(args.breakdown)
     print(machine(), "| load:", os.getloadavg())
@@ -243,7 +256,7 @@ def main(argv=None):
             _save_graph(name, graph_file)
             whats += [f"load:{q}" for q in queries]
         for what in whats:
-            peak, err = _run_child(name, what, graph_file if what.startswith("load:") else None)
+            peak, err = _run_child(name, what, graph_file if what.startswith("load:") else None, args.first)
             results[what] = peak
             label = (f"gg.load + {what[5:]}" if what.startswith("load:") else f"gg.capture + {what}")
             ratio = f"{peak / base:.2f}" if peak and base else "-"

@@ -26,17 +26,20 @@ torch's and numpy's own thread pools).
 
 ``--sweep`` runs one fresh subprocess per point -- tokens 16 -> 1,024 at the model's depth, then
 depth 2 -> 24 layers at ``--sweep-tokens`` (``--sweep-token-counts``, ``--sweep-layer-counts``) --
-timing torch's backward and forward + backward, the capture of a new input and the gradient,
-top-path and entropy queries; and, unless ``--no-memory``, first the peak resident memory above
-the loaded model and its input (``VmHWM``, reset in between): torch's forward + backward, then
-gradgraph's first capture (with the export) plus a top-path query. It writes a log-log plot to
-``--plot`` (default ``docs/img/scaling.png``) and the figures as JSON next to it.
+timing torch's backward and forward + backward, the capture of a new input and the queries of
+``--sweep-queries`` (default: gradient, top path, entropy); and, unless ``--no-memory``, first the
+peak resident memory above the loaded model and its input (``VmHWM``, reset in between): torch's
+forward + backward, then gradgraph's capture of a new input (its shape exported before) plus a
+gradient query. ``--point-timeout`` and ``--point-memory`` bound each point: one that runs out
+of time or memory is recorded with what it measured until then and an ``"error"``, and the sweep
+goes on. It writes a log-log plot to ``--plot`` (default ``docs/img/scaling.png``) and the
+figures as JSON next to it, after every point.
 
 Run::
 
     python benchmarks/scale.py --model gpt2 --tokens 64 256 1024 --threads 1
     python benchmarks/scale.py --model bert-small-vocab --tokens 32
-    python benchmarks/scale.py --model gpt2 --sweep --threads 1
+    python benchmarks/scale.py --model gpt2 --sweep --threads 1 --repeats 1 --point-timeout 1800 --point-memory 14
     python benchmarks/scale.py --model llama-1b --tokens 128 --threads 1 --repeats 1
 """
 from __future__ import annotations
@@ -52,7 +55,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (BERT_CONFIG, THREADS, bert_inputs, clock_for, embedding_forward,  # noqa: E402
-                    fmt_seconds, machine, paired, print_table, reset_peak, status_bytes, torch_backward)
+                    fmt_seconds, machine, paired, print_table, reset_peak, status_bytes, torch_backward,
+                    trim_allocator)
 
 import torch  # noqa: E402
 
@@ -140,9 +144,13 @@ def build(name, layers, tokens):
 
 
 # ---------------------------------------------------------------------------- one configuration
-def measure(model, inputs, output, tokens, repeats, clock, names=None, log=print):
+def measure(model, inputs, output, tokens, repeats, clock, names=None, log=print, report=None):
     """Times of one configuration: {"torch backward", "torch forward + backward", "capture",
-    "first capture", query...: seconds} and {"capture", query...: ratio to torch}."""
+    "first capture", query...: seconds} and {"capture", query...: ratio to torch}.
+
+    ``report``, if given, is called with the times measured so far after each of them (a sweep
+    point keeps what it measured when a later query runs out of time or memory); a query that
+    cannot allocate its memory is reported as ``"<query> error"`` and the next one runs."""
     kwargs = inputs(tokens, seed=0)
     bwd = torch_backward(model, kwargs, output)
 
@@ -164,15 +172,28 @@ def measure(model, inputs, output, tokens, repeats, clock, names=None, log=print
     ratios["capture"] = times["capture"] / times["torch forward + backward"]
     log(f"  capture {fmt_seconds(times['capture'])}, torch forward + backward "
         f"{fmt_seconds(times['torch forward + backward'])}: {ratios['capture']:.1f}x")
+    report = report or (lambda t: None)
+    report(times)
     backwards = []
     for name, fn in queries(graph["g"]).items():
         if names is not None and name not in names:
             continue
-        times[name], t_ref, _, refs = paired(fn, bwd, repeats, clock)
+        try:
+            times[name], t_ref, _, refs = paired(fn, bwd, repeats, clock)
+        except (MemoryError, RuntimeError) as exc:       # numpy's and torch's allocation failures
+            if isinstance(exc, RuntimeError) and "alloc" not in str(exc):
+                raise
+            times[f"{name} error"] = "out of memory"
+            log(f"  {name}: out of memory")
+            gc.collect()
+            report(times)
+            continue
         backwards += refs
         ratios[name] = times[name] / t_ref
         log(f"  {name}: {fmt_seconds(times[name])}, paired torch backward {fmt_seconds(t_ref)}: {ratios[name]:.1f}x")
-    times["torch backward"] = sorted(backwards)[len(backwards) // 2] if backwards else None
+        times["torch backward"] = sorted(backwards)[len(backwards) // 2]
+        report(times)
+    times.setdefault("torch backward", None)
     return times, ratios
 
 
@@ -199,39 +220,76 @@ def _child_cmd(args, *extra):
     return cmd + [str(a) for a in extra]
 
 
-def _run_child(cmd):
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        err = out.stderr.strip().splitlines()
-        return {"error": err[-1] if err else f"exit status {out.returncode}"}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def _run_child(cmd, timeout=None, memory_limit=None):
+    """The figures a sweep point's child printed (its last JSON line: what it measured so far),
+    with ``"error"`` set when it failed, ran out of memory or did not finish in ``timeout`` s."""
+    env = dict(os.environ)
+    if memory_limit:
+        env["GRADGRAPH_BENCH_MEMORY_LIMIT"] = str(int(memory_limit))
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        stdout, stderr, error = out.stdout, out.stderr, None
+        if out.returncode != 0:
+            err = stderr.strip().splitlines()
+            error = err[-1] if err else f"exit status {out.returncode}"
+    except subprocess.TimeoutExpired as exc:
+        stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        error = f"did not finish within {timeout:g} s"
+    lines = [ln for ln in stdout.strip().splitlines() if ln.startswith("{")]
+    point = json.loads(lines[-1]) if lines else {}
+    if error:
+        point["error"] = error
+    return point
+
+
+def _limit_memory():
+    """Cap this process's address space (``GRADGRAPH_BENCH_MEMORY_LIMIT`` bytes), so that a sweep
+    point that needs more fails with a MemoryError instead of taking a shared machine's memory."""
+    import resource
+    limit = os.environ.get("GRADGRAPH_BENCH_MEMORY_LIMIT")
+    if limit:
+        resource.setrlimit(resource.RLIMIT_AS, (int(limit), int(limit)))
 
 
 def child_point(args):
-    """One sweep point in this (fresh) process: peak memory (unless ``--no-memory``), then times."""
+    """One sweep point in this (fresh) process: peak memory (unless ``--no-memory``), then times;
+    prints its figures as a JSON line after each measurement."""
+    _limit_memory()
     tokens, layers = args.tokens[0], args.layers
     model, inputs, output = build(args.model, layers, tokens)
     point = {}
+
+    def report(times=None):
+        print(json.dumps({**(times or {}), **point}), flush=True)
     if not args.no_memory:
-        # peaks above the loaded model and its input: torch's forward + backward first, then
-        # gradgraph's first capture (which includes the export) and a top-path query. The second
-        # can only be overstated by memory torch's run left to the allocator.
+        # peaks above the loaded model and its input: torch's forward + backward, then
+        # gradgraph's capture of a new input (the program of this input shape exported by a
+        # first capture before, as a user's second input would find it) and a gradient query
         kwargs = inputs(tokens, seed=0)
         gc.collect()
+        trim_allocator()
         base = status_bytes("VmRSS")
         reset_peak()
         torch.autograd.grad(*embedding_forward(model, kwargs, output))
         point["torch peak"] = status_bytes("VmHWM") - base
         gc.collect()
-        reset_peak()
-        g = gg.capture(model, (), kwargs, output=output)
-        g.top_paths(k=1, order="signed")
-        point["gradgraph peak"] = status_bytes("VmHWM") - base
+        t0 = time.perf_counter()
+        g = gg.capture(model, (), inputs(tokens, seed=1), output=output)
+        point["first capture"] = time.perf_counter() - t0
         del g
         gc.collect()
-    times, _ = measure(model, inputs, output, tokens, args.repeats, clock_for(THREADS), names=SWEEP_QUERIES,
-                       log=lambda *a: None)
-    print(json.dumps({**times, **point}))
+        trim_allocator()        # what the first capture freed must not be reused unseen
+        base = status_bytes("VmRSS")
+        reset_peak()
+        gg.capture(model, (), kwargs, output=output).gradient()
+        point["gradgraph peak"] = status_bytes("VmHWM") - base
+        gc.collect()
+        report()
+    times, _ = measure(model, inputs, output, tokens, args.repeats, clock_for(THREADS), names=args.sweep_queries,
+                       log=lambda *a: None, report=report)
+    if "first capture" in point:       # measure's first capture found the program exported
+        times.pop("first capture")
+    report(times)
 
 
 def sweep(args):
@@ -242,7 +300,10 @@ def sweep(args):
     for tokens, layers in points:
         extra = ["--tokens", tokens] + (["--layers", layers] if layers else []) + \
             (["--no-memory"] if args.no_memory else [])
-        point = {"tokens": tokens, "layers": layers, **_run_child(_child_cmd(args, "--point", *extra))}
+        extra += ["--sweep-queries", *args.sweep_queries]
+        point = {"tokens": tokens, "layers": layers,
+                 **_run_child(_child_cmd(args, "--point", *extra), args.point_timeout,
+                              args.point_memory * 2**30 if args.point_memory else None)}
         results.append(point)
         print(json.dumps(point), flush=True)
         # written after every point, so that a long sweep leaves what it has measured
@@ -269,21 +330,21 @@ def plot(results, args, path):
               ("capture", "C0--", "capture (new input)"), ("gradient", "C1-", "gradient"),
               ("top path", "C2-", "top path (k=1, signed)"), ("entropy", "C3-", "entropy")]
     for col, (key, rows, label) in enumerate(panels):
-        rows = [r for r in rows if "error" not in r]
+        # a point that did not finish is drawn with what it measured
         ax = axes[0][col]
         for name, style, legend in series:
             pts = [(r[key] if key == "tokens" else r["layers"], r[name]) for r in rows if r.get(name)]
             if pts:
                 ax.plot(*zip(*pts), style, marker="o", label=legend)
         ax.set(xscale="log", yscale="log", xlabel=label,
-               ylabel="seconds (" + ("CPU, 1 thread" if THREADS == "1" else "wall") + ")")
+               ylabel="seconds (" + ("CPU, 1 thread" if getattr(args, "saved_threads", THREADS) == "1" else "wall") + ")")
         _ticks(ax, rows, key)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         if memory:
             ax = axes[1][col]
             for name, style, legend in (("torch peak", "k-", "torch fwd + bwd"),
-                                        ("gradgraph peak", "C2-", "capture (with export) + top path")):
+                                        ("gradgraph peak", "C1-", "capture (new input) + gradient")):
                 pts = [(r[key] if key == "tokens" else r["layers"], r[name] / 2 ** 20) for r in rows if r.get(name)]
                 if pts:
                     ax.plot(*zip(*pts), style, marker="o", label=legend)
@@ -378,7 +439,15 @@ def main(argv=None):
                     help="numbers of layers of the depth sweep (default: %(default)s)")
     ap.add_argument("--plot", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                    "docs", "img", "scaling.png"))
-    ap.add_argument("--no-memory", action="store_true", help="sweep: skip the peak-memory subprocesses")
+    ap.add_argument("--no-memory", action="store_true", help="sweep: skip the peak-memory measurements")
+    ap.add_argument("--sweep-queries", nargs="*", default=list(SWEEP_QUERIES), choices=list(TARGETS),
+                    help="queries timed at each sweep point (default: %(default)s)")
+    ap.add_argument("--point-timeout", type=float, default=None,
+                    help="sweep: seconds a point may take; one that takes longer is recorded as not "
+                         "finished, with what it measured until then")
+    ap.add_argument("--point-memory", type=float, default=None,
+                    help="sweep: GB of address space a point may use; a query that needs more is recorded "
+                         "as out of memory")
     ap.add_argument("--profile", action="store_true", help="where the time goes, for the first --tokens")
     ap.add_argument("--queries", nargs="+", choices=sorted(TARGETS),
                     help="measure only these queries (the capture is always measured); default: all")
@@ -395,6 +464,7 @@ def main(argv=None):
         with open(args.replot) as f:
             saved = json.load(f)
         args.model = saved["model"]
+        args.saved_threads = saved.get("threads")     # the sweep's clock, for the axis label
         return plot(saved["points"], args, args.plot)
     if args.profile:
         model, inputs, output = build(args.model, args.layers, args.tokens[0])

@@ -156,3 +156,71 @@ def test_float32_model_keeps_float32_values_and_its_gradient_matches(name):
         r = ref[k].detach().double().numpy()
         np.testing.assert_allclose(got[k].double().numpy(), r, rtol=1e-4, atol=1e-5 * np.abs(r).max())
         assert got[k].dtype == torch.float32
+
+
+class _DropoutAndContiguous(torch.nn.Module):
+    """Dropout in eval mode and ``contiguous()`` export as ``clone``: of a contiguous tensor (the
+    dropout) and of a transposed one (the ``contiguous()``)."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w = torch.nn.Parameter(torch.randn(4, 6, generator=g, dtype=dtype))
+        self.drop = torch.nn.Dropout(0.5)
+
+    def forward(self, x):
+        h = self.drop(torch.tanh(x @ self.w))                     # clone of a contiguous tensor
+        t = h.transpose(0, 1).contiguous()                        # clone of a transposed view
+        return (t.view(-1) * torch.arange(1.0, 1 + t.numel(), dtype=t.dtype)).sum()
+
+
+def test_clone_of_a_contiguous_value_holds_no_copy_and_the_gradient_is_exact():
+    model = _DropoutAndContiguous(torch.float64).eval()
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    g = gg.capture(model, (x,))
+    clones = [i for i, n in enumerate(g.nodes) if n.op_name == "clone"]
+    assert len(clones) == 2
+    inputs = {i: g.nodes[g.edges[g.in_edges[i][0]].src] for i in clones}
+    dropout, contiguous = clones       # in execution order
+    # the dropout's value is its input's memory; the contiguous copy of a transpose is a copy
+    assert np.shares_memory(g.nodes[dropout].value, inputs[dropout].value)
+    assert not np.shares_memory(g.nodes[contiguous].value, inputs[contiguous].value)
+    # oracle for the values: torch's own forward
+    h = torch.tanh(x @ model.w).detach().numpy()
+    np.testing.assert_array_equal(g.nodes[dropout].value, h)
+    np.testing.assert_array_equal(g.nodes[contiguous].value, h.T)
+    ref = autograd_gradient(model, (x,), {}, lambda y: y)
+    np.testing.assert_allclose(g.gradient()["x"].numpy(), ref["x"].detach().numpy(), rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softmax_factor_is_the_softmax_value_in_the_models_dtype(dtype, tmp_path):
+    """A softmax's row-block factor p is the softmax node's own memory (no float64 copy of a
+    float32 model's attention probabilities), layer norms' xhat is in the model's dtype, the
+    gradient still equals autograd's, and a saved and loaded graph keeps both (bit for bit)."""
+    model, args, kwargs, fn = ZOO["bert_mlm_mask"](dtype=dtype)
+    g = gg.capture(model, args, kwargs, output=fn)
+    want = np.float32 if dtype == torch.float32 else np.float64
+    softmax = [e for e in g.edges if e.jac.kind == "rowblock" and e.jac.function == "softmax"]
+    norms = [e for e in g.edges if e.jac.kind == "rowblock" and e.jac.function == "layer_norm"]
+    assert softmax and norms
+    for e in softmax:
+        factor, value = e.jac.state()[1]["A"], g.nodes[e.dst].value
+        assert factor.dtype == want and np.shares_memory(factor, value)
+        np.testing.assert_array_equal(factor.reshape(-1), value.reshape(-1))    # softmax over the last dim
+    assert all(e.jac.state()[1]["A"].dtype == want for e in norms)
+    ref = autograd_gradient(model, args, kwargs, fn)
+    got = g.gradient()
+    for k in ref:
+        r = ref[k].detach().double().numpy()
+        if dtype == torch.float64:
+            np.testing.assert_allclose(got[k].numpy(), r, rtol=1e-10, atol=1e-12 * np.abs(r).max())
+        else:    # the model computes in float32
+            np.testing.assert_allclose(got[k].double().numpy(), r, rtol=1e-4, atol=1e-5 * np.abs(r).max())
+    g.save(tmp_path / "g.safetensors")
+    loaded = gg.load(tmp_path / "g.safetensors")
+    for e, f in zip(g.edges, loaded.edges):
+        if e.jac.kind == "rowblock":
+            a, b = e.jac.state()[1]["A"], f.jac.state()[1]["A"]
+            assert b.dtype == a.dtype and np.array_equal(a, b)
+    _same(_answers(loaded), _answers(g))

@@ -45,6 +45,24 @@ class Recording:
         return self.env[outs[0]] if len(outs) == 1 and isinstance(outs[0], torch.fx.Node) else None
 
 
+class _RecordingInterpreter(torch.fx.Interpreter):
+    """Keeps every value; a ``clone`` of a tensor already in the layout it asks for is recorded
+    as that tensor itself rather than a copy (dropout in eval mode and ``contiguous()`` export as
+    clones). The program is functional -- no op writes into its inputs -- so the copy is never
+    needed, and the graph holds one array where it would hold two equal ones (for an attention
+    layer's dropped-out probabilities, heads x tokens^2 values)."""
+
+    def __init__(self, gm):
+        super().__init__(gm, garbage_collect_values=False)
+
+    def call_function(self, target, args, kwargs):
+        if target is torch.ops.aten.clone.default and isinstance(args[0], torch.Tensor):
+            x, fmt = args[0], kwargs.get("memory_format", torch.preserve_format)
+            if x.is_contiguous(memory_format=torch.contiguous_format if fmt is torch.preserve_format else fmt):
+                return x.detach()         # a new tensor object sharing x's memory
+        return super().call_function(target, args, kwargs)
+
+
 def record(ep, args, kwargs, packed=False):
     """Run ``ep`` (an ``ExportedProgram``, or a :class:`.recorder.RecordedProgram`) on these inputs
     with a ``torch.fx.Interpreter`` that keeps every value, without autograd. ``packed``: the
@@ -56,7 +74,7 @@ def record(ep, args, kwargs, packed=False):
     else:
         flat = ep._graph_module_flat_inputs(*(((tuple(args), kwargs), {}) if packed else (tuple(args), kwargs)))
         user_inputs = set(ep.graph_signature.user_inputs)
-    interp = torch.fx.Interpreter(gm, garbage_collect_values=False)
+    interp = _RecordingInterpreter(gm)
     with torch.no_grad():
         interp.run(*flat, enable_io_processing=False)
     nodes = list(gm.graph.nodes)

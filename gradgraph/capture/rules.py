@@ -622,8 +622,16 @@ def _rows_layout(shape, dim):
     return outer, shape[dim], math.prod(shape[dim + 1:])
 
 
+def _factor_dtype(t):
+    """The dtype a row-block factor of ``t``'s op is kept in: float32 for a float32 (or widened
+    half-precision) model, float64 otherwise."""
+    return torch.float32 if t.dtype == torch.float32 else torch.float64
+
+
 def _row_factor(t, outer, d, inner):
-    return _np(t.double().reshape(outer, d, inner).transpose(1, 2).reshape(outer * inner, d))
+    """``t`` as (rows, d) in its own dtype (float32 or float64): rows along the last dimension
+    (inner == 1) are ``t``'s own memory, not a copy."""
+    return _np(t.reshape(outer, d, inner).transpose(1, 2).reshape(outer * inner, d))
 
 
 @register_rule(aten._softmax.default)
@@ -666,7 +674,10 @@ def layer_norm(ctx):
         return jacs
     jacs = {}
     if 0 in ctx.wants:
-        jacs[0] = RowBlockJacobian(ctx.out.shape, "layer_norm", outer, d, 1, _np(xhat), _np(rstd.reshape(-1)),
+        # xhat kept in the model's dtype (a float32 model: float32, as torch's own backward
+        # uses it), the small per-row and per-column factors in float64
+        jacs[0] = RowBlockJacobian(ctx.out.shape, "layer_norm", outer, d, 1, _np(xhat.to(_factor_dtype(x))),
+                                   _np(rstd.reshape(-1)),
                                    None if weight is None else _np(weight.double().reshape(-1)),
                                    precision="float64" if x.dtype == torch.float64 else "float32")
     if 2 in ctx.wants:

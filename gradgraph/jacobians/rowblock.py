@@ -555,9 +555,13 @@ class RowBlockJacobian(Jacobian):
     * ``log_softmax``:  J = I - 1 p^T                               (factor: p = exp(y))
     * ``layer_norm``:   J = diag(g) s (I - 1/d - xhat xhat^T / d)   (factors: xhat, s = 1/sigma, g = gamma)
 
-    The factors are kept in float64. ``precision`` is the float type the model computed the op in
-    ("float32" for float32, float16 and bfloat16 models): the entropy product through a layer
-    norm, the one product that needs a logarithm per pair of row elements, runs in it.
+    The factors are kept in float64, except a float32 first factor (a float32 model's softmax
+    probabilities ``p`` or layer-norm ``xhat``), which is kept as given -- for a softmax the
+    node's own value, so that the largest factor of an attention layer, heads x tokens^2, costs
+    no memory of its own -- and widened to float64 by :attr:`A` where a product reads it
+    (exactly: every float32 is a float64). ``precision`` is the float type the model computed the op in ("float32" for
+    float32, float16 and bfloat16 models): the entropy product through a layer norm, the one
+    product that needs a logarithm per pair of row elements, runs in it.
     """
 
     kind = "rowblock"
@@ -572,7 +576,8 @@ class RowBlockJacobian(Jacobian):
         self.precision = precision
         self.function, self.outer, self.d, self.inner = function, int(outer), int(d), int(inner)
         R = self.outer * self.inner
-        self.A = np.ascontiguousarray(A, dtype=np.float64).reshape(R, self.d)
+        A = np.asarray(A)
+        self._A = np.ascontiguousarray(A, dtype=np.float32 if A.dtype == np.float32 else np.float64).reshape(R, self.d)
         self.rstd = np.ones(R) if rstd is None else np.ascontiguousarray(rstd, dtype=np.float64).reshape(R)
         self.gamma = np.ones(self.d) if gamma is None else np.ascontiguousarray(gamma, dtype=np.float64).reshape(self.d)
         self._code = self.FUNCTIONS.index(function)
@@ -580,6 +585,12 @@ class RowBlockJacobian(Jacobian):
         self._split = None       # kernels.layer_norm_split of the factors, made on first use
         self._max_factors = None  # the factors in the signed max product's dtype
         self._p_min = None        # the smallest non-zero probability (softmax rows)
+
+    @property
+    def A(self):
+        """The first factor (``p`` or ``xhat``), (rows, d), in float64 as the products read it: a
+        temporary widened copy when it is kept in float32."""
+        return self._A.astype(np.float64, copy=False)
 
     def _rows(self, x, C):
         """(C, numel) -> (C, R, d) rows, and back."""
@@ -738,7 +749,7 @@ class RowBlockJacobian(Jacobian):
             if self._max_factors is None or self._max_factors[0].dtype != dt:
                 self._max_factors = (self.A.astype(dt),)
             rows = lambda v: np.ascontiguousarray(self._rows(np.asarray(v)[None], 1)[0], dtype=dt)
-            y = np.empty((2,) + self.A.shape, dtype=dt)
+            y = np.empty((2,) + self._A.shape, dtype=dt)
             with parallel():
                 lowrank_maxmin(self.function == "log_softmax", transpose, self._max_factors[0],
                                rows(xmax), rows(xmin), y[0], y[1])
@@ -784,7 +795,7 @@ class RowBlockJacobian(Jacobian):
         r = o * self.inner + tt
         i = np.arange(self.d)
         delta = (i == jj).astype(np.float64)
-        A = self.A[r]
+        A = self._A[r].astype(np.float64)
         if self.function == "softmax":
             w = A * (delta - A[jj])
         elif self.function == "log_softmax":
@@ -796,7 +807,7 @@ class RowBlockJacobian(Jacobian):
         return idx[nz].astype(np.int64), w[nz]
 
     def state(self):
-        arrays = {"A": self.A}
+        arrays = {"A": self._A}
         if self.function == "layer_norm":
             arrays.update(rstd=self.rstd, gamma=self.gamma)
         return {"function": self.function, "outer": self.outer, "d": self.d, "inner": self.inner,
