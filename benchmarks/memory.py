@@ -15,7 +15,9 @@ shape), frees what the warm-up made, reads its resident set size (the loaded mod
 input), resets the kernel's peak-RSS counter (``/proc/self/clear_refs``), runs the job once and
 reads the peak (``VmHWM``). Before it measures, the allocator returns what the warm-up freed to
 the system (``common.trim_allocator``): otherwise the measured job would reuse those pages
-unseen. The figure is peak minus that resident size:
+unseen. The weight transforms the warm-up kept in ``WEIGHT_CACHE`` are dropped too, so a query
+that keeps them (entropy, flow, magnitude paths) is charged for them. The figure is peak minus
+that resident size:
 
 * torch: forward + ``torch.autograd.grad`` of the sink wrt the word-embedding output (gradgraph's
   source);
@@ -102,6 +104,10 @@ def _status(field):
 def _measure(job, warm_up):
     """Peak RSS of ``job()`` above the RSS before it (after ``warm_up()`` and a collection)."""
     warm_up()
+    # what the warm-up left in the process-wide weight cache (|W|, -|W| log|W|) is dropped: the
+    # job pays for the transforms it keeps, as a process's first query does
+    from gradgraph.jacobians._weightcache import WEIGHT_CACHE
+    WEIGHT_CACHE.clear()
     gc.collect()
     trim_allocator()
     with open("/proc/self/clear_refs", "w") as f:

@@ -107,20 +107,21 @@ def test_a_residual_stack_of_identity_edges_keeps_exact_flow_and_entropy():
 
 
 def test_flow_passes_share_one_kept_magnitude_per_weight():
-    """Flow's outside and inside passes read one |W| per weight (both directions), checked once
-    per query: a second flow of the same model computes no transform; its answer is the
-    enumerated one."""
+    """Inside ``WEIGHT_CACHE.active()``, flow's outside and inside passes read one |W| per weight
+    (both directions), checked once per query: a second flow of the same model computes no
+    transform; its answer is the enumerated one."""
     WEIGHT_CACHE.clear()
     torch.manual_seed(3)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
     x = torch.randn(2, 3, dtype=torch.float64)
     g = gg.capture(model, (x,), output=lambda y: (y[:, 0] - y[:, 1]).sum())
-    g.flow(by="node")
-    kept = sorted(key[-1] for key in WEIGHT_CACHE._entries)
-    assert kept.count("abs") == 2                       # the two weights, one |W| each
-    misses = WEIGHT_CACHE.misses
-    f = g.flow(by="node")
-    assert WEIGHT_CACHE.misses == misses
+    with WEIGHT_CACHE.active():
+        g.flow(by="node")
+        kept = sorted(key[-1] for key in WEIGHT_CACHE._entries)
+        assert kept.count("abs") == 2                       # the two weights, one |W| each
+        misses = WEIGHT_CACHE.misses
+        f = g.flow(by="node")
+        assert WEIGHT_CACHE.misses == misses
     want = ScalarOracle(model, (x,), output=lambda y: (y[:, 0] - y[:, 1]).sum()).tensor_flow()
     for n in g.nodes:
         assert math.isclose(f[n.name], float(want[n.fx_name].sum()), rel_tol=1e-10, abs_tol=1e-300)

@@ -1,6 +1,7 @@
 """The per-process cache of weight transforms (|W|, -|W| log|W|, transposed copies, zero columns):
 inside ``WEIGHT_CACHE.active()`` graphs of one model share them, a weight changed in place is never
-answered from the cache, and outside a block nothing is (a ``.data`` edit is always seen).
+answered from the cache (|W| and -|W| log|W| are compared with the weight, so a ``.data`` edit is
+seen too), and outside a block nothing is kept.
 Answers are checked against the brute-force path oracle (tests/oracle.py) and dense Jacobians."""
 import gc
 import math
@@ -91,24 +92,48 @@ def test_a_weight_changed_in_place_is_computed_again(change, fresh_cache):
     assert not np.allclose(_products(second, z, r, x)[0], before[0])
 
 
-def test_write_behind_the_version_counter_is_seen_outside_a_block():
-    """``.data`` has its own version counter: outside an active() block (an interactive session)
-    no transform is answered on the version's word; |W| and -|W| log|W| are kept, but compared
-    with the weight before use, so the edit is seen: both are computed again."""
+def test_outside_a_block_nothing_is_kept():
+    """Outside an active() block (an interactive session) a query holds no weight transform beyond
+    the product that needs it (their memory would be up to twice the model's weights), and an edit
+    through ``.data`` is answered with the edited weight."""
     WEIGHT_CACHE.clear()
     torch.manual_seed(0)
     layer = torch.nn.Linear(5, 4).double()
     z, r, x = _inputs(3 * 4, 2)
     _check(_linear_jacobian(layer.weight), z, r, x)
-    assert {key[-1] for key in WEIGHT_CACHE._entries} == {"abs", "xlogx"}     # the checked ones only
-    checked, misses = WEIGHT_CACHE.checked_hits, WEIGHT_CACHE.misses
+    assert len(WEIGHT_CACHE) == 0 and WEIGHT_CACHE.nbytes == 0
     layer.weight.data.mul_(3.0)
     layer.weight.data[1, 2] = -0.25
     _check(_linear_jacobian(layer.weight), z, r, x)          # the edited weight's answer
+    model, (xin,), _, out = tiny_mlp(seed=4, widths=(3, 4, 2), batch=2)
+    g = gg.capture(model, (xin,), output=out)
+    assert g.entropy() == pytest.approx(ScalarOracle(model, (xin,), output=out).entropy(), rel=1e-10)
+    g.flow(by="node")
+    assert len(WEIGHT_CACHE) == 0
+
+
+def test_write_behind_the_version_counter_is_seen_inside_a_block(fresh_cache):
+    """``.data`` has its own version counter: inside a block the transposed copies are answered on
+    the version's word (the caller's promise), but |W| and -|W| log|W| are compared with the
+    weight before use, so an edit through ``.data`` is seen: both are computed again."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(5, 4).double()
+    z, r, x = _inputs(3 * 4, 2)
+    jac = _linear_jacobian(layer.weight)
+    product(ENTROPY, jac, np.vstack([z, r]), True)
+    assert {key[-1] for key in WEIGHT_CACHE._entries} == {"abs", "xlogx"}
+    checked, misses = WEIGHT_CACHE.checked_hits, WEIGHT_CACHE.misses
+    layer.weight.data.mul_(3.0)
+    layer.weight.data[1, 2] = -0.25
+    with WEIGHT_CACHE.query():                               # a new query: the weight is compared
+        jac = _linear_jacobian(layer.weight)
+        got, want = product(ENTROPY, jac, np.vstack([z, r]), True), _dense_products(jac, z, r, x)[0]
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
     assert WEIGHT_CACHE.checked_hits == checked and WEIGHT_CACHE.misses > misses
-    _check(_linear_jacobian(layer.weight), z, r, x)          # unchanged since: from the cache
+    with WEIGHT_CACHE.query():                               # unchanged since: from the cache
+        got = product(ENTROPY, _linear_jacobian(layer.weight), np.vstack([z, r]), True)
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
     assert WEIGHT_CACHE.checked_hits > checked
-    WEIGHT_CACHE.clear()
 
 
 def _edit(weight, how):
@@ -126,12 +151,10 @@ def _edit(weight, how):
 
 
 @pytest.mark.parametrize("how", ["data", "data.copy_", "numpy", "copy_"])
-def test_a_weight_edited_after_a_query_gives_the_new_entropy_and_flow(how):
-    """A query keeps |W| and -|W| log|W| of every weight (outside any active() block); after a
-    weight is edited in place, by any route, the next graph's entropy and flow are the edited
-    model's (brute-force path enumeration), and an unedited model's are answered from the kept
-    transforms."""
-    WEIGHT_CACHE.clear()
+def test_a_weight_edited_after_a_query_gives_the_new_entropy_and_flow(how, fresh_cache):
+    """Inside a block a query keeps |W| and -|W| log|W| of every weight; after a weight is edited
+    in place, by any route, the next graph's entropy and flow are the edited model's (brute-force
+    path enumeration), and an unedited model's are answered from the kept transforms."""
     model, (x,), _, out = tiny_mlp(seed=5, widths=(3, 4, 2), batch=2)
 
     def check():
@@ -152,11 +175,10 @@ def test_a_weight_edited_after_a_query_gives_the_new_entropy_and_flow(how):
     WEIGHT_CACHE.clear()
 
 
-def test_a_sign_flip_keeps_the_transforms_and_the_entropy():
+def test_a_sign_flip_keeps_the_transforms_and_the_entropy(fresh_cache):
     """The kept transforms depend on |W| alone: flipping signs through ``.data`` leaves them valid
     (answered from the cache), and the entropy of the flipped model -- whose path magnitudes are
     the same -- matches its enumeration."""
-    WEIGHT_CACHE.clear()
     model, (x,), _, out = tiny_mlp(seed=6, widths=(3, 4, 2), batch=2)
     h1 = gg.capture(model, (x,), output=out).entropy()
     model.layers[1].weight.data.neg_()

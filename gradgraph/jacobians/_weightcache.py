@@ -22,12 +22,14 @@ through ``detach()``) bumps the counter, and the transform is computed again, in
 Arrays that are not views of a torch tensor (a graph loaded from a file) are not cached here.
 
 Transforms that can be checked against the weight exactly and cheaply -- |W|, and what is made
-from |W| alone (-|W| log|W|) -- are shared everywhere, inside a block or not: ``get(...,
-check=...)`` keeps them, and before answering compares the weight with the array the transform
-was made from (``|W| == A`` element by element: one read of both, no logarithm), so a weight
-written through ``.data``, ``copy_`` or a numpy view is computed again at once. The comparison
-runs once per weight and query (:meth:`WeightCache.query`): a weight does not change while a
-query runs.
+from |W| alone (-|W| log|W|) -- need no promise: ``get(..., check=...)`` compares the weight with
+the array the transform was made from before answering (``|W| == A`` element by element: one read
+of both, no logarithm), so a weight written through ``.data``, ``copy_`` or a numpy view inside a
+block is computed again at once. The comparison runs once per weight and query
+(:meth:`WeightCache.query`): a weight does not change while a query runs.
+
+Outside a block nothing is kept: kept transforms cost up to twice the model's contraction weights
+(about 680 MB for GPT-2 small), which a single query's memory should not carry.
 """
 from __future__ import annotations
 
@@ -142,12 +144,13 @@ class WeightCache:
         earlier call on the same memory. ``what`` (hashable) names the transform; ``compute`` must
         depend only on ``array``'s contents and ``what``.
 
-        Without ``check``, a cached value is valid at the same version of the tensor, and only
-        inside an :meth:`active` block (outside, ``compute()``). With ``check(value) -> bool``, an
-        exact test that the value is still the weight's transform (e.g. ``|W| == A``), the value is
-        kept and answered everywhere, after ``check`` -- run once per weight within a
-        :meth:`query` block -- has passed; otherwise it is computed again."""
-        if not self._depth and check is None:
+        Values are kept and answered only inside an :meth:`active` block (outside,
+        ``compute()``: a query of a graph holds no transforms beyond the product that needs them).
+        Without ``check``, a cached value is valid at the same version of the tensor. With
+        ``check(value) -> bool``, an exact test that the value is still the weight's transform
+        (e.g. ``|W| == A``), it is answered after ``check`` -- run once per weight within a
+        :meth:`query` block -- has passed, whatever the version; otherwise it is computed again."""
+        if not self._depth:
             return compute()
         tensor = _tensor_of(array)
         try:
@@ -204,6 +207,6 @@ class WeightCache:
             self.nbytes = 0
 
 
-#: The process's cache of weight transforms, answering inside ``WEIGHT_CACHE.active()`` blocks
-#: (``WEIGHT_CACHE.max_bytes = 0`` turns it off there too).
+#: The process's cache of weight transforms, keeping and answering inside ``WEIGHT_CACHE.active()``
+#: blocks only (``WEIGHT_CACHE.max_bytes = 0`` turns it off there too).
 WEIGHT_CACHE = WeightCache()

@@ -309,9 +309,10 @@ class MatmulJacobian(Jacobian):
 
     def _magnitudes(self, transpose, with_h):
         """|P| (and -|P| log|P| if ``with_h``) of the whole operand as torch tensors oriented like
-        :meth:`_support`'s P, computed once in the operand's own memory order and kept in the
-        process's cache for every product, graph and query -- both directions of a flow, entropy
-        and magnitude alike -- while the operand's memory holds the same |W|: each query compares
+        :meth:`_support`'s P, computed in the operand's own memory order; inside
+        ``WEIGHT_CACHE.active()`` kept in the process's cache for every product, graph and query --
+        both directions of a flow, entropy and magnitude alike -- while the operand's memory holds
+        the same |W| (outside a block, per product and freed after it): each query compares
         the weight with the kept |W| once (exact, no logarithm), so a weight edited in place
         (``.data``, ``copy_``, a numpy view) is seen at once."""
         flat, unflat = _memory_order(self._M if self.wrt == "left" else np.swapaxes(self._M, 1, 2))
