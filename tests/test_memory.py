@@ -44,15 +44,23 @@ def _mapped_rss(path):
 
 
 def _answers(g):
-    """Every query's answer as plain arrays and numbers."""
-    paths = g.top_paths(k=5)
-    return {
-        "gradient": {k: v.numpy() for k, v in g.gradient().items()},
-        "entropy": g.entropy(),
-        "paths": [(p.weight, [(h.node, h.index) for h in p.hops]) for p in paths],
-        "flow": g.flow(),
-        "lengths": g.path_lengths(),
-    }
+    """Every query's answer as plain arrays and numbers, on a fixed number of threads: by default a
+    query takes fewer threads when the machine is busy, and its contractions then run through
+    another BLAS (numpy's at one thread, torch's at more), whose sums round differently in the last
+    bit -- answers compared bit for bit must come from the same thread count."""
+    from gradgraph.threads import set_dynamic
+    previous = set_dynamic(False)
+    try:
+        paths = g.top_paths(k=5)
+        return {
+            "gradient": {k: v.numpy() for k, v in g.gradient().items()},
+            "entropy": g.entropy(),
+            "paths": [(p.weight, [(h.node, h.index) for h in p.hops]) for p in paths],
+            "flow": g.flow(),
+            "lengths": g.path_lengths(),
+        }
+    finally:
+        set_dynamic(previous)
 
 
 def _same(a, b):
