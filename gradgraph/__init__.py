@@ -7,7 +7,7 @@
 from . import capture          # the package, callable as the capture function
 from . import batch
 from .capture import Capturer, register_rule
-from .errors import CaptureError, GradGraphError, GraphFormatError, QueryError, UnsupportedOpError
+from .errors import CaptureError, GradGraphError, GraphFormatError, QueryError, UnsupportedOpError, ValueNotHeldError
 from .errors import CaptureWarning, GradGraphWarning, QueryWarning
 from .export.dot import render, to_dot
 from .export.graphjson import to_json, write_json
@@ -19,7 +19,7 @@ from .threads import get_num_threads, set_num_threads
 from ._version import __version__
 
 __all__ = ["capture", "Capturer", "register_rule", "load", "batch", "GradGraph", "GradGraphError",
-           "CaptureError", "UnsupportedOpError", "GraphFormatError", "QueryError", "to_dot", "render", "__version__",
+           "CaptureError", "UnsupportedOpError", "GraphFormatError", "QueryError", "ValueNotHeldError", "to_dot", "render", "__version__",
            "report", "to_json", "write_json", "PathList",
            "GradGraphWarning", "CaptureWarning", "QueryWarning", "set_num_threads", "get_num_threads"]
 

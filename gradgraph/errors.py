@@ -1,6 +1,6 @@
 """Exceptions raised by gradgraph. Every user error derives from :class:`GradGraphError`."""
 
-__all__ = ["GradGraphError", "CaptureError", "UnsupportedOpError", "GraphFormatError", "QueryError",
+__all__ = ["GradGraphError", "CaptureError", "UnsupportedOpError", "GraphFormatError", "QueryError", "ValueNotHeldError",
            "GradGraphWarning", "CaptureWarning", "QueryWarning",
            "BatchError"]
 
@@ -23,6 +23,11 @@ class GraphFormatError(GradGraphError):
 
 class QueryError(GradGraphError):
     """A query on a captured graph has invalid arguments (unknown source, k < 1, ...)."""
+
+
+class ValueNotHeldError(QueryError):
+    """A node's value was asked for but the graph does not hold it (captured with the default
+    ``values="needed"``, which keeps only the values some Jacobian or query reads)."""
 
 
 class GradGraphWarning(UserWarning):

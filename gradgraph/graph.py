@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import QueryError, QueryWarning
+from .errors import QueryError, QueryWarning, ValueNotHeldError
 from .jacobians import Jacobian
 
 __all__ = ["Node", "Edge", "GradGraph", "VIEW_OPS"]
@@ -42,7 +42,7 @@ class Node:
     module: str = ""          # innermost module path, e.g. "bert.encoder.layer.3.attention.self.key"
     module_type: str = ""     # its class, e.g. "torch.nn.modules.linear.Linear"
     source_line: str = ""     # "file.py:123: code" of the user's code that made it
-    value: np.ndarray | None = field(default=None, repr=False)
+    value: np.ndarray | None = field(default=None, repr=False)   # None: not held (GradGraph.value)
     role: str = "op"          # "source", "op" or "sink"
     fx_name: str = ""         # the node's name in the exported ATen fx graph
     data_movement: bool | None = None   # its op's rule is pure data movement (None: unknown)
@@ -124,6 +124,32 @@ class GradGraph:
         if name not in self.sources:
             raise QueryError(f"unknown source {name!r}; valid sources: {sorted(self.sources)}")
         return self.sources[name]
+
+    def value(self, node):
+        """The value the forward computed for tensor ``node``, as a numpy array.
+
+        Parameters
+        ----------
+        node : str or int
+            A node name, a source name or a node index.
+
+        Raises
+        ------
+        ValueNotHeldError
+            The graph does not hold this node's value: :func:`gradgraph.capture` keeps by
+            default only the values a Jacobian references and the sources' and the sink's
+            (``values="needed"``); capture with ``values="all"`` to hold every value.
+        """
+        i = node if isinstance(node, (int, np.integer)) and not isinstance(node, bool) else self.node_index(node)
+        if not 0 <= i < len(self.nodes):
+            raise QueryError(f"node index {i} out of range ({len(self.nodes)} nodes)")
+        n = self.nodes[i]
+        if n.value is None:
+            raise ValueNotHeldError(
+                f"the graph does not hold the value of node {n.name!r} ({n.op}): capture keeps only the "
+                f"values its Jacobians reference and the sources' and the sink's; capture with "
+                f"gg.capture(..., values=\"all\") to hold every node's value")
+        return n.value
 
     @property
     def sink_node(self):

@@ -10,6 +10,10 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
+import bisect
+
+import numpy as np
+
 from ..errors import CaptureError, GradGraphError, UnsupportedOpError
 from ..graph import Edge, GradGraph, Node
 from . import rules as _rules  # noqa: F401  (registers the library's rules)
@@ -18,7 +22,11 @@ from .diagnostics import diagnostics
 from .fxnodes import is_float_tensor, module_of, op_name, producer, tensor_args, user_line
 from .registry import RuleContext, dense_jacobian, get_rule, is_data_movement
 
-__all__ = ["GraphBuilder"]
+__all__ = ["GraphBuilder", "VALUES"]
+
+#: What node values a captured graph holds: ``"needed"`` (those a Jacobian references, the
+#: sources' and the sink's) or ``"all"``.
+VALUES = ("needed", "all")
 
 #: Floating types narrower than float32: held (node values) and differentiated (rule inputs) in
 #: float32.
@@ -45,10 +53,17 @@ class GraphBuilder:
         The model's class path, recorded in ``meta``.
     progress : bool or None
         Show a progress bar (None: when stderr is a terminal and the graph is large).
+    values : {"needed", "all"}
+        ``"needed"``: a node holds its value only when a Jacobian references its memory or it is
+        a source or the sink; every other value is freed as soon as the last Jacobian that
+        could read it is built. ``"all"``: every node holds its value.
     """
 
-    def __init__(self, granularity, model_name, progress=None):
+    def __init__(self, granularity, model_name, progress=None, values="needed"):
+        if values not in VALUES:
+            raise CaptureError(f"values must be one of {VALUES}, got {values!r}")
         self.granularity, self.model_name, self.progress = granularity, model_name, progress
+        self.values = values
 
     def build(self, rec, sink, sources):
         """The graph of ``rec`` (a Recording) explaining fx node ``sink``, with paths ending at
@@ -98,11 +113,24 @@ class GraphBuilder:
                                value=_widened(v.detach()).cpu().numpy(), role=role, fx_name=n.name,
                                data_movement=self._data_movement(n)))
 
+        # what the diagnostics and meta read from values, before any value is freed
+        nan_ids = {i for i, gn in enumerate(gnodes) if gn.value.dtype.kind == "f" and np.isnan(gn.value).any()}
+        meta = {
+            "model": self.model_name,
+            "torch": torch.__version__,
+            "sink_value": float(env[sink].detach().reshape(-1)[0]),
+            "inputs": [[list(v.shape), str(v.dtype)] for v in
+                       (env[p] for p in rec.placeholders if p.name in rec.user_inputs) if isinstance(v, torch.Tensor)],
+            "values": self.values,
+        }
+
         edges = []
         self._dense = set()       # nodes whose Jacobian came out a dense matrix
         todo = [n for n in order if n not in source_of]
+        release = _Release(order, todo, env, gnodes, keep={index[n] for n in sources.values()} | {index[sink]},
+                           drop_values=self.values == "needed") if todo else None
         bar = self._bar(len(todo))
-        for n in todo:
+        for step, n in enumerate(todo):
             op_node, _ = producer(n)
             wants = {key: a for key, a in tensor_args(op_node) if a in index}
             for key, jac in self._jacobians(n, env, set(wants)).items():
@@ -111,22 +139,18 @@ class GraphBuilder:
                     raise CaptureError(f"rule for {op_name(n)} returned a Jacobian of shape "
                                        f"{jac.out_shape}x{jac.in_shape} for output {tuple(env[n].shape)}")
                 edges.append(Edge(index[src], index[n], jac, key if isinstance(key, int) else key[0]))
+                release.referenced(jac)
+            release.after(step)
             if bar is not None:
                 bar.update(1)
         if bar is not None:
             bar.close()
-        meta = {
-            "model": self.model_name,
-            "torch": torch.__version__,
-            "sink_value": float(env[sink].detach().reshape(-1)[0]),
-            "inputs": [[list(v.shape), str(v.dtype)] for v in
-                       (env[p] for p in rec.placeholders if p.name in rec.user_inputs) if isinstance(v, torch.Tensor)],
-        }
         source_ids = [index[n] for n in sources.values()]
         # a source's own op (an embedding lookup) is not differentiated: only its consumers are
         computed = {e.dst for e in edges}
         meta.update(diagnostics(gnodes, edges, source_ids,
-                                [i for i, n in enumerate(order) if i in computed and n in self._dense]))
+                                [i for i, n in enumerate(order) if i in computed and n in self._dense],
+                                nan_ids=nan_ids))
         sources_idx = {name: index[n] for name, n in sources.items()}
         return GradGraph(gnodes, edges, sources_idx, index[sink], self.granularity, meta)
 
@@ -204,3 +228,95 @@ class GraphBuilder:
         msg = " ".join(str(msg).split())
         return f"{msg} [op {op_name(n)}, node {n.name}, module {module or '<top>'}" + \
                (f", at {line}]" if line else "]")
+
+
+def _extent(a):
+    """(first, last + 1) address of numpy array ``a``'s memory, or None when it has none."""
+    if a.nbytes == 0:
+        return None
+    lo = a.__array_interface__["data"][0] + sum(min(0, (n - 1) * st) for n, st in zip(a.shape, a.strides))
+    return lo, lo + sum((n - 1) * abs(st) for n, st in zip(a.shape, a.strides)) + a.itemsize
+
+
+def held_arrays(jac):
+    """The numpy arrays a Jacobian object holds (its attributes), whatever its kind."""
+    out = []
+    for v in vars(jac).values():
+        for a in (v if isinstance(v, (tuple, list)) else (v,)):
+            if isinstance(a, torch.Tensor) and a.device.type == "cpu":
+                a = a.detach().numpy()
+            if isinstance(a, np.ndarray):
+                out.append(a)
+    return out
+
+
+class _Release:
+    """Frees the recorded values of a graph being built as soon as no Jacobian still to be built
+    can read them, and decides which node values the graph keeps.
+
+    The rule of the op computing ``n`` reads the recorded values of ``n`` and of its op's inputs,
+    so a recorded value is last read at the last such op in build order. A node's value is
+    referenced when some Jacobian holds part of its memory (``mul``'s other factor, a softmax's
+    output, a matrix product's operands): keeping it costs nothing. Values share memory across
+    nodes (a view is its base's memory), so a node's value is judged once every node sharing its
+    storage is past its last read: only then can no later Jacobian reference that memory.
+    """
+
+    def __init__(self, order, todo, env, gnodes, keep, drop_values):
+        self.env, self.gnodes, self.keep, self.drop_values = env, gnodes, keep, drop_values
+        position = {n: i for i, n in enumerate(order)}
+        last = {}                      # fx node -> last build step that reads its recorded value
+        for step, n in enumerate(todo):
+            p, _ = producer(n)
+            for a in [n, *p.all_input_nodes]:
+                last[a] = step
+        # the recorded values freed after each step (never the graph's inputs: those are the
+        # model's parameters and the user's tensors)
+        self.free_at = [[] for _ in todo]
+        for a, step in last.items():
+            if a.op != "placeholder":
+                self.free_at[step].append(a)
+        # node values judged after each step: by storage, once every node sharing it is past
+        # its last read
+        storage = {}
+        for n in order:
+            st = env[n].untyped_storage()
+            storage.setdefault((st.data_ptr(), st.nbytes()) if st.nbytes() else id(n), []).append(position[n])
+        self.judge_at = [[] for _ in todo]
+        for ids in storage.values():
+            self.judge_at[max(last.get(order[i], len(todo) - 1) for i in ids)].append(ids)
+        # the storages' memory, sorted (distinct allocations never overlap), and the node values
+        # inside each (a half-precision node's value is a float32 copy outside every storage,
+        # which no Jacobian references)
+        spans = sorted(((key[0], key[0] + key[1]), ids) for key, ids in storage.items()
+                       if isinstance(key, tuple))
+        self._starts = [lo for (lo, _), _ in spans]
+        self._spans = spans
+        self._referenced = set()       # node indices whose value a Jacobian holds memory of
+
+    def referenced(self, jac):
+        """Record which node values the Jacobian ``jac`` holds memory of."""
+        for a in held_arrays(jac):
+            ext = _extent(a)
+            if ext is None:
+                continue
+            lo, hi = ext
+            k = max(0, bisect.bisect_right(self._starts, lo) - 1)
+            while k < len(self._spans) and self._spans[k][0][0] < hi:
+                (s_lo, s_hi), ids = self._spans[k]
+                if s_hi > lo:
+                    for i in ids:
+                        e = _extent(self.gnodes[i].value) if self.gnodes[i].value is not None else None
+                        if e is not None and e[0] < hi and lo < e[1]:
+                            self._referenced.add(i)
+                k += 1
+
+    def after(self, step):
+        """Free what the Jacobians built up to ``step`` were the last to read."""
+        if self.drop_values:
+            for ids in self.judge_at[step]:
+                for i in ids:
+                    if i not in self.keep and i not in self._referenced:
+                        self.gnodes[i].value = None
+        for a in self.free_at[step]:
+            self.env.pop(a, None)

@@ -42,7 +42,7 @@ def _node_summary(node, **extra):
             **extra}
 
 
-def diagnostics(gnodes, edges, source_ids, dense_ids):
+def diagnostics(gnodes, edges, source_ids, dense_ids, nan_ids=None):
     """What a user should know about a captured graph, for ``GradGraph.meta``, and a
     :class:`CaptureWarning` for non-finite values.
 
@@ -50,7 +50,8 @@ def diagnostics(gnodes, edges, source_ids, dense_ids):
     nodes computed in a floating type narrower than the sources' widest (a float32 softmax in a
     float64 model). ``first_non_finite``: the first node, in execution order, holding a NaN or
     whose incoming Jacobian holds a NaN or infinity, or the sink when it is infinite; paths
-    through it have non-finite weights."""
+    through it have non-finite weights. ``nan_ids``: the nodes holding a NaN, when the builder
+    found them before it freed values (None: read from the nodes' values)."""
     def float_size(node):
         dtype = getattr(torch, node.dtype, None)
         return dtype.itemsize if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
@@ -64,11 +65,13 @@ def diagnostics(gnodes, edges, source_ids, dense_ids):
                 np.isfinite(np.asarray(a)).all() for a in e.jac.state()[1].values()
                 if np.asarray(a).dtype.kind == "f"):
             bad_jacobian.add(e.dst)
+    if nan_ids is None:
+        nan_ids = {i for i, n in enumerate(gnodes) if n.value is not None
+                   and np.asarray(n.value).dtype.kind == "f" and np.isnan(n.value).any()}
     for i, n in enumerate(gnodes):
-        value = np.asarray(n.value)
-        why = ("holds NaN" if value.dtype.kind == "f" and np.isnan(value).any() else
+        why = ("holds NaN" if i in nan_ids else
                "has a non-finite local derivative" if i in bad_jacobian else
-               "is infinite" if n.role == "sink" and not np.isfinite(value).all() else "")
+               "is infinite" if n.role == "sink" and not np.isfinite(np.asarray(n.value)).all() else "")
         if why:
             out["first_non_finite"] = _node_summary(n, problem=why)
             warn(CaptureWarning(

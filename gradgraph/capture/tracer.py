@@ -17,7 +17,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..errors import CaptureError, CaptureWarning
-from .builder import GraphBuilder
+from .builder import VALUES, GraphBuilder
 from .diagnostics import same_value, warn
 from .fxnodes import module_of as _module_of  # noqa: F401  (tests/oracle.py reads it here)
 from .interpreter import record
@@ -68,16 +68,27 @@ class Capturer:
         recorded again for every input. ``"auto"`` (default): export, and record where export
         fails on data-dependent control flow (:attr:`notes` says so). ``g.meta["tracer"]`` says
         which path a graph took.
+    values : {"needed", "all"}
+        Which node values a graph holds (``docs/capture.md``, "Node values"). ``"needed"``
+        (default): the sources', the sink's and those a Jacobian references (a product's other
+        operand, a softmax's output), which cost no memory of their own; every other value is
+        freed while the graph is built, and ``g.value(name)`` of such a node raises
+        :class:`~gradgraph.errors.ValueNotHeldError`. No query needs the others. ``"all"``:
+        every node holds its value, as torch's forward computed it (the graph then holds the
+        whole recorded forward: at GPT-2 small / 1,024 tokens several GB more).
     """
 
     def __init__(self, model, output=None, *, sources=None, granularity="function", progress=None,
-                 dynamic=None, tracer="auto", _exports=None):
+                 dynamic=None, tracer="auto", values="needed", _exports=None):
         if not isinstance(model, torch.nn.Module):
             raise CaptureError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if granularity not in GRANULARITIES:
             raise CaptureError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         if tracer not in TRACERS:
             raise CaptureError(f"tracer must be one of {TRACERS}, got {tracer!r}")
+        if values not in VALUES:
+            raise CaptureError(f"values must be one of {VALUES}, got {values!r}")
+        self.values = values
         if output is not None and not callable(output):
             raise CaptureError("output must be a callable taking the model's output and returning a scalar tensor")
         if isinstance(sources, str):
@@ -202,7 +213,7 @@ class Capturer:
         sink = find_sink(rec.outs, rec.env)
         sources = resolve_sources(self.model, self.sources, rec)
         model_name = type(self.model).__module__ + "." + type(self.model).__qualname__
-        g = GraphBuilder(self.granularity, model_name, self.progress).build(rec, sink, sources)
+        g = GraphBuilder(self.granularity, model_name, self.progress, self.values).build(rec, sink, sources)
         g.meta["tracer"] = "record" if recorded else "export"
         why = self._exports.export_failure(args, kwargs, self.model) if recorded else None
         if why:
@@ -211,7 +222,7 @@ class Capturer:
 
 
 def capture(model, args, kwargs=None, *, output=None, sources=None, granularity="function", progress=None,
-            tracer="auto"):
+            tracer="auto", values="needed"):
     """Capture the gradient graph of ``output(model(*args, **kwargs))``.
 
     Parameters are those of :class:`Capturer`. Repeated calls with the same model, ``output``
@@ -234,5 +245,5 @@ def capture(model, args, kwargs=None, *, output=None, sources=None, granularity=
         raise CaptureError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     exports = shared_cache(model, output, sources, granularity)
     cap = Capturer(model, output, sources=sources, granularity=granularity, progress=progress, tracer=tracer,
-                   _exports=exports)
+                   values=values, _exports=exports)
     return cap.capture(args, kwargs)

@@ -63,6 +63,9 @@ class _StoredArrays:
     def __contains__(self, name):
         return name in self._entries
 
+    def names(self):
+        return list(self._entries)
+
     def numel(self, name):
         return math.prod(self._entries[name][1])
 
@@ -245,12 +248,13 @@ def _check_jacobian(kind, out_shape, in_shape, params, arrays, path, where):
             _check(k not in arrays or arrays[k].size == n, path, f"{where}: array {k!r} must have {n} elements")
 
 
-def _build(doc, stored, path):
+def _build(doc, stored, path, version):
     _check(isinstance(doc, dict), path, "the graph description is not a JSON object")
     for key, typ in (("nodes", list), ("edges", list), ("sources", dict), ("meta", dict),
                      ("granularity", str)):
         _check(isinstance(doc.get(key), typ), path, f"the graph description lacks a valid {key!r}")
     nodes = []
+    largest = max([stored.numel(name) for name in stored.names()], default=0)
     for i, d in enumerate(doc["nodes"]):
         where = f"node {i}"
         _check(isinstance(d, dict) and isinstance(d.get("name"), str) and _shape(d.get("shape")),
@@ -263,11 +267,19 @@ def _build(doc, stored, path):
         _check(fields.get("data_movement") in (None, True, False), path,
                f"{where}: field 'data_movement' must be true, false or null")
         fields["shape"] = tuple(d["shape"])
-        # the value bounds what queries allocate for the node: it must be there, as stored data
-        _check(d.get("value") is not None, path, f"{where}: no value (a graph holds the value of every node)")
-        value = _resolve(d["value"], stored, path, where)
-        _check(value.shape == fields["shape"], path,
-               f"{where}: value shape {list(value.shape)} != node shape {d['shape']}")
+        # version 1 files hold every node's value; from version 2 a node may hold none, and its
+        # size is then bounded by the file's data (below), as a stored value bounds it
+        if d.get("value") is None:
+            _check(version >= 2, path, f"{where}: no value (a version {version} graph holds the value "
+                                       f"of every node)")
+            _check(math.prod(fields["shape"]) <= largest, path,
+                   f"{where}: a node without a value may have at most as many elements as the file's "
+                   f"largest array ({largest}), not {math.prod(fields['shape'])}")
+            value = None
+        else:
+            value = _resolve(d["value"], stored, path, where)
+            _check(value.shape == fields["shape"], path,
+                   f"{where}: value shape {list(value.shape)} != node shape {d['shape']}")
         try:
             nodes.append(Node(value=value, **fields))
         except TypeError as exc:
@@ -358,7 +370,7 @@ def load(path, *, lazy=True):
         except (ValueError, RecursionError) as exc:
             raise _fail(path, f"the graph description is not valid JSON: {exc}") from None
         try:
-            return _build(doc, stored, path)
+            return _build(doc, stored, path, version)
         except GraphFormatError:
             raise
         except Exception as exc:   # any other inconsistency the checks above did not name

@@ -25,7 +25,9 @@ __all__ = ["save", "FORMAT", "VERSION", "GraphFileExistsError", "node_fields"]
 
 FORMAT = "gradgraph"
 #: Version written by this gradgraph; files of a larger version are refused with a clear message.
-VERSION = 1
+#: 1: every node holds its value. 2: a node other than a source or the sink may hold none
+#: (``"value": null``).
+VERSION = 2
 
 
 def node_fields(node_type):
@@ -56,18 +58,22 @@ def _graph_problem(nodes, edges, sources, sink, granularity):
     The invariants (``docs/file-format.md``): nodes in topological order, each with a known
     dtype and a value of its shape; every edge from an earlier to a later node, its Jacobian of
     their shapes; the sink the last node, one floating-point element; at least one source, each a
-    distinct floating-point node other than the sink with no edge into it."""
+    distinct floating-point node other than the sink with no edge into it. A node's value may be
+    absent (not held), except the sources' and the sink's."""
     if granularity not in ("function", "primitive"):
         return f"granularity {granularity!r} is neither 'function' nor 'primitive'"
     n = len(nodes)
     if not n:
         return "the graph has no nodes"
+    must_hold = {sink} | {i for i in (sources.values() if isinstance(sources, dict) else ()) if _is_int(i)}
     for i, nd in enumerate(nodes):
         where = f"node {i} ({nd.name!r})"
         if not isinstance(nd.dtype, str) or nd.dtype.removeprefix("torch.") not in _TORCH_DTYPES:
             return f"{where}: unknown dtype {nd.dtype!r} (a torch dtype name such as 'float32')"
         if nd.value is None:
-            return f"{where} has no value (a graph holds the value of every node)"
+            if i in must_hold:
+                return f"{where} has no value (a graph holds the values of its sources and its sink)"
+            continue
         if tuple(np.shape(nd.value)) != tuple(nd.shape):
             return f"{where}: value shape {list(np.shape(nd.value))} != node shape {list(nd.shape)}"
     has_in_edge = set()
