@@ -205,7 +205,7 @@ def cmd_capture(a):
     # progress=None: the capture's own bar appears on a terminal for large graphs, never in pipes
     try:
         g = capture(model, args, kwargs, output=output, sources=a.sources or None,
-                    granularity=a.granularity, progress=True if a.progress else None)
+                    granularity=a.granularity, progress=True if a.progress else None, values=a.values)
     except SystemExit as exc:   # the model's code, run by the capture, asked to exit
         raise UsageError(f"capturing {a.spec} failed: the model or output function called "
                          f"sys.exit({exc.code!r})") from None
@@ -239,6 +239,7 @@ def cmd_info(a):
         "tensors": len(g.nodes),
         "scalars": int(sum(n.numel for n in g.nodes)),
         "jacobians": len(g.edges),
+        "values_held": sum(n.value is not None for n in g.nodes),
         "ops": ops,
         "sources": [{"name": k, "shape": _shape(g.nodes[i]), "dtype": g.nodes[i].dtype,
                      "module": g.nodes[i].module} for k, i in g.sources.items()],
@@ -252,6 +253,7 @@ def cmd_info(a):
                  f"tensors      {info['tensors']}",
                  f"scalars      {info['scalars']}",
                  f"jacobians    {info['jacobians']}",
+                 f"values       held for {info['values_held']} of {info['tensors']} tensors",
                  f"sink         {g.sink_node.name} = {g.sink_value:.6g}"
                  + (f"  [{g.sink_node.module}]" if g.sink_node.module else "")]
         for s in info["sources"]:
@@ -500,6 +502,10 @@ def build_parser():
                    help="source names: input names, module paths or fx node names "
                         "(default: floating inputs, or the embedding lookups of integer inputs)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    c.add_argument("--values", choices=["needed", "all"], default="needed",
+                   help="node values the file holds: those the Jacobians reference and the sources' "
+                        "and the sink's (needed, default; every query works on them) or every "
+                        "node's (all: a larger file)")
     c.add_argument("--progress", action="store_true",
                    help="always show the progress bar (default: on a terminal, for large graphs)")
     c.set_defaults(func=cmd_capture)

@@ -111,7 +111,8 @@ def test_info_json(queries):
     assert info["sources"] == [{"name": "bert.embeddings.word_embeddings", "shape": [1, 8, 16],
                                 "dtype": "float64", "module": g.nodes[g.sources["bert.embeddings.word_embeddings"]].module}]
     assert info["sink"]["value"] == pytest.approx(g.sink_value)
-    assert info["file_size"] == os.path.getsize(f) and info["format_version"] == 1
+    assert info["file_size"] == os.path.getsize(f) and info["format_version"] == 2
+    assert info["values_held"] == sum(n.value is not None for n in g.nodes)
     assert info["granularity"] == "function"
     assert sum(info["ops"].values()) == sum(n.role != "source" for n in g.nodes)
     assert info["ops"]["native_layer_norm"] == sum(n.op_name == "native_layer_norm" for n in g.nodes)
