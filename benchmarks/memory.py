@@ -117,7 +117,7 @@ def _measure(job, warm_up):
     return _status("VmHWM") - before
 
 
-def child(model_name, what, graph_file=None, first=False):
+def child(model_name, what, graph_file=None, first=False, values=None):
     """Print the peak of one job; the warm-up runs it on another input of the same length (the
     program of this input shape exported, as for a user's second input), or with ``first`` on
     an 8-token input (the measured capture then includes the export of its shape)."""
@@ -142,7 +142,7 @@ def child(model_name, what, graph_file=None, first=False):
         query = QUERIES[what]
 
         def run(kw):
-            query(gg.capture(model, (), kw, output=sink))
+            query(gg.capture(model, (), kw, output=sink, **({} if values is None else {"values": values})))
         peak = _measure(lambda: run(kwargs), lambda: run(small))
     print(json.dumps({"peak": peak}))
 
@@ -167,7 +167,7 @@ def _merged(intervals):
     return out
 
 
-def breakdown(model_name, top=20):
+def breakdown(model_name, top=20, values="needed"):
     """Capture once here; print the RSS of the capture and the graph's bytes by kind, op and array."""
     import collections
     import gradgraph as gg
@@ -177,7 +177,7 @@ def breakdown(model_name, top=20):
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _status("VmRSS")
-    g = gg.capture(model, (), inputs(tokens), output=sink)
+    g = gg.capture(model, (), inputs(tokens), output=sink, **({} if values is None else {"values": values}))
     print(f"{model_name}: {g}")
     print(f"capture: peak {fmt_bytes(_status('VmHWM') - before)}, held {fmt_bytes(_status('VmRSS') - before)} "
           f"above the loaded model")
@@ -205,6 +205,10 @@ def breakdown(model_name, top=20):
         by_key[key] += new
         by_kind[key[0]] += new
         seen = _merged(seen + [ext])
+    unheld = [n for n in g.nodes if n.value is None]
+    print(f"node values: held by {len(g.nodes) - len(unheld)} of {len(g.nodes)} nodes; not held (no "
+          f"Jacobian references them, values={g.meta.get('values', 'all')!r}): "
+          f"{fmt_bytes(sum(n.numel * torch.empty((), dtype=getattr(torch, n.dtype)).element_size() for n in unheld))}")
     print(f"graph arrays: {fmt_bytes(sum(by_kind.values()))} of their own; the model's parameters "
           f"({fmt_bytes(params)}) are referenced, not copied")
     print_table([(k, fmt_bytes(v)) for k, v in by_kind.most_common()], headers=("kind", "bytes"))
@@ -213,8 +217,10 @@ def breakdown(model_name, top=20):
                 headers=("kind", "op", "array", "bytes"))
 
 
-def _run_child(model_name, what, graph_file=None, first=False):
+def _run_child(model_name, what, graph_file=None, first=False, values=None):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", model_name, what]
+    if values:
+        cmd += ["--values", values]
     if graph_file:
         cmd += ["--graph", graph_file]
     if first:
@@ -239,15 +245,18 @@ def main(argv=None):
     ap.add_argument("--lazy", action="store_true", help="also measure gg.load (memory-mapped) + query")
     ap.add_argument("--json", help="append the results as JSON lines to this file")
     ap.add_argument("--breakdown", metavar="MODEL", help="where the graph's memory goes, for one model")
+    ap.add_argument("--values", choices=["needed", "all"], default=None,
+                    help="gg.capture's values option for the capture jobs and --breakdown "
+                         "(default: the library's default)")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "WHAT"), help=argparse.SUPPRESS)
     ap.add_argument("--graph", help=argparse.SUPPRESS)
     ap.add_argument("--first", action="store_true",
                     help="measure the first capture of the input's shape (with its torch.export)")
     args = ap.parse_args(argv)
     if args.child:
-        return child(*args.child, graph_file=args.graph, first=args.first)
+        return child(*args.child, graph_file=args.graph, first=args.first, values=args.values)
     if args.breakdown:
-        return breakdown(args.breakdown)
+        return breakdown(args.breakdown, values=args.values)
     print(machine(), "| load:", os.getloadavg())
     queries = [q for q in args.queries.split(",") if q]
     for name in args.models.split(","):
@@ -262,7 +271,8 @@ def main(argv=None):
             _save_graph(name, graph_file)
             whats += [f"load:{q}" for q in queries]
         for what in whats:
-            peak, err = _run_child(name, what, graph_file if what.startswith("load:") else None, args.first)
+            peak, err = _run_child(name, what, graph_file if what.startswith("load:") else None, args.first,
+                                   args.values)
             results[what] = peak
             label = (f"gg.load + {what[5:]}" if what.startswith("load:") else f"gg.capture + {what}")
             ratio = f"{peak / base:.2f}" if peak and base else "-"
