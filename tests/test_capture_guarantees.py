@@ -160,7 +160,8 @@ def test_function_jacobian_is_diagonal_exactly_when_its_backward_is_elementwise(
         def forward(self, x):
             return fn.apply(x * 1.5)
     x = x64(2, 3, seed=5) * 2
-    g = gg.capture(M(), (x,), output=lambda y: (y * torch.arange(1.0, 7.0, dtype=torch.float64).reshape(2, 3)).sum())
+    g = gg.capture(M(), (x,), output=lambda y: (y * torch.arange(1.0, 7.0, dtype=torch.float64).reshape(2, 3)).sum(),
+                   values="all")         # the Function's input value, to differentiate it again
     node = next(i for i, n in enumerate(g.nodes) if n.op == f"{fn.__name__}.apply")
     (edge,) = [e for e in g.edges if e.dst == node]
     expected = _function_jacobian(fn, torch.from_numpy(g.nodes[edge.src].value))
