@@ -206,8 +206,8 @@ def breakdown(model_name, top=20, values="needed"):
         by_kind[key[0]] += new
         seen = _merged(seen + [ext])
     unheld = [n for n in g.nodes if n.value is None]
-    print(f"node values: held by {len(g.nodes) - len(unheld)} of {len(g.nodes)} nodes; not held (no "
-          f"Jacobian references them, values={g.meta.get('values', 'all')!r}): "
+    print(f"node values: held by {len(g.nodes) - len(unheld)} of {len(g.nodes)} nodes; the {len(unheld)} not held (no "
+          f"Jacobian references them, values={g.meta.get('values', 'all')!r}) have, views counted apart, "
           f"{fmt_bytes(sum(n.numel * torch.empty((), dtype=getattr(torch, n.dtype)).element_size() for n in unheld))}")
     print(f"graph arrays: {fmt_bytes(sum(by_kind.values()))} of their own; the model's parameters "
           f"({fmt_bytes(params)}) are referenced, not copied")
