@@ -244,3 +244,18 @@ def test_cli_on_a_file_without_values(tmp_path, capsys):
         assert main([str(a) for a in argv]) == 0, argv
     out = capsys.readouterr().out
     assert f"held for {sum(n.value is not None for n in g.nodes)} of {len(g.nodes)} tensors" in out
+
+
+def test_cli_capture_values_option(tmp_path, capsys):
+    from gradgraph.cli import main
+    spec = os.path.join(os.path.dirname(DATA), "..", "examples", "tiny_bert.py") + ":build"
+    assert main(["capture", spec, "--out", str(tmp_path / "n.safetensors")]) == 0
+    assert main(["capture", spec, "--out", str(tmp_path / "a.safetensors"), "--values", "all"]) == 0
+    needed, every = gg.load(tmp_path / "n.safetensors"), gg.load(tmp_path / "a.safetensors")
+    assert all(n.value is not None for n in every.nodes)
+    assert any(n.value is None for n in needed.nodes)
+    _same(_answers(needed), _answers(every))
+    capsys.readouterr()
+    assert main(["capture", spec, "--out", str(tmp_path / "x.safetensors"), "--values", "some"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--values" in err[0]
