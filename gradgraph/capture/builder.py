@@ -4,15 +4,13 @@ live tensor, and one edge per (op, differentiable argument) with the Jacobian it
 """
 from __future__ import annotations
 
+import bisect
 import sys
 
+import numpy as np
 import torch
 import torch.fx
 from torch.utils import _pytree as pytree
-
-import bisect
-
-import numpy as np
 
 from ..errors import CaptureError, GradGraphError, UnsupportedOpError
 from ..graph import Edge, GradGraph, Node
