@@ -114,6 +114,16 @@ class Jacobian:
     def out_edges(self, j):
         raise NotImplementedError
 
+    #: True when every input element has at most one edge (an elementwise op, a reshape, a slice,
+    #: a reduction): :meth:`out_edge_each` then gives the edges of many elements at once.
+    single_out_edge = False
+
+    def out_edge_each(self, idx):
+        """The one edge leaving each input element of ``idx`` (kinds with ``single_out_edge``):
+        ``(has_edge, output index, weight)`` arrays of ``len(idx)``; where ``has_edge`` is False
+        the other two are placeholders."""
+        raise NotImplementedError(f"{type(self).__name__} has no single out-edge per element")
+
     def to_dense(self):
         D = np.zeros((self.out_numel, self.in_numel))
         for j in range(self.in_numel):

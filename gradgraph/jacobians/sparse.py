@@ -252,6 +252,7 @@ class SparseJacobian(Jacobian):
         self._csc = None
         self._layout = {}          # transpose -> how the destinations lie (see _destinations)
         self._finite = None        # whether every weight is finite (found once)
+        self._single = None        # whether every input element has at most one entry (found once)
 
     def _r(self):
         return np.arange(self.n, dtype=np.int64) if self.rows is None else self.rows
@@ -384,6 +385,31 @@ class SparseJacobian(Jacobian):
         rows = e if self.rows is None else self.rows[e]
         vals = np.ones(len(e)) if self.vals is None else self.vals[e]
         return rows.astype(np.int64), vals.astype(np.float64)
+
+    @property
+    def single_out_edge(self):
+        """Every input element has at most one entry: no column index, or strictly increasing
+        ones (found once)."""
+        if self._single is None:
+            c = self.cols
+            self._single = c is None or len(c) < 2 or bool(np.all(c[1:] > c[:-1]))
+        return self._single
+
+    def out_edge_each(self, idx):
+        if not self.single_out_edge:
+            return super().out_edge_each(idx)
+        idx = np.asarray(idx, dtype=np.int64)
+        if self.n == 0:                                 # no edges at all (e.g. a zeroed write)
+            return np.zeros(len(idx), dtype=bool), np.zeros(len(idx), np.int64), np.zeros(len(idx))
+        if self.cols is None:
+            has = idx < self.n
+            e = np.where(has, idx, 0)
+        else:
+            e = np.minimum(np.searchsorted(self.cols, idx), self.n - 1)
+            has = self.cols[e] == idx
+        rows = e if self.rows is None else self.rows[e]
+        vals = np.ones(len(e)) if self.vals is None else self.vals[e]
+        return has, rows.astype(np.int64), vals.astype(np.float64)
 
     def to_dense(self):
         D = np.zeros((self.out_numel, self.in_numel))
