@@ -129,27 +129,39 @@ def test_gpt2_layout_ten_best_equal_the_full_keeping_search():
 
 
 # ---------------------------------------------------------------------------- the Jacobians' lookup
-@pytest.mark.parametrize("make", [
-    lambda: SparseJacobian((5,), (5,), vals=np.array([1.0, -2.0, 0.0, 3.0, 0.5])),     # elementwise, a zero
-    lambda: SparseJacobian((2,), (6,), rows=np.array([0, 0, 0, 1, 1, 1])),             # a sum over rows
-    lambda: SparseJacobian((3,), (7,), cols=np.array([1, 4, 6])),                      # a strided slice
-    lambda: SparseJacobian((4,), (4,), rows=np.array([2, 0, 3, 1]), vals=np.array([1.5, -1, 2, 4.0])),
+def _matmul(wrt):
+    from gradgraph.jacobians import MatmulJacobian
+    other = np.random.default_rng(3).integers(-2, 3, (2, 3, 4)).astype(np.float64)   # zeros: no edges
+    in_shape = (2, 5, 3) if wrt == "left" else (2, 4, 5)
+    out_shape = (2, 5, 4) if wrt == "left" else (2, 3, 5)
+    return MatmulJacobian(out_shape, in_shape, other, wrt)
+
+
+@pytest.mark.parametrize("make, degree", [
+    (lambda: SparseJacobian((5,), (5,), vals=np.array([1.0, -2.0, 0.0, 3.0, 0.5])), 1),   # elementwise, a zero
+    (lambda: SparseJacobian((2,), (6,), rows=np.array([0, 0, 0, 1, 1, 1])), 1),           # a sum over rows
+    (lambda: SparseJacobian((3,), (7,), cols=np.array([1, 4, 6])), 1),                    # a strided slice
+    (lambda: SparseJacobian((4,), (4,), rows=np.array([2, 0, 3, 1]), vals=np.array([1.5, -1, 2, 4.0])), 1),
+    (lambda: SparseJacobian((2,), (2,), rows=np.zeros(0, int), cols=np.zeros(0, int), vals=np.zeros(0)), 1),
+    (lambda: _matmul("left"), 4),
+    (lambda: _matmul("right"), 3),
 ])
-def test_out_edge_each_against_the_dense_matrix(make):
+def test_out_edges_of_against_the_dense_matrix(make, degree):
+    """The edges of many elements at once (repeated and unordered indices) are the non-zero
+    entries of their columns of the dense Jacobian, at most ``out_degree`` per element."""
     jac = make()
-    assert jac.single_out_edge
+    assert jac.out_degree == degree
     dense = jac.to_dense()
     idx = np.array([*range(jac.in_numel), *reversed(range(jac.in_numel))])
-    has, o, w = jac.out_edge_each(idx)
-    for j, h, oj, wj in zip(idx, has, o, w):
-        nz = np.flatnonzero(dense[:, j])
-        assert h == (len(nz) == 1) and len(nz) <= 1
-        if h:
-            assert (oj, wj) == (nz[0], dense[nz[0], j])
+    which, o, w = jac.out_edges_of(idx)
+    got = Counter((int(a), int(b), float(c)) for a, b, c in zip(which, o, w))
+    want = Counter((a, int(i), float(dense[i, j])) for a, j in enumerate(idx) for i in np.flatnonzero(dense[:, j]))
+    assert got == want
+    assert max(Counter(which.tolist()).values(), default=0) <= degree
 
 
-def test_broadcast_has_no_single_out_edge():
+def test_broadcast_lists_no_edges_of_many_elements():
     jac = SparseJacobian((2, 3), (3,), cols=np.array([0, 1, 2, 0, 1, 2]))   # expand (3,) -> (2, 3)
-    assert not jac.single_out_edge
+    assert jac.out_degree is None
     with pytest.raises(NotImplementedError):
-        jac.out_edge_each(np.array([0]))
+        jac.out_edges_of(np.array([0]))

@@ -231,10 +231,10 @@ class _Values:
     Polarity 0 scores a node by its best (max) prefix; polarity 1 by minus its min prefix, so that
     for both polarities "larger score is better" and a child's score is carried by |w|.
 
-    Not every node's values are kept: those of a *derived* node (:func:`_derived_nodes`: each of
-    its elements has at most one edge into each consumer) are dropped once the pass has carried
-    them on, and a score of it is recomputed when read, from its consumers' scores -- the pass's
-    own recurrence, ``score(u) = max over edges u -> v of |w| score(v)``, per element read.
+    Not every node's values are kept: those of a *derived* node (:func:`_derived_nodes`: few
+    edges leave each of its elements) are dropped once the pass has carried them on, and a score
+    of it is recomputed when read, from its consumers' scores -- the pass's own recurrence,
+    ``score(u) = max over edges u -> v of |w| score(v)``, per element read.
     """
 
     def __init__(self, g, order, dtype):
@@ -285,10 +285,10 @@ class _Values:
         return valid, sgn, la
 
     def _derived_scores(self, t, idx, p):
-        """:meth:`scores` of a derived node: per element, the best over its consumer edges of
-        |w| score(child), the child's polarity flipped by a negative w -- exactly how a
-        candidate of the enumeration is scored, so a derived score is its node's best
-        candidate's (computed in float64 from the consumers' values: no rounding of its own)."""
+        """:meth:`scores` of a derived node: per element, the best over its edges u -> v of
+        |w| score(v), the child's polarity flipped by a negative w -- exactly how a candidate
+        of the enumeration is scored, so a derived score is its node's best candidate's
+        (computed in float64 from the consumers' values: no rounding of its own)."""
         n = len(idx)
         p = np.broadcast_to(np.asarray(p), (n,)) if self.signed else None
         best_cls, best_val = np.full(n, 3), np.full(n, np.inf)      # class 3: no edge yet
@@ -298,36 +298,40 @@ class _Values:
             v = e.dst
             if not self.reached[v] or v in self.sources:      # the pass carried nothing from v
                 continue
-            has, o, w = e.jac.out_edge_each(idx)
-            sel = np.flatnonzero(has)
-            if not len(sel):
+            which, o, w = e.jac.out_edges_of(idx)
+            if not len(which):
                 continue
-            w = w[sel]
-            cp = np.where(w > 0, p[sel], 1 - p[sel]) if self.signed else 0
-            valid, s, l = self.scores(v, o[sel], cp)
+            cp = np.where(w > 0, p[which], 1 - p[which]) if self.signed else 0
+            valid, s, l = self.scores(v, o, cp)
             with np.errstate(divide="ignore"):
                 l = l + np.log(np.abs(w))
             cls, val = self.order.keys(s, l)
             cls = np.where(valid, cls, 3)
-            better = (cls < best_cls[sel]) | ((cls == best_cls[sel]) & (val < best_val[sel]))
-            at = sel[better]
-            best_cls[at], best_val[at], sgn[at], la[at] = cls[better], val[better], s[better], l[better]
+            # the best edge of each element: sorted by element, then key; the first of each run
+            order = np.lexsort((val, cls, which))
+            first = order[np.r_[True, which[order][1:] != which[order][:-1]]]
+            at = which[first]
+            better = (cls[first] < best_cls[at]) | ((cls[first] == best_cls[at]) & (val[first] < best_val[at]))
+            at, first = at[better], first[better]
+            best_cls[at], best_val[at], sgn[at], la[at] = cls[first], val[first], s[first], l[first]
         return best_cls < 3, sgn, la
 
 
 #: Largest number of kept values read to derive one element's score (:func:`_derived_nodes`):
-#: a chain of elementwise ops such as GPT-2's tanh GELU (eight nodes, one input read three times)
-#: derives its input from about a dozen.
-_DERIVE_READS = 16
+#: GPT-2's tanh GELU (eight elementwise nodes, the input read three times) derives its input
+#: from about a dozen; an attention's probabilities, whose one consumer is the product with the
+#: values (64 edges per element), from a few hundred.
+_DERIVE_READS = 512
 
 
 def _derived_nodes(g):
     """Nodes whose max-pass values :class:`_Values` derives instead of keeping (cached on the
-    graph): every Jacobian leaving the node has at most one edge per input element
-    (``single_out_edge``: elementwise ops, reshapes, slices, reductions), and deriving one
-    element reads at most ``_DERIVE_READS`` kept values, counted through consumers that are
-    derived in turn. Sources and the sink are kept. In reverse topological order, so a node's
-    consumers are decided first."""
+    graph): every Jacobian leaving the node lists the edges of many elements at once
+    (``out_degree``: elementwise ops, reshapes, slices, reductions -- one edge per element --
+    and contractions), and deriving one element reads at most ``_DERIVE_READS`` kept values,
+    counted through consumers that are derived in turn: an edge into a consumer that reads r
+    values counts 1 + r. Sources and the sink are kept. In reverse topological order, so a
+    node's consumers are decided first."""
     found = g._cache.get("paths.derived_nodes")
     if found is not None:
         return found
@@ -338,9 +342,9 @@ def _derived_nodes(g):
         if u == g.sink or u in sources:
             continue
         edges = [g.edges[k] for k in g.out_edges[u] if g.edges[k].dst not in sources]
-        if not edges or not all(e.jac.single_out_edge for e in edges):
+        if not edges or any(e.jac.out_degree is None for e in edges):
             continue
-        r = sum(1 + reads[e.dst] for e in edges)
+        r = sum(e.jac.out_degree * (1 + reads[e.dst]) for e in edges)
         if r <= _DERIVE_READS:
             derived.add(u)
             reads[u] = r

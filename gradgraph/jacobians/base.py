@@ -114,15 +114,14 @@ class Jacobian:
     def out_edges(self, j):
         raise NotImplementedError
 
-    #: True when every input element has at most one edge (an elementwise op, a reshape, a slice,
-    #: a reduction): :meth:`out_edge_each` then gives the edges of many elements at once.
-    single_out_edge = False
+    #: An upper bound on the edges leaving one input element, for kinds that list the edges of
+    #: many elements at once (:meth:`out_edges_of`); None for the others.
+    out_degree = None
 
-    def out_edge_each(self, idx):
-        """The one edge leaving each input element of ``idx`` (kinds with ``single_out_edge``):
-        ``(has_edge, output index, weight)`` arrays of ``len(idx)``; where ``has_edge`` is False
-        the other two are placeholders."""
-        raise NotImplementedError(f"{type(self).__name__} has no single out-edge per element")
+    def out_edges_of(self, idx):
+        """The edges leaving the input elements ``idx`` (kinds with an ``out_degree``), as arrays
+        ``(which, output index, weight)``: edge e leaves element ``idx[which[e]]``."""
+        raise NotImplementedError(f"{type(self).__name__} does not list the edges of many elements at once")
 
     def to_dense(self):
         D = np.zeros((self.out_numel, self.in_numel))

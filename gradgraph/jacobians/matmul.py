@@ -582,6 +582,29 @@ class MatmulJacobian(Jacobian):
         nz = w != 0
         return idx[nz].astype(np.int64), w[nz]
 
+    @property
+    def out_degree(self):
+        """Edges per input element: the free dimension of the product (columns of the output for
+        the left operand, its rows for the right)."""
+        return self._M.shape[2]
+
+    def out_edges_of(self, idx):
+        """:meth:`out_edges` of many elements at once."""
+        s_in = self.in_shape if len(self.in_shape) == 3 else (1,) + self.in_shape
+        s_out = self.out_shape if len(self.out_shape) == 3 else (1,) + self.out_shape
+        b, r, c = np.unravel_index(np.asarray(idx, dtype=np.int64), s_in)
+        M = np.asarray(self._M)
+        n = self._M.shape[2]
+        f = np.arange(n)
+        if self.wrt == "left":          # in (b, i, k) -> out (b, i, :) with weights R[b, k, :]
+            w = M[b, c, :]
+            out = np.ravel_multi_index((b[:, None], r[:, None], f[None, :]), s_out)
+        else:                            # in (b, k, j) -> out (b, :, j) with weights L[b, :, k]
+            w = M[b, r, :]
+            out = np.ravel_multi_index((b[:, None], f[None, :], c[:, None]), s_out)
+        which, col = np.nonzero(w)
+        return which, out[which, col].astype(np.int64), w[which, col].astype(np.float64)
+
     def entries(self):
         s_in = self.in_shape if len(self.in_shape) == 3 else (1,) + self.in_shape
         s_out = self.out_shape if len(self.out_shape) == 3 else (1,) + self.out_shape
