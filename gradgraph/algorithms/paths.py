@@ -22,6 +22,7 @@ See ``docs/paths.md``.
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import heapq
 import math
@@ -252,6 +253,7 @@ class _Values:
         #: per node: did the pass reach it (does it hold values, kept or derived)
         self.reached = reached if keep is not None else np.array([b is not None for b in self.B], dtype=bool)
         _refuse_nan(g, self.reached)
+        self._memo = collections.OrderedDict()
         #: the pass's values are exact to float64 rounding (the search may rely on exact ties)
         self.exact = dtype == np.float64
         #: bound on |score - log|true value|| of any element (see _rounding_bound)
@@ -261,7 +263,7 @@ class _Values:
         """(valid, sign, log|score|) of elements ``idx`` of tensor ``t`` for polarity ``p`` (one
         polarity for all, or an array of one per element)."""
         if t in self.derived:
-            return self._derived_scores(t, np.asarray(idx), p)
+            return self._derived_memo(t, np.asarray(idx, dtype=np.int64), p)
         b = self.B[t]
         if b is None:
             z = np.zeros(len(idx), dtype=bool)
@@ -283,6 +285,23 @@ class _Values:
         with np.errstate(divide="ignore"):
             la = np.log(np.abs(x).astype(np.float64, copy=False)) + b.log_scale
         return valid, sgn, la
+
+    def _derived_memo(self, t, idx, p):
+        """:meth:`_derived_scores` of both polarities, remembered for the last ``_MEMO`` reads:
+        the lists of one row's elements read the same elements of their consumers (a row of a
+        contraction's output), each with its own polarities."""
+        key = (t, idx.tobytes())
+        both = self._memo.get(key)
+        if both is None:
+            both = self._memo[key] = [self._derived_scores(t, idx, q) for q in ((0, 1) if self.signed else (0,))]
+            if len(self._memo) > _MEMO:
+                self._memo.popitem(last=False)
+        else:
+            self._memo.move_to_end(key)
+        if not self.signed or not np.ndim(p):
+            return both[int(p) if self.signed else 0]
+        (valid, s0, l0), (_, s1, l1) = both
+        return valid, np.where(p == 0, s0, s1), np.where(p == 0, l0, l1)
 
     def _derived_scores(self, t, idx, p):
         """:meth:`scores` of a derived node: per element, the best over its edges u -> v of
@@ -315,6 +334,10 @@ class _Values:
             at, first = at[better], first[better]
             best_cls[at], best_val[at], sgn[at], la[at] = cls[first], val[first], s[first], l[first]
         return best_cls < 3, sgn, la
+
+
+#: Reads of derived scores remembered (see _Values._derived_memo).
+_MEMO = 256
 
 
 #: Largest number of kept values read to derive one element's score (:func:`_derived_nodes`):
