@@ -122,6 +122,11 @@ class WeightCache:
             with self._lock:
                 self._depth -= 1
 
+    @property
+    def keeping(self):
+        """Whether transforms are kept and answered now (inside an :meth:`active` block)."""
+        return self._depth > 0
+
     def __len__(self):
         return len(self._entries)
 

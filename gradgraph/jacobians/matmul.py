@@ -225,26 +225,50 @@ def mm_max_dense(A, P, Y, nb):
 
 
 @njit(cache=True, fastmath={"contract", "nsz"}, error_model="numpy")
-def _xlogx_block(a, h):
-    """h = -a log a (0 where a = 0), elementwise on 1-d arrays of a >= 0 in a's dtype."""
-    for k in range(a.shape[0]):
-        v = a[k]
-        h[k] = -v * flog(v)
-    tiny = np.finfo(a.dtype).tiny
-    for k in range(a.shape[0]):
-        if a[k] < tiny:                    # zero or subnormal: libm's log, 0 log 0 = 0
-            h[k] = -a[k] * np.log(a[k]) if a[k] > 0 else 0.0
+def _abs_xlogx_block(w, a, h):
+    """a = |w| and, unless ``h`` is empty, h = -a log a (0 where a = 0): one read of the weight
+    and one vectorised loop for both transforms, elementwise on 1-d arrays in w's dtype."""
+    if h.shape[0] == 0:
+        for k in range(w.shape[0]):
+            a[k] = abs(w[k])
+        return
+    tiny = np.finfo(w.dtype).tiny
+    small = False
+    for k in range(w.shape[0]):
+        v = abs(w[k])
+        a[k] = v
+        h[k] = -v * flog(v)                # 0 for v = 0 (flog(0) is finite)
+        small |= v < tiny                  # an or-reduction: keeps the loop vectorised
+    if small:
+        for k in range(w.shape[0]):        # subnormal: libm's log (flog does not handle them)
+            v = a[k]
+            if 0.0 < v < tiny:
+                h[k] = -v * np.log(v)
 
 
 @njit(cache=True, parallel=True)
-def xlogx(a, h, nb):
-    """:func:`_xlogx_block` over ``nb`` blocks of the arrays in parallel (each block a call of its
-    own, which keeps the vectorised loops of the serial kernel)."""
-    n = a.shape[0]
+def abs_xlogx(w, a, h, nb):
+    """:func:`_abs_xlogx_block` over ``nb`` blocks of the arrays in parallel, each block small
+    enough (see :func:`weight_transforms`) that its |w| is still in the core's cache when the
+    logarithms read it."""
+    n = w.shape[0]
+    with_h = h.shape[0] > 0
     for blk in prange(nb):
         k0 = blk * n // nb
         k1 = (blk + 1) * n // nb
-        _xlogx_block(a[k0:k1], h[k0:k1])
+        _abs_xlogx_block(w[k0:k1], a[k0:k1], h[k0:k1] if with_h else h)
+
+
+def weight_transforms(flat, with_h):
+    """[|W|] or [|W|, -|W| log|W|] of a 1-d array in its own dtype, by :func:`abs_xlogx` on every
+    thread of the query."""
+    a = np.empty_like(flat)
+    h = np.empty_like(flat) if with_h else np.empty(0, dtype=flat.dtype)
+    if flat.size:
+        with parallel() as threads:
+            # blocks of 16 K elements: a block's |w| (64 KB in float32) stays in L2 between its loops
+            abs_xlogx(flat, a, h, max(threads, -(-flat.size // (1 << 14))))
+    return [a, h] if with_h else [a]
 
 
 @njit(cache=True)
@@ -316,15 +340,16 @@ class MatmulJacobian(Jacobian):
         the weight with the kept |W| once (exact, no logarithm), so a weight edited in place
         (``.data``, ``copy_``, a numpy view) is seen at once."""
         flat, unflat = _memory_order(self._M if self.wrt == "left" else np.swapaxes(self._M, 1, 2))
-        A = WEIGHT_CACHE.get(self.other, "abs", lambda: unflat(np.abs(flat)), check=_abs_check(flat, unflat))
+        if not WEIGHT_CACHE.keeping:
+            # nothing is kept outside a block: both transforms from one read of the weight
+            return [self._oriented(unflat(X), transpose) for X in weight_transforms(flat, with_h)]
+        A = WEIGHT_CACHE.get(self.other, "abs", lambda: unflat(weight_transforms(flat, False)[0]),
+                             check=_abs_check(flat, unflat))
         out = [A]
         if with_h:
             def compute_h():
-                a = _memory_order(A)[0]
-                h = np.empty_like(a)
-                with parallel() as threads:
-                    xlogx(a, h, _blocks(a.size, threads, 4096))
-                return weakref.ref(A), unflat(h)
+                # by the kernel that makes both outside a block (|A| = A): the same bits there and here
+                return weakref.ref(A), unflat(weight_transforms(_memory_order(A)[0], True)[1])
             # H is valid exactly when it was made from the |W| just checked (the same array; a
             # reference that does not keep it alive)
             out.append(WEIGHT_CACHE.get(self.other, "xlogx", compute_h, check=lambda v: v[0]() is A)[1])
