@@ -23,11 +23,16 @@ def no_dense_fallback(monkeypatch):
     assert not used, f"ops fell to the dense fallback: {sorted(set(used))}"
 
 
-# GRADGRAPH_TEST_THREADS=N runs the tests with every pool at N threads (gg.set_num_threads) and
-# every query on all N, however busy the machine (the policy's dynamic reduction off): the
-# exactness suites are run this way at 1 and at 2 threads (tests/test_threads.py does it for one).
+# The test session runs every query on a fixed number of threads (the policy's dynamic reduction
+# off): with it on, a query takes fewer threads when the machine is busy (as under pytest -n 2),
+# and its contractions then go through another BLAS (numpy's at one thread, torch's at more) whose
+# sums differ in the last bit, so two identical queries compared bit for bit could disagree.
+# tests/test_threads.py turns the policy on where it tests it.
+# GRADGRAPH_TEST_THREADS=N also sets every pool to N threads (gg.set_num_threads): the exactness
+# suites are run this way at 1 and at 2 threads (tests/test_threads.py does it for one).
+from gradgraph import threads as _threads  # noqa: E402
+
+_threads.set_dynamic(False)
 if os.environ.get("GRADGRAPH_TEST_THREADS"):
     import gradgraph as _gg
-    from gradgraph import threads as _threads
     _gg.set_num_threads(int(os.environ["GRADGRAPH_TEST_THREADS"]))
-    _threads.set_dynamic(False)
