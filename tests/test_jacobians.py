@@ -437,6 +437,31 @@ def test_mm_maxmin_dot_blocks_against_numpy(dtype, J, jb):
     assert Ymax.dtype == Ymin.dtype == dtype
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("B, nb", [(1, 1), (1, 3), (2, 2), (3, 5)])
+def test_mm_maxmin_masked_row_blocks_against_numpy(dtype, B, nb):
+    """The causal (masked) kernel with its output rows split into ``nb`` blocks per batch entry
+    (last blocks short, more blocks than rows per block), against max / min over the products
+    of non-zero weights in numpy, bit for bit (a max is exact): ties, zero weights (no edges
+    here), negative weights and inputs, and a dead input entry."""
+    from gradgraph.jacobians.matmul import mm_maxmin_masked
+    I, T, J = 7, 9, 6
+    a, b = RNG.integers(-3, 4, (2, B, I, T)).astype(dtype) / 2
+    Amax, Amin = np.maximum(a, b), np.minimum(a, b)
+    Amax[0, 2, 4], Amin[0, 2, 4] = -np.inf, np.inf
+    P = RNG.integers(-2, 3, (B, T, J)).astype(dtype) * dtype(0.25)
+    Ymax = np.full((B, I, J), -np.inf, dtype)
+    Ymin = np.full((B, I, J), np.inf, dtype)
+    mm_maxmin_masked(Amax, Amin, P, Ymax, Ymin, nb)
+    live = (P != 0)[:, None, :, :] & (Amax > -np.inf)[:, :, :, None]      # (B, I, T, J)
+    with np.errstate(invalid="ignore"):
+        u = np.where(live, P[:, None] * Amax[:, :, :, None], -np.inf)
+        v = np.where(live, P[:, None] * Amin[:, :, :, None], np.inf)
+    np.testing.assert_array_equal(Ymax, np.maximum(u, np.where(live, v, -np.inf)).max(2))
+    np.testing.assert_array_equal(Ymin, np.minimum(v, np.where(live, u, np.inf)).min(2))
+    assert Ymax.dtype == Ymin.dtype == dtype
+
+
 @pytest.mark.parametrize("function", ["softmax", "log_softmax"])
 @pytest.mark.parametrize("tiny", [False, True])
 @pytest.mark.parametrize("transpose", [False, True])

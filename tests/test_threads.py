@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import numba
 import numpy as np
@@ -136,15 +137,25 @@ def test_parallel_kernels_give_the_results_of_one_thread(restore_pools, precisio
     W = rng.standard_normal((d, 700)).astype(dt)
     W[:, 5] = 0.0                                       # a column of zeros: the exact redo path
     mm = MatmulJacobian((rows, 700), (rows, d), W, "left")
-    results, blas = {}, {}
+    # d(probs @ V) / dV with causal probabilities (one head): the masked kernel, its output rows
+    # split between the threads
+    T = 64
+    probs = np.tril(rng.random((1, T, T)) + 0.1).astype(dt)
+    att = MatmulJacobian((1, T, 40), (1, T, 40), probs, "right")
+    from gradgraph.jacobians import matmul as matmul_module
+    results, blas, blocks = {}, {}, {}
     for n in (1, 2):
         gg.set_num_threads(n)
         # the numba kernels: every layer-norm product, the contraction's max products
-        results[n] = ([r.copy() for r in _products(ln, np.random.default_rng(2))]
-                      + [r.copy() for r in _products(mm, np.random.default_rng(2), sums=False)])
+        with mock.patch.object(matmul_module, "mm_maxmin_masked", wraps=matmul_module.mm_maxmin_masked) as masked:
+            results[n] = ([r.copy() for r in _products(ln, np.random.default_rng(2))]
+                          + [r.copy() for r in _products(mm, np.random.default_rng(2), sums=False)]
+                          + [r.copy() for r in _products(att, np.random.default_rng(2), sums=False)])
+        blocks[n] = {c.args[-1] for c in masked.call_args_list}
         # the contraction's sums go through BLAS, whose blocking depends on the thread count
         blas[n] = _products(mm, np.random.default_rng(2))[:2]
-    assert len(results[1]) == 2 * 5 + 2 * 3
+    assert blocks[1] == {1} and 2 in blocks[2]        # the masked kernel ran, split at two threads
+    assert len(results[1]) == 2 * 5 + 2 * 3 + 2 * 3
     for a, b in zip(results[1], results[2]):
         assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True)
     for a, b in zip(blas[1], blas[2]):

@@ -22,6 +22,7 @@ See ``docs/paths.md``.
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import heapq
 import math
@@ -188,15 +189,16 @@ def _nan_edges(g):
     return found
 
 
-def _refuse_nan(g, B):
+def _refuse_nan(g, reached):
     """QueryError if a NaN local derivative lies between two tensors on sink-to-source paths.
 
     A path through a NaN entry has weight NaN, which no order can rank, so "the k best paths" are
     undefined (the sum queries -- gradient, flow, entropy -- report NaN instead). The check is per
-    tensor: a NaN on an edge whose consumer is reached from the sink (``B``: the value pass) and
-    whose input reaches a source counts, even if the NaN entry itself sits on no path.
+    tensor: a NaN on an edge whose consumer is reached from the sink (``reached[v]``: the value
+    pass gave it a value) and whose input reaches a source counts, even if the NaN entry itself
+    sits on no path.
     """
-    bad = [k for k in _nan_edges(g) if B[g.edges[k].dst] is not None]
+    bad = [k for k in _nan_edges(g) if reached[g.edges[k].dst]]
     if not bad:
         return
     reaches = _reaches_source(g)
@@ -229,12 +231,29 @@ class _Values:
 
     Polarity 0 scores a node by its best (max) prefix; polarity 1 by minus its min prefix, so that
     for both polarities "larger score is better" and a child's score is carried by |w|.
+
+    Not every node's values are kept: those of a *derived* node (:func:`_derived_nodes`: few
+    edges leave each of its elements) are dropped once the pass has carried them on, and a score
+    of it is recomputed when read, from its consumers' scores -- the pass's own recurrence,
+    ``score(u) = max over edges u -> v of |w| score(v)``, per element read.
     """
 
     def __init__(self, g, order, dtype):
-        self.signed = order.signed
-        self.B = _max_backward(g, order.semiring, dtype)
-        _refuse_nan(g, self.B)
+        self.g, self.order, self.signed = g, order, order.signed
+        self.sources = set(g.sources.values())
+        # a block of shared_max_passes keeps every value for the other queries that share it
+        shared = g._cache.get("paths.max_passes") is not None
+        self.derived = frozenset() if shared else _derived_nodes(g)
+        reached = np.zeros(len(g.nodes), dtype=bool)
+
+        def visit(v, _):
+            reached[v] = True
+        keep = None if not self.derived else [v for v in range(len(g.nodes)) if v not in self.derived]
+        self.B = _max_backward(g, order.semiring, dtype, keep=keep, visit=visit if keep is not None else None)
+        #: per node: did the pass reach it (does it hold values, kept or derived)
+        self.reached = reached if keep is not None else np.array([b is not None for b in self.B], dtype=bool)
+        _refuse_nan(g, self.reached)
+        self._memo = collections.OrderedDict()
         #: the pass's values are exact to float64 rounding (the search may rely on exact ties)
         self.exact = dtype == np.float64
         #: bound on |score - log|true value|| of any element (see _rounding_bound)
@@ -243,6 +262,8 @@ class _Values:
     def scores(self, t, idx, p):
         """(valid, sign, log|score|) of elements ``idx`` of tensor ``t`` for polarity ``p`` (one
         polarity for all, or an array of one per element)."""
+        if t in self.derived:
+            return self._derived_memo(t, np.asarray(idx, dtype=np.int64), p)
         b = self.B[t]
         if b is None:
             z = np.zeros(len(idx), dtype=bool)
@@ -264,6 +285,94 @@ class _Values:
         with np.errstate(divide="ignore"):
             la = np.log(np.abs(x).astype(np.float64, copy=False)) + b.log_scale
         return valid, sgn, la
+
+    def _derived_memo(self, t, idx, p):
+        """:meth:`_derived_scores` of both polarities, remembered for the last ``_MEMO`` reads:
+        the lists of one row's elements read the same elements of their consumers (a row of a
+        contraction's output), each with its own polarities."""
+        key = (t, idx.tobytes())
+        both = self._memo.get(key)
+        if both is None:
+            both = self._memo[key] = [self._derived_scores(t, idx, q) for q in ((0, 1) if self.signed else (0,))]
+            if len(self._memo) > _MEMO:
+                self._memo.popitem(last=False)
+        else:
+            self._memo.move_to_end(key)
+        if not self.signed or not np.ndim(p):
+            return both[int(p) if self.signed else 0]
+        (valid, s0, l0), (_, s1, l1) = both
+        return valid, np.where(p == 0, s0, s1), np.where(p == 0, l0, l1)
+
+    def _derived_scores(self, t, idx, p):
+        """:meth:`scores` of a derived node: per element, the best over its edges u -> v of
+        |w| score(v), the child's polarity flipped by a negative w -- exactly how a candidate
+        of the enumeration is scored, so a derived score is its node's best candidate's
+        (computed in float64 from the consumers' values: no rounding of its own)."""
+        n = len(idx)
+        p = np.broadcast_to(np.asarray(p), (n,)) if self.signed else None
+        best_cls, best_val = np.full(n, 3), np.full(n, np.inf)      # class 3: no edge yet
+        sgn, la = np.ones(n), np.full(n, -np.inf)
+        for k in self.g.out_edges[t]:
+            e = self.g.edges[k]
+            v = e.dst
+            if not self.reached[v] or v in self.sources:      # the pass carried nothing from v
+                continue
+            which, o, w = e.jac.out_edges_of(idx)
+            if not len(which):
+                continue
+            cp = np.where(w > 0, p[which], 1 - p[which]) if self.signed else 0
+            valid, s, l = self.scores(v, o, cp)
+            with np.errstate(divide="ignore"):
+                l = l + np.log(np.abs(w))
+            cls, val = self.order.keys(s, l)
+            cls = np.where(valid, cls, 3)
+            # the best edge of each element: sorted by element, then key; the first of each run
+            order = np.lexsort((val, cls, which))
+            first = order[np.r_[True, which[order][1:] != which[order][:-1]]]
+            at = which[first]
+            better = (cls[first] < best_cls[at]) | ((cls[first] == best_cls[at]) & (val[first] < best_val[at]))
+            at, first = at[better], first[better]
+            best_cls[at], best_val[at], sgn[at], la[at] = cls[first], val[first], s[first], l[first]
+        return best_cls < 3, sgn, la
+
+
+#: Reads of derived scores remembered (see _Values._derived_memo).
+_MEMO = 256
+
+
+#: Largest number of kept values read to derive one element's score (:func:`_derived_nodes`):
+#: GPT-2's tanh GELU (eight elementwise nodes, the input read three times) derives its input
+#: from about a dozen; an attention's probabilities, whose one consumer is the product with the
+#: values (64 edges per element), from a few hundred.
+_DERIVE_READS = 512
+
+
+def _derived_nodes(g):
+    """Nodes whose max-pass values :class:`_Values` derives instead of keeping (cached on the
+    graph): every Jacobian leaving the node lists the edges of many elements at once
+    (``out_degree``: elementwise ops, reshapes, slices, reductions -- one edge per element --
+    and contractions), and deriving one element reads at most ``_DERIVE_READS`` kept values,
+    counted through consumers that are derived in turn: an edge into a consumer that reads r
+    values counts 1 + r. Sources and the sink are kept. In reverse topological order, so a
+    node's consumers are decided first."""
+    found = g._cache.get("paths.derived_nodes")
+    if found is not None:
+        return found
+    sources = set(g.sources.values())
+    reads = [0] * len(g.nodes)
+    derived = set()
+    for u in range(len(g.nodes) - 1, -1, -1):
+        if u == g.sink or u in sources:
+            continue
+        edges = [g.edges[k] for k in g.out_edges[u] if g.edges[k].dst not in sources]
+        if not edges or any(e.jac.out_degree is None for e in edges):
+            continue
+        r = sum(e.jac.out_degree * (1 + reads[e.dst]) for e in edges)
+        if r <= _DERIVE_READS:
+            derived.add(u)
+            reads[u] = r
+    found = g._cache["paths.derived_nodes"] = frozenset(derived)
+    return found
 
 
 #: Roundings per hop the float32 values of a max pass may carry, relative: the local derivative
@@ -325,15 +434,17 @@ def shared_max_passes(g):
         g._cache.pop("paths.max_passes", None)
 
 
-def _max_backward(g, sr, dtype):
+def _max_backward(g, sr, dtype, keep=None, visit=None):
     """The backward pass of ``sr`` over ``g`` with values in ``dtype`` (the sink's 1-bar in it;
-    the kernels keep float32 values float32), every node's value kept: from the block of
-    :func:`shared_max_passes` when one is open."""
-    def run():
-        return backward(g, sr, seed=_seed(sr, g.nodes[g.sink].numel, dtype))
+    the kernels keep float32 values float32), the values of the nodes ``keep`` kept (default:
+    all; ``visit`` as :func:`.dp.backward`'s): from the block of :func:`shared_max_passes` when
+    one is open, which keeps every value."""
     passes = g._cache.get("paths.max_passes")
     if passes is None:
-        return run()
+        return backward(g, sr, seed=_seed(sr, g.nodes[g.sink].numel, dtype), keep=keep, visit=visit)
+
+    def run():
+        return backward(g, sr, seed=_seed(sr, g.nodes[g.sink].numel, dtype))
     key = (sr.name, np.dtype(dtype).name)
     if key not in passes:
         passes[key] = run()
@@ -443,7 +554,7 @@ class _Enumerator:
         for k in g.out_edges[t]:
             e = g.edges[k]
             v = e.dst
-            if self.values.B[v] is None or v in self.sources:
+            if not self.values.reached[v] or v in self.sources:
                 continue
             o, w = e.jac.out_edges(i)
             if len(o) == 0:
@@ -835,7 +946,7 @@ def branches(g, node, order="signed", groups=None):
     sr = rank.semiring
     dtype = pass_dtype(g)
     B = _max_backward(g, sr, dtype)   # the outside values of every node (the meeting below releases a copy's)
-    _refuse_nan(g, B)
+    _refuse_nan(g, [b is not None for b in B])
     queries = [_branches_at(g, t, group_of, B, sr, rank, order) for t, group_of in prepared]
     visitors = {}
     for t, (visit, _) in zip((t for t, _ in prepared), queries):

@@ -114,6 +114,15 @@ class Jacobian:
     def out_edges(self, j):
         raise NotImplementedError
 
+    #: An upper bound on the edges leaving one input element, for kinds that list the edges of
+    #: many elements at once (:meth:`out_edges_of`); None for the others.
+    out_degree = None
+
+    def out_edges_of(self, idx):
+        """The edges leaving the input elements ``idx`` (kinds with an ``out_degree``), as arrays
+        ``(which, output index, weight)``: edge e leaves element ``idx[which[e]]``."""
+        raise NotImplementedError(f"{type(self).__name__} does not list the edges of many elements at once")
+
     def to_dense(self):
         D = np.zeros((self.out_numel, self.in_numel))
         for j in range(self.in_numel):

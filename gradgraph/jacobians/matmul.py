@@ -104,18 +104,24 @@ def mm_maxmin_dense(Amax, Amin, P, Ymax, Ymin, nb):
 
 
 
-@njit(cache=True, fastmath=_FM, error_model="numpy")
-def mm_maxmin_masked(Amax, Amin, P, Ymax, Ymin):
+@njit(cache=True, fastmath=_FM, error_model="numpy", parallel=True)
+def mm_maxmin_masked(Amax, Amin, P, Ymax, Ymin, nb):
     """:func:`mm_maxmin` for a P with many zeros (a causal attention pattern), branch-free:
     a zero weight is no edge, so a select keeps the output as it was, which
     vectorises where :func:`mm_maxmin`'s branch on the sign does not. Works in the arrays'
-    dtype (float32 or float64)."""
+    dtype (float32 or float64). The output rows run in parallel, split into ``nb`` blocks per
+    batch entry (see :func:`masked_blocks`); each output entry receives its contributions in the
+    same order however the rows are split, so every thread count gives the same bits."""
     B, I, T = Amax.shape
     J = P.shape[2]
-    for b in range(B):
+    for blk in prange(B * nb):
+        b = blk // nb
+        k = blk % nb
+        i0 = (k * I) // nb
+        i1 = ((k + 1) * I) // nb
         for t in range(T):
             p = P[b, t]
-            for i in range(I):
+            for i in range(i0, i1):
                 amax = Amax[b, i, t]
                 if amax == -np.inf:
                     continue
@@ -130,6 +136,15 @@ def mm_maxmin_masked(Amax, Amin, P, Ymax, Ymin):
                     lo = ymn[j]
                     ymx[j] = fmax(hi, fmax(u, v)) if w != 0.0 else hi
                     ymn[j] = fmin(lo, fmin(u, v)) if w != 0.0 else lo
+
+
+def masked_blocks(B, I, threads):
+    """Blocks of output rows per batch entry for :func:`mm_maxmin_masked`: none beyond the batch
+    when it has an entry per thread (the attention's heads), otherwise enough for every thread,
+    each of at least 16 rows."""
+    if B >= threads:
+        return 1
+    return max(1, min(-(-threads // B), I // 16))
 
 
 
@@ -567,7 +582,7 @@ class MatmulJacobian(Jacobian):
                 elif dense:
                     mm_maxmin_dense(A, Amin, live_P(), Ymax, Ymin, _blocks(ncol, threads, 64))
                 else:
-                    mm_maxmin_masked(A, Amin, live_P(), Ymax, Ymin)
+                    mm_maxmin_masked(A, Amin, live_P(), Ymax, Ymin, masked_blocks(B_, len(ri), threads))
                 if dense and len(zero_cols):
                     mm_maxmin_cols(A, Amin, live_P(), zero_cols, Ymax, Ymin)
             out[0][:, live] = Ymax
@@ -601,6 +616,29 @@ class MatmulJacobian(Jacobian):
         w = np.asarray(w, dtype=np.float64)
         nz = w != 0
         return idx[nz].astype(np.int64), w[nz]
+
+    @property
+    def out_degree(self):
+        """Edges per input element: the free dimension of the product (columns of the output for
+        the left operand, its rows for the right)."""
+        return self._M.shape[2]
+
+    def out_edges_of(self, idx):
+        """:meth:`out_edges` of many elements at once."""
+        s_in = self.in_shape if len(self.in_shape) == 3 else (1,) + self.in_shape
+        s_out = self.out_shape if len(self.out_shape) == 3 else (1,) + self.out_shape
+        b, r, c = np.unravel_index(np.asarray(idx, dtype=np.int64), s_in)
+        M = np.asarray(self._M)
+        n = self._M.shape[2]
+        f = np.arange(n)
+        if self.wrt == "left":          # in (b, i, k) -> out (b, i, :) with weights R[b, k, :]
+            w = M[b, c, :]
+            out = np.ravel_multi_index((b[:, None], r[:, None], f[None, :]), s_out)
+        else:                            # in (b, k, j) -> out (b, :, j) with weights L[b, :, k]
+            w = M[b, r, :]
+            out = np.ravel_multi_index((b[:, None], f[None, :], c[:, None]), s_out)
+        which, col = np.nonzero(w)
+        return which, out[which, col].astype(np.int64), w[which, col].astype(np.float64)
 
     def entries(self):
         s_in = self.in_shape if len(self.in_shape) == 3 else (1,) + self.in_shape

@@ -254,6 +254,7 @@ class SparseJacobian(Jacobian):
         self._layout = {}          # transpose -> how the destinations lie (see _destinations)
         self._finite = None        # whether every weight is finite (found once)
         self._narrow = None        # whether float32 values may be multiplied in float32 (found once)
+        self._single = None        # whether every input element has at most one entry (found once)
 
     def _r(self):
         return np.arange(self.n, dtype=np.int64) if self.rows is None else self.rows
@@ -411,6 +412,32 @@ class SparseJacobian(Jacobian):
         rows = e if self.rows is None else self.rows[e]
         vals = np.ones(len(e)) if self.vals is None else self.vals[e]
         return rows.astype(np.int64), vals.astype(np.float64)
+
+    @property
+    def out_degree(self):
+        """1 when every input element has at most one entry (no column index, or strictly
+        increasing ones: elementwise ops, reshapes, slices, reductions; found once), else None."""
+        if self._single is None:
+            c = self.cols
+            self._single = c is None or len(c) < 2 or bool(np.all(c[1:] > c[:-1]))
+        return 1 if self._single else None
+
+    def out_edges_of(self, idx):
+        if self.out_degree is None:
+            return super().out_edges_of(idx)
+        idx = np.asarray(idx, dtype=np.int64)
+        if self.n == 0:                                 # no edges at all (e.g. a zeroed write)
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+        if self.cols is None:
+            which = np.flatnonzero(idx < self.n)
+            e = idx[which]
+        else:
+            e = np.minimum(np.searchsorted(self.cols, idx), self.n - 1)
+            which = np.flatnonzero(self.cols[e] == idx)
+            e = e[which]
+        rows = e if self.rows is None else self.rows[e]
+        vals = np.ones(len(e)) if self.vals is None else self.vals[e]
+        return which, rows.astype(np.int64), vals.astype(np.float64)
 
     def to_dense(self):
         D = np.zeros((self.out_numel, self.in_numel))
