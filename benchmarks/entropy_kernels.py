@@ -83,15 +83,13 @@ def vocab_add(T, rng):
 
 def weight_transforms(T, rng):
     from gradgraph.jacobians import WEIGHT_CACHE
-    from gradgraph.jacobians.matmul import MatmulJacobian, xlogx
+    from gradgraph.jacobians.matmul import MatmulJacobian, weight_transforms as fresh_pair
     w = torch.from_numpy(rng.normal(size=(768, 3072)).astype(np.float32))
     jac = MatmulJacobian((T, 768), (T, 3072), w.t().numpy(), "left")
 
     def old():
-        """the fresh pair by the same vectorised kernels (one pass each over the weight's memory)"""
-        a = np.abs(w.numpy())
-        h = np.empty_like(a)
-        xlogx(a.reshape(-1), h.reshape(-1), 1)
+        """the fresh pair by the kernel a query outside a block uses (one pass over the weight)"""
+        a, h = (x.reshape(w.shape) for x in fresh_pair(w.numpy().reshape(-1), True))
         return torch.from_numpy(a)[None], torch.from_numpy(h)[None]        # P of the backward product: W
 
     def new():

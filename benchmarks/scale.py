@@ -376,7 +376,7 @@ def build_depth(name):
 
 
 # ---------------------------------------------------------------------------- profile
-def profile(model, inputs, output, tokens, clock, top=25):
+def profile(model, inputs, output, tokens, clock, top=25, names=None):
     """Where each query's time goes: per Jacobian kind (the semiring products, timed by wrapping
     the product dispatch) and a cProfile of one run (sorted by internal time)."""
     import collections
@@ -404,6 +404,8 @@ def profile(model, inputs, output, tokens, clock, top=25):
             cell[0] += 1
             cell[1] += clock() - t0
     for name, fn in queries(g).items():
+        if names is not None and name not in names:
+            continue
         fn()                                   # warm-up: numba kernels, cached transposes
         per_kind.clear()
         semirings.product = timed
@@ -471,7 +473,7 @@ def main(argv=None):
         return plot(saved["points"], args, args.plot)
     if args.profile:
         model, inputs, output = build(args.model, args.layers, args.tokens[0])
-        return profile(model, inputs, output, args.tokens[0], clock_for(THREADS))
+        return profile(model, inputs, output, args.tokens[0], clock_for(THREADS), names=args.queries)
     print(f"# Speed at scale -- {datetime.datetime.now():%Y-%m-%d %H:%M} -- {machine()}")
     print(f"timing: {'process CPU time (1 thread)' if THREADS == '1' else 'wall time'}; "
           f"load average {os.getloadavg()[0]:.1f} at the start")

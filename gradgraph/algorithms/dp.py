@@ -194,15 +194,16 @@ def forward(g, sr, seeds=None, keep=None, visit=None, carry=None):
     return D
 
 
-def outside(g, sr, store=None):
-    """The outside pass (:func:`backward` from the sink) kept per node: ``store(v, B[v])`` (default
-    the value itself; e.g. a compact form), None where no path from the sink arrives. Values are
-    released from the pass as soon as they are complete and stored."""
+def outside(g, sr, store=None, seed=None):
+    """The outside pass (:func:`backward` from the sink, ``seed`` its value there, default 1-bar)
+    kept per node: ``store(v, B[v])`` (default the value itself; e.g. a compact form), None where
+    no path from the sink arrives. Values are released from the pass as soon as they are complete
+    and stored."""
     kept = [None] * len(g.nodes)
 
     def keep(v, b):
         kept[v] = b if store is None else store(v, b)
-    backward(g, sr, keep=(), visit=keep)
+    backward(g, sr, seed=seed, keep=(), visit=keep)
     return kept
 
 

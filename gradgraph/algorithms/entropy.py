@@ -20,14 +20,19 @@ import numpy as np
 from ..errors import QueryError
 from .dp import backward
 from .groups import labels_along
+from .paths import pass_dtype
 from .semirings import ENTROPY
 
 __all__ = ["entropy"]
 
 
 def _pairs(g):
-    """{source name: (Z mantissas (n,), R mantissas (n,), log scale)} from one ENTROPY pass."""
-    B = backward(g, ENTROPY, keep=g.sources.values())
+    """{source name: (Z mantissas (n,), R mantissas (n,), log scale)} (float64) from one ENTROPY
+    pass, whose values are in the model's precision: float32 for a float32 (or narrower) model,
+    as its Jacobians' factors are (:func:`.paths.pass_dtype`), float64 otherwise."""
+    seed = ENTROPY.seed(g.nodes[g.sink].numel)
+    seed.arr = seed.arr.astype(pass_dtype(g), copy=False)
+    B = backward(g, ENTROPY, seed=seed, keep=g.sources.values())
     out = {}
     for name, i in g.sources.items():
         n = g.nodes[i].numel
@@ -35,7 +40,7 @@ def _pairs(g):
         if b is None:
             out[name] = (np.zeros(n), np.zeros(n), 0.0)
         else:
-            out[name] = (b.arr[0], b.arr[1], b.log_scale)
+            out[name] = (b.arr[0].astype(np.float64), b.arr[1].astype(np.float64), b.log_scale)
     return out
 
 

@@ -39,10 +39,12 @@ import dataclasses
 import math
 
 import numpy as np
+from numba import njit
 
 from ..errors import QueryError
 from .dp import Scaled, backward, forward, inside_outside, one_query, outside
 from .kernels import nonzero_upto
+from .paths import pass_dtype
 from .semirings import LENGTH, MAGNITUDE
 
 __all__ = ["flow", "path_lengths", "total_flow", "FLOW_LEVELS"]
@@ -90,7 +92,23 @@ def _outside(g):
             S = np.flatnonzero(b.arr[0])
             return S, Scaled(b.arr[:, S], b.log_scale)
         return None, b
-    return outside(g, MAGNITUDE, store)
+    return outside(g, MAGNITUDE, store, seed=_seed(g, g.nodes[g.sink].numel))
+
+
+def _seed(g, n):
+    """1-bar of n elements in the precision of the flow's passes: float32 for a float32 (or
+    narrower) model, as its Jacobians' factors are (:func:`.paths.pass_dtype`), else float64."""
+    return Scaled(MAGNITUDE.one(n).astype(pass_dtype(g), copy=False))
+
+
+@njit(cache=True, error_model="numpy", fastmath={"reassoc"})
+def _dot64(a, b):
+    """sum a * b accumulated in float64 (float32 values of a float32 model's passes: a float32
+    dot product would round every partial sum)."""
+    acc = 0.0
+    for k in range(a.shape[0]):
+        acc += np.float64(a[k]) * np.float64(b[k])
+    return acc
 
 
 def _restricted_carry(g, support):
@@ -139,10 +157,17 @@ def _flows(g, reduce, empty):
     def visit(v, kept_v, d):
         S, b = kept_v
         out[v] = reduce(S, b, d)
-    seeds = {name: Scaled(MAGNITUDE.one(g.nodes[i].numel if support[i] is None else len(support[i])))
+    seeds = {name: _seed(g, g.nodes[i].numel if support[i] is None else len(support[i]))
              for name, i in g.sources.items()}
     inside_outside(g, MAGNITUDE, kept, visit, seeds=seeds, carry=_restricted_carry(g, support))
     return out
+
+
+def _dot(a, b):
+    """sum a * b as a float: BLAS for float64 values, accumulated in float64 for float32 ones."""
+    if a.dtype == b.dtype == np.float64:
+        return float(np.dot(a, b))
+    return float(_dot64(np.ascontiguousarray(a), np.ascontiguousarray(b)))
 
 
 def flow(g, by="element", log=False):
@@ -177,7 +202,8 @@ def flow(g, by="element", log=False):
     if by not in FLOW_LEVELS:
         raise QueryError(f"by must be one of {', '.join(repr(v) for v in FLOW_LEVELS)}; got {by!r}")
     if by == "element":
-        per = _flows(g, lambda S, b, d: (S, b.arr[0] * d.arr[0], b.log_scale + d.log_scale), None)
+        # the product in float64: two float32 mantissas' product may leave float32's range
+        per = _flows(g, lambda S, b, d: (S, b.arr[0].astype(np.float64) * d.arr[0], b.log_scale + d.log_scale), None)
         res = {}
         for n, p in zip(g.nodes, per):
             S, m, s = (None, np.zeros(n.numel), 0.0) if p is None else p
@@ -188,8 +214,7 @@ def flow(g, by="element", log=False):
             res[n.name] = _finish(m, s, log).reshape(n.shape)
         return res
     # by node: sum B[v] D[v] without a product array
-    sums = _flows(g, lambda S, b, d: (float(np.dot(b.arr[0], d.arr[0])), b.log_scale + d.log_scale),
-                  (0.0, 0.0))
+    sums = _flows(g, lambda S, b, d: (_dot(b.arr[0], d.arr[0]), b.log_scale + d.log_scale), (0.0, 0.0))
     if by == "node":
         return {n.name: float(_finish(*_sum_scaled([ms]), log)) for n, ms in zip(g.nodes, sums)}
     groups = {}

@@ -238,10 +238,11 @@ def _scale_columns_blocks(w, absolute, x, y, bounds):
         _scale_columns_range(w, absolute, x, y, bounds[blk], bounds[blk + 1])
 
 
-def scale_columns(w, x, absolute=False):
-    """``w * x`` (``|w| * x`` if ``absolute``) for weights ``w`` (n,) and values ``x`` (C, n) in
-    float64: a new (C, n) array, each product computed as numpy's ``w.astype(float64) * x``."""
-    y = np.empty(x.shape, np.float64)
+def scale_columns(w, x, absolute=False, dtype=np.float64):
+    """``w * x`` (``|w| * x`` if ``absolute``) for weights ``w`` (n,) and values ``x`` (C, n): a
+    new (C, n) array of ``dtype``, each product computed as numpy's ``w.astype(dtype) * x``
+    (float32 for a float32 model's values through float32 weights)."""
+    y = np.empty(x.shape, dtype)
     run_blocks(_scale_columns_numpy, _scale_columns_blocks, x.shape[1], w, bool(absolute), x, y)
     return y
 

@@ -91,6 +91,7 @@ class WeightCache:
         self._owner = None       # whose entries are held: the last outermost block's owner
         self._queries = 0        # open query() blocks
         self._generation = 0     # counts outermost query() blocks
+        self._local = threading.local()   # this thread's open query() blocks and scratch memory
 
     @contextlib.contextmanager
     def active(self, owner=None):
@@ -122,6 +123,11 @@ class WeightCache:
             with self._lock:
                 self._depth -= 1
 
+    @property
+    def keeping(self):
+        """Whether transforms are kept and answered now (inside an :meth:`active` block)."""
+        return self._depth > 0
+
     def __len__(self):
         return len(self._entries)
 
@@ -133,11 +139,35 @@ class WeightCache:
             if self._queries == 0:
                 self._generation += 1
             self._queries += 1
+        local = self._local
+        local.depth = getattr(local, "depth", 0) + 1
         try:
             yield self
         finally:
+            local.depth -= 1
+            if not local.depth:
+                local.scratch = None          # the query's scratch memory goes with it
             with self._lock:
                 self._queries -= 1
+
+    def scratch(self, n, dtype):
+        """An uninitialised array of ``n`` elements of ``dtype`` for a transform used only until
+        the next call (one product's |W| and -|W| log|W| outside an :meth:`active` block).
+
+        Inside a :meth:`query` block every call of this thread returns the same memory (grown to
+        the largest size asked for, and released when the query ends): the products of a query
+        touch already-mapped pages instead of a weight-sized new array each, whose page faults
+        cost more than the transforms themselves. Outside a query, a new array."""
+        dtype = np.dtype(dtype)
+        local = self._local
+        if not getattr(local, "depth", 0):
+            return np.empty(n, dtype)
+        nbytes = n * dtype.itemsize
+        buf = getattr(local, "scratch", None)
+        if buf is None or buf.nbytes < nbytes:
+            local.scratch = None              # free the smaller one first
+            local.scratch = buf = np.empty(nbytes, np.uint8)
+        return buf[:nbytes].view(dtype)
 
     def get(self, array, what, compute, check=None):
         """``compute()`` for the weight viewed by numpy ``array``, or its value cached from an

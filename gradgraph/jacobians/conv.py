@@ -104,7 +104,8 @@ class ConvJacobian(Jacobian):
         C = x.shape[0]
         Wt = torch.from_numpy(np.ascontiguousarray(transform(self._W, weight)))
         src_shape = self._out4 if transpose else self._in4
-        xs = torch.from_numpy(np.ascontiguousarray(x)).reshape((C * src_shape[0],) + src_shape[1:])
+        # float64, as the transformed weights (a float32 pass's values are widened; the result is float64)
+        xs = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64)).reshape((C * src_shape[0],) + src_shape[1:])
         if transpose:
             size = (C * self._in4[0],) + self._in4[1:]
             y = torch.nn.grad.conv2d_input(size, Wt, xs, self._s, self._p, self._d, self.groups)

@@ -240,26 +240,56 @@ def mm_max_dense(A, P, Y, nb):
 
 
 @njit(cache=True, fastmath={"contract", "nsz"}, error_model="numpy")
-def _xlogx_block(a, h):
-    """h = -a log a (0 where a = 0), elementwise on 1-d arrays of a >= 0 in a's dtype."""
-    for k in range(a.shape[0]):
-        v = a[k]
-        h[k] = -v * flog(v)
-    tiny = np.finfo(a.dtype).tiny
-    for k in range(a.shape[0]):
-        if a[k] < tiny:                    # zero or subnormal: libm's log, 0 log 0 = 0
-            h[k] = -a[k] * np.log(a[k]) if a[k] > 0 else 0.0
+def _abs_xlogx_block(w, a, h):
+    """a = |w| and, unless ``h`` is empty, h = -a log a (0 where a = 0): one read of the weight
+    and one vectorised loop for both transforms, elementwise on 1-d arrays in w's dtype."""
+    if h.shape[0] == 0:
+        for k in range(w.shape[0]):
+            a[k] = abs(w[k])
+        return
+    tiny = np.finfo(w.dtype).tiny
+    small = False
+    for k in range(w.shape[0]):
+        v = abs(w[k])
+        a[k] = v
+        h[k] = -v * flog(v)                # 0 for v = 0 (flog(0) is finite)
+        small |= v < tiny                  # an or-reduction: keeps the loop vectorised
+    if small:
+        for k in range(w.shape[0]):        # subnormal: libm's log (flog does not handle them)
+            v = a[k]
+            if 0.0 < v < tiny:
+                h[k] = -v * np.log(v)
 
 
 @njit(cache=True, parallel=True)
-def xlogx(a, h, nb):
-    """:func:`_xlogx_block` over ``nb`` blocks of the arrays in parallel (each block a call of its
-    own, which keeps the vectorised loops of the serial kernel)."""
-    n = a.shape[0]
+def abs_xlogx(w, a, h, nb):
+    """:func:`_abs_xlogx_block` over ``nb`` blocks of the arrays in parallel, each block small
+    enough (see :func:`weight_transforms`) that its |w| is still in the core's cache when the
+    logarithms read it."""
+    n = w.shape[0]
+    with_h = h.shape[0] > 0
     for blk in prange(nb):
         k0 = blk * n // nb
         k1 = (blk + 1) * n // nb
-        _xlogx_block(a[k0:k1], h[k0:k1])
+        _abs_xlogx_block(w[k0:k1], a[k0:k1], h[k0:k1] if with_h else h)
+
+
+def weight_transforms(flat, with_h, scratch=False):
+    """[|W|] or [|W|, -|W| log|W|] of a 1-d array in its own dtype, by :func:`abs_xlogx` on every
+    thread of the query; ``scratch``: in the query's scratch memory (:meth:`WeightCache.scratch`:
+    valid until the next product asks for it), else in new arrays."""
+    n = flat.size
+    if scratch:
+        buf = WEIGHT_CACHE.scratch(2 * n if with_h else n, flat.dtype)
+        a, h = buf[:n], buf[n:]
+    else:
+        a = np.empty_like(flat)
+        h = np.empty_like(flat) if with_h else np.empty(0, dtype=flat.dtype)
+    if flat.size:
+        with parallel() as threads:
+            # blocks of 16 K elements: a block's |w| (64 KB in float32) stays in L2 between its loops
+            abs_xlogx(flat, a, h, max(threads, -(-flat.size // (1 << 14))))
+    return [a, h] if with_h else [a]
 
 
 @njit(cache=True)
@@ -327,19 +357,22 @@ class MatmulJacobian(Jacobian):
         :meth:`_support`'s P, computed in the operand's own memory order; inside
         ``WEIGHT_CACHE.active()`` kept in the process's cache for every product, graph and query --
         both directions of a flow, entropy and magnitude alike -- while the operand's memory holds
-        the same |W| (outside a block, per product and freed after it): each query compares
+        the same |W| (outside a block, per product, in the query's scratch memory: valid until the
+        next product's transforms): each query compares
         the weight with the kept |W| once (exact, no logarithm), so a weight edited in place
         (``.data``, ``copy_``, a numpy view) is seen at once."""
         flat, unflat = _memory_order(self._M if self.wrt == "left" else np.swapaxes(self._M, 1, 2))
-        A = WEIGHT_CACHE.get(self.other, "abs", lambda: unflat(np.abs(flat)), check=_abs_check(flat, unflat))
+        if not WEIGHT_CACHE.keeping:
+            # nothing is kept outside a block: both transforms from one read of the weight, into
+            # memory the query reuses for every product (the caller uses them before the next)
+            return [self._oriented(unflat(X), transpose) for X in weight_transforms(flat, with_h, scratch=True)]
+        A = WEIGHT_CACHE.get(self.other, "abs", lambda: unflat(weight_transforms(flat, False)[0]),
+                             check=_abs_check(flat, unflat))
         out = [A]
         if with_h:
             def compute_h():
-                a = _memory_order(A)[0]
-                h = np.empty_like(a)
-                with parallel() as threads:
-                    xlogx(a, h, _blocks(a.size, threads, 4096))
-                return weakref.ref(A), unflat(h)
+                # by the kernel that makes both outside a block (|A| = A): the same bits there and here
+                return weakref.ref(A), unflat(weight_transforms(_memory_order(A)[0], True)[1])
             # H is valid exactly when it was made from the |W| just checked (the same array; a
             # reference that does not keep it alive)
             out.append(WEIGHT_CACHE.get(self.other, "xlogx", compute_h, check=lambda v: v[0]() is A)[1])
@@ -372,10 +405,10 @@ class MatmulJacobian(Jacobian):
         v = x.reshape((C,) + tuple(s3))
         return v if self.wrt == "left" else np.swapaxes(v, 2, 3)
 
-    def _uncanon(self, v, C):
+    def _uncanon(self, v, C, dtype=np.float64):
         if self.wrt == "right":
             v = np.swapaxes(v, 2, 3)
-        return np.ascontiguousarray(v, dtype=np.float64).reshape(C, -1)
+        return np.ascontiguousarray(v, dtype=dtype).reshape(C, -1)
 
     def _support(self, x, transpose):
         """The batch as a torch tensor (C, B, I, K) contracting K, the operand P (B, K, N) in its
@@ -388,8 +421,9 @@ class MatmulJacobian(Jacobian):
         a = self._canon(x, self.out_shape if transpose else self.in_shape, C)
         M = self._M
         P = _tensor(np.swapaxes(M, 1, 2) if transpose else M)
-        # the scan for the support also converts to the weights' dtype (float32) in passing
-        conv = (np.empty_like(a, dtype=P.numpy().dtype) if P.dtype != torch.float64
+        # the scan for the support also converts float64 values to float32 weights' dtype in passing
+        # (a float32 model's float32 pass needs no copy)
+        conv = (np.empty_like(a, dtype=P.numpy().dtype) if P.dtype != torch.float64 and a.dtype == np.float64
                 else np.empty((0, 0, 0, 0), dtype=a.dtype))
         rows, cols = _support_scan(a, conv)
         at = torch.from_numpy(conv) if conv.size else _tensor(a)
@@ -414,10 +448,11 @@ class MatmulJacobian(Jacobian):
             return out
         return [X[:, where[2], :] for X in out]
 
-    def _product(self, at, P, where):
-        """:meth:`_gemm` as a (C, numel) float64 array of the destination tensor."""
-        y = self._gemm(at, P, where)
-        return self._uncanon(y.numpy().astype(np.float64, copy=False), y.shape[0])
+    def _product(self, at, P, where, values):
+        """:meth:`_gemm` as a (C, numel) array of the destination tensor: float32 for float32
+        ``values`` (a float32 model's pass) through float32 operands, else float64."""
+        y = self._gemm(at, P, where).numpy()
+        return self._uncanon(y, y.shape[0], np.result_type(values.dtype, y.dtype))
 
     def _gemm(self, at, P, where):
         """at @ P (torch.matmul: BLAS on strided operands, in the weights' own dtype -- no float64
@@ -448,15 +483,15 @@ class MatmulJacobian(Jacobian):
         at, P, where = self._support(x, transpose)
         t = weight_map(weight)
         if t == WeightMap.ABS:
-            return self._product(at, self._abs_operands(P, where, transpose, False)[0], where)
-        return self._product(at, _transform_t(P, t), where)
+            return self._product(at, self._abs_operands(P, where, transpose, False)[0], where, x)
+        return self._product(at, _transform_t(P, t), where, x)
 
     def entropy_product(self, x, transpose):
         at, P, where = self._support(x, transpose)
         A, H = self._abs_operands(P, where, transpose, True)
         # <Z, R> -> <Z |P|, R |P| + Z H>: three products of the contraction's size, the fewest
         # the expectation semiring allows; Z H is added into the R channel in one pass
-        y = self._product(at, A, where)
+        y = self._product(at, A, where, x)
         zh = self._gemm(at[:1], H, where).numpy()
         r = self._canon(y[1:], self.in_shape if transpose else self.out_shape, 1)
         np.add(r, zh, out=r)

@@ -600,6 +600,11 @@ class RowBlockJacobian(Jacobian):
         return np.ascontiguousarray(v.reshape(C, self.outer, self.inner, self.d).transpose(0, 1, 3, 2)).reshape(C, -1)
 
     def sum_product(self, x, weight, transpose):
+        # computed in float64, returned in the values' dtype (float32 values of a float32 model's
+        # pass stay float32: one rounding)
+        return self._sum_product64(x, weight, transpose).astype(max_dtype(x), copy=False)
+
+    def _sum_product64(self, x, weight, transpose):
         t = weight_map(weight)      # raises for anything but the three maps handled below
         x = np.ascontiguousarray(x, dtype=np.float64)
         C = x.shape[0]
@@ -673,7 +678,7 @@ class RowBlockJacobian(Jacobian):
             y = np.zeros_like(xr)
             with parallel():
                 softmax_entropy(self.A, xr, y)
-            return self._unrows(y, 2)
+            return self._unrows(y, 2).astype(max_dtype(x), copy=False)
         if self.function != "layer_norm" or self.inner != 1:
             return super().entropy_product(x, transpose)
         dt = np.dtype(self.precision)
@@ -684,7 +689,7 @@ class RowBlockJacobian(Jacobian):
         rows, split = self._live_split(x)
         with parallel():
             layer_norm_entropy(*self._factors, rows, split, xx, transpose, y)
-        return y.astype(np.float64, copy=False)
+        return y.astype(np.result_type(x.dtype, dt), copy=False)
 
     def max_product(self, xmax, xmin, transpose):
         signed = xmin is not None

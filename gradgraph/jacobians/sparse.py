@@ -174,7 +174,8 @@ def diag_max_blocks(xmax, xmin, w, signed, out, bounds):
 @njit(cache=True, fastmath=_FM, error_model="numpy")
 def diag_entropy(x, w, y, lo, hi):
     """The entropy product through a diagonal Jacobian (weight w[j] on j -> j), vectorised, for
-    the elements lo <= k < hi: y = (|w| Z, |w| R - |w| log|w| Z) for x = (Z, R) (float64). The
+    the elements lo <= k < hi: y = (|w| Z, |w| R - |w| log|w| Z) for x = (Z, R) (float64, or float32
+    through float32 weights: see SparseJacobian._values_dtype). The
     weights stay in their own dtype: a float32 model's derivatives take a float32 logarithm
     (relative error 2e-7, the precision the model computed them in) and are read at half the
     memory traffic."""
@@ -252,6 +253,7 @@ class SparseJacobian(Jacobian):
         self._csc = None
         self._layout = {}          # transpose -> how the destinations lie (see _destinations)
         self._finite = None        # whether every weight is finite (found once)
+        self._narrow = None        # whether float32 values may be multiplied in float32 (found once)
         self._single = None        # whether every input element has at most one entry (found once)
 
     def _r(self):
@@ -306,22 +308,44 @@ class SparseJacobian(Jacobian):
                     return blocked(*args, bounds)
         return serial(*args, 0, self.n)
 
+    def _values_dtype(self, x):
+        """The dtype of a sum or entropy product's result through the weights: float32 for float32
+        values (a float32 model's pass) through float32 weights whose non-zero magnitudes lie in
+        [1e-18, 1e30] -- a pass's values are normalised to at most 2^10, so no product or
+        -|w| log|w| term overflows, and none underflows unless the value itself is more than 1e-20
+        below its tensor's largest (as in the max pass); float32 values through weights of one
+        (an index map: a copy, a permutation, a sum) stay float32 too; float64 otherwise."""
+        if x.dtype != np.float32:
+            return np.dtype(np.float64)
+        if self.vals is None:
+            return np.dtype(np.float32)
+        if self.vals.dtype != np.float32:
+            return np.dtype(np.float64)
+        if self._narrow is None:
+            a = np.abs(self.vals)
+            nz = a[a != 0]
+            self._narrow = bool(np.isfinite(a).all() and (nz.size == 0 or (nz.min() >= 1e-18 and nz.max() <= 1e30)))
+        return np.dtype(np.float32 if self._narrow else np.float64)
+
     def _finite_vals(self):
         if self._finite is None:
             self._finite = bool(np.isfinite(self.vals).all())
         return self._finite
 
     def sum_product(self, x, weight, transpose):
-        x = np.ascontiguousarray(x, dtype=np.float64)
         t = weight_map(weight)
         if self.is_diagonal and self.vals is not None and t != WeightMap.XLOGX:
             # an elementwise op: one vectorised multiply instead of the scatter. The scatter's zero
             # inputs contribute 0 even through an infinite weight; so here (rarely needed)
-            y = scale_columns(self.vals, x, absolute=t == WeightMap.ABS)
+            dt = self._values_dtype(x)
+            x = np.ascontiguousarray(x, dtype=dt)
+            y = scale_columns(self.vals, x, absolute=t == WeightMap.ABS, dtype=dt)
             if not self._finite_vals():
                 y[:, ~(x != 0).any(axis=0)] = 0.0
             return y
-        y = np.zeros((x.shape[0], self._dims(transpose)[1]))
+        dt = self._values_dtype(x)
+        x = np.ascontiguousarray(x, dtype=dt)
+        y = np.zeros((x.shape[0], self._dims(transpose)[1]), dtype=dt)
         src, dst = self._src_dst(transpose)
         if x.shape[0] == 1:
             self._scatter(coo_sum, coo_sum_blocks, transpose, x, src, dst, self.vals, int(t), y)
@@ -330,13 +354,16 @@ class SparseJacobian(Jacobian):
         return y
 
     def entropy_product(self, x, transpose):
-        x = np.ascontiguousarray(x, dtype=np.float64)
         if self.is_diagonal and self.vals is not None:
-            y = np.empty((2, self.n))
+            dt = self._values_dtype(x)
+            x = np.ascontiguousarray(x, dtype=dt)
+            y = np.empty((2, self.n), dtype=dt)
             w = self.vals if self.vals.dtype in (np.float32, np.float64) else self.vals.astype(np.float64)
             run_blocks(diag_entropy, diag_entropy_blocks, self.n, x, w, y)
             return y
-        y = np.zeros((2, self._dims(transpose)[1]))
+        dt = self._values_dtype(x)
+        x = np.ascontiguousarray(x, dtype=dt)
+        y = np.zeros((2, self._dims(transpose)[1]), dtype=dt)
         src, dst = self._src_dst(transpose)
         self._scatter(coo_entropy, coo_entropy_blocks, transpose, x, src, dst, self.vals, y)
         return y
