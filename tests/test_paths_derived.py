@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import gradgraph as gg
+from gradgraph.algorithms import paths as paths_module
 from gradgraph.algorithms.paths import MAGNITUDE, SIGNED, _derived_nodes, _Values, pass_dtype, shared_max_passes
 from gradgraph.jacobians import SparseJacobian
 from oracle import ScalarOracle, tiny_attention, tiny_mlp, tiny_residual_ln, tiny_writes
@@ -23,6 +24,13 @@ MODELS = {
 }
 ORDERS = {"signed": SIGNED, "magnitude": MAGNITUDE}
 _CACHE = {}
+
+
+@pytest.fixture(autouse=True)
+def derive_at_any_size(monkeypatch):
+    """These models are far below the size from which a max pass derives values
+    (``DERIVE_ABOVE_BYTES``): derive at any size, so that the tests exercise the derivation."""
+    monkeypatch.setattr(paths_module, "DERIVE_ABOVE_BYTES", 0)
 
 
 def case(kind, dtype=torch.float64):
@@ -165,3 +173,21 @@ def test_broadcast_lists_no_edges_of_many_elements():
     assert jac.out_degree is None
     with pytest.raises(NotImplementedError):
         jac.out_edges_of(np.array([0]))
+
+
+@pytest.mark.parametrize("order", sorted(ORDERS))
+def test_values_are_derived_only_above_the_size_threshold(monkeypatch, order):
+    """A pass whose values take at most DERIVE_ABOVE_BYTES keeps them all; one above derives; the
+    paths are the same either way (and brute force agrees, test above)."""
+    g, _ = case("mlp_gelu")
+    o = ORDERS[order]
+    dt = pass_dtype(g)
+    size = sum(n.numel for n in g.nodes) * (2 if o.signed else 1) * np.dtype(dt).itemsize
+    monkeypatch.setattr(paths_module, "DERIVE_ABOVE_BYTES", size)
+    kept = _Values(g, o, dt)
+    assert not kept.derived and all(kept.B[t] is not None for t in range(len(g.nodes)) if kept.reached[t])
+    found_kept = path_keys(g.top_paths(k=20, order=order))
+    monkeypatch.setattr(paths_module, "DERIVE_ABOVE_BYTES", size - 1)
+    derived = _Values(g, o, dt)
+    assert derived.derived == _derived_nodes(g) and derived.derived
+    assert path_keys(g.top_paths(k=20, order=order)) == found_kept

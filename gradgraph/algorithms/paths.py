@@ -243,7 +243,8 @@ class _Values:
         self.sources = set(g.sources.values())
         # a block of shared_max_passes keeps every value for the other queries that share it
         shared = g._cache.get("paths.max_passes") is not None
-        self.derived = frozenset() if shared else _derived_nodes(g)
+        derive = not shared and _kept_bytes(g, order, dtype) > DERIVE_ABOVE_BYTES
+        self.derived = _derived_nodes(g) if derive else frozenset()
         reached = np.zeros(len(g.nodes), dtype=bool)
 
         def visit(v, _):
@@ -345,6 +346,21 @@ _MEMO = 256
 #: from about a dozen; an attention's probabilities, whose one consumer is the product with the
 #: values (64 edges per element), from a few hundred.
 _DERIVE_READS = 512
+
+
+#: Values of a max pass are derived (:func:`_derived_nodes`) only when keeping every node's would
+#: take more than this many bytes: below it the pass keeps them all, which is faster (a derived
+#: read is per-element work on one core -- about 15% of a top path at a 6-layer BERT of 32
+#: tokens, whose values take 50 MB) and small next to the graph; above it (GPT-2 small from
+#: about 128 tokens) deriving is what keeps the query within memory (17.7 GB of values at 1,024
+#: tokens). Either way the paths, weights and hops are the same.
+DERIVE_ABOVE_BYTES = 1 << 30
+
+
+def _kept_bytes(g, order, dtype):
+    """Bytes of a max pass that keeps every node's values: one channel per polarity."""
+    channels = 2 if order.signed else 1
+    return sum(n.numel for n in g.nodes) * channels * np.dtype(dtype).itemsize
 
 
 def _derived_nodes(g):
