@@ -168,11 +168,18 @@ def test_out_edges_of_against_the_dense_matrix(make, degree):
     assert max(Counter(which.tolist()).values(), default=0) <= degree
 
 
-def test_broadcast_lists_no_edges_of_many_elements():
-    jac = SparseJacobian((2, 3), (3,), cols=np.array([0, 1, 2, 0, 1, 2]))   # expand (3,) -> (2, 3)
+def test_broadcast_has_no_out_degree_and_lists_its_edges_generically():
+    """A broadcast (two edges per element, columns not increasing) gives no out_degree, so its
+    input is never derived; its out_edges_of is the generic one, against the dense matrix."""
+    jac = SparseJacobian((2, 3), (3,), cols=np.array([0, 1, 2, 0, 1, 2]),
+                         vals=np.array([1.0, -2.0, 3.0, 4.0, 0.5, -6.0]))   # expand (3,) -> (2, 3)
     assert jac.out_degree is None
-    with pytest.raises(NotImplementedError):
-        jac.out_edges_of(np.array([0]))
+    dense = jac.to_dense()
+    idx = np.array([2, 0, 2, 1])
+    which, o, w = jac.out_edges_of(idx)
+    got = Counter((int(a), int(b), float(c)) for a, b, c in zip(which, o, w))
+    want = Counter((a, int(i), float(dense[i, j])) for a, j in enumerate(idx) for i in np.flatnonzero(dense[:, j]))
+    assert got == want and len(got) == 8
 
 
 @pytest.mark.parametrize("order", sorted(ORDERS))

@@ -119,9 +119,16 @@ class Jacobian:
     out_degree = None
 
     def out_edges_of(self, idx):
-        """The edges leaving the input elements ``idx`` (kinds with an ``out_degree``), as arrays
-        ``(which, output index, weight)``: edge e leaves element ``idx[which[e]]``."""
-        raise NotImplementedError(f"{type(self).__name__} does not list the edges of many elements at once")
+        """The edges leaving the input elements ``idx``, as arrays ``(which, output index,
+        weight)``: edge e leaves element ``idx[which[e]]``. Generic (one :meth:`out_edges` per
+        element); kinds with an ``out_degree`` list many elements at once."""
+        which, rows, vals = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0)]
+        for k, j in enumerate(np.asarray(idx, dtype=np.int64).tolist()):
+            o, w = self.out_edges(j)
+            which.append(np.full(len(o), k, dtype=np.int64))
+            rows.append(np.asarray(o, dtype=np.int64))
+            vals.append(np.asarray(w, dtype=np.float64))
+        return np.concatenate(which), np.concatenate(rows), np.concatenate(vals)
 
     def to_dense(self):
         D = np.zeros((self.out_numel, self.in_numel))
