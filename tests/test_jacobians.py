@@ -528,3 +528,85 @@ def test_max_product_signed_rows_with_dead_entries(dtype, wrt, transpose):
     rtol = 1e-12 if dtype == np.float64 else 1e-6
     np.testing.assert_allclose(ymax, exp_max, rtol=rtol, atol=0)
     np.testing.assert_allclose(ymin, exp_min, rtol=rtol, atol=0)
+
+
+# ----------------------------------------------------------------------------- index maps as strided copies
+def _strided_indices(form):
+    """The index array a strided form stands for, by brute force over its multi-indices."""
+    import itertools
+    offset, shape, strides = form
+    return np.array([offset + sum(i * s for i, s in zip(ix, strides)) for ix in itertools.product(*map(range, shape))],
+                    dtype=np.int64).reshape(-1)
+
+
+_INDEX_MAPS = {
+    "transpose": np.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5).transpose(2, 0, 3, 1),
+    "slice": np.arange(120).reshape(2, 3, 4, 5)[:, 1, ::2],
+    "split": np.arange(120).reshape(2, 3, 4, 5)[..., 2:4],
+    "select": np.arange(120).reshape(2, 3, 4, 5)[1, 2],
+    "broadcast": np.broadcast_to(np.arange(5), (4, 5)),
+    "one": np.array([7]),
+    "reversed": np.arange(10)[::-1],                                 # negative stride: no form
+    "shuffled": np.random.default_rng(0).permutation(24),            # no form
+}
+
+
+@pytest.mark.parametrize("name", sorted(_INDEX_MAPS))
+def test_strided_form_lists_the_index_array(name):
+    from gradgraph.jacobians.sparse import _strided_form
+    idx = np.ascontiguousarray(_INDEX_MAPS[name]).reshape(-1)
+    form = _strided_form(idx, idx.size)
+    if name in ("reversed", "shuffled"):
+        assert form is None
+    else:
+        assert np.array_equal(_strided_indices(form), idx)
+
+
+@pytest.mark.parametrize("a", sorted(_INDEX_MAPS))
+@pytest.mark.parametrize("b", sorted(_INDEX_MAPS))
+def test_common_shape_keeps_both_index_arrays(a, b):
+    from gradgraph.jacobians.sparse import _common_shape, _strided_form
+    ia, ib = (np.ascontiguousarray(_INDEX_MAPS[k]).reshape(-1) for k in (a, b))
+    fa, fb = _strided_form(ia, ia.size), _strided_form(ib, ib.size)
+    if fa is None or fb is None or ia.size != ib.size:
+        return
+    common = _common_shape(fa, fb)
+    assert common is not None                       # these shapes nest
+    assert common[0][1] == common[1][1]
+    assert np.array_equal(_strided_indices(common[0]), ia) and np.array_equal(_strided_indices(common[1]), ib)
+
+
+def test_common_shape_of_dimensions_that_do_not_nest():
+    from gradgraph.jacobians.sparse import _common_shape
+    # (3, 2) against (2, 3): the inner counts 2 and 3 do not divide each other
+    assert _common_shape((0, (3, 2), (1, 3)), (0, (2, 3), (1, 2))) is None
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_index_map_copies_against_the_dense_matrix(transpose, dtype):
+    """A transpose's permutation composed with a slice (both index arrays strided, of different
+    shapes): every product is a copy, checked against the dense matrix -- several channels (the
+    LENGTH semiring's), signed and unsigned max, the entropy pair."""
+    from gradgraph.algorithms.semirings import ENTROPY
+    from gradgraph.algorithms.products import product
+    rows = np.arange(4 * 6 * 5).reshape(4, 6, 5).transpose(1, 0, 2)[:, :, 1:4].reshape(-1)
+    cols = np.arange(2 * 72).reshape(72, 2)[:, 1]
+    jac = SparseJacobian((4 * 6 * 5,), (2 * 72,), rows=rows, cols=cols)
+    assert jac._copy_forms(transpose) is not None
+    D = jac.to_dense().T if transpose else jac.to_dense()
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, D.shape[1])).astype(dtype)
+    x[:, ::7] = 0.0
+    y = jac.sum_product(x, WeightMap.SIGNED, transpose)
+    assert y.dtype == dtype and np.array_equal(y, (D @ x.T.astype(np.float64)).T.astype(dtype))
+    pair = np.abs(x[:2])
+    assert np.array_equal(product(ENTROPY, jac, pair, transpose), (D @ pair.T.astype(np.float64)).T.astype(dtype))
+    hit = D.any(axis=1)
+    xmax, xmin = x[0].copy(), x[1].copy()
+    xmax[::5], xmin[::5] = -np.inf, np.inf                   # no path
+    hi, lo = jac.max_product(xmax, xmin, transpose)
+    src = D.argmax(axis=1)
+    assert np.array_equal(hi, np.where(hit, xmax[src], -np.inf)) and np.array_equal(lo, np.where(hit, xmin[src], np.inf))
+    mag, none = jac.max_product(np.abs(x[0]), None, transpose)
+    assert none is None and np.array_equal(mag, np.where(hit, np.abs(x[0])[src], 0.0))

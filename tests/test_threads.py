@@ -202,7 +202,7 @@ def block_calls(monkeypatch):
                  "_scale_columns_blocks", "_fill_blocks"):
         spy(_elementwise, name)
     for name in ("coo_sum_blocks", "coo_entropy_blocks", "coo_max_blocks", "coo_maxmin_blocks",
-                 "diag_max_blocks", "diag_entropy_blocks"):
+                 "diag_max_blocks", "diag_entropy_blocks", "_strided_view"):
         spy(sparse_mod, name)
     return calls
 
@@ -259,6 +259,8 @@ def _sparse_cases(rng):
         "reduction": SparseJacobian((n // 5 + 1,), (n,), rows=np.arange(n) // 5, vals=vals),
         "broadcast": SparseJacobian((n,), (d,), cols=np.arange(n) % d, vals=vals),
         "slice": SparseJacobian((n,), (2 * n,), cols=np.arange(0, 2 * n, 2)),
+        # the permutation of a transpose of attention heads (T, H, D) -> (H, T, D): a strided map
+        "transpose": SparseJacobian((n - 7,), (n - 7,), cols=np.arange(n - 7).reshape(24, 16, 32).transpose(1, 0, 2).ravel()),
     }
 
 
@@ -287,7 +289,7 @@ def _sparse_oracle(jac, x, xmax, xmin, transpose):
 
 
 @needs_two
-@pytest.mark.parametrize("layout", ["diagonal", "permutation", "reduction", "broadcast", "slice"])
+@pytest.mark.parametrize("layout", ["diagonal", "permutation", "reduction", "broadcast", "slice", "transpose"])
 @pytest.mark.parametrize("transpose", [False, True])
 def test_sparse_products_in_blocks_give_one_threads_results(restore_pools, block_calls, layout, transpose):
     from gradgraph.algorithms.products import product
@@ -324,6 +326,10 @@ def test_sparse_products_in_blocks_give_one_threads_results(restore_pools, block
     ran = set(block_calls)
     if layout == "diagonal":
         assert ran >= {"_scale_columns_blocks", "diag_entropy_blocks", "diag_max_blocks"}
+    elif layout in ("slice", "transpose"):
+        # unit weights through a strided index map: every product is a torch copy on its pool
+        assert "_strided_view" in ran and not ran & {"coo_sum_blocks", "coo_entropy_blocks", "coo_max_blocks",
+                                                      "coo_maxmin_blocks"}
     elif layout == "broadcast" and transpose:
         assert not ran & {"coo_sum_blocks", "coo_entropy_blocks", "coo_max_blocks", "coo_maxmin_blocks"}
     else:

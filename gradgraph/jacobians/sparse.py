@@ -3,12 +3,14 @@ with their numba kernels."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 from numba import njit, prange
 
 from ..threads import parallel
 from ._elementwise import blocks, run_blocks, scale_columns
 from ._intrinsics import _FM, _TINY, WeightMap, flog, fmax, fmin, tw, weight_map
 from .base import Jacobian, _empty_max, max_dtype
+from .matmul import _tensor
 
 # ----------------------------------------------------------------------------- sparse (COO)
 @njit(cache=True)
@@ -255,6 +257,7 @@ class SparseJacobian(Jacobian):
         self._finite = None        # whether every weight is finite (found once)
         self._narrow = None        # whether float32 values may be multiplied in float32 (found once)
         self._single = None        # whether every input element has at most one entry (found once)
+        self._forms = {}           # transpose -> the strided forms of a copy (see _copy_forms)
 
     def _r(self):
         return np.arange(self.n, dtype=np.int64) if self.rows is None else self.rows
@@ -291,6 +294,26 @@ class SparseJacobian(Jacobian):
                     layout = "distinct" if once else "mixed"
             self._layout[transpose] = layout
         return self._layout[transpose]
+
+    def _copy_forms(self, transpose):
+        """The strided forms (source, destination) of the index maps when a product in this
+        direction is a copy -- no weights, distinct destinations, both index arrays strided
+        (slices, splits, selects, reshapes, the permutations of transposes) -- else None."""
+        if self.vals is not None or self.n == 0 or self._destinations(transpose) != "distinct":
+            return None
+        if transpose not in self._forms:
+            src, dst = (_strided_form(a, self.n) for a in self._src_dst(transpose))
+            self._forms[transpose] = None if src is None or dst is None else _common_shape(src, dst)
+        return self._forms[transpose]
+
+    def _copy(self, forms, x, y):
+        """``y[:, dst[e]] = x[:, src[e]]`` for every entry: one strided torch copy, which runs on
+        the query's threads (torch's pool). Each element is copied, not added to a zero, so the
+        results are exactly the scatter's (up to the sign of a zero: a copied -0 stays -0), and
+        the same on any number of threads."""
+        src, dst = forms
+        _strided_view(_tensor(y), dst).copy_(_strided_view(_tensor(x), src))
+        return y
 
     def _scatter(self, serial, blocked, transpose, *args):
         """``serial(*args, 0, n)`` over all entries, or ``blocked(*args, bounds)`` on the query's
@@ -346,6 +369,9 @@ class SparseJacobian(Jacobian):
         dt = self._values_dtype(x)
         x = np.ascontiguousarray(x, dtype=dt)
         y = np.zeros((x.shape[0], self._dims(transpose)[1]), dtype=dt)
+        forms = self._copy_forms(transpose) if t != WeightMap.XLOGX else None   # -1 log 1 = 0: no copy
+        if forms is not None:
+            return self._copy(forms, x, y)
         src, dst = self._src_dst(transpose)
         if x.shape[0] == 1:
             self._scatter(coo_sum, coo_sum_blocks, transpose, x, src, dst, self.vals, int(t), y)
@@ -364,6 +390,9 @@ class SparseJacobian(Jacobian):
         dt = self._values_dtype(x)
         x = np.ascontiguousarray(x, dtype=dt)
         y = np.zeros((2, self._dims(transpose)[1]), dtype=dt)
+        forms = self._copy_forms(transpose)
+        if forms is not None:              # weight one: (Z, R) pass unchanged (-1 log 1 = 0)
+            return self._copy(forms, x, y)
         src, dst = self._src_dst(transpose)
         self._scatter(coo_entropy, coo_entropy_blocks, transpose, x, src, dst, self.vals, y)
         return y
@@ -379,6 +408,14 @@ class SparseJacobian(Jacobian):
                        signed, buf)
             return (buf[0], buf[1]) if signed else (buf[0], None)
         ymax, ymin = _empty_max(self._dims(transpose)[1], signed, dt)
+        forms = self._copy_forms(transpose)
+        if forms is not None:
+            # weight one: the values are copied (a pair with no path is (-inf, +inf) in every
+            # pass, and copies as such; a magnitude is never negative)
+            self._copy(forms, np.ascontiguousarray(xmax)[None], ymax[None])
+            if signed:
+                self._copy(forms, np.ascontiguousarray(xmin)[None], ymin[None])
+            return ymax, ymin
         src, dst = self._src_dst(transpose)
         if signed:
             self._scatter(coo_maxmin, coo_maxmin_blocks, transpose, xmax, xmin, src, dst, self.vals, ymax, ymin)
@@ -458,6 +495,68 @@ class SparseJacobian(Jacobian):
         return j
 
 
+
+
+def _strided_form(idx, n, max_dims=8):
+    """``(offset, shape, strides)`` such that the index array ``idx`` (None: ``arange(n)``) lists
+    ``offset + sum_k i_k strides[k]`` over the multi-indices ``i`` of ``shape`` in C order, with
+    non-negative strides: the index map of a slice, a split, a select, a reshape or a transpose's
+    permutation is such a view. None when ``idx`` has no such form in ``max_dims`` dimensions.
+
+    Found from the innermost dimension out: with the first ``size`` offsets a block of the form,
+    the next dimension's stride is the offset at ``size``, and its length the number of blocks
+    that repeat the first one shifted by multiples of that stride."""
+    if idx is None:
+        return 0, (n,), (1,)
+    if n == 0:
+        return None
+    d = idx.astype(np.int64) - np.int64(idx[0])
+    dims = []                                   # (length, stride), innermost first
+    size = 1
+    while size < n:
+        stride = int(d[size])
+        if stride < 0 or len(dims) == max_dims:
+            return None
+        rows = n // size
+        block = d[:rows * size].reshape(rows, size)
+        same = (block == block[0] + stride * np.arange(rows, dtype=np.int64)[:, None]).all(axis=1)
+        length = rows if same.all() else int(np.argmin(same))
+        if length < 2:
+            return None
+        dims.append((length, stride))
+        size *= length
+    if size != n:
+        return None
+    return int(idx[0]), tuple(m for m, _ in reversed(dims)), tuple(s for _, s in reversed(dims))
+
+
+def _common_shape(a, b):
+    """Strided forms ``a`` and ``b`` (of one number of elements) rewritten over one shape, by
+    splitting dimensions (a dimension of length p q and stride s is (p, q) with strides (q s, s)),
+    so that the two views can be copied into each other; None if their dimensions do not nest."""
+    def bounds(shape):                      # element counts of the inner dimensions, 1 first
+        return np.cumprod((1,) + shape[::-1]).tolist()
+    cuts = sorted(set(bounds(a[1])) | set(bounds(b[1])))
+    if any(hi % lo for lo, hi in zip(cuts, cuts[1:])):
+        return None
+
+    def split(form):
+        offset, shape, strides = form
+        inner = bounds(shape)
+        lengths, steps = [], []
+        for lo, hi in zip(cuts, cuts[1:]):         # innermost first
+            k = max(i for i in range(len(shape)) if inner[i] <= lo)   # the dimension [lo, hi) lies in
+            lengths.append(hi // lo)
+            steps.append(strides[len(shape) - 1 - k] * (lo // inner[k]))
+        return offset, tuple(lengths[::-1]), tuple(steps[::-1])
+    return split(a), split(b)
+
+
+def _strided_view(t, form):
+    """The elements ``t[:, idx]`` of a C-contiguous (C, m) tensor as a (C, *shape) view, for
+    ``form`` the strided form of ``idx`` (see :func:`_strided_form`)."""
+    offset, shape, strides = form
+    return t.as_strided((t.shape[0],) + shape, (t.shape[1],) + strides, t.storage_offset() + offset)
 
 
 def _is_arange(a):
