@@ -91,6 +91,60 @@ def rowblock_max(kind, A, rs, gam, inner, xmax, xmin, transpose, signed, ymax, y
 
 
 
+
+@njit(cache=True, fastmath=_FM, error_model="numpy", parallel=True)
+def rows_sum_product(code, signed, transpose, P, rs, gam, x, y):
+    """The signed (``signed``) or magnitude product of softmax, log-softmax or layer norm
+    (``code``) on rows: ``P`` (R, d) the factor (p or xhat, float32 or float64, read as
+    float64), ``x`` and ``y`` (C, R, d); computed in float64 and stored in y's dtype (one
+    rounding). The rows in parallel, each row's sums in one order whatever the threads:
+
+    * softmax: J = diag(p) - p p^T; |J| = diag(p - 2 p^2) + p p^T (symmetric);
+    * log-softmax: J[i, j] = delta_ij - p_j; |J| has p_j off the diagonal and 1 - p_j on it;
+    * layer norm, signed only: J = s g (I - 1/d - xh xh^T / d), g on the input side transposed.
+    """
+    C, R, d = x.shape
+    for r in prange(R):
+        for c in range(C):
+            xr, yr, pr = x[c, r], y[c, r], P[r]
+            if code == SOFTMAX:
+                t = 0.0
+                for j in range(d):
+                    t += np.float64(pr[j]) * xr[j]
+                for j in range(d):
+                    p = np.float64(pr[j])
+                    if signed:
+                        yr[j] = p * xr[j] - p * t
+                    else:
+                        yr[j] = (p - 2.0 * p * p) * xr[j] + p * t
+            elif code == LOG_SOFTMAX:
+                # y = J x: x_i -+ sum_j p_j x_j; y = J^T x: x_j -+ p_j sum_i x_i (|J|: +, and
+                # 1 - 2p on the diagonal's x)
+                t = 0.0
+                for j in range(d):
+                    t += xr[j] if transpose else np.float64(pr[j]) * xr[j]
+                for j in range(d):
+                    p = np.float64(pr[j])
+                    cross = p * t if transpose else t
+                    if signed:
+                        yr[j] = xr[j] - cross
+                    else:
+                        yr[j] = cross + (1.0 - 2.0 * p) * xr[j]
+            else:
+                s = rs[r]
+                m = 0.0
+                k = 0.0
+                for j in range(d):
+                    u = gam[j] * xr[j] if transpose else xr[j]
+                    m += u
+                    k += u * np.float64(pr[j])
+                m /= d
+                k /= d
+                for j in range(d):
+                    u = gam[j] * xr[j] if transpose else xr[j]
+                    v = u - m - np.float64(pr[j]) * k
+                    yr[j] = s * v if transpose else gam[j] * s * v
+
 @njit(cache=True, fastmath=_FM, inline="always")
 def _lines_maxmin(p0, q0, p1, q1, z, hi, lo):
     """(hi, lo) updated with the max / min over m of the lines p0 + q0 z and p1 + q1 z."""
@@ -607,7 +661,15 @@ class RowBlockJacobian(Jacobian):
         # pass stay float32: one rounding)
         t = weight_map(weight)      # raises for anything but the three maps handled below
         if t != WeightMap.XLOGX and (self.function != "layer_norm" or t == WeightMap.SIGNED):
-            return self._sum_product_torch(x, t, transpose, max_dtype(x))
+            if self.inner != 1:
+                return self._sum_product_torch(x, t, transpose, max_dtype(x))
+            x = np.ascontiguousarray(x)
+            C = x.shape[0]
+            y = np.empty(x.shape, max_dtype(x))
+            with parallel():
+                rows_sum_product(self._code, t == WeightMap.SIGNED, transpose, self._A, self.rstd, self.gamma,
+                                 x.reshape(C, -1, self.d), y.reshape(C, -1, self.d))
+            return y
         return self._sum_product64(x, weight, transpose).astype(max_dtype(x), copy=False)
 
     def _sum_product64(self, x, weight, transpose):
