@@ -501,8 +501,9 @@ class _List:
     """The lazily extended k-best list of one (scalar node, polarity).
 
     ``D`` holds the derivations found so far, best first (:class:`Derivation`).
-    Candidates whose child is that list's first derivation sit in sorted numpy arrays (``c``,
-    read with the cursor ``pos``); successors (child rank >= 1) go through the heap ``heap``.
+    Candidates whose child is that list's first derivation are read best first from ``c``
+    (:class:`_Candidates`, with the cursor ``pos``); successors (child rank >= 1) go through the
+    heap ``heap``.
     """
 
     __slots__ = ("c", "pos", "heap", "D", "pending", "done")
@@ -516,17 +517,70 @@ class _List:
         self.done = D is not None
 
     def head(self):
-        if self.c is None or self.pos >= len(self.c[0]):
+        row = None if self.c is None else self.c.row(self.pos)
+        if row is None:
             return None
-        c, v, s, la, t, i, k, p, w = (a[self.pos] for a in self.c)
+        c, v, s, la, t, i, k, p, w = row
         return Derivation(int(c), float(v), int(t), int(i), int(k), 0, int(p), float(s), float(la), float(w))
 
 
-def _sorted_candidates(order, sgn, la, t, i, k, p, w):
-    """Candidate arrays sorted best first: by the order's key, then next-hop node, flat index, edge."""
-    cls, val = order.keys(sgn, la)
-    idx = np.lexsort((k, i, t, val, cls))
-    return tuple(np.asarray(a)[idx] for a in (cls, val, sgn, la, t, i, k, p, w))
+#: Candidates of a list sorted at once when there are at most this many; of a longer list (the
+#: root's, one per source element) only the best this many at first, then twice as many each
+#: time the enumeration reads past them: a few paths read a few hundred thousand candidates'
+#: keys, not a sort of all of them.
+_SORTED_PREFIX = 4096
+
+
+class _Candidates:
+    """The first-derivation candidates of one list, read best first: by the order's key, then
+    next-hop node, flat index and edge (a strict order: no two candidates share all three).
+
+    Only a best prefix is sorted (:data:`_SORTED_PREFIX`): the candidates whose key is at most
+    the m-th smallest, found by a partition, and sorted among themselves -- exactly the first
+    entries of the whole sorted list, since every candidate outside them is worse.
+    """
+
+    __slots__ = ("keys", "cols", "n", "sorted")
+
+    def __init__(self, order, sgn, la, t, i, k, p, w):
+        self.keys = order.keys(sgn, la)
+        self.cols = (sgn, la, t, i, k, p, w)
+        self.n = len(sgn)
+        self.sorted = ()
+        self._sort(_SORTED_PREFIX)
+
+    def _sort(self, m):
+        """Sort the best ``m`` (and their ties in key) or, for ``m >= n``, all."""
+        (cls, val), (sgn, la, t, i, k, p, w) = self.keys, self.cols
+        if m < self.n and not np.isnan(val).any():
+            sel = _best_keys(cls, val, m)
+            cls, val, sgn, la, t, i, k, p, w = (a[sel] for a in (cls, val, sgn, la, t, i, k, p, w))
+        idx = np.lexsort((k, i, t, val, cls))
+        self.sorted = tuple(a[idx] for a in (cls, val, sgn, la, t, i, k, p, w))
+        if len(idx) == self.n:            # all sorted: the unsorted arrays are no longer needed
+            self.keys = self.cols = None
+
+    def row(self, pos):
+        """The candidate at rank ``pos`` as (class, value, sign, log|.|, node, index, edge,
+        polarity, w), or None past the last."""
+        if pos >= len(self.sorted[0]):
+            if self.keys is None:
+                return None
+            self._sort(2 * max(pos + 1, len(self.sorted[0])))
+            if pos >= len(self.sorted[0]):
+                return None
+        return tuple(a[pos] for a in self.sorted)
+
+
+def _best_keys(cls, val, m):
+    """Indices of the entries whose key (class, value) is at most the m-th smallest (1 <= m <=
+    len): those of the better classes and of the m-th's class up to its value, ties included."""
+    before = np.cumsum(np.bincount(cls))
+    c = int(np.searchsorted(before, m))             # the class of the m-th smallest key
+    rank = m - 1 - (int(before[c - 1]) if c else 0)   # its rank within the class
+    within = val[cls == c]
+    threshold = np.partition(within, rank)[rank]
+    return np.flatnonzero((cls < c) | ((cls == c) & (val <= threshold)))
 
 
 class _Enumerator:
@@ -561,7 +615,7 @@ class _Enumerator:
             n = len(idx)
             parts.append((sgn[valid], la[valid], np.full(n, s), idx, np.full(n, -1), np.zeros(n, int),
                           np.ones(n)))
-        return _sorted_candidates(self.order, *(np.concatenate(c) for c in zip(*parts)))
+        return _Candidates(self.order, *(np.concatenate(c) for c in zip(*parts)))
 
     def _candidates(self, t, i, p):
         """All first-derivation candidates of (t, i, p): one per scalar edge leaving element i."""
@@ -583,7 +637,7 @@ class _Enumerator:
             parts.append((sgn, la + np.log(np.abs(w)), np.full(len(o), v), o, np.full(len(o), k), cp, w))
         if not parts:
             return None
-        return _sorted_candidates(self.order, *(np.concatenate(c) for c in zip(*parts)))
+        return _Candidates(self.order, *(np.concatenate(c) for c in zip(*parts)))
 
     def _list(self, key):
         L = self.lists.get(key)
