@@ -611,11 +611,13 @@ class _Enumerator:
         for s, mask in sorted(masks.items()):
             idx = np.arange(self.g.nodes[s].numel) if mask is None else np.flatnonzero(mask)
             valid, sgn, la = self.values.scores(s, idx, 0)
-            idx = idx[valid]
-            n = len(idx)
-            parts.append((sgn[valid], la[valid], np.full(n, s), idx, np.full(n, -1), np.zeros(n, int),
-                          np.ones(n)))
-        return _Candidates(self.order, *(np.concatenate(c) for c in zip(*parts)))
+            parts.append((sgn[valid], la[valid], idx[valid], s))
+        sgn, la, idx = (np.concatenate(c) for c in zip(*[q[:3] for q in parts]))
+        t = np.repeat([q[3] for q in parts], [len(q[2]) for q in parts])
+        n = len(idx)
+        # no edge, polarity 0, weight 1 for all: constant columns, not arrays of every source element
+        k, p, w = (np.broadcast_to(np.array(c), (n,)) for c in (-1, 0, 1.0))
+        return _Candidates(self.order, sgn, la, t, idx, k, p, w)
 
     def _candidates(self, t, i, p):
         """All first-derivation candidates of (t, i, p): one per scalar edge leaving element i."""
