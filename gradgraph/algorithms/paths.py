@@ -269,16 +269,15 @@ class _Values:
         if b is None:
             z = np.zeros(len(idx), dtype=bool)
             return z, np.zeros(len(idx)), np.zeros(len(idx))
+        hi = b.arr[0][idx]              # each channel gathered once
         if self.signed:
-            if np.ndim(p):
-                x = np.where(p == 0, b.arr[0][idx], -b.arr[1][idx])
-            else:
-                x = b.arr[0][idx] if p == 0 else -b.arr[1][idx]
+            lo = b.arr[1][idx]
+            x = np.where(p == 0, hi, -lo) if np.ndim(p) else (hi if p == 0 else -lo)
             # (max, min) = (-inf, +inf) is "no prefix"; a max of -inf with a min of -inf is a
             # prefix of weight -inf, which the list of polarity 0 ranks last
-            valid = (b.arr[0][idx] > -np.inf) | (b.arr[1][idx] < np.inf)
+            valid = (hi > -np.inf) | (lo < np.inf)
         else:
-            x = b.arr[0][idx]
+            x = hi
             valid = x > 0
         # a mantissa that underflowed inside its tensor is a real but tiny path: order it last
         # of its sign (an underflowed negative product is -0.0)
@@ -639,6 +638,8 @@ class _Enumerator:
             parts.append((sgn, la + np.log(np.abs(w)), np.full(len(o), v), o, np.full(len(o), k), cp, w))
         if not parts:
             return None
+        if len(parts) == 1:             # one consumer edge (most lists): nothing to join
+            return _Candidates(self.order, *parts[0])
         return _Candidates(self.order, *(np.concatenate(c) for c in zip(*parts)))
 
     def _list(self, key):
