@@ -74,9 +74,13 @@ def test_live_rows_and_bounded_nonzero_count_against_numpy():
     np.testing.assert_array_equal(live_rows(x), (x != 0).any(axis=(0, 2)))
     for n in (0, 1, 4097, 20000):
         a = rng.normal(size=n) * (rng.random(n) < 0.3)
-        for limit in (0, 3, 16, n):
+        sparse = np.zeros(n, dtype=np.float32)    # a few entries, one NaN, across chunk boundaries
+        sparse[rng.choice(n, size=min(n, 5), replace=False)] = [np.nan, 1e-40, -2.0, 3.0, 1.0][:min(n, 5)]
+        for a, limit in [(a, lim) for lim in (0, 3, 16, n)] + [(sparse, lim) for lim in (4, 5, 16)]:
             want = np.count_nonzero(a)
-            assert nonzero_upto(a, limit) == (want if want <= limit else limit + 1)
+            count, where = nonzero_upto(a, limit)
+            assert count == (want if want <= limit else limit + 1)
+            np.testing.assert_array_equal(where, np.flatnonzero(a) if want <= limit else [])
 
 
 def test_a_residual_stack_of_identity_edges_keeps_exact_flow_and_entropy():

@@ -186,23 +186,26 @@ BIG = 3 * SMALL_GRAIN + 7          # splits into blocks at two threads with the 
 
 @pytest.fixture
 def block_calls(monkeypatch):
-    """Blocks of SMALL_GRAIN elements (the library's are larger: the tests' arrays stay small),
-    and a count of the calls of every parallel block kernel (to know the parallel path ran)."""
+    """Blocks of SMALL_GRAIN elements and torch's elementwise path from as few (the library's are
+    larger: the tests' arrays stay small), and a count of the calls of every parallel block kernel
+    and of the elementwise operations that went through torch (to know the parallel path ran)."""
     monkeypatch.setattr(_elementwise, "GRAIN", SMALL_GRAIN)
+    monkeypatch.setattr(_elementwise, "TORCH_MIN", SMALL_GRAIN)
     calls = {}
 
     def spy(module, name):
         inner = getattr(module, name)
 
         def wrapper(*args):
-            calls[name] = calls.get(name, 0) + 1
-            return inner(*args)
+            result = inner(*args)
+            if name != "_torch" or result is not None:
+                calls[name] = calls.get(name, 0) + 1
+            return result
         monkeypatch.setattr(module, name, wrapper)
-    for name in ("_add_blocks", "_div_blocks", "_mul_blocks", "_max_finite_abs_blocks", "_maxmin_blocks",
-                 "_scale_columns_blocks", "_fill_blocks"):
+    for name in ("_torch", "_max_finite_abs_blocks"):
         spy(_elementwise, name)
     for name in ("coo_sum_blocks", "coo_entropy_blocks", "coo_max_blocks", "coo_maxmin_blocks",
-                 "diag_max_blocks", "diag_entropy_blocks", "_strided_view"):
+                 "diag_max_blocks", "diag_entropy_blocks", "_copy_on_torch"):
         spy(sparse_mod, name)
     return calls
 
@@ -214,7 +217,7 @@ def _at_threads(n, fn):
 
 @needs_two
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_elementwise_work_in_blocks_is_numpys_bit_for_bit(restore_pools, block_calls, dtype):
+def test_elementwise_work_on_torchs_pool_is_numpys_bit_for_bit(restore_pools, block_calls, dtype):
     rng = np.random.default_rng(3)
     a = rng.standard_normal((2, BIG)).astype(dtype)
     b = rng.standard_normal((2, BIG)).astype(dtype)
@@ -242,9 +245,17 @@ def test_elementwise_work_in_blocks_is_numpys_bit_for_bit(restore_pools, block_c
         assert _elementwise.max_finite_abs(a) == finite.max()
         filled = _elementwise.fill(np.empty_like(a), -np.inf)
         assert filled.dtype == a.dtype and np.array_equal(filled, np.full_like(a, -np.inf))
-    # the two-thread round went through every block kernel
-    assert set(block_calls) >= {"_add_blocks", "_div_blocks", "_mul_blocks", "_max_finite_abs_blocks",
-                                "_maxmin_blocks", "_scale_columns_blocks", "_fill_blocks"}
+        # the same through numpy's loops (arrays torch does not view: read-only)
+        ro = a.copy()
+        ro.flags.writeable = False
+        assert np.array_equal(_elementwise.add(ro, b), a + b, equal_nan=True)
+        assert np.array_equal(_elementwise.div_scalar(ro, 3.7), a / 3.7, equal_nan=True)
+        assert _elementwise.max_finite_abs(ro) == finite.max()
+    # torch's path ran (add, div, mul, maxmin, scale_columns x2, fill and the scan's extremes, per
+    # round), and the scan of an array with infinities went on to the blocks at two threads
+    assert block_calls["_torch"] >= 2 * 8 and "_max_finite_abs_blocks" in block_calls
+    finite_only = np.where(np.isfinite(a), a, 0.0)
+    assert _elementwise.max_finite_abs(finite_only) == finite.max()
 
 
 def _sparse_cases(rng):
@@ -325,11 +336,11 @@ def test_sparse_products_in_blocks_give_one_threads_results(restore_pools, block
     # the parallel kernels ran unless the destinations are shared between entries
     ran = set(block_calls)
     if layout == "diagonal":
-        assert ran >= {"_scale_columns_blocks", "diag_entropy_blocks", "diag_max_blocks"}
+        assert ran >= {"_torch", "diag_entropy_blocks", "diag_max_blocks"}
     elif layout in ("slice", "transpose"):
         # unit weights through a strided index map: every product is a torch copy on its pool
-        assert "_strided_view" in ran and not ran & {"coo_sum_blocks", "coo_entropy_blocks", "coo_max_blocks",
-                                                      "coo_maxmin_blocks"}
+        assert "_copy_on_torch" in ran and not ran & {"coo_sum_blocks", "coo_entropy_blocks", "coo_max_blocks",
+                                                       "coo_maxmin_blocks"}
     elif layout == "broadcast" and transpose:
         assert not ran & {"coo_sum_blocks", "coo_entropy_blocks", "coo_max_blocks", "coo_maxmin_blocks"}
     else:
@@ -373,7 +384,7 @@ def test_a_pass_over_big_sparse_products_is_the_same_at_two_threads(restore_pool
             if a is not None:
                 assert np.array_equal(a[0], b[0], equal_nan=True) and a[1] == b[1]
     # (the transposes' permutations and the reduction's backward are strided copies on torch's pool)
-    assert {"_scale_columns_blocks", "_strided_view", "_max_finite_abs_blocks"} <= set(block_calls)
+    assert {"_torch", "_copy_on_torch", "_max_finite_abs_blocks"} <= set(block_calls)
     model(x).backward()
     arr, scale = results[2][0][g.sources["x"]]
     np.testing.assert_allclose(arr[0] * np.exp(scale), x.grad.numpy(), rtol=1e-10, atol=1e-300)

@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from .dp import backward
+from .paths import pass_dtype
 from .semirings import REAL
 
 __all__ = ["gradient"]
@@ -12,8 +13,12 @@ __all__ = ["gradient"]
 
 def gradient(g):
     """d(sink)/d(source) by the real semiring; see :meth:`GradGraph.gradient`."""
-    # only the sources' values are returned: every other node's is dropped once propagated
-    B = backward(g, REAL, keep=g.sources.values())
+    # in the model's precision (float32 for a float32 model, as its Jacobians' factors and torch's
+    # own backward are: :func:`.paths.pass_dtype`); only the sources' values are returned, every
+    # other node's is dropped once propagated
+    seed = REAL.seed(g.nodes[g.sink].numel)
+    seed.arr = seed.arr.astype(pass_dtype(g), copy=False)
+    B = backward(g, REAL, seed=seed, keep=g.sources.values())
     out = {}
     for name, i in g.sources.items():
         node = g.nodes[i]

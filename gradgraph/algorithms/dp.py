@@ -60,9 +60,10 @@ class Scaled:
         return self
 
     def real(self):
-        """The plain float64 values (may under/overflow)."""
+        """The plain float64 values (may under/overflow), also of a float32 pass's mantissas."""
+        arr = self.arr.astype(np.float64, copy=False)
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-            return self.arr * math.exp(self.log_scale) if self.log_scale < 700 else self.arr * np.exp(self.log_scale)
+            return arr * math.exp(self.log_scale) if self.log_scale < 700 else arr * np.exp(self.log_scale)
 
     def log_abs(self):
         """log|values| per entry (-inf where 0)."""

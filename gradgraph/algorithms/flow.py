@@ -87,9 +87,8 @@ def _outside(g):
     element. Otherwise the indices of the few non-zero elements, and the values there alone: a
     backward pass from one logit reaches a vocabulary-sized tensor at a handful of elements."""
     def store(v, b):
-        nnz = nonzero_upto(b.arr[0], FEW)      # magnitude values: one channel
+        nnz, S = nonzero_upto(b.arr[0], FEW)      # magnitude values: one channel
         if nnz <= FEW and nnz < b.arr.shape[1]:
-            S = np.flatnonzero(b.arr[0])
             return S, Scaled(b.arr[:, S], b.log_scale)
         return None, b
     return outside(g, MAGNITUDE, store, seed=_seed(g, g.nodes[g.sink].numel))

@@ -1,6 +1,7 @@
 """numba kernels of the semiring engine itself (not of any Jacobian kind): the per-tensor
 rescaling scan and the max-signed semiring's (+). The kinds' product kernels live with each kind in
 :mod:`gradgraph.jacobians`."""
+import numpy as np
 from numba import njit
 
 from ..jacobians import _elementwise
@@ -15,13 +16,25 @@ maxmin_plus = _elementwise.maxmin_plus
 
 @njit(cache=True)
 def nonzero_upto(a, limit):
-    """The number of non-zero entries of a 1-d array, or ``limit + 1`` as soon as it exceeds
-    ``limit``: a dense array is settled by its first entries instead of a pass over all of it."""
+    """``(count, indices)`` of the non-zero entries of a 1-d array (NaN counts as non-zero, as in
+    ``np.flatnonzero``); once there are more than ``limit``, ``(limit + 1, empty)`` at once: a dense
+    array is settled by its first entries, and a sparse one by a single pass (a chunk is counted
+    first, which vectorises, and searched only when it holds a non-zero entry).
+    """
+    found = np.empty(limit + 1, dtype=np.int64)
     n = 0
     chunk = 4096
     for c in range(0, a.shape[0], chunk):
-        for k in range(c, min(c + chunk, a.shape[0])):
-            n += a[k] != 0.0
-        if n > limit:
-            return limit + 1
-    return n
+        end = min(c + chunk, a.shape[0])
+        live = 0
+        for k in range(c, end):
+            live += a[k] != 0.0
+        if live == 0:
+            continue
+        if n + live > limit:
+            return limit + 1, found[:0]
+        for k in range(c, end):
+            if a[k] != 0.0:
+                found[n] = k
+                n += 1
+    return n, found[:n].copy()

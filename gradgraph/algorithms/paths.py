@@ -269,16 +269,15 @@ class _Values:
         if b is None:
             z = np.zeros(len(idx), dtype=bool)
             return z, np.zeros(len(idx)), np.zeros(len(idx))
+        hi = b.arr[0][idx]              # each channel gathered once
         if self.signed:
-            if np.ndim(p):
-                x = np.where(p == 0, b.arr[0][idx], -b.arr[1][idx])
-            else:
-                x = b.arr[0][idx] if p == 0 else -b.arr[1][idx]
+            lo = b.arr[1][idx]
+            x = np.where(p == 0, hi, -lo) if np.ndim(p) else (hi if p == 0 else -lo)
             # (max, min) = (-inf, +inf) is "no prefix"; a max of -inf with a min of -inf is a
             # prefix of weight -inf, which the list of polarity 0 ranks last
-            valid = (b.arr[0][idx] > -np.inf) | (b.arr[1][idx] < np.inf)
+            valid = (hi > -np.inf) | (lo < np.inf)
         else:
-            x = b.arr[0][idx]
+            x = hi
             valid = x > 0
         # a mantissa that underflowed inside its tensor is a real but tiny path: order it last
         # of its sign (an underflowed negative product is -0.0)
@@ -501,8 +500,9 @@ class _List:
     """The lazily extended k-best list of one (scalar node, polarity).
 
     ``D`` holds the derivations found so far, best first (:class:`Derivation`).
-    Candidates whose child is that list's first derivation sit in sorted numpy arrays (``c``,
-    read with the cursor ``pos``); successors (child rank >= 1) go through the heap ``heap``.
+    Candidates whose child is that list's first derivation are read best first from ``c``
+    (:class:`_Candidates`, with the cursor ``pos``); successors (child rank >= 1) go through the
+    heap ``heap``.
     """
 
     __slots__ = ("c", "pos", "heap", "D", "pending", "done")
@@ -516,17 +516,70 @@ class _List:
         self.done = D is not None
 
     def head(self):
-        if self.c is None or self.pos >= len(self.c[0]):
+        row = None if self.c is None else self.c.row(self.pos)
+        if row is None:
             return None
-        c, v, s, la, t, i, k, p, w = (a[self.pos] for a in self.c)
+        c, v, s, la, t, i, k, p, w = row
         return Derivation(int(c), float(v), int(t), int(i), int(k), 0, int(p), float(s), float(la), float(w))
 
 
-def _sorted_candidates(order, sgn, la, t, i, k, p, w):
-    """Candidate arrays sorted best first: by the order's key, then next-hop node, flat index, edge."""
-    cls, val = order.keys(sgn, la)
-    idx = np.lexsort((k, i, t, val, cls))
-    return tuple(np.asarray(a)[idx] for a in (cls, val, sgn, la, t, i, k, p, w))
+#: Candidates of a list sorted at once when there are at most this many; of a longer list (the
+#: root's, one per source element) only the best this many at first, then twice as many each
+#: time the enumeration reads past them: a few paths read a few hundred thousand candidates'
+#: keys, not a sort of all of them.
+_SORTED_PREFIX = 4096
+
+
+class _Candidates:
+    """The first-derivation candidates of one list, read best first: by the order's key, then
+    next-hop node, flat index and edge (a strict order: no two candidates share all three).
+
+    Only a best prefix is sorted (:data:`_SORTED_PREFIX`): the candidates whose key is at most
+    the m-th smallest, found by a partition, and sorted among themselves -- exactly the first
+    entries of the whole sorted list, since every candidate outside them is worse.
+    """
+
+    __slots__ = ("keys", "cols", "n", "sorted")
+
+    def __init__(self, order, sgn, la, t, i, k, p, w):
+        self.keys = order.keys(sgn, la)
+        self.cols = (sgn, la, t, i, k, p, w)
+        self.n = len(sgn)
+        self.sorted = ()
+        self._sort(_SORTED_PREFIX)
+
+    def _sort(self, m):
+        """Sort the best ``m`` (and their ties in key) or, for ``m >= n``, all."""
+        (cls, val), (sgn, la, t, i, k, p, w) = self.keys, self.cols
+        if m < self.n and not np.isnan(val).any():
+            sel = _best_keys(cls, val, m)
+            cls, val, sgn, la, t, i, k, p, w = (a[sel] for a in (cls, val, sgn, la, t, i, k, p, w))
+        idx = np.lexsort((k, i, t, val, cls))
+        self.sorted = tuple(a[idx] for a in (cls, val, sgn, la, t, i, k, p, w))
+        if len(idx) == self.n:            # all sorted: the unsorted arrays are no longer needed
+            self.keys = self.cols = None
+
+    def row(self, pos):
+        """The candidate at rank ``pos`` as (class, value, sign, log|.|, node, index, edge,
+        polarity, w), or None past the last."""
+        if pos >= len(self.sorted[0]):
+            if self.keys is None:
+                return None
+            self._sort(2 * max(pos + 1, len(self.sorted[0])))
+            if pos >= len(self.sorted[0]):
+                return None
+        return tuple(a[pos] for a in self.sorted)
+
+
+def _best_keys(cls, val, m):
+    """Indices of the entries whose key (class, value) is at most the m-th smallest (1 <= m <=
+    len): those of the better classes and of the m-th's class up to its value, ties included."""
+    before = np.cumsum(np.bincount(cls))
+    c = int(np.searchsorted(before, m))             # the class of the m-th smallest key
+    rank = m - 1 - (int(before[c - 1]) if c else 0)   # its rank within the class
+    within = val[cls == c]
+    threshold = np.partition(within, rank)[rank]
+    return np.flatnonzero((cls < c) | ((cls == c) & (val <= threshold)))
 
 
 class _Enumerator:
@@ -557,11 +610,13 @@ class _Enumerator:
         for s, mask in sorted(masks.items()):
             idx = np.arange(self.g.nodes[s].numel) if mask is None else np.flatnonzero(mask)
             valid, sgn, la = self.values.scores(s, idx, 0)
-            idx = idx[valid]
-            n = len(idx)
-            parts.append((sgn[valid], la[valid], np.full(n, s), idx, np.full(n, -1), np.zeros(n, int),
-                          np.ones(n)))
-        return _sorted_candidates(self.order, *(np.concatenate(c) for c in zip(*parts)))
+            parts.append((sgn[valid], la[valid], idx[valid], s))
+        sgn, la, idx = (np.concatenate(c) for c in zip(*[q[:3] for q in parts]))
+        t = np.repeat([q[3] for q in parts], [len(q[2]) for q in parts])
+        n = len(idx)
+        # no edge, polarity 0, weight 1 for all: constant columns, not arrays of every source element
+        k, p, w = (np.broadcast_to(np.array(c), (n,)) for c in (-1, 0, 1.0))
+        return _Candidates(self.order, sgn, la, t, idx, k, p, w)
 
     def _candidates(self, t, i, p):
         """All first-derivation candidates of (t, i, p): one per scalar edge leaving element i."""
@@ -583,7 +638,9 @@ class _Enumerator:
             parts.append((sgn, la + np.log(np.abs(w)), np.full(len(o), v), o, np.full(len(o), k), cp, w))
         if not parts:
             return None
-        return _sorted_candidates(self.order, *(np.concatenate(c) for c in zip(*parts)))
+        if len(parts) == 1:             # one consumer edge (most lists): nothing to join
+            return _Candidates(self.order, *parts[0])
+        return _Candidates(self.order, *(np.concatenate(c) for c in zip(*parts)))
 
     def _list(self, key):
         L = self.lists.get(key)

@@ -429,11 +429,17 @@ class MatmulJacobian(Jacobian):
         at = torch.from_numpy(conv) if conv.size else _tensor(a)
         if a.shape[1] != 1:
             rows[:] = True
-        if 2 * int(cols.sum()) > cols.size and 2 * int(rows.sum()) > rows.size:
+        dense_cols = 2 * int(cols.sum()) > cols.size
+        if dense_cols and 2 * int(rows.sum()) > rows.size:
             return at.to(P.dtype), P, None
         ri = torch.from_numpy(np.flatnonzero(rows))
+        where = a.shape[:3] + (P.shape[2],)
+        if dense_cols:
+            # a few rows reaching most columns (a logit's row below the last layer's weights):
+            # the whole operand, not a copy of nearly all of it
+            return at[:, :, ri].to(P.dtype), P, (where, ri, torch.arange(cols.size))
         ci = torch.from_numpy(np.flatnonzero(cols))
-        return at[:, :, ri][..., ci].to(P.dtype), P[:, ci, :], (a.shape[:3] + (P.shape[2],), ri, ci)
+        return at[:, :, ri][..., ci].to(P.dtype), P[:, ci, :], (where, ri, ci)
 
     def _abs_operands(self, P, where, transpose, with_h):
         """|P| (and -|P| log|P|) for a product through :meth:`_support`'s P. The kept transforms

@@ -7,10 +7,10 @@ import torch
 from numba import njit, prange
 
 from ..threads import parallel
+from . import _elementwise
 from ._elementwise import blocks, run_blocks, scale_columns
 from ._intrinsics import _FM, _TINY, WeightMap, flog, fmax, fmin, tw, weight_map
 from .base import Jacobian, _empty_max, max_dtype
-from .matmul import _tensor
 
 # ----------------------------------------------------------------------------- sparse (COO)
 @njit(cache=True)
@@ -307,12 +307,14 @@ class SparseJacobian(Jacobian):
         return self._forms[transpose]
 
     def _copy(self, forms, x, y):
-        """``y[:, dst[e]] = x[:, src[e]]`` for every entry: one strided torch copy, which runs on
-        the query's threads (torch's pool). Each element is copied, not added to a zero, so the
-        results are exactly the scatter's (up to the sign of a zero: a copied -0 stays -0), and
-        the same on any number of threads."""
-        src, dst = forms
-        _strided_view(_tensor(y), dst).copy_(_strided_view(_tensor(x), src))
+        """``y[:, dst[e]] = x[:, src[e]]`` for every entry, as one copy between strided views: on
+        torch's pool (the query's threads) from :data:`._elementwise.TORCH_MIN` elements, by numpy
+        below that or from read-only values (which torch does not view). Each element is copied,
+        not added to a zero, so the results are the scatter's (up to the sign of a zero: a copied
+        -0 stays -0), on any number of threads."""
+        src, dst = _strided_view(x, forms[0]), _strided_view(y, forms[1])
+        if not (src.size >= _elementwise.TORCH_MIN and x.flags.writeable and _copy_on_torch(src, dst)):
+            np.copyto(dst, src, casting="same_kind")
         return y
 
     def _scatter(self, serial, blocked, transpose, *args):
@@ -552,11 +554,19 @@ def _common_shape(a, b):
     return split(a), split(b)
 
 
-def _strided_view(t, form):
-    """The elements ``t[:, idx]`` of a C-contiguous (C, m) tensor as a (C, *shape) view, for
+def _strided_view(a, form):
+    """The elements ``a[:, idx]`` of a C-contiguous (C, m) array as a (C, *shape) view, for
     ``form`` the strided form of ``idx`` (see :func:`_strided_form`)."""
     offset, shape, strides = form
-    return t.as_strided((t.shape[0],) + shape, (t.shape[1],) + strides, t.storage_offset() + offset)
+    item = a.itemsize
+    return np.lib.stride_tricks.as_strided(a[:, offset:], (a.shape[0],) + shape,
+                                           (a.shape[1] * item,) + tuple(s * item for s in strides))
+
+
+def _copy_on_torch(src, dst):
+    """``dst[...] = src`` by torch (views of both; True when done)."""
+    torch.from_numpy(dst).copy_(torch.from_numpy(src))
+    return True
 
 
 def _is_arange(a):
