@@ -12,6 +12,7 @@ from numba import njit, prange
 from ..threads import parallel
 from ._intrinsics import _FM, WeightMap, flog, fmax, fmin, max_support, weight_map
 from ._weightcache import WEIGHT_CACHE
+from ._elementwise import fill
 from .base import Jacobian, _numel
 
 # ----------------------------------------------------------------------------- contraction
@@ -545,10 +546,14 @@ class MatmulJacobian(Jacobian):
         if len(ri) == 0 or len(ci) == 0:
             return (buf[0], buf[1]) if signed else (buf[0], None)
         live = slice(None) if len(ri) == I_ else ri
+        # every row live and the canonical view contiguous: the kernels write the result in place
+        direct = len(ri) == I_ and all(o.flags.c_contiguous for o in out)
         if signed:
             Amin = np.ascontiguousarray(Amin, dtype=dt)
-            Ymax = np.full((B_, len(ri), ncol), -np.inf, dtype=dt)
-            Ymin = np.full((B_, len(ri), ncol), np.inf, dtype=dt)
+            if direct:
+                Ymax, Ymin = fill(out[0], -np.inf), fill(out[1], np.inf)
+            else:
+                Ymax, Ymin = _no_path((B_, len(ri), ncol), dt, -np.inf), _no_path((B_, len(ri), ncol), dt, np.inf)
             # rows of A whose every remaining entry is live, with a long enough contraction: the
             # dot-product kernel (twice as fast, reading the other orientation of the weights);
             # the other rows (a few, e.g. the query of the first position, which no path
@@ -576,12 +581,12 @@ class MatmulJacobian(Jacobian):
                     fi, pi = np.flatnonzero(full), np.flatnonzero(~full)
                     some = len(fi) < len(ri)
                     Af, Afmin = (A[:, fi], Amin[:, fi]) if some else (A, Amin)
-                    Yf = (np.full((B_, len(fi), ncol), -np.inf, dtype=dt), np.full((B_, len(fi), ncol), np.inf, dtype=dt)) \
+                    Yf = (_no_path((B_, len(fi), ncol), dt, -np.inf), _no_path((B_, len(fi), ncol), dt, np.inf)) \
                         if some else (Ymax, Ymin)
                     mm_maxmin_dot(Af, Afmin, PT, *Yf, dot_block(A.shape[2], A.itemsize, threads, ncol))
                     if some:
                         Ymax[:, fi], Ymin[:, fi] = Yf
-                        Yp = (np.full((B_, len(pi), ncol), -np.inf, dtype=dt), np.full((B_, len(pi), ncol), np.inf, dtype=dt))
+                        Yp = (_no_path((B_, len(pi), ncol), dt, -np.inf), _no_path((B_, len(pi), ncol), dt, np.inf))
                         mm_maxmin_dense(np.ascontiguousarray(A[:, pi]), np.ascontiguousarray(Amin[:, pi]), live_P(), *Yp,
                                         _blocks(ncol, threads, 64))
                         Ymax[:, pi], Ymin[:, pi] = Yp
@@ -591,15 +596,17 @@ class MatmulJacobian(Jacobian):
                     mm_maxmin_masked(A, Amin, live_P(), Ymax, Ymin, masked_blocks(B_, len(ri), threads))
                 if dense and len(zero_cols):
                     mm_maxmin_cols(A, Amin, live_P(), zero_cols, Ymax, Ymin)
-            out[0][:, live] = Ymax
-            out[1][:, live] = Ymin
+            if not direct:
+                out[0][:, live] = Ymax
+                out[1][:, live] = Ymin
             return buf[0], buf[1]
         if len(ci) < T_:
             P = np.ascontiguousarray(P[:, ci, :])
-        Y = np.zeros((B_, len(ri), ncol), dtype=dt)
+        Y = fill(out[0], 0.0) if direct else np.zeros((B_, len(ri), ncol), dtype=dt)
         with parallel() as threads:
             mm_max_dense(A, P, Y, _blocks(ncol, threads, 64))
-        out[0][:, live] = Y
+        if not direct:
+            out[0][:, live] = Y
         return buf[0], None
 
     def _zero_cols(self, which):
@@ -670,6 +677,12 @@ class MatmulJacobian(Jacobian):
     @classmethod
     def from_state(cls, out_shape, in_shape, params, arrays):
         return cls(out_shape, in_shape, arrays["other"], params["wrt"])
+
+
+def _no_path(shape, dtype, value):
+    """A new array of "no path" values (-inf max, +inf min, 0 unsigned), filled on the query's
+    threads (:func:`._elementwise.fill`)."""
+    return fill(np.empty(shape, dtype), value)
 
 
 def _blocks(n, threads, smallest):
