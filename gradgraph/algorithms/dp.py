@@ -22,7 +22,7 @@ import numpy as np
 
 from ..jacobians import WEIGHT_CACHE
 from ..threads import query_threads
-from ..jacobians._elementwise import div_scalar, mul_scalar
+from ..jacobians._elementwise import div_scalar, mul_scalar, on_torch
 from .kernels import max_finite_abs
 
 __all__ = ["Scaled", "backward", "forward"]
@@ -115,6 +115,11 @@ def backward(g, sr, seed=None, stop_at_sources=True, keep=None, visit=None):
     list[Scaled | None]
         B[u] for every tensor node (None where no path from the sink arrives, or not kept).
     """
+    with on_torch(sr.torch_elementwise):
+        return _backward(g, sr, seed, stop_at_sources, keep, visit)
+
+
+def _backward(g, sr, seed, stop_at_sources, keep, visit):
     B = [None] * len(g.nodes)
     B[g.sink] = seed if seed is not None else sr.seed(g.nodes[g.sink].numel)
     source_nodes = set(g.sources.values())
@@ -161,6 +166,11 @@ def forward(g, sr, seeds=None, keep=None, visit=None, carry=None):
     list[Scaled | None]
         D[v] = (+) over source-to-v path suffixes of their weight.
     """
+    with on_torch(sr.torch_elementwise):
+        return _forward(g, sr, seeds, keep, visit, carry)
+
+
+def _forward(g, sr, seeds, keep, visit, carry):
     D = [None] * len(g.nodes)
     for name, i in g.sources.items():
         D[i] = seeds[name] if seeds is not None else sr.seed(g.nodes[i].numel)

@@ -62,6 +62,12 @@ class Semiring:
     """
 
     scalable = True
+    #: Whether a pass's large elementwise work (the (+), the rescaling, index-map copies) runs on
+    #: torch's pool (:mod:`gradgraph.jacobians._elementwise`): yes where the products are torch's
+    #: (BLAS), no where they are numba kernels (the max semirings) -- torch's OpenMP workers spin
+    #: for milliseconds after each op, and a numba parallel region started meanwhile shares its
+    #: second core with them (docs/benchmarks.md, "Thread pools").
+    torch_elementwise = True
 
     def __init__(self, name, channels, doc=""):
         self.name, self.channels = name, channels
@@ -196,6 +202,8 @@ class _MaxAbs(Semiring):
     def one(self, n):
         return np.ones((1, n))
 
+    torch_elementwise = False
+
     def zero(self, n):
         return np.zeros((1, n))
 
@@ -214,6 +222,8 @@ class _MaxAbs(Semiring):
 
 class _MaxSigned(Semiring):
     """(max, min) pairs of signed products; -inf / +inf is "no path"; a negative weight swaps them."""
+
+    torch_elementwise = False
 
     def one(self, n):
         return np.ones((2, n))

@@ -17,6 +17,9 @@ those) take numpy. :func:`blocks` and :func:`run_blocks` split the sparse kind's
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import numpy as np
 import torch
 from numba import njit, prange
@@ -24,7 +27,7 @@ from numba import njit, prange
 from ..threads import get_num_threads, parallel
 from ._intrinsics import _FM, fmax
 
-__all__ = ["GRAIN", "TORCH_MIN", "blocks", "run_blocks", "add", "div_scalar", "mul_scalar", "max_finite_abs",
+__all__ = ["GRAIN", "TORCH_MIN", "torch_min", "on_torch", "blocks", "run_blocks", "add", "div_scalar", "mul_scalar", "max_finite_abs",
            "maxmin_plus", "scale_columns", "fill"]
 
 #: Fewest elements per block of a parallel numba loop (2 MB of float64): a parallel launch of the
@@ -37,6 +40,25 @@ GRAIN = 1 << 18
 TORCH_MIN = 1 << 16
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_local = threading.local()
+
+
+def torch_min():
+    """The fewest elements for which an operation goes through torch in this thread now:
+    :data:`TORCH_MIN`, or never inside :func:`on_torch(False) <on_torch>`."""
+    return TORCH_MIN if getattr(_local, "torch", True) else np.inf
+
+
+@contextlib.contextmanager
+def on_torch(allowed):
+    """Within: large elementwise work goes through torch (``allowed``) or always through numpy
+    and numba (a pass whose products are numba kernels: see ``Semiring.torch_elementwise``)."""
+    previous = getattr(_local, "torch", True)
+    _local.torch = bool(allowed)
+    try:
+        yield
+    finally:
+        _local.torch = previous
 
 
 def blocks(n, threads=None):
@@ -69,7 +91,7 @@ def _torch(*arrays):
     at least :data:`TORCH_MIN` elements, C-contiguous and writeable (torch views nothing else
     without a copy); else None (then numpy does the work)."""
     shape = arrays[0].shape
-    if arrays[0].size < TORCH_MIN:
+    if arrays[0].size < torch_min():
         return None
     for a in arrays:
         if a.shape != shape or a.dtype not in _FLOATS or not (a.flags.c_contiguous and a.flags.writeable):

@@ -313,7 +313,7 @@ class SparseJacobian(Jacobian):
         not added to a zero, so the results are the scatter's (up to the sign of a zero: a copied
         -0 stays -0), on any number of threads."""
         src, dst = _strided_view(x, forms[0]), _strided_view(y, forms[1])
-        if not (src.size >= _elementwise.TORCH_MIN and x.flags.writeable and _copy_on_torch(src, dst)):
+        if not (src.size >= _elementwise.torch_min() and x.flags.writeable and _copy_on_torch(src, dst)):
             np.copyto(dst, src, casting="same_kind")
         return y
 
