@@ -388,3 +388,27 @@ def test_a_pass_over_big_sparse_products_is_the_same_at_two_threads(restore_pool
     model(x).backward()
     arr, scale = results[2][0][g.sources["x"]]
     np.testing.assert_allclose(arr[0] * np.exp(scale), x.grad.numpy(), rtol=1e-10, atol=1e-300)
+
+
+def test_max_passes_keep_their_elementwise_work_off_torchs_pool(block_calls):
+    """The max semirings' products are numba kernels: their passes do the (+), the rescaling and
+    the index-map copies with numpy (torch's spinning OpenMP workers would share a core with the
+    kernels' parallel regions); the sum and entropy passes, whose products are torch's, use
+    torch's pool. Both give the same values (checked against autograd for the real pass)."""
+    from gradgraph.algorithms.semirings import REAL
+    n = 64 * (BIG // 64)
+    model = _Elementwise(n)
+    x = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    g = gg.capture(model, (x.detach(),), output=lambda y: y)
+    for sr, on_torch in ((MAX_SIGNED, False), (ENTROPY, True), (REAL, True)):
+        block_calls.clear()
+        B = backward(g, sr)
+        assert ("_torch" in block_calls) == on_torch, sr
+        assert B[g.sources["x"]] is not None
+    # outside a pass, and after one, the default again
+    assert _elementwise.torch_min() == _elementwise.TORCH_MIN
+    with _elementwise.on_torch(False):
+        assert _elementwise.torch_min() == np.inf
+    model(x).backward()
+    arr, scale = B[g.sources["x"]].arr, B[g.sources["x"]].log_scale
+    np.testing.assert_allclose(arr[0] * np.exp(scale), x.grad.numpy(), rtol=1e-10, atol=1e-300)
