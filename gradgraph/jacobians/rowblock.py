@@ -2,10 +2,7 @@
 numba kernels (the layer norm's O(d log d) sums and fused entropy product)."""
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
-import torch
 from numba import njit, prange
 
 from ..threads import parallel
@@ -96,17 +93,18 @@ def rowblock_max(kind, A, rs, gam, inner, xmax, xmin, transpose, signed, ymax, y
 def rows_sum_product(code, signed, transpose, P, rs, gam, x, y):
     """The signed (``signed``) or magnitude product of softmax, log-softmax or layer norm
     (``code``) on rows: ``P`` (R, d) the factor (p or xhat, float32 or float64, read as
-    float64), ``x`` and ``y`` (C, R, d); computed in float64 and stored in y's dtype (one
-    rounding). The rows in parallel, each row's sums in one order whatever the threads:
+    float64), ``x`` and ``y`` (C, outer, inner, d) views with R = outer x inner rows (strided
+    when the function's dimension is not the last); computed in float64 and stored in y's dtype
+    (one rounding). The rows in parallel, each row's sums in one order whatever the threads:
 
     * softmax: J = diag(p) - p p^T; |J| = diag(p - 2 p^2) + p p^T (symmetric);
     * log-softmax: J[i, j] = delta_ij - p_j; |J| has p_j off the diagonal and 1 - p_j on it;
     * layer norm, signed only: J = s g (I - 1/d - xh xh^T / d), g on the input side transposed.
     """
-    C, R, d = x.shape
-    for r in prange(R):
+    C, O, I, d = x.shape
+    for r in prange(O * I):
         for c in range(C):
-            xr, yr, pr = x[c, r], y[c, r], P[r]
+            xr, yr, pr = x[c, r // I, r % I], y[c, r // I, r % I], P[r]
             if code == SOFTMAX:
                 t = 0.0
                 for j in range(d):
@@ -653,6 +651,10 @@ class RowBlockJacobian(Jacobian):
         """(C, numel) -> (C, R, d) rows, and back."""
         return x.reshape(C, self.outer, self.d, self.inner).transpose(0, 1, 3, 2).reshape(C, -1, self.d)
 
+    def _row_view(self, x):
+        """(C, numel) -> a (C, outer, inner, d) view: the rows without a copy."""
+        return x.reshape(x.shape[0], self.outer, self.d, self.inner).transpose(0, 1, 3, 2)
+
     def _unrows(self, v, C):
         return np.ascontiguousarray(v.reshape(C, self.outer, self.inner, self.d).transpose(0, 1, 3, 2)).reshape(C, -1)
 
@@ -661,14 +663,11 @@ class RowBlockJacobian(Jacobian):
         # pass stay float32: one rounding)
         t = weight_map(weight)      # raises for anything but the three maps handled below
         if t != WeightMap.XLOGX and (self.function != "layer_norm" or t == WeightMap.SIGNED):
-            if self.inner != 1:
-                return self._sum_product_torch(x, t, transpose, max_dtype(x))
             x = np.ascontiguousarray(x)
-            C = x.shape[0]
             y = np.empty(x.shape, max_dtype(x))
             with parallel():
                 rows_sum_product(self._code, t == WeightMap.SIGNED, transpose, self._A, self.rstd, self.gamma,
-                                 x.reshape(C, -1, self.d), y.reshape(C, -1, self.d))
+                                 self._row_view(x), self._row_view(y))
             return y
         return self._sum_product64(x, weight, transpose).astype(max_dtype(x), copy=False)
 
@@ -695,8 +694,6 @@ class RowBlockJacobian(Jacobian):
             else:
                 rowblock_sum(self._code, self.A, self.rstd, self.gamma, self.inner, x, int(t), transpose, y)
             return y
-        if t != WeightMap.XLOGX:
-            return self._sum_product_torch(x, t, transpose, np.float64)
         p = self.A[None]
         v = self._rows(x, C)
         if f == "softmax":      # symmetric: transpose does not matter
@@ -712,44 +709,6 @@ class RowBlockJacobian(Jacobian):
             else:
                 y = (off * v).sum(-1, keepdims=True) + (diag - off) * v
         return self._unrows(y, C)
-
-    def _sum_product_torch(self, x, t, transpose, dtype):
-        """The signed and magnitude products of the three functions in float64 by torch's ops on
-        zero-copy views (on the query's threads: a GPT-2 / 256-token attention softmax is 786,432
-        elements per layer), the formulas of the float64 Jacobians:
-
-        * softmax: J = diag(p) - p p^T (symmetric); |J| = diag(p - 2 p^2) + p p^T;
-        * log_softmax: J[i, j] = delta_ij - p_j; |J| with p_j off the diagonal, 1 - p_j on it;
-        * layer norm, signed: J = s g (I - 1/d - xh xh^T / d) (transposed: g on the other side).
-        """
-        C = x.shape[0]
-        p = _view(self._A).to(torch.float64)[None]
-        v = _view(np.ascontiguousarray(x)).to(torch.float64)
-        v = v.reshape(C, self.outer, self.d, self.inner).transpose(2, 3).reshape(C, -1, self.d)
-        f = self.function
-        if f == "softmax":
-            pv = p * v
-            if t == WeightMap.SIGNED:
-                y = pv - p * pv.sum(-1, keepdim=True)
-            else:
-                y = (p - 2 * p * p) * v + p * pv.sum(-1, keepdim=True)
-        elif f == "log_softmax":
-            off, diag = (-p, 1 - p) if t == WeightMap.SIGNED else (p, 1 - p)
-            if transpose:
-                y = off * v.sum(-1, keepdim=True) + (diag - off) * v
-            else:
-                y = (off * v).sum(-1, keepdim=True) + (diag - off) * v
-        else:                      # layer norm, signed
-            s = _view(self.rstd)[None, :, None]
-            g = _view(self.gamma)[None, None, :]
-            if transpose:
-                u = g * v
-                y = s * (u - u.mean(-1, keepdim=True) - p * (u * p).mean(-1, keepdim=True))
-            else:
-                y = g * s * (v - v.mean(-1, keepdim=True) - p * (p * v).mean(-1, keepdim=True))
-        # back to the tensor's layout and to ``dtype`` (the values' own: one rounding) in one pass
-        y = y.reshape(C, self.outer, self.inner, self.d).transpose(2, 3)
-        return y.to(getattr(torch, np.dtype(dtype).name), memory_format=torch.contiguous_format).numpy().reshape(C, -1)
 
     def _live_split(self, x):
         """The rows with a non-zero input (the others contribute nothing) and the split of the
@@ -910,16 +869,6 @@ class RowBlockJacobian(Jacobian):
     def from_state(cls, out_shape, in_shape, params, arrays):
         return cls(out_shape, params["function"], params["outer"], params["d"], params["inner"],
                    arrays["A"], arrays.get("rstd"), arrays.get("gamma"), params.get("precision", "float64"))
-
-
-def _view(a):
-    """A torch view of a numpy array that is only read (a factor loaded from a file is
-    read-only; torch warns about those)."""
-    if not a.flags.writeable:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.from_numpy(a)
-    return torch.from_numpy(a)
 
 
 def _as_values(x, ymax, ymin):
