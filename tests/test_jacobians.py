@@ -491,23 +491,36 @@ def test_softmax_signed_max_in_float32(function, tiny, transpose):
     np.testing.assert_allclose(ymin, exp_min, rtol=rtol, atol=0)
 
 
+@pytest.mark.parametrize("shape", [(1, 3072, 768), (2, 13, 29), (3, 8, 8), (1, 1, 17), (1, 17, 1), (4, 9, 16), (1, 0, 5)])
+def test_transpose_into_against_numpy(shape):
+    """The tiled transpose behind the max kernels' per-product weight copies: 8 x 8 tiles, ragged
+    edges in both dimensions, empty and single-row operands, batches."""
+    from gradgraph.jacobians.matmul import transpose_into
+    for dtype in (np.float32, np.float64):
+        a = RNG.standard_normal(shape).astype(dtype)
+        d = np.full((shape[0], shape[2], shape[1]), np.nan, dtype)
+        transpose_into(a, d)
+        np.testing.assert_array_equal(d, np.swapaxes(a, 1, 2))
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("wrt", ["left", "right"])
 @pytest.mark.parametrize("transpose", [False, True])
 def test_max_product_signed_rows_with_dead_entries(dtype, wrt, transpose):
     """A linear layer's product whose input has a few rows with dead (no path) entries, e.g. the
     query of the first position: the fully live rows take the dot-product kernel, the others
-    the axpy-form one, and one zero weight (no edge) is redone exactly."""
+    the axpy-form one, and one zero weight (no edge) is redone exactly. 20 rows: enough to take
+    the dot form also where it reads a copy of the weight made for the product (DOT_MIN_ROWS)."""
     from gradgraph.jacobians import matmul as matmul_module
-    X = RNG.standard_normal((9, 130)).astype(dtype) if wrt == "left" else RNG.standard_normal((130, 9)).astype(dtype)
+    X = RNG.standard_normal((20, 130)).astype(dtype) if wrt == "left" else RNG.standard_normal((130, 20)).astype(dtype)
     Wt = RNG.standard_normal((130, 140)).astype(dtype) if wrt == "left" else RNG.standard_normal((140, 130)).astype(dtype)
     Wt[3, 5] = 0.0
     if wrt == "left":
-        jac = MatmulJacobian((9, 140), X.shape, Wt, "left")
-        D = jac_of(lambda x: x @ torch.from_numpy(Wt).double(), torch.from_numpy(X).double(), 9 * 140)
+        jac = MatmulJacobian((20, 140), X.shape, Wt, "left")
+        D = jac_of(lambda x: x @ torch.from_numpy(Wt).double(), torch.from_numpy(X).double(), 20 * 140)
     else:
-        jac = MatmulJacobian((140, 9), X.shape, Wt, "right")
-        D = jac_of(lambda x: torch.from_numpy(Wt).double() @ x, torch.from_numpy(X).double(), 140 * 9)
+        jac = MatmulJacobian((140, 20), X.shape, Wt, "right")
+        D = jac_of(lambda x: torch.from_numpy(Wt).double() @ x, torch.from_numpy(X).double(), 140 * 20)
     W = D.T if transpose else D                  # (dst, src)
     src_shape = jac.out_shape if transpose else jac.in_shape
     a, b = RNG.standard_normal((2,) + src_shape)

@@ -112,6 +112,54 @@ def test_outside_a_block_nothing_is_kept():
     assert len(WEIGHT_CACHE) == 0
 
 
+@pytest.mark.parametrize("rows", [3, 20])
+def test_the_max_kernels_transposed_weight_is_a_copy_per_product_outside_a_block(rows):
+    """The dot-product form of the signed max product reads a linear layer's weight in the
+    orientation the layer does not store. Outside a block that copy is made per product (by
+    ``transpose_into``) and nothing weight-sized stays on the graph -- copies of every weight would
+    cost a query the size of the model's contractions again -- and the dot form is taken only for
+    enough rows to repay the copy (``DOT_MIN_ROWS``); inside a block the copy is kept in the cache
+    and the graphs share it. Every way answers like the dense oracle, and all alike bit for bit."""
+    from unittest import mock
+    from gradgraph.jacobians import matmul as matmul_module
+    WEIGHT_CACHE.clear()
+    torch.manual_seed(3)
+    w = torch.randn(150, 140, dtype=torch.float64)          # 150 outputs: a contraction >= 128 backward
+    x = np.random.default_rng(5).normal(size=rows * 150)
+    xmax, xmin = np.maximum(x, -x), np.minimum(x, -x)
+    spies = dict(transpose=mock.patch.object(matmul_module, "transpose_into", wraps=matmul_module.transpose_into),
+                 dot=mock.patch.object(matmul_module, "mm_maxmin_dot", wraps=matmul_module.mm_maxmin_dot))
+
+    def run(jac):
+        with spies["transpose"] as tr, spies["dot"] as dot:
+            out = jac.max_product(xmax.copy(), xmin.copy(), True)
+        return out, tr.call_count, dot.called
+
+    jac = _linear_jacobian(w, rows)
+    _, want_hi, want_lo = _dense_products(jac, np.zeros(rows * 150), np.zeros(rows * 150), xmax)
+    want_lo = np.minimum(want_lo, _dense_products(jac, np.zeros(rows * 150), np.zeros(rows * 150), xmin)[2])
+    want_hi = np.maximum(want_hi, _dense_products(jac, np.zeros(rows * 150), np.zeros(rows * 150), xmin)[1])
+    answers = []
+    for _ in range(2):                                          # outside a block: a copy each time
+        (hi, lo), copies, dot = run(jac)
+        assert dot == (rows >= matmul_module.DOT_MIN_ROWS) and copies == int(dot)
+        answers.append((hi, lo))
+    held = [v for v in jac._cache.values() if isinstance(v, np.ndarray) and v.size >= w.numel()]
+    assert not held and len(WEIGHT_CACHE) == 0
+    with WEIGHT_CACHE.active():
+        for _ in range(2):                                      # inside: one copy, kept and shared
+            (hi, lo), copies, dot = run(_linear_jacobian(w, rows))
+            assert dot and copies == 0
+            answers.append((hi, lo))
+        assert len(WEIGHT_CACHE) >= 1 and WEIGHT_CACHE.hits >= 1
+    WEIGHT_CACHE.clear()
+    for hi, lo in answers:
+        np.testing.assert_array_equal(hi, answers[0][0])
+        np.testing.assert_array_equal(lo, answers[0][1])
+        np.testing.assert_allclose(hi, want_hi, rtol=1e-12)
+        np.testing.assert_allclose(lo, want_lo, rtol=1e-12)
+
+
 def test_write_behind_the_version_counter_is_seen_inside_a_block(fresh_cache):
     """``.data`` has its own version counter: inside a block the transposed copies are answered on
     the version's word (the caller's promise), but |W| and -|W| log|W| are compared with the

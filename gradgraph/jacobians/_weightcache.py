@@ -2,9 +2,9 @@
 
 A contraction's Jacobian references the other operand -- for a linear layer, the weight. Its
 products need input-independent transforms of it: |W| and -|W| log|W| (entropy), a transposed
-contiguous copy (the max kernels), the columns holding a zero. Every graph captured from the same
-model references the same weight memory, so a study over many inputs computes each transform
-once per process instead of once per graph.
+contiguous copy (the max kernels' dot-product form), the columns holding a zero. Every graph
+captured from the same model references the same weight memory, so a study over many inputs
+computes each transform once per process instead of once per graph.
 
 The cache answers only inside :meth:`WeightCache.active` -- a block in which the caller promises
 that the model's weights are not written behind torch's back. Outside it every graph computes its
@@ -150,23 +150,26 @@ class WeightCache:
             with self._lock:
                 self._queries -= 1
 
-    def scratch(self, n, dtype):
+    def scratch(self, n, dtype, slot="transforms"):
         """An uninitialised array of ``n`` elements of ``dtype`` for a transform used only until
-        the next call (one product's |W| and -|W| log|W| outside an :meth:`active` block).
-
-        Inside a :meth:`query` block every call of this thread returns the same memory (grown to
-        the largest size asked for, and released when the query ends): the products of a query
-        touch already-mapped pages instead of a weight-sized new array each, whose page faults
+        the next call for the same ``slot`` (one product's |W| and -|W| log|W|, or a weight copied
+        into the orientation a kernel reads, outside an :meth:`active` block).
+        Inside a :meth:`query` block every call of this thread for a slot returns the same memory
+        (grown to the largest size asked for, and released when the query ends): the products of a
+        query touch already-mapped pages instead of a weight-sized new array each, whose page faults
         cost more than the transforms themselves. Outside a query, a new array."""
         dtype = np.dtype(dtype)
         local = self._local
         if not getattr(local, "depth", 0):
             return np.empty(n, dtype)
         nbytes = n * dtype.itemsize
-        buf = getattr(local, "scratch", None)
+        slots = getattr(local, "scratch", None)
+        if slots is None:
+            local.scratch = slots = {}
+        buf = slots.get(slot)
         if buf is None or buf.nbytes < nbytes:
-            local.scratch = None              # free the smaller one first
-            local.scratch = buf = np.empty(nbytes, np.uint8)
+            slots[slot] = None                # free the smaller one first
+            slots[slot] = buf = np.empty(nbytes, np.uint8)
         return buf[:nbytes].view(dtype)
 
     def get(self, array, what, compute, check=None):

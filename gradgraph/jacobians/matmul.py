@@ -184,12 +184,45 @@ def mm_maxmin_dot(Amax, Amin, PT, Ymax, Ymin, jb):
                 Ymin[b, i, j] = lo
 
 
+#: rows of A from which the signed max product takes the dot-product form when that needs a
+#: copy of the operand in the other orientation (see MatmulJacobian.max_product)
+DOT_MIN_ROWS = 16
+
+
 def dot_block(T, itemsize, threads, J):
     """Weight rows per block of :func:`mm_maxmin_dot`: about 128 KB of them (a quarter of a
     core's L2 cache on the machines measured, leaving room for the rows of A), and at least one
     block per thread."""
     jb = max(1, (128 << 10) // (T * itemsize))
     return max(1, min(jb, -(-J // threads)))
+
+
+@njit(cache=True, parallel=True)
+def transpose_into(src, dst):
+    """dst[b] = src[b]^T for C-contiguous (B, R, C) ``src`` and (B, C, R) ``dst``. The body goes
+    in 8 x 8 tiles of constant size, which LLVM turns into register shuffles (twice the speed of
+    element-wise tiles, faster than torch's copy at one thread); blocks of 8 source columns run in
+    parallel, the ragged edges element by element."""
+    B, R, C = src.shape
+    nc = (C + 7) // 8
+    R8 = R - R % 8
+    for blk in prange(B * nc):
+        b = blk // nc
+        c0 = (blk % nc) * 8
+        s = src[b]
+        d = dst[b]
+        if c0 + 8 <= C:
+            for r0 in range(0, R8, 8):
+                for c in range(8):
+                    for r in range(8):
+                        d[c0 + c, r0 + r] = s[r0 + r, c0 + c]
+            for c in range(c0, c0 + 8):
+                for r in range(R8, R):
+                    d[c, r] = s[r, c]
+        else:
+            for c in range(c0, C):
+                for r in range(R):
+                    d[c, r] = s[r, c]
 
 
 @njit(cache=True, parallel=True)
@@ -393,12 +426,33 @@ class MatmulJacobian(Jacobian):
             self._cache[key] = WEIGHT_CACHE.get(self.other, (self.wrt,) + key, compute)
         return self._cache[key]
 
-    def _P(self, which):
-        """Contiguous M or M^T, cached: weights of a linear layer are already contiguous as M^T,
-        so that costs nothing there. The axpy-form max kernels read M^T backward (M forward); the
-        dot-product form reads the other one (a copy of a linear layer's weight, kept)."""
+    def _copied(self, which):
+        """Whether :meth:`_P` makes a copy of this orientation for each product."""
         M = self._M
-        return self._kept((which,), lambda: np.ascontiguousarray(M if which == "M" else np.swapaxes(M, 1, 2)))
+        X = M if which == "M" else np.swapaxes(M, 1, 2)
+        return not (X.flags.c_contiguous or WEIGHT_CACHE.keeping)
+
+    def _P(self, which):
+        """M (B, T, J) or M^T (B, J, T), C-contiguous. A linear layer's weight is already contiguous
+        as M^T, so that orientation costs nothing; the other one (read by the dot-product form of
+        the max kernels backward, by the axpy form forward) is a copy. It is kept across graphs
+        inside ``WEIGHT_CACHE.active()``; otherwise it is made per product in the query's scratch
+        memory (one slot per orientation, valid until the next product's) and never held by the
+        graph: copies of every weight kept for the graph's life cost a query the size of the
+        model's contractions again (340 MB at GPT-2 small, 8x torch's backward at a small BERT)."""
+        M = self._M
+        X = M if which == "M" else np.swapaxes(M, 1, 2)
+        if X.flags.c_contiguous:
+            return X
+        if WEIGHT_CACHE.keeping:
+            return WEIGHT_CACHE.get(self.other, (self.wrt, which), lambda: np.ascontiguousarray(X))
+        out = WEIGHT_CACHE.scratch(X.size, X.dtype, slot=("P", which)).reshape(X.shape)
+        src = np.swapaxes(X, 1, 2)
+        if src.flags.c_contiguous:
+            transpose_into(src, out)
+        else:
+            np.copyto(out, X)
+        return out
 
     def _canon(self, x, shape, C):
         """View a (C, numel) batch of an in/out tensor in canonical (C, B, rows, cols) layout."""
@@ -557,9 +611,12 @@ class MatmulJacobian(Jacobian):
             # rows of A whose every remaining entry is live, with a long enough contraction: the
             # dot-product kernel (twice as fast, reading the other orientation of the weights);
             # the other rows (a few, e.g. the query of the first position, which no path
-            # reaches) the axpy-form kernel
+            # reaches) the axpy-form kernel. When that orientation is a copy made for this
+            # product (see _P), only for enough rows to repay it: copying a weight costs about
+            # what the dot kernel spends on a dozen rows.
             full = None
-            if dense and len(ci) >= 128:
+            dot_rows = DOT_MIN_ROWS if self._copied("M" if transpose else "MT") else 1
+            if dense and len(ci) >= 128 and B_ * len(ri) >= dot_rows:
                 if nlive == B_ * len(ri) * len(ci):
                     full = np.ones(len(ri), dtype=np.bool_)
                 elif B_ == 1:
@@ -610,9 +667,11 @@ class MatmulJacobian(Jacobian):
         return buf[0], None
 
     def _zero_cols(self, which):
-        """Indices of the columns of ``_P(which)`` (B, T, N) holding a zero weight (cached per weight)."""
-        P = self._P(which)
-        return self._kept(("zero_cols", which), lambda: np.flatnonzero((P == 0).any(axis=(0, 1))))
+        """Indices of the columns of ``_P(which)`` (B, T, N) holding a zero weight (cached per
+        weight; read from the operand as it lies, no copy)."""
+        M = self._M
+        return self._kept(("zero_cols", which),
+                          lambda: np.flatnonzero((M == 0).any(axis=(0, 1) if which == "M" else (0, 2))))
 
     def out_edges(self, j):
         s_in = self.in_shape if len(self.in_shape) == 3 else (1,) + self.in_shape
