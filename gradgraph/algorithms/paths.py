@@ -350,10 +350,12 @@ _DERIVE_READS = 512
 #: Values of a max pass are derived (:func:`_derived_nodes`) only when keeping every node's would
 #: take more than this many bytes: below it the pass keeps them all, which is faster (a derived
 #: read is per-element work on one core -- about 15% of a top path at a 6-layer BERT of 32
-#: tokens, whose values take 50 MB) and small next to the graph; above it (GPT-2 small from
-#: about 128 tokens) deriving is what keeps the query within memory (17.7 GB of values at 1,024
-#: tokens). Either way the paths, weights and hops are the same.
-DERIVE_ABOVE_BYTES = 1 << 30
+#: tokens, whose values would take 48 MB) and small next to the model; above it deriving keeps
+#: the query's memory near torch's backward (GPT-2 small at 64 tokens: 515 MB of values, capture +
+#: top path 1.6x torch's forward + backward derived against 3.1x kept, at the same speed of the
+#: top path) and at 1,024 tokens is what lets it run at all (17.7 GB of values). Either way the
+#: paths, weights and hops are the same.
+DERIVE_ABOVE_BYTES = 64 << 20
 
 
 def _kept_bytes(g, order, dtype):
