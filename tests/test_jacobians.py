@@ -450,6 +450,9 @@ def test_mm_maxmin_masked_row_blocks_against_numpy(dtype, B, nb):
     Amax, Amin = np.maximum(a, b), np.minimum(a, b)
     Amax[0, 2, 4], Amin[0, 2, 4] = -np.inf, np.inf
     P = RNG.integers(-2, 3, (B, T, J)).astype(dtype) * dtype(0.25)
+    P[0, 0] = 0.0                                   # a row without edges
+    P[0, 1, :2] = P[0, 1, -2:] = 0.0                # zeros at both ends (rows are visited between
+    P[-1, 2:] = np.tril(P[-1, 2:] + 1.0)[:, :J]     # their first and last edge); a causal pattern
     Ymax = np.full((B, I, J), -np.inf, dtype)
     Ymin = np.full((B, I, J), np.inf, dtype)
     mm_maxmin_masked(Amax, Amin, P, Ymax, Ymin, nb)
