@@ -397,6 +397,54 @@ def test_max_product_signed_causal_weights(dtype, wrt, transpose):
     np.testing.assert_allclose(ymin, exp_min, rtol=rtol, atol=0)
 
 
+def _layer_norm_values(case, jac, x):
+    """Backward values (xmax, xmin) of a layer norm's output for the envelope cases."""
+    rows, d = x.shape
+    a, b = RNG.standard_normal((2, rows * d))
+    xmax, xmin = np.maximum(a, b), np.minimum(a, b)
+    if case == "ties":
+        xmin = xmax.copy()                          # max == min: the two sets of lines coincide
+    elif case == "own-on-top":
+        xmax[::7] *= 50.0                           # outputs whose own line tops the envelope
+        xmin[::7] *= 50.0
+    elif case == "many-pieces":
+        # the lines a_i x_i (1 + xh_i z) tangent to y = z^2 at t_i = -2 / xh_i: every one is on
+        # the upper envelope over the row's range of z, far more pieces than it walks
+        xh = np.asarray(jac.A, dtype=np.float64).reshape(rows, d)
+        gam = np.asarray(jac.gamma, dtype=np.float64)
+        s = np.asarray(jac.rstd, dtype=np.float64).reshape(rows, 1)
+        coef = -gam[None, :] * s / d
+        tpt = -2.0 / np.where(np.abs(xh) > 0.2, xh, 0.2)
+        with np.errstate(divide="ignore"):
+            v = np.where(coef != 0, -tpt ** 2 / np.where(coef != 0, coef, 1.0), 1.0).reshape(-1)
+        xmax, xmin = v, v.copy()
+    xmax[5], xmin[5] = -np.inf, np.inf                  # a source with no path
+    return xmax, xmin
+
+
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+@pytest.mark.parametrize("case", ["random", "ties", "own-on-top", "many-pieces"])
+def test_layer_norm_signed_max_envelope(case, precision):
+    """The backward signed max through wide layer-norm rows, by the upper and lower envelopes of
+    the rows' lines, against max / min over the dense Jacobian's edges (torch.func.jacrev):
+    random values, max == min, outputs whose own line is on top (the reduction over the other
+    lines), and lines tangent to a parabola (an envelope of more pieces than the kernel walks:
+    the quadratic reduction)."""
+    rows, d = 3, 300
+    data = t(rows, d)
+    data[1, :40] = data[1, 40:80]                      # tied normalised values
+    jac, D = layer_norm(rows, d, precision, data=data)()
+    xmax, xmin = _layer_norm_values(case, jac, data.numpy())
+    exp_max, exp_min = signed_max_expected(D.T, xmax, xmin)
+    ymax, ymin = jac.max_product(xmax.copy(), xmin.copy(), True)
+    # the kernel's lines P + Q z round differently from w_ij x_i: a few ulps of the dtype
+    # (float32 in the float32 case, the model's precision)
+    rtol = 1e-12 if precision == "float64" else 1e-5
+    scale = np.abs(D).max() * np.abs(xmax[np.isfinite(xmax)]).max()
+    np.testing.assert_allclose(ymax, exp_max, rtol=rtol, atol=rtol * scale * 1e-3)
+    np.testing.assert_allclose(ymin, exp_min, rtol=rtol, atol=rtol * scale * 1e-3)
+
+
 @pytest.mark.parametrize("tiny", [False, True])
 def test_layer_norm_signed_max_in_float32(tiny):
     """A float32 model's layer norm: the signed backward max product runs in float32 (to float32

@@ -154,15 +154,78 @@ def _lines_maxmin(p0, q0, p1, q1, z, hi, lo):
     return hi, lo
 
 
+#: most pieces of a row's envelope that :func:`layer_norm_maxmin_t` walks (a few on real rows);
+#: a row whose envelope has more takes the quadratic reduction over all lines
+ENVELOPE_MAX = 48
+
+
+@njit(cache=True)
+def _envelope(p0, q0, p1, q1, sign, zlo, zhi, lines, cuts):
+    """The upper envelope (``sign`` 1) or the lower one (-1) over [zlo, zhi] of the lines
+    y = p + q z of two sets (line k < n of the first, n + k of the second), walked from zlo: the
+    line on top there, then each time the steeper line that crosses the current one first. Writes
+    the lines left to right to ``lines`` and the z from which each is on top to ``cuts``; returns
+    their number, or -1 when the envelope has more pieces than ``lines`` holds or the lines are
+    not finite. In float64, without fastmath (exact comparisons of values computed alike)."""
+    n = p0.shape[0]
+    m = 2 * n
+    P = np.empty(m)
+    Q = np.empty(m)
+    for k in range(n):
+        P[k] = np.float64(p0[k]) * sign
+        Q[k] = np.float64(q0[k]) * sign
+        P[n + k] = np.float64(p1[k]) * sign
+        Q[n + k] = np.float64(q1[k]) * sign
+    best = -np.inf
+    for k in range(m):
+        if not (np.isfinite(P[k]) and np.isfinite(Q[k])):
+            return -1
+        best = max(best, P[k] + Q[k] * zlo)
+    c = -1
+    cq = -np.inf
+    for k in range(m):
+        if P[k] + Q[k] * zlo == best and Q[k] > cq:
+            c, cq = k, Q[k]
+    Z = np.empty(m)
+    h = 0
+    z = zlo
+    while c >= 0 and h < lines.shape[0]:
+        lines[h] = c
+        cuts[h] = z
+        h += 1
+        pc = P[c]
+        nz = np.inf
+        for k in range(m):
+            zk = max((pc - P[k]) / (Q[k] - cq) if Q[k] > cq else np.inf, z)
+            Z[k] = zk
+            nz = min(nz, zk)
+        if nz > zhi:
+            return h
+        nxt = -1
+        nq = -np.inf
+        for k in range(m):
+            if Z[k] == nz and Q[k] > nq:
+                nxt, nq = k, Q[k]
+        c, cq, z = nxt, nq, nz
+    return -1
+
+
 @njit(cache=True, fastmath=_FM, parallel=True)
 def layer_norm_maxmin_t(xh, rs, gam, xmax, xmin, ymax, ymin):
     """Signed backward (max, x) through layer-norm rows laid out contiguously (inner == 1).
 
     Off the diagonal w_ij = a_i (1 + xh_i xh_j) with a_i = -gamma_i s / d, so each candidate
     w_ij x_i is the line P_i + Q_i xh_j evaluated at xh_j; the diagonal adds gamma_j s x_j.
-    Rows i with no path (xmax = -inf) or gamma_i = 0 (no edges) are dropped first. Each output j
-    is then a max / min reduction over the lines (held in registers, no read-modify-write of the
-    output row per line), its own line i = j taken with its diagonal weight. Works in the dtype of
+    Rows i with no path (xmax = -inf) or gamma_i = 0 (no edges) are dropped first. Output j is
+    the max / min over the lines of i != j at z = xh_j, with its own line i = j taken with its
+    diagonal weight. The max of lines is their upper envelope, which on a real row has a few
+    pieces over the row's range of z (:func:`_envelope`, O(d) per piece): each output reads the
+    piece it lies on and its two neighbours (ties at a crossing), computed as the quadratic
+    reduction computes them, so the results are the same; an output whose piece is its own line
+    takes the reduction over the other lines, and a row whose envelope has more than
+    :data:`ENVELOPE_MAX` pieces the reduction for every output (O(d) per output, in registers).
+    O(d) per row instead of O(d^2): 1.1x faster at 512 wide, 1.4-1.6x at 768, 3.4x at 2,048 (256
+    random rows, one thread; the same results to the last bit on them). Works in the dtype of
     the arrays (float32 or float64); ``ymax`` / ``ymin`` come in as -inf / +inf. The rows run in
     parallel. An exact zero weight (1 + xh_i xh_j = 0) counts as an edge of weight 0.
     """
@@ -174,7 +237,7 @@ def layer_norm_maxmin_t(xh, rs, gam, xmax, xmin, ymax, ymin):
         P1 = np.empty(d, xh.dtype)
         Q1 = np.empty(d, xh.dtype)
         G1 = np.empty(d, xh.dtype)
-        idx = np.empty(d, np.int64)
+        own = np.full(d, -1, np.int64)   # output j's line, if any
         base = r * d
         n = 0
         for i in range(d):
@@ -189,26 +252,56 @@ def layer_norm_maxmin_t(xh, rs, gam, xmax, xmin, ymax, ymin):
             P1[n] = a * xn
             Q1[n] = a * xh[r, i] * xn
             G1[n] = gam[i] * rs[r] * xn
-            idx[n] = i
+            own[i] = n
             n += 1
         if n == 0:
             continue
         z = xh[r]
-        m = 0                      # idx is increasing: m tracks the line of output j, if any
+        zlo = np.inf
+        zhi = -np.inf
+        for j in range(d):
+            zlo = min(zlo, np.float64(z[j]))
+            zhi = max(zhi, np.float64(z[j]))
+        lx = np.empty(ENVELOPE_MAX, np.int64)
+        cx = np.empty(ENVELOPE_MAX)
+        ln = np.empty(ENVELOPE_MAX, np.int64)
+        cn = np.empty(ENVELOPE_MAX)
+        hx = _envelope(P0[:n], Q0[:n], P1[:n], Q1[:n], 1.0, zlo, zhi, lx, cx)
+        hn = _envelope(P0[:n], Q0[:n], P1[:n], Q1[:n], -1.0, zlo, zhi, ln, cn) if hx > 0 else -1
         for j in range(d):
             zj = z[j]
-            none_hi = ymax[base + j]   # -inf / +inf in the arrays' dtype
-            none_lo = ymin[base + j]
-            if m < n and idx[m] == j:
-                hi, lo = _lines_maxmin(P0[:m], Q0[:m], P1[:m], Q1[:m], zj, none_hi, none_lo)
-                hi, lo = _lines_maxmin(P0[m + 1:n], Q0[m + 1:n], P1[m + 1:n], Q1[m + 1:n], zj, hi, lo)
+            m = own[j]
+            hi = ymax[base + j]    # -inf / +inf in the arrays' dtype
+            lo = ymin[base + j]
+            reduce = hn < 0
+            if not reduce:
+                kx = 0
+                while kx + 1 < hx and cx[kx + 1] <= zj:
+                    kx += 1
+                kn = 0
+                while kn + 1 < hn and cn[kn + 1] <= zj:
+                    kn += 1
+                reduce = m >= 0 and (lx[kx] == m or lx[kx] == n + m or ln[kn] == m or ln[kn] == n + m)
+            if reduce:
+                if m >= 0:
+                    hi, lo = _lines_maxmin(P0[:m], Q0[:m], P1[:m], Q1[:m], zj, hi, lo)
+                    hi, lo = _lines_maxmin(P0[m + 1:n], Q0[m + 1:n], P1[m + 1:n], Q1[m + 1:n], zj, hi, lo)
+                else:
+                    hi, lo = _lines_maxmin(P0[:n], Q0[:n], P1[:n], Q1[:n], zj, hi, lo)
+            else:
+                for c in range(max(kx - 1, 0), min(kx + 2, hx)):
+                    k = lx[c]
+                    if m < 0 or (k != m and k != n + m):
+                        hi = fmax(hi, P0[k] + Q0[k] * zj if k < n else P1[k - n] + Q1[k - n] * zj)
+                for c in range(max(kn - 1, 0), min(kn + 2, hn)):
+                    k = ln[c]
+                    if m < 0 or (k != m and k != n + m):
+                        lo = fmin(lo, P0[k] + Q0[k] * zj if k < n else P1[k - n] + Q1[k - n] * zj)
+            if m >= 0:
                 u = P0[m] + Q0[m] * zj + G0[m]
                 v = P1[m] + Q1[m] * zj + G1[m]
                 hi = fmax(hi, fmax(u, v))
                 lo = fmin(lo, fmin(u, v))
-                m += 1
-            else:
-                hi, lo = _lines_maxmin(P0[:n], Q0[:n], P1[:n], Q1[:n], zj, none_hi, none_lo)
             ymax[base + j] = hi
             ymin[base + j] = lo
 
