@@ -104,6 +104,29 @@ def test_a_busy_machine_gives_a_query_one_thread(restore_pools, monkeypatch):
     assert threads.free_threads(2) == 2
 
 
+def test_busy_elsewhere_counts_another_process_and_needs_proc():
+    """What a busy machine is (the count behind the test above): a process spinning on a core is
+    seen (at some of 50 reads: the scheduler may deschedule it for a moment); where /proc cannot
+    be read, nothing is."""
+    import builtins
+    import time
+    child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)                           # the child is running by now
+        assert max(threads._busy_elsewhere() for _ in range(50)) >= 1
+    finally:
+        child.kill()
+        child.wait()
+    real_open = builtins.open
+
+    def no_proc(path, *a, **k):
+        if str(path).startswith("/proc"):
+            raise OSError("no /proc here")
+        return real_open(path, *a, **k)
+    with mock.patch.object(builtins, "open", no_proc):
+        assert threads._busy_elsewhere() == 0
+
+
 def _products(jac, rng, sums=True):
     """Every product family of ``jac`` (the sum and entropy products only if ``sums``), both
     directions, on random values with some "no path" entries."""
