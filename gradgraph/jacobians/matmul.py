@@ -458,14 +458,8 @@ class MatmulJacobian(Jacobian):
         if X.flags.c_contiguous:
             return X
         if WEIGHT_CACHE.keeping:
-            return WEIGHT_CACHE.get(self.other, (self.wrt, which), lambda: np.ascontiguousarray(X))
-        out = WEIGHT_CACHE.scratch(X.size, X.dtype, slot=("P", which)).reshape(X.shape)
-        src = np.swapaxes(X, 1, 2)
-        if src.flags.c_contiguous:
-            transpose_into(src, out)
-        else:
-            np.copyto(out, X)
-        return out
+            return WEIGHT_CACHE.get(self.other, (self.wrt, which), lambda: _contiguous(X, np.empty(X.shape, X.dtype)))
+        return _contiguous(X, WEIGHT_CACHE.scratch(X.size, X.dtype, slot=("P", which)).reshape(X.shape))
 
     def _canon(self, x, shape, C):
         """View a (C, numel) batch of an in/out tensor in canonical (C, B, rows, cols) layout."""
@@ -749,6 +743,17 @@ class MatmulJacobian(Jacobian):
     @classmethod
     def from_state(cls, out_shape, in_shape, params, arrays):
         return cls(out_shape, in_shape, arrays["other"], params["wrt"])
+
+
+def _contiguous(X, out):
+    """``out[...] = X`` for a (B, ., .) view ``X`` and a C-contiguous ``out``: by the tiled
+    transpose when ``X`` is a transposed contiguous array (a linear layer's weight), else by numpy."""
+    src = np.swapaxes(X, 1, 2)
+    if src.flags.c_contiguous:
+        transpose_into(src, out)
+    else:
+        np.copyto(out, X)
+    return out
 
 
 def _no_path(shape, dtype, value):
