@@ -405,8 +405,8 @@ def _layer_norm_values(case, jac, x):
     if case == "ties":
         xmin = xmax.copy()                          # max == min: the two sets of lines coincide
     elif case == "own-on-top":
-        xmax[::7] *= 50.0                           # outputs whose own line tops the envelope
-        xmin[::7] *= 50.0
+        xmax[::7] *= 50.0                           # a few lines far above the rest (every case
+        xmin[::7] *= 50.0                           # has 2-3 outputs per row whose own line is on top)
     elif case == "many-pieces":
         # the lines a_i x_i (1 + xh_i z) tangent to y = z^2 at t_i = -2 / xh_i: every one is on
         # the upper envelope over the row's range of z, far more pieces than it walks

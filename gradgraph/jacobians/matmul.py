@@ -439,11 +439,13 @@ class MatmulJacobian(Jacobian):
             self._cache[key] = WEIGHT_CACHE.get(self.other, (self.wrt,) + key, compute)
         return self._cache[key]
 
+    def _view(self, which):
+        """M (B, T, J) or M^T (B, J, T) as it lies in the operand's memory."""
+        return self._M if which == "M" else np.swapaxes(self._M, 1, 2)
+
     def _copied(self, which):
         """Whether :meth:`_P` makes a copy of this orientation for each product."""
-        M = self._M
-        X = M if which == "M" else np.swapaxes(M, 1, 2)
-        return not (X.flags.c_contiguous or WEIGHT_CACHE.keeping)
+        return not (self._view(which).flags.c_contiguous or WEIGHT_CACHE.keeping)
 
     def _P(self, which):
         """M (B, T, J) or M^T (B, J, T), C-contiguous. A linear layer's weight is already contiguous
@@ -453,8 +455,7 @@ class MatmulJacobian(Jacobian):
         memory (one slot per orientation, valid until the next product's) and never held by the
         graph: copies of every weight kept for the graph's life cost a query the size of the
         model's contractions again (340 MB at GPT-2 small, 8x torch's backward at a small BERT)."""
-        M = self._M
-        X = M if which == "M" else np.swapaxes(M, 1, 2)
+        X = self._view(which)
         if X.flags.c_contiguous:
             return X
         if WEIGHT_CACHE.keeping:
@@ -676,9 +677,7 @@ class MatmulJacobian(Jacobian):
     def _zero_cols(self, which):
         """Indices of the columns of ``_P(which)`` (B, T, N) holding a zero weight (cached per
         weight; read from the operand as it lies, no copy)."""
-        M = self._M
-        return self._kept(("zero_cols", which),
-                          lambda: np.flatnonzero((M == 0).any(axis=(0, 1) if which == "M" else (0, 2))))
+        return self._kept(("zero_cols", which), lambda: np.flatnonzero((self._view(which) == 0).any(axis=(0, 1))))
 
     def out_edges(self, j):
         s_in = self.in_shape if len(self.in_shape) == 3 else (1,) + self.in_shape
