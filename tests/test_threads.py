@@ -435,3 +435,29 @@ def test_max_passes_keep_their_elementwise_work_off_torchs_pool(block_calls):
     model(x).backward()
     arr, scale = B[g.sources["x"]].arr, B[g.sources["x"]].log_scale
     np.testing.assert_allclose(arr[0] * np.exp(scale), x.grad.numpy(), rtol=1e-10, atol=1e-300)
+
+
+@pytest.mark.parametrize("numpy_blas", [True, False])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_one_thread_contractions_through_either_blas_are_the_dense_product(restore_pools, monkeypatch, numpy_blas,
+                                                                           dtype):
+    """At one thread the contractions call numpy's BLAS or torch's, chosen by the CPU (see
+    ``NUMPY_GEMM_AT_ONE_THREAD``): both give the product of the dense matrices (numpy, float64)."""
+    from gradgraph.jacobians import matmul as matmul_module
+    gg.set_num_threads(1)
+    monkeypatch.setattr(matmul_module, "NUMPY_GEMM_AT_ONE_THREAD", numpy_blas)
+    rng = np.random.default_rng(5)
+    W = rng.standard_normal((300, 700)).astype(dtype)
+    jac = MatmulJacobian((9, 700), (9, 300), W, "left")
+    x = rng.standard_normal((2, 9 * 300)).astype(dtype)
+    with mock.patch.object(torch, "mm", wraps=torch.mm) as torch_mm:
+        out = jac.sum_product(x, 0, False)          # x @ W, the forward direction
+        g = rng.standard_normal((2, 9 * 700)).astype(dtype)
+        back = jac.sum_product(g, 1, True)          # g @ |W|^T, the magnitudes backward
+    assert torch_mm.called == (not numpy_blas)
+    W64 = W.astype(np.float64)
+    expected = (x.astype(np.float64).reshape(2, 9, 300) @ W64).reshape(2, -1)
+    rtol = 1e-10 if dtype == np.float64 else 1e-5
+    assert out.shape == expected.shape and np.allclose(out, expected, rtol=rtol, atol=rtol * np.abs(expected).max())
+    expected = (g.astype(np.float64).reshape(2, 9, 700) @ np.abs(W64).T).reshape(2, -1)
+    assert back.shape == expected.shape and np.allclose(back, expected, rtol=rtol, atol=rtol * np.abs(expected).max())

@@ -531,9 +531,7 @@ class MatmulJacobian(Jacobian):
         if P.shape[0] == 1:
             C, B, I, Kc = at.shape
             a2 = at.reshape(C * B * I, Kc)
-            if torch.get_num_threads() == 1:
-                # one thread: numpy's BLAS call (OpenBLAS) beat torch's by 1.0-1.8x on these
-                # shapes on AMD CPUs (measured 32-64 x 512-2048 x 512-2048, float32)
+            if torch.get_num_threads() == 1 and NUMPY_GEMM_AT_ONE_THREAD:
                 y = torch.from_numpy(a2.numpy() @ P[0].numpy())
             else:
                 # more: torch's, whose pool the query's other parallel ops use too (gradgraph.threads)
@@ -742,6 +740,26 @@ class MatmulJacobian(Jacobian):
     @classmethod
     def from_state(cls, out_shape, in_shape, params, arrays):
         return cls(out_shape, in_shape, arrays["other"], params["wrt"])
+
+
+def _cpu_vendor():
+    """The CPU's vendor string from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD"), or ""."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+#: Which BLAS the one-thread contractions call. Measured at one thread, float32, 32-256 x
+#: 512-3072 x 512-3072 (``benchmarks/blas.py``): on AMD EPYC numpy's (OpenBLAS) beat torch's
+#: (MKL) by 1.0-1.8x; on Intel Xeon torch's MKL beat numpy's by 1.2-2.0x, and by 6x for a few
+#: rows. So numpy's unless torch's BLAS is MKL on an Intel CPU. (From two threads on, torch's
+#: always: its pool is the one the query's other parallel work uses, see gradgraph.threads.)
+NUMPY_GEMM_AT_ONE_THREAD = not (torch.backends.mkl.is_available() and _cpu_vendor() == "GenuineIntel")
 
 
 def _contiguous(X, out):
