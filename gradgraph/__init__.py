@@ -4,6 +4,7 @@
 >>> g = gg.capture(model, args, output=lambda out: out.logits[0, 5, is_id] - out.logits[0, 5, are_id])
 >>> g.gradient(); g.top_paths(k=5); g.entropy(); g.flow(by="module")
 """
+from . import _cpu             # first: numba's CPU target, before any kernel is defined
 from . import capture          # the package, callable as the capture function
 from . import batch
 from .capture import Capturer, register_rule
