@@ -32,13 +32,15 @@ import functools
 import os
 import sys
 import threading
+import types
 
 import numba
 import torch
 
 from .errors import GradGraphError
 
-__all__ = ["set_num_threads", "get_num_threads", "set_dynamic", "free_threads", "query_threads", "parallel"]
+__all__ = ["set_num_threads", "get_num_threads", "set_dynamic", "free_threads", "query_threads", "parallel",
+           "kernel"]
 
 # Before numba launches its pool (the first parallel kernel call); a choice made by the user's
 # environment (NUMBA_THREADING_LAYER) is kept.
@@ -174,12 +176,48 @@ def query_threads(fn):
     return wrapper
 
 
+#: Work (about one scalar operation a unit) below which a kernel call runs on one thread: starting
+#: a parallel region costs 0.1-0.25 ms at two threads on a virtual machine (see :func:`kernel`),
+#: what a serial kernel does in about that many operations.
+PARALLEL_MIN_WORK = 1 << 18
+
+
 @contextlib.contextmanager
-def parallel():
-    """Around a call of a ``parallel=True`` numba kernel: one such call at a time per process (the
-    workqueue layer's rule), with as many numba threads as torch currently uses (the number is
-    the context's value, for kernels that split their work into blocks themselves)."""
+def parallel(work=None):
+    """Around a call of a :func:`kernel`: one such call at a time per process (the workqueue
+    layer's rule), with as many numba threads as torch currently uses (the number is the
+    context's value, for kernels that split their work into blocks themselves), or one when the
+    caller's estimate of the call's ``work`` is below :data:`PARALLEL_MIN_WORK`."""
     with _kernel_lock:
         n = min(get_num_threads(), _NUMBA_MAX)
+        if work is not None and work < PARALLEL_MIN_WORK:
+            n = 1
         numba.set_num_threads(n)
         yield n
+
+
+def kernel(**options):
+    """Decorator for the query kernels: ``numba.njit(parallel=True, **options)``, and the same
+    function compiled without ``parallel``, which a call takes when numba's thread count is 1
+    (one-thread queries; :func:`parallel` sets the count for every kernel call).
+
+    A parallel region is started through numba's ``workqueue`` layer, whose sleeping workers are
+    woken for every call, even at one thread: 0.1-0.6 ms per call on a virtual machine, where the
+    same empty loop takes under a microsecond serially and a small kernel (a layer norm's rows
+    at 32 tokens) about 10 us. A query makes hundreds of calls. The serial twin has its own
+    name (``<name>_serial``), so numba's cache keeps the two apart. The two loop over the same
+    iterations, so each computes every output the same way: the results are the same bits."""
+    def wrap(fn):
+        par = numba.njit(parallel=True, **options)(fn)
+        twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+        twin.__qualname__ = fn.__qualname__ + "_serial"
+        twin.__module__ = fn.__module__
+        twin.__doc__ = fn.__doc__
+        ser = numba.njit(parallel=False, **options)(twin)
+
+        @functools.wraps(fn)
+        def call(*args):
+            return (ser if numba.get_num_threads() == 1 else par)(*args)
+        call.parallel, call.serial = par, ser
+        return call
+    return wrap

@@ -149,7 +149,9 @@ def _products(jac, rng, sums=True):
 
 @needs_two
 @pytest.mark.parametrize("precision", ["float64", "float32"])
-def test_parallel_kernels_give_the_results_of_one_thread(restore_pools, precision):
+def test_parallel_kernels_give_the_results_of_one_thread(restore_pools, precision, monkeypatch):
+    # every call parallel at two threads, however small (the products below are small)
+    monkeypatch.setattr(threads, "PARALLEL_MIN_WORK", 0)
     rng = np.random.default_rng(1)
     rows, d = 9, 300
     A = rng.standard_normal((rows, d))
@@ -461,3 +463,33 @@ def test_one_thread_contractions_through_either_blas_are_the_dense_product(resto
     assert out.shape == expected.shape and np.allclose(out, expected, rtol=rtol, atol=rtol * np.abs(expected).max())
     expected = (g.astype(np.float64).reshape(2, 9, 700) @ np.abs(W64).T).reshape(2, -1)
     assert back.shape == expected.shape and np.allclose(back, expected, rtol=rtol, atol=rtol * np.abs(expected).max())
+
+
+@needs_two
+def test_small_kernel_calls_run_on_one_thread_and_kernels_have_a_serial_twin(restore_pools):
+    """``parallel(work=...)`` gives one thread below PARALLEL_MIN_WORK (a parallel region costs more
+    than such a call's work), the query's threads above; a kernel takes its serial twin at one
+    numba thread and its parallel compilation above, with the same results."""
+    gg.set_num_threads(2)
+    with threads.parallel(work=threads.PARALLEL_MIN_WORK - 1) as n:
+        assert n == 1 and numba.get_num_threads() == 1
+    with threads.parallel(work=threads.PARALLEL_MIN_WORK) as n:
+        assert n == 2 and numba.get_num_threads() == 2
+    with threads.parallel() as n:
+        assert n == 2
+    from gradgraph.jacobians.matmul import mm_maxmin_dense
+    rng = np.random.default_rng(3)
+    A = rng.standard_normal((1, 5, 7))
+    P = rng.standard_normal((1, 7, 300))
+    outs = {}
+    for nt in (1, 2):
+        numba.set_num_threads(nt)
+        Y, Z = np.full((1, 5, 300), -np.inf), np.full((1, 5, 300), np.inf)
+        mm_maxmin_dense(A, A - 1, P, Y, Z, 2)
+        outs[nt] = (Y, Z)
+    assert mm_maxmin_dense.serial.signatures and mm_maxmin_dense.parallel.signatures
+    assert all(np.array_equal(a, b) for a, b in zip(outs[1], outs[2]))
+    prods = A[0][:, :, None] * P[0][None]                       # (5, 7, 300)
+    prods_min = (A[0] - 1)[:, :, None] * P[0][None]
+    both = np.concatenate([prods, prods_min], axis=1)
+    assert np.array_equal(outs[1][0][0], both.max(axis=1)) and np.array_equal(outs[1][1][0], both.min(axis=1))

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from ..threads import get_num_threads, parallel
+from ..threads import get_num_threads, kernel, parallel
 from ._intrinsics import _FM, fmax
 
 __all__ = ["GRAIN", "TORCH_MIN", "torch_min", "on_torch", "blocks", "run_blocks", "add", "div_scalar", "mul_scalar", "max_finite_abs",
@@ -149,7 +149,7 @@ def _max_finite_abs_range(a, lo, hi):
     return m
 
 
-@njit(cache=True, parallel=True)
+@kernel(cache=True)
 def _max_finite_abs_blocks(a, bounds):
     nb = bounds.shape[0] - 1
     part = np.zeros(nb)

@@ -9,14 +9,14 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from ..threads import parallel
+from ..threads import kernel, parallel
 from ._intrinsics import _FM, WeightMap, flog, fmax, fmin, max_support, weight_map
 from ._weightcache import WEIGHT_CACHE
 from ._elementwise import fill
 from .base import Jacobian, _numel
 
 # ----------------------------------------------------------------------------- contraction
-@njit(cache=True, parallel=True)
+@kernel(cache=True)
 def mm_maxmin(Amax, Amin, P, Ymax, Ymin):
     """Signed (max, x)/(min, x) semiring matmul Y = A (x) P, the rows (b, i) in parallel."""
     B, I, T = Amax.shape
@@ -72,7 +72,7 @@ def support_rows_cols(a, out):
 
 
 
-@njit(cache=True, fastmath=_FM, error_model="numpy", parallel=True)
+@kernel(cache=True, fastmath=_FM, error_model="numpy")
 def mm_maxmin_dense(Amax, Amin, P, Ymax, Ymin, nb):
     """:func:`mm_maxmin` for a P without zeros, t-outer so each row of P is read once per batch.
 
@@ -105,7 +105,7 @@ def mm_maxmin_dense(Amax, Amin, P, Ymax, Ymin, nb):
 
 
 
-@njit(cache=True, fastmath=_FM, error_model="numpy", parallel=True)
+@kernel(cache=True, fastmath=_FM, error_model="numpy")
 def mm_maxmin_masked(Amax, Amin, P, Ymax, Ymin, nb):
     """:func:`mm_maxmin` for a P with many zeros (a causal attention pattern), branch-free:
     a zero weight is no edge, so a select keeps the output as it was, which
@@ -163,7 +163,7 @@ def masked_blocks(B, I, threads):
 
 
 
-@njit(cache=True, fastmath=_FM, error_model="numpy", parallel=True)
+@kernel(cache=True, fastmath=_FM, error_model="numpy")
 def mm_maxmin_dot(Amax, Amin, PT, Ymax, Ymin, jb):
     """:func:`mm_maxmin_dense` in dot-product form, for an A without "no path" entries: PT is P
     transposed (B, J, T), so each output pair is a max / min reduction along contiguous rows,
@@ -210,7 +210,7 @@ def dot_block(T, itemsize, threads, J):
     return max(1, min(jb, -(-J // threads)))
 
 
-@njit(cache=True, parallel=True)
+@kernel(cache=True)
 def transpose_into(src, dst):
     """dst[b] = src[b]^T for C-contiguous (B, R, C) ``src`` and (B, C, R) ``dst``. The body goes
     in 8 x 8 tiles of constant size, which LLVM turns into register shuffles (twice the speed of
@@ -238,7 +238,7 @@ def transpose_into(src, dst):
                     d[c, r] = s[r, c]
 
 
-@njit(cache=True, parallel=True)
+@kernel(cache=True)
 def mm_maxmin_cols(Amax, Amin, P, cols, Ymax, Ymin):
     """Recompute the columns ``cols`` of a signed max product exactly (zero weights skipped),
     the columns in parallel."""
@@ -262,7 +262,7 @@ def mm_maxmin_cols(Amax, Amin, P, cols, Ymax, Ymin):
                 Ymin[b, i, j] = lo
 
 
-@njit(cache=True, fastmath=_FM, error_model="numpy", parallel=True)
+@kernel(cache=True, fastmath=_FM, error_model="numpy")
 def mm_max_dense(A, P, Y, nb):
     """Y[b, i, :] = max_t |P[b, t, :]| * A[b, i, t], t-outer so each row of P is read once per
     batch (a zero weight gives the candidate 0, which is "no path" here); ``nb`` blocks of output
@@ -308,7 +308,7 @@ def _abs_xlogx_block(w, a, h):
                 h[k] = -v * np.log(v)
 
 
-@njit(cache=True, parallel=True)
+@kernel(cache=True)
 def abs_xlogx(w, a, h, nb):
     """:func:`_abs_xlogx_block` over ``nb`` blocks of the arrays in parallel, each block small
     enough (see :func:`weight_transforms`) that its |w| is still in the core's cache when the
@@ -333,7 +333,7 @@ def weight_transforms(flat, with_h, scratch=False):
         a = np.empty_like(flat)
         h = np.empty_like(flat) if with_h else np.empty(0, dtype=flat.dtype)
     if flat.size:
-        with parallel() as threads:
+        with parallel(work=flat.size * 8) as threads:
             # blocks of 16 K elements: a block's |w| (64 KB in float32) stays in L2 between its loops
             abs_xlogx(flat, a, h, max(threads, -(-flat.size // (1 << 14))))
     return [a, h] if with_h else [a]
@@ -349,7 +349,7 @@ def _abs_bits_differ(w, a, mask):
     return diff != 0
 
 
-@njit(cache=True, parallel=True)
+@kernel(cache=True)
 def abs_bits_equal(w, a, mask, nb):
     """Whether the bits of |w| (w's bits without the sign: ``mask``) equal those of ``a``, for
     1-d unsigned views of float arrays of one width, in ``nb`` blocks in parallel; each block stops
@@ -636,7 +636,7 @@ class MatmulJacobian(Jacobian):
                 if not sliced:
                     sliced.append(np.ascontiguousarray(P[:, ci, :]) if len(ci) < T_ else P)
                 return sliced[0]
-            with parallel() as threads:
+            with parallel(work=B_ * len(ri) * len(ci) * ncol) as threads:
                 if full is not None:
                     PT = self._P("M" if transpose else "MT")
                     if len(ci) < T_:
@@ -666,7 +666,7 @@ class MatmulJacobian(Jacobian):
         if len(ci) < T_:
             P = np.ascontiguousarray(P[:, ci, :])
         Y = fill(out[0], 0.0) if direct else np.zeros((B_, len(ri), ncol), dtype=dt)
-        with parallel() as threads:
+        with parallel(work=B_ * len(ri) * len(ci) * ncol) as threads:
             mm_max_dense(A, P, Y, _blocks(ncol, threads, 64))
         if not direct:
             out[0][:, live] = Y
@@ -814,7 +814,7 @@ def _abs_check(flat, unflat):
             return a.shape == flat.shape and a.dtype == flat.dtype
         bits = np.dtype(f"u{flat.itemsize}")
         mask = bits.type(np.iinfo(bits).max >> 1)
-        with parallel() as threads:
+        with parallel(work=a.size) as threads:
             return abs_bits_equal(flat.view(bits), a.view(bits), mask, _blocks(a.size, threads, 1 << 16))
     return check
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..threads import parallel
+from ..threads import kernel, parallel
 from ._intrinsics import _FM, _TINY, WeightMap, flog, fmax, fmin, max_support, one_like, transform, tw, weight_map
 from .base import Jacobian, _empty_max, max_dtype
 
@@ -89,7 +89,7 @@ def rowblock_max(kind, A, rs, gam, inner, xmax, xmin, transpose, signed, ymax, y
 
 
 
-@njit(cache=True, fastmath=_FM, error_model="numpy", parallel=True)
+@kernel(cache=True, fastmath=_FM, error_model="numpy")
 def rows_sum_product(code, signed, transpose, P, rs, gam, x, y):
     """The signed (``signed``) or magnitude product of softmax, log-softmax or layer norm
     (``code``) on rows: ``P`` (R, d) the factor (p or xhat, float32 or float64, read as
@@ -210,7 +210,7 @@ def _envelope(p0, q0, p1, q1, sign, zlo, zhi, lines, cuts):
     return -1
 
 
-@njit(cache=True, fastmath=_FM, parallel=True)
+@kernel(cache=True, fastmath=_FM)
 def layer_norm_maxmin_t(xh, rs, gam, xmax, xmin, ymax, ymin):
     """Signed backward (max, x) through layer-norm rows laid out contiguously (inner == 1).
 
@@ -306,7 +306,7 @@ def layer_norm_maxmin_t(xh, rs, gam, xmax, xmin, ymax, ymin):
             ymin[base + j] = lo
 
 
-@njit(cache=True, fastmath=_FM, parallel=True)
+@kernel(cache=True, fastmath=_FM)
 def layer_norm_maxmin_f(xh, rs, gam, xmax, xmin, ymax, ymin):
     """Signed forward (max, x) through layer-norm rows laid out contiguously (inner == 1).
 
@@ -377,7 +377,7 @@ def layer_norm_maxmin_f(xh, rs, gam, xmax, xmin, ymax, ymin):
 
 
 
-@njit(cache=True, fastmath=_FM, error_model="numpy", parallel=True)
+@kernel(cache=True, fastmath=_FM, error_model="numpy")
 def lowrank_maxmin(log_softmax, transpose, p, xmax, xmin, ymax, ymin):
     """Signed (max, x) through softmax (``log_softmax`` False) or log-softmax rows, O(d) per row.
 
@@ -452,12 +452,12 @@ def layer_norm_split(A):
     order = np.argsort(A, axis=1).astype(idx)
     lo = np.empty(A.shape, idx)
     hi = np.empty(A.shape, idx)
-    with parallel():
+    with parallel(work=A.size * 16):
         _ln_bounds(A, order, lo, hi)
     return order, lo, hi
 
 
-@njit(cache=True, parallel=True)
+@kernel(cache=True)
 def _ln_bounds(A, order, lo, hi):
     """The ranges of :func:`layer_norm_split` by two pointers over each sorted row: -1/z_j grows
     with z_j on either side of 0, so the bounds only move forward. Rows in parallel."""
@@ -522,7 +522,7 @@ def live_rows(x):
     return live
 
 
-@njit(cache=True, parallel=True)
+@kernel(cache=True)
 def layer_norm_sum(A, rs, gam, rows, split, x, transpose, y):
     """y += |J| x (or |J|^T x) for layer-norm rows laid out contiguously (inner == 1), by the
     sorted prefix sums above plus the diagonal with its true weight. Rows whose input is all
@@ -555,7 +555,7 @@ def layer_norm_sum(A, rs, gam, rows, split, x, transpose, y):
                 y[c, base + i] += yi + diag * x[c, base + i]
 
 
-@njit(cache=True, fastmath=_FM, error_model="numpy", parallel=True)
+@kernel(cache=True, fastmath=_FM, error_model="numpy")
 def layer_norm_entropy(A, rs, gam, rows, split, x, transpose, y):
     """The entropy semiring's product through layer-norm rows (inner == 1), fused:
     <Z, R> -> <|J| Z, |J| R + H Z> with H = -|J| log|J| (transposed for the backward direction).
@@ -636,7 +636,7 @@ def _ln_entropy_row(A, rs, gam, r, order, lo, hi, x, transpose, y):
         y[1, base + i] += yr + w * ri_ + h * zi_
 
 
-@njit(cache=True, fastmath=_FM, error_model="numpy", parallel=True)
+@kernel(cache=True, fastmath=_FM, error_model="numpy")
 def softmax_entropy(P, x, y):
     """The entropy semiring's product through softmax rows, fused: <Z, R> -> <|J| Z, |J| R + H Z>
     with H = -|J| log|J| (J = diag(p) - p p^T is symmetric, so either direction).
@@ -758,7 +758,7 @@ class RowBlockJacobian(Jacobian):
         if t != WeightMap.XLOGX and (self.function != "layer_norm" or t == WeightMap.SIGNED):
             x = np.ascontiguousarray(x)
             y = np.empty(x.shape, max_dtype(x))
-            with parallel():
+            with parallel(work=x.size * 4):
                 rows_sum_product(self._code, t == WeightMap.SIGNED, transpose, self._A, self.rstd, self.gamma,
                                  self._row_view(x), self._row_view(y))
             return y
@@ -773,7 +773,7 @@ class RowBlockJacobian(Jacobian):
             y = np.zeros_like(x)
             if self.inner == 1 and t == WeightMap.ABS:
                 rows, split = self._live_split(x)
-                with parallel():
+                with parallel(work=len(rows) * self.d * 16):
                     layer_norm_sum(self.A, self.rstd, self.gamma, rows, split, x, transpose, y)
             elif self.inner == 1:
                 # H x is the cross term of the fused entropy product with R = 0
@@ -781,7 +781,7 @@ class RowBlockJacobian(Jacobian):
                     pair = np.stack([x[c], np.zeros_like(x[c])])
                     out = np.zeros_like(pair)
                     rows, split = self._live_split(pair)
-                    with parallel():
+                    with parallel(work=len(rows) * self.d ** 2):
                         layer_norm_entropy(self.A, self.rstd, self.gamma, rows, split, pair, transpose, out)
                     y[c] = out[1]
             else:
@@ -816,7 +816,7 @@ class RowBlockJacobian(Jacobian):
         if self.function == "softmax":
             xr = np.ascontiguousarray(self._rows(np.asarray(x, dtype=np.float64), 2))
             y = np.zeros_like(xr)
-            with parallel():
+            with parallel(work=xr.size * 8):
                 softmax_entropy(self.A, xr, y)
             return self._unrows(y, 2).astype(max_dtype(x), copy=False)
         if self.function != "layer_norm" or self.inner != 1:
@@ -827,7 +827,7 @@ class RowBlockJacobian(Jacobian):
         xx = np.ascontiguousarray(x, dtype=dt)
         y = np.zeros_like(xx)
         rows, split = self._live_split(x)
-        with parallel():
+        with parallel(work=len(rows) * self.d ** 2):
             layer_norm_entropy(*self._factors, rows, split, xx, transpose, y)
         return y.astype(np.result_type(x.dtype, dt), copy=False)
 
@@ -867,7 +867,8 @@ class RowBlockJacobian(Jacobian):
         out[0] = -np.inf
         out[1] = np.inf
         kernel = layer_norm_maxmin_t if transpose else layer_norm_maxmin_f
-        with parallel():
+        # the backward kernel walks each row's envelope (a few pieces), the forward one all pairs
+        with parallel(work=self._A.size * (16 if transpose else self.d)):
             kernel(*self._max_factors, np.ascontiguousarray(xmax, dtype=dt),
                    np.ascontiguousarray(xmin, dtype=dt), out[0], out[1])
         if signed:
@@ -895,7 +896,7 @@ class RowBlockJacobian(Jacobian):
                 self._max_factors = (self.A.astype(dt),)
             rows = lambda v: np.ascontiguousarray(self._rows(np.asarray(v)[None], 1)[0], dtype=dt)
             y = np.empty((2,) + self._A.shape, dtype=dt)
-            with parallel():
+            with parallel(work=y.size * 4):
                 lowrank_maxmin(self.function == "log_softmax", transpose, self._max_factors[0],
                                rows(xmax), rows(xmin), y[0], y[1])
             y = self._unrows(y, 2)

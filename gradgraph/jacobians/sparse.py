@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from ..threads import parallel
+from ..threads import kernel, parallel
 from . import _elementwise
 from ._elementwise import blocks, run_blocks, scale_columns
 from ._intrinsics import _FM, _TINY, WeightMap, flog, fmax, fmin, tw, weight_map
@@ -120,25 +120,25 @@ def coo_maxmin(xmax, xmin, src, dst, w, ymax, ymin, lo, hi):
 # The same kernels over blocks of entries in parallel. The caller splits the entries so that no
 # destination receives entries from two blocks (see SparseJacobian._scatter): each destination's
 # contributions then arrive in the serial order, and the results are bit for bit one thread's.
-@njit(cache=True, parallel=True)
+@kernel(cache=True)
 def coo_sum_blocks(x, src, dst, w, t, y, bounds):
     for blk in prange(bounds.shape[0] - 1):
         coo_sum(x, src, dst, w, t, y, bounds[blk], bounds[blk + 1])
 
 
-@njit(cache=True, parallel=True)
+@kernel(cache=True)
 def coo_entropy_blocks(x, src, dst, w, y, bounds):
     for blk in prange(bounds.shape[0] - 1):
         coo_entropy(x, src, dst, w, y, bounds[blk], bounds[blk + 1])
 
 
-@njit(cache=True, parallel=True)
+@kernel(cache=True)
 def coo_max_blocks(x, src, dst, w, y, bounds):
     for blk in prange(bounds.shape[0] - 1):
         coo_max(x, src, dst, w, y, bounds[blk], bounds[blk + 1])
 
 
-@njit(cache=True, parallel=True)
+@kernel(cache=True)
 def coo_maxmin_blocks(xmax, xmin, src, dst, w, ymax, ymin, bounds):
     for blk in prange(bounds.shape[0] - 1):
         coo_maxmin(xmax, xmin, src, dst, w, ymax, ymin, bounds[blk], bounds[blk + 1])
@@ -167,7 +167,7 @@ def diag_max(xmax, xmin, w, signed, out, lo_k, hi_k):
             y[k] = abs(w[k]) * xmax[k]
 
 
-@njit(cache=True, parallel=True)
+@kernel(cache=True)
 def diag_max_blocks(xmax, xmin, w, signed, out, bounds):
     for blk in prange(bounds.shape[0] - 1):
         diag_max(xmax, xmin, w, signed, out, bounds[blk], bounds[blk + 1])
@@ -197,7 +197,7 @@ def diag_entropy(x, w, y, lo, hi):
                 y1[k] = a * r[k] - (a * np.log(a) * z[k] if a > 0 else 0.0)
 
 
-@njit(cache=True, parallel=True)
+@kernel(cache=True)
 def diag_entropy_blocks(x, w, y, bounds):
     for blk in prange(bounds.shape[0] - 1):
         diag_entropy(x, w, y, bounds[blk], bounds[blk + 1])
