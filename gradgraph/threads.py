@@ -17,6 +17,9 @@ ten times slower than one thread). The policy:
   ``workqueue`` layer, whose idle threads sleep and which is safe in forked and spawned worker
   processes (GNU OpenMP is not fork-safe, and numba's would be a second copy of it next to
   torch's);
+* every kernel is compiled twice (:func:`kernel`): the serial compilation runs at one thread and
+  for calls whose work is below :data:`PARALLEL_MIN_WORK` (``parallel(work=...)``), since waking
+  the workqueue's workers costs 0.1-0.6 ms per call on a virtual machine;
 * a query uses no more threads than there are cores not busy with other processes at its start
   (``/proc/loadavg``'s runnable count minus this process's own, as OpenMP's dynamic adjustment
   does with the load average): on a busy machine it runs on one thread rather than stalling at
