@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 sys.argv += [] if "--threads" in sys.argv else ["--threads", "1"]
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, print_table  # noqa: E402  (sets the pools' thread variables)
+from common import machine, median_time, print_table  # noqa: E402  (sets the pools' thread variables)
 
 import torch  # noqa: E402
 
@@ -29,13 +28,7 @@ SHAPES = [(3, 768, 768), (32, 512, 512), (32, 512, 2048), (32, 2048, 512), (64, 
 
 
 def median_us(fn, repeats=21):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[repeats // 2] * 1e6
+    return median_time(fn, repeats=repeats) * 1e6
 
 
 def main():

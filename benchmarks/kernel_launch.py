@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, print_table  # noqa: E402
+from common import machine, median_time, print_table  # noqa: E402
 
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
@@ -36,13 +35,7 @@ fill_serial = numba.njit(_fill)
 
 
 def median_us(fn, repeats=200):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[repeats // 2] * 1e6
+    return median_time(fn, repeats=repeats) * 1e6
 
 
 def main():
