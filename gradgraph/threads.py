@@ -190,13 +190,18 @@ def parallel(work=None):
     """Around a call of a :func:`kernel`: one such call at a time per process (the workqueue
     layer's rule), with as many numba threads as torch currently uses (the number is the
     context's value, for kernels that split their work into blocks themselves), or one when the
-    caller's estimate of the call's ``work`` is below :data:`PARALLEL_MIN_WORK`."""
+    caller's estimate of the call's ``work`` is below :data:`PARALLEL_MIN_WORK`. numba's count is
+    put back on exit, so a call nested in another's block leaves that block's count as it was."""
     with _kernel_lock:
         n = min(get_num_threads(), _NUMBA_MAX)
         if work is not None and work < PARALLEL_MIN_WORK:
             n = 1
+        before = numba.get_num_threads()
         numba.set_num_threads(n)
-        yield n
+        try:
+            yield n
+        finally:
+            numba.set_num_threads(before)
 
 
 def kernel(**options):

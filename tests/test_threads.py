@@ -477,6 +477,9 @@ def test_small_kernel_calls_run_on_one_thread_and_kernels_have_a_serial_twin(res
         assert n == 2 and numba.get_num_threads() == 2
     with threads.parallel() as n:
         assert n == 2
+        with threads.parallel(work=1) as inner:      # nested: its own count, the outer's after
+            assert inner == 1 and numba.get_num_threads() == 1
+        assert numba.get_num_threads() == 2
     from gradgraph.jacobians.matmul import mm_maxmin_dense
     rng = np.random.default_rng(3)
     A = rng.standard_normal((1, 5, 7))

@@ -767,7 +767,8 @@ def _contiguous(X, out):
     transpose when ``X`` is a transposed contiguous array (a linear layer's weight), else by numpy."""
     src = np.swapaxes(X, 1, 2)
     if src.flags.c_contiguous:
-        transpose_into(src, out)
+        with parallel(work=X.size):
+            transpose_into(src, out)
     else:
         np.copyto(out, X)
     return out

@@ -866,10 +866,10 @@ class RowBlockJacobian(Jacobian):
         out = np.empty((2, self.out_numel), dtype=dt)
         out[0] = -np.inf
         out[1] = np.inf
-        kernel = layer_norm_maxmin_t if transpose else layer_norm_maxmin_f
+        maxmin = layer_norm_maxmin_t if transpose else layer_norm_maxmin_f
         # the backward kernel walks each row's envelope (a few pieces), the forward one all pairs
         with parallel(work=self._A.size * (16 if transpose else self.d)):
-            kernel(*self._max_factors, np.ascontiguousarray(xmax, dtype=dt),
+            maxmin(*self._max_factors, np.ascontiguousarray(xmax, dtype=dt),
                    np.ascontiguousarray(xmin, dtype=dt), out[0], out[1])
         if signed:
             return _as_values(xmax, out[0], out[1])
