@@ -1,7 +1,8 @@
 """What starting a numba parallel region costs here, against a serial call, in one process.
 
-gradgraph's kernels run under numba's ``workqueue`` threading layer (``gradgraph.threads``),
-whose sleeping workers are woken for every parallel call. This script times, at one and at two
+gradgraph's kernels run under numba's ``omp`` threading layer where torch runs on GNU OpenMP,
+else under its ``workqueue`` layer, whose sleeping workers are woken for every parallel call
+(``gradgraph.threads.LAYER``; ``NUMBA_THREADING_LAYER=workqueue`` forces it). This script times, at one and at two
 numba threads, an empty ``prange`` loop compiled with ``parallel=True`` and the same loop compiled
 without, and the signed product of one small layer norm (32 rows of 512, float32, the shape of the
 benchmark BERT at 32 tokens) through its two compilations (``threads.kernel``'s ``.parallel`` and
@@ -39,7 +40,7 @@ def median_us(fn, repeats=200):
 
 
 def main():
-    print(machine(), "| numba threading layer:", numba.config.THREADING_LAYER)
+    print(machine(), "| numba threading layer:", gradgraph.threads.LAYER)
     rng = np.random.default_rng(0)
     R, d = 32, 512
     ln = RowBlockJacobian((R, d), "layer_norm", R, d, 1, rng.standard_normal((R, d)).astype(np.float32),

@@ -13,20 +13,27 @@ ten times slower than one thread). The policy:
   numpy's BLAS limit at once;
 * while a query runs (:func:`query_threads`): numpy's BLAS is held to one thread, so its
   spinning pool never starts; the contractions go through torch's BLAS when more than one
-  thread is used (the one spinning pool); numba uses the same number of threads, with its
-  ``workqueue`` layer, whose idle threads sleep and which is safe in forked and spawned worker
-  processes (GNU OpenMP is not fork-safe, and numba's would be a second copy of it next to
-  torch's);
+  thread is used (the one spinning pool); numba uses the same number of threads;
+* numba's parallel regions run on torch's own OpenMP pool where they can (:data:`LAYER`): torch
+  ships GNU OpenMP on Linux and loads it into the process's global symbol scope, and numba's
+  ``omp`` layer, built against GNU OpenMP, binds its calls there (it maps the system's copy of the
+  library beside it, whose entry points the process then does not use) -- one set of worker
+  threads for torch's operations and the kernels, and a region starts in 1-3 us. Where torch's
+  runtime is another (Intel's or LLVM's OpenMP, which GNU's must not be mixed with, or none),
+  numba's ``workqueue`` layer runs them instead: its idle threads sleep, but waking them costs
+  0.1-0.6 ms per region on a virtual machine. A child forked after the OpenMP pool has run must
+  stay at one thread (torch's own operations hang there otherwise, with either layer):
+  gradgraph's worker processes are spawned;
 * every kernel is compiled twice (:func:`kernel`): the serial compilation runs at one thread and
-  for calls whose work is below :data:`PARALLEL_MIN_WORK` (``parallel(work=...)``), since waking
-  the workqueue's workers costs 0.1-0.6 ms per call on a virtual machine;
+  for calls whose work is below :data:`PARALLEL_MIN_WORK` (``parallel(work=...)``), what a
+  region's start costs on the layer in use;
 * a query uses no more threads than there are cores not busy with other processes at its start
   (``/proc/loadavg``'s runnable count minus this process's own, as OpenMP's dynamic adjustment
   does with the load average): on a busy machine it runs on one thread rather than stalling at
   barriers (:func:`set_dynamic` switches this off).
 
-The ``workqueue`` layer runs one parallel region at a time per process: :func:`parallel`
-serialises the kernels' parallel calls across Python threads.
+:func:`parallel` serialises the kernels' parallel calls across Python threads (the ``workqueue``
+layer runs one region at a time per process).
 """
 from __future__ import annotations
 
@@ -42,13 +49,31 @@ import torch
 
 from .errors import GradGraphError
 
-__all__ = ["set_num_threads", "get_num_threads", "set_dynamic", "free_threads", "query_threads", "parallel",
+__all__ = ["LAYER", "PARALLEL_MIN_WORK", "set_num_threads", "get_num_threads", "set_dynamic", "free_threads", "query_threads", "parallel",
            "kernel"]
 
-# Before numba launches its pool (the first parallel kernel call); a choice made by the user's
-# environment (NUMBA_THREADING_LAYER) is kept.
+
+
+def _torch_openmp_is_numbas():
+    """Whether numba's ``omp`` layer would run on the OpenMP runtime torch loaded: torch has
+    mapped GNU OpenMP (``libgomp``) into the process and numba's layer, built against GNU
+    OpenMP, loads (its calls then bind to torch's copy, loaded into the global scope first)."""
+    try:
+        with open("/proc/self/maps") as f:
+            if not any("libgomp" in line for line in f):
+                return False
+        from numba.np.ufunc import omppool
+    except (OSError, ImportError):
+        return False
+    return getattr(omppool, "openmp_vendor", "") == "GNU"
+
+
+#: numba's threading layer for the kernels: set before numba starts its pool (the first parallel
+#: call); a choice made in the environment (``NUMBA_THREADING_LAYER``) is kept.
+LAYER = os.environ.get("NUMBA_THREADING_LAYER", "").lower() or \
+    ("omp" if _torch_openmp_is_numbas() else "workqueue")
 if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
+    numba.config.THREADING_LAYER = LAYER
 
 _NUMBA_MAX = numba.config.NUMBA_NUM_THREADS     # numba's pool size, fixed when it starts
 _kernel_lock = threading.RLock()
@@ -179,15 +204,15 @@ def query_threads(fn):
     return wrapper
 
 
-#: Work (about one scalar operation a unit) below which a kernel call runs on one thread: starting
-#: a parallel region costs 0.1-0.25 ms at two threads on a virtual machine (see :func:`kernel`),
-#: what a serial kernel does in about that many operations.
-PARALLEL_MIN_WORK = 1 << 18
+#: Work (about one scalar operation a unit) below which a kernel call runs on one thread: what a
+#: serial kernel does in the time a parallel region takes to start -- 1-3 us on the ``omp`` layer,
+#: 0.1-0.6 ms on the ``workqueue`` layer (``benchmarks/kernel_launch.py``).
+PARALLEL_MIN_WORK = 1 << 15 if LAYER == "omp" else 1 << 18
 
 
 @contextlib.contextmanager
 def parallel(work=None):
-    """Around a call of a :func:`kernel`: one such call at a time per process (the workqueue
+    """Around a call of a :func:`kernel`: one such call at a time per process (the ``workqueue``
     layer's rule), with as many numba threads as torch currently uses (the number is the
     context's value, for kernels that split their work into blocks themselves), or one when the
     caller's estimate of the call's ``work`` is below :data:`PARALLEL_MIN_WORK`. numba's count is
@@ -209,12 +234,13 @@ def kernel(**options):
     function compiled without ``parallel``, which a call takes when numba's thread count is 1
     (one-thread queries; :func:`parallel` sets the count for every kernel call).
 
-    A parallel region is started through numba's ``workqueue`` layer, whose sleeping workers are
-    woken for every call, even at one thread: 0.1-0.6 ms per call on a virtual machine, where the
-    same empty loop takes under a microsecond serially and a small kernel (a layer norm's rows
-    at 32 tokens) about 10 us. A query makes hundreds of calls. The serial twin has its own
-    name (``<name>_serial``), so numba's cache keeps the two apart. The two loop over the same
-    iterations, so each computes every output the same way: the results are the same bits."""
+    A parallel region costs 1-3 us to start on the ``omp`` layer, 0.1-0.6 ms on the
+    ``workqueue`` layer, whose sleeping workers are woken for every call, even at one thread (see
+    :data:`LAYER`); the same empty loop takes under a microsecond serially and a small kernel (a
+    layer norm's rows at 32 tokens) about 10 us. A query makes hundreds of calls. The serial twin
+    has its own name (``<name>_serial``), so numba's cache keeps the two apart. The two loop over
+    the same iterations, so each computes every output the same way: the results are the same
+    bits."""
     def wrap(fn):
         par = numba.njit(parallel=True, **options)(fn)
         twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)

@@ -496,3 +496,96 @@ def test_small_kernel_calls_run_on_one_thread_and_kernels_have_a_serial_twin(res
     prods_min = (A[0] - 1)[:, :, None] * P[0][None]
     both = np.concatenate([prods, prods_min], axis=1)
     assert np.array_equal(outs[1][0][0], both.max(axis=1)) and np.array_equal(outs[1][1][0], both.min(axis=1))
+
+
+LAYER_PROBE = """
+import ctypes, json, os, sys
+import numpy as np, torch, numba
+import gradgraph as gg
+from gradgraph import threads
+from gradgraph.jacobians.matmul import mm_maxmin_dot
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(48, 64), torch.nn.Tanh(), torch.nn.Linear(64, 2)).double()
+x = torch.randn(32, 48, dtype=torch.float64)
+g = gg.capture(model, (x,), output=lambda y: y[0, 0] - y[5, 1])
+threads.set_dynamic(False)
+gg.set_num_threads(2)
+a = np.ones((1, 4, 16))
+y, z = np.full((1, 4, 8), -np.inf), np.full((1, 4, 8), np.inf)
+mm_maxmin_dot.parallel(a, -a, np.full((1, 8, 16), 2.0), y, z, 1)     # starts numba's pool
+assert (y == 2).all() and (z == -2).all()
+oracle = torch.func.jacrev(lambda v: (lambda o: o[0, 0] - o[5, 1])(model(v)))(x)
+
+class DlInfo(ctypes.Structure):
+    _fields_ = [("fname", ctypes.c_char_p), ("fbase", ctypes.c_void_p), ("sname", ctypes.c_char_p),
+                ("saddr", ctypes.c_void_p)]
+
+
+# the library whose GOMP_parallel the process's global scope gives (numba's omp extension binds
+# its OpenMP calls there), found by dladdr
+process = ctypes.CDLL(None)
+info = DlInfo()
+region = None
+if hasattr(process, "GOMP_parallel") and process.dladdr(ctypes.cast(process.GOMP_parallel, ctypes.c_void_p),
+                                                        ctypes.byref(info)):
+    region = os.path.realpath(info.fname.decode())
+out = {"layer": threads.LAYER, "numba": numba.threading_layer(), "min_work": threads.PARALLEL_MIN_WORK,
+       "region": region, "torch_dir": os.path.realpath(os.path.dirname(torch.__file__))}
+if sys.argv[1] == "fork":
+    torch.ones(512, 512) @ torch.ones(512, 512)                      # torch's pool has run
+    g.gradient()                                                       # and the kernels'
+    pid = os.fork()
+    if pid == 0:                    # the documented recipe: a forked child stays at one thread
+        gg.set_num_threads(1)
+        grad = next(iter(g.gradient().values()))
+        os._exit(0 if torch.allclose(grad, oracle, rtol=1e-10, atol=0) else 3)
+    out["child"] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+print(json.dumps(out))
+"""
+
+
+def _layer_probe(mode="plain", **env):
+    run = subprocess.run([sys.executable, "-c", LAYER_PROBE, mode], capture_output=True, text=True, timeout=300,
+                         env={**{k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}, **env})
+    assert run.returncode == 0, run.stderr[-2000:]
+    import json
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def _numba_omp_extension_loads():
+    try:
+        from numba.np.ufunc import omppool
+    except ImportError:
+        return False
+    return omppool.openmp_vendor == "GNU"
+
+
+@needs_two
+def test_kernels_run_on_torchs_own_openmp_runtime_where_it_is_gnus():
+    """numba's omp layer when torch brought GNU OpenMP and numba's GNU OpenMP extension loads:
+    then the kernels' regions are started through torch's own copy of the runtime (one pool of
+    workers for torch's operations and the kernels); workqueue otherwise."""
+    out = _layer_probe()
+    torch_gomp = sys.platform.startswith("linux") and any("libgomp" in line for line in open("/proc/self/maps"))
+    if torch_gomp and _numba_omp_extension_loads():
+        assert out["layer"] == out["numba"] == "omp"
+        assert out["min_work"] == 1 << 15
+        assert out["region"] is not None and out["region"].startswith(out["torch_dir"] + os.sep), out
+    else:
+        assert out["layer"] == out["numba"] == "workqueue"
+        assert out["min_work"] == 1 << 18
+
+
+@needs_two
+def test_the_threading_layer_asked_for_in_the_environment_is_kept():
+    out = _layer_probe(NUMBA_THREADING_LAYER="workqueue")
+    assert out["layer"] == out["numba"] == "workqueue"
+    assert out["min_work"] == 1 << 18
+
+
+@needs_two
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_child_forked_after_both_pools_ran_queries_at_one_thread():
+    """The recipe the thread policy documents for forked workers; the child's gradient is
+    checked against torch.func.jacrev at rtol 1e-10."""
+    assert _layer_probe("fork")["child"] == 0

@@ -24,16 +24,15 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from ..threads import get_num_threads, kernel, parallel
+from ..threads import PARALLEL_MIN_WORK, get_num_threads, kernel, parallel
 from ._intrinsics import _FM, fmax
 
 __all__ = ["GRAIN", "TORCH_MIN", "torch_min", "on_torch", "blocks", "run_blocks", "add", "div_scalar", "mul_scalar", "max_finite_abs",
            "maxmin_plus", "scale_columns", "fill"]
 
-#: Fewest elements per block of a parallel numba loop (2 MB of float64): a parallel launch of the
-#: workqueue layer costs 60-100 us of wall time on this machine under load, about what a serial
-#: (+) of this many elements takes.
-GRAIN = 1 << 18
+#: Fewest elements per block of a parallel numba loop: fewer take less time than starting the
+#: parallel region (see ``threads.PARALLEL_MIN_WORK``).
+GRAIN = PARALLEL_MIN_WORK
 
 #: Fewest elements for which an operation goes through torch (its dispatch costs a few
 #: microseconds, what numpy's loop takes over about this many elements).
