@@ -2,11 +2,11 @@
 
 gradgraph's kernels run under numba's ``omp`` threading layer where torch runs on GNU OpenMP,
 else under its ``workqueue`` layer, whose sleeping workers are woken for every parallel call
-(``gradgraph.threads.LAYER``; ``NUMBA_THREADING_LAYER=workqueue`` forces it). This script times, at one and at two
-numba threads, an empty ``prange`` loop compiled with ``parallel=True`` and the same loop compiled
-without, and the signed product of one small layer norm (32 rows of 512, float32, the shape of the
-benchmark BERT at 32 tokens) through its two compilations (``threads.kernel``'s ``.parallel`` and
-``.serial``). Figures: the median of 200 calls, in microseconds.
+(``gradgraph.threads.LAYER``; ``NUMBA_THREADING_LAYER=workqueue`` forces it). This script
+times, at one and at two numba threads, an empty ``prange`` loop compiled with ``parallel=True``
+and the same loop compiled without, and the signed product of one small layer norm (32 rows of
+512, float32, the shape of the benchmark BERT at 32 tokens) through its two compilations
+(``threads.kernel``'s ``.parallel`` and ``.serial``). Figures: the median of 200 calls, in microseconds.
 
 Run: ``python benchmarks/kernel_launch.py``.
 """
@@ -22,7 +22,7 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 from numba import prange  # noqa: E402
 
-import gradgraph  # noqa: E402,F401  (numba's CPU target and threading layer first)
+import gradgraph  # noqa: E402  (numba's CPU target and threading layer first)
 from gradgraph.jacobians.rowblock import RowBlockJacobian, rows_sum_product  # noqa: E402
 
 

@@ -17,7 +17,8 @@ ten times slower than one thread). The policy:
 * numba's parallel regions run on torch's own OpenMP pool where they can (:data:`LAYER`): torch
   ships GNU OpenMP on Linux and loads it into the process's global symbol scope, and numba's
   ``omp`` layer, built against GNU OpenMP, binds its calls there (it maps the system's copy of the
-  library beside it, whose entry points the process then does not use) -- one set of worker
+  library beside it; of that copy only ``omp_get_supported_active_levels``, a constant torch's
+  older copy lacks, is bound) -- one set of worker
   threads for torch's operations and the kernels, and a region starts in 1-3 us. Where torch's
   runtime is another (Intel's or LLVM's OpenMP, which GNU's must not be mixed with, or none),
   numba's ``workqueue`` layer runs them instead: its idle threads sleep, but waking them costs

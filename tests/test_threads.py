@@ -533,7 +533,7 @@ out = {"layer": threads.LAYER, "numba": numba.threading_layer(), "min_work": thr
        "region": region, "torch_dir": os.path.realpath(os.path.dirname(torch.__file__))}
 if sys.argv[1] == "fork":
     torch.ones(512, 512) @ torch.ones(512, 512)                      # torch's pool has run
-    g.gradient()                                                       # and the kernels'
+    g.gradient()                   # numba's pool ran above (mm_maxmin_dot.parallel, two threads)
     pid = os.fork()
     if pid == 0:                    # the documented recipe: a forked child stays at one thread
         gg.set_num_threads(1)
@@ -560,7 +560,6 @@ def _numba_omp_extension_loads():
     return omppool.openmp_vendor == "GNU"
 
 
-@needs_two
 def test_kernels_run_on_torchs_own_openmp_runtime_where_it_is_gnus():
     """numba's omp layer when torch brought GNU OpenMP and numba's GNU OpenMP extension loads:
     then the kernels' regions are started through torch's own copy of the runtime (one pool of
@@ -576,7 +575,6 @@ def test_kernels_run_on_torchs_own_openmp_runtime_where_it_is_gnus():
         assert out["min_work"] == 1 << 18
 
 
-@needs_two
 def test_the_threading_layer_asked_for_in_the_environment_is_kept():
     out = _layer_probe(NUMBA_THREADING_LAYER="workqueue")
     assert out["layer"] == out["numba"] == "workqueue"
